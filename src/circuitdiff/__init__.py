@@ -1,0 +1,58 @@
+"""circuitdiff: score every edge of a transformer's residual-stream graph, then compare models.
+
+Typical use::
+
+    import circuitdiff as cd
+    model = cd.load_model("path/to/checkpoint", dtype=torch.bfloat16)
+    graph = cd.AttributionGraph.from_model(model, level="head")
+    batches = cd.make_batches(model.tokenizer, prompts, answers)
+    scores = cd.attribute(model, graph, batches, objective="answer_nll", intervention="zero")
+    scores.save("run.cdiff")
+
+Scores estimate ``objective(edge ablated) - objective(clean)`` per sample, objectives
+oriented as losses: positive means the edge helps.
+"""
+
+from importlib import metadata as _metadata
+
+from circuitdiff import interventions, objectives, scorers
+from circuitdiff.attribution import attribute
+from circuitdiff.data import IGNORE, Batch, make_batches
+from circuitdiff.errors import (
+    CircuitDiffError,
+    DataError,
+    FileFormatError,
+    ObjectiveError,
+    UnknownNameError,
+    UnsupportedModelError,
+)
+from circuitdiff.graph import AttributionGraph
+from circuitdiff.models import SUPPORTED_ARCHITECTURES, ModelSpec, describe_model, load_model
+from circuitdiff.scores import EdgeScores
+
+try:
+    __version__ = _metadata.version("circuitdiff")
+except _metadata.PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "unknown"
+
+__all__ = [
+    "AttributionGraph",
+    "Batch",
+    "CircuitDiffError",
+    "DataError",
+    "EdgeScores",
+    "FileFormatError",
+    "IGNORE",
+    "ModelSpec",
+    "ObjectiveError",
+    "SUPPORTED_ARCHITECTURES",
+    "UnknownNameError",
+    "UnsupportedModelError",
+    "attribute",
+    "describe_model",
+    "interventions",
+    "load_model",
+    "make_batches",
+    "objectives",
+    "scorers",
+]

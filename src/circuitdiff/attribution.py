@@ -1,0 +1,146 @@
+"""``attribute``: score every edge of a graph on a dataset."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from circuitdiff import interventions as interventions_module
+from circuitdiff import objectives as objectives_module
+from circuitdiff import scorers
+from circuitdiff.data import Batch
+from circuitdiff.errors import DataError
+from circuitdiff.graph import AttributionGraph
+from circuitdiff.hooks import EdgeHooks
+from circuitdiff.models import attribution_mode, describe_model
+from circuitdiff.scores import EdgeScores
+
+__all__ = ["attribute"]
+
+
+def attribute(
+    model: Any,
+    graph: AttributionGraph,
+    batches: Iterable[Batch],
+    *,
+    objective: str | Callable[..., torch.Tensor],
+    method: str = "eap",
+    intervention: str | interventions_module.Intervention = "zero",
+    per_sample: bool = True,
+    reference_batches: Iterable[Batch] | None = None,
+    progress: bool = True,
+) -> EdgeScores:
+    """Score every edge of ``graph`` on ``batches``.
+
+    Each score estimates ``objective(edge ablated) - objective(clean)`` for one sample,
+    where "edge ablated" means only that receiver reads the source's replacement (given
+    by ``intervention``) instead of its clean output. Positive = the edge helps.
+
+    Args:
+        model: a TransformerBridge (see :func:`circuitdiff.load_model`). It is put in
+            eval mode with parameter gradients off for the run; both are restored.
+        graph: ``AttributionGraph.from_model(model, level=...)``.
+        batches: :class:`Batch` objects (e.g. from :func:`circuitdiff.make_batches`).
+        objective: a name (``"answer_nll"``, ``"logit_diff"``, ``"kl_to_clean"``) or a
+            callable ``(logits [batch, pos, vocab], batch) -> losses [batch]``.
+        method: scorer name (``circuitdiff.scorers.available()``).
+        intervention: ``"zero"``, ``"patching"``, ``"mean"``, ``"mean-positional"``
+            or an intervention object (see :mod:`circuitdiff.interventions`).
+        per_sample: keep the ``[n_samples, n_sources, n_receivers]`` scores (on CPU).
+            The mean is the same either way.
+        reference_batches: the data whose average activations replace ablated
+            sources, for ``"mean"`` and ``"mean-positional"``.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`EdgeScores` with float32 ``mean`` (and ``per_sample``).
+
+    Raises:
+        DataError: no batches, token ids outside the vocabulary, batches without
+            corrupted prompts under patching, bad loss spans.
+        ObjectiveError: the objective is NaN/inf (the batch is named) or misshapen.
+        UnknownNameError: unknown method, intervention or objective name.
+        UnsupportedModelError: the model cannot be attributed.
+    """
+    spec = describe_model(model)
+    if (graph.n_layers, graph.n_heads, graph.n_kv_heads, graph.parallel_blocks) != (
+        spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.parallel_blocks
+    ):
+        raise DataError(
+            f"the graph ({graph!r}) was not built for this model ({spec.n_layers} layers, "
+            f"{spec.n_heads} heads, {spec.n_kv_heads} kv heads); use AttributionGraph.from_model(model)."
+        )
+    scorer = scorers.get(method)
+    objective_fn = objectives_module.resolve(objective)
+    intervention_obj = interventions_module.resolve(intervention, model, graph, reference_batches)
+    hooks = EdgeHooks(model, graph)
+    context = scorers.ScoringContext(model, graph, hooks, objective_fn, intervention_obj)
+
+    total = torch.zeros(graph.n_sources, graph.n_receivers, dtype=torch.float64)
+    kept: list[torch.Tensor] = []
+    losses: list[torch.Tensor] = []
+    n_batches = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    with attribution_mode(model):
+        for index, batch in enumerate(tqdm(batches, total=n_batches, disable=not progress,
+                                           desc=f"{scorer.name} ({graph.level} level)", unit="batch")):
+            if not isinstance(batch, Batch):
+                raise DataError(f"batch {index} is a {type(batch).__name__}; attribute expects circuitdiff.Batch objects.")
+            _check_vocab(batch, spec.d_vocab, index)
+            batch = batch.to(hooks.device)
+            scores, batch_losses = scorer.score_batch(context, batch, index)
+            scores = scores.detach().to("cpu")
+            total += scores.sum(0, dtype=torch.float64)
+            if per_sample:
+                kept.append(scores.to(torch.float32))
+            losses.append(batch_losses.detach().to("cpu", torch.float32))
+    if not losses:
+        raise DataError("no batches given; attribution needs at least one sample.")
+    objective_values = torch.cat(losses)
+    n_samples = int(objective_values.shape[0])
+    metadata = {
+        "model_id": spec.model_id,
+        "architecture": spec.architecture,
+        "model_dtype": spec.dtype,
+        "level": graph.level,
+        "method": scorer.name,
+        "intervention": intervention_obj.name,
+        "objective": getattr(objective_fn, "name", getattr(objective_fn, "__name__", type(objective_fn).__name__)),
+        "n_samples": n_samples,
+        "sign": "objective(ablated) - objective(clean); positive = edge helps",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": dict(_versions()),
+    }
+    return EdgeScores(
+        graph=graph,
+        mean=(total / n_samples).to(torch.float32),
+        per_sample=torch.cat(kept) if per_sample else None,
+        objective_values=objective_values,
+        metadata=metadata,
+    )
+
+
+def _check_vocab(batch: Batch, d_vocab: int, index: int) -> None:
+    for name in ("input_ids", "corrupted_input_ids"):
+        ids = getattr(batch, name)
+        if ids is not None and (bool((ids < 0).any()) or bool((ids >= d_vocab).any())):
+            raise DataError(
+                f"batch {index}: {name} holds token ids in [{int(ids.min())}, {int(ids.max())}] but the "
+                f"model's vocabulary has {d_vocab} entries; was it tokenized with another tokenizer?"
+            )
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("circuitdiff", "torch", "transformer-lens", "transformers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "unknown"
+    return found

@@ -1,0 +1,248 @@
+"""The shared hook machinery: source differences in, per-edge contractions out.
+
+Two buffers per batch, both float32 (float64 for float64 models):
+
+- ``delta[b, s, p, :]``: replacement minus clean output of source ``s`` at position
+  ``p`` (zero at padded positions). An intervention writes the replacement outputs
+  (corrupted run, means) and the clean forward subtracts the clean outputs; for zero
+  ablation the clean forward writes ``-output`` directly.
+- ``scores[b, s, r]``: sum over positions and d_model of ``delta[b, s] * G_r[b]``,
+  where ``G_r`` is the gradient of the objective with respect to receiver ``r``'s input.
+
+Memory: the model runs without TransformerLens's split-qkv / attn-result flags, so the
+forward keeps the plain model's activations. Per-head source outputs are computed from
+the attention values ``z`` and ``W_O`` straight into ``delta``. Per-receiver gradients
+are derived inside the backward pass from the gradients at the q/k/v projection
+outputs, through the projection weights and the Jacobian of the attention norm, as
+transients of one layer. Hooks never edit model tensors in place: each returns a fresh
+view so that a gradient hook sees exactly one path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from circuitdiff.data import Batch
+from circuitdiff.graph import AttributionGraph, ReceiverGroup
+from circuitdiff.models import NormParams, linear_weight, norm_params
+
+__all__ = ["EdgeHooks", "accumulation_dtype", "Record"]
+
+HookList = list[tuple[str, Callable[..., Any]]]
+
+#: How a pass writes source outputs into ``delta``: ``"set"`` (delta = output, for
+#: replacement runs), ``"negate"`` (delta = -output, clean run under zero ablation),
+#: ``"subtract"`` (delta -= output, clean run after a replacement was written).
+Record = Literal["set", "negate", "subtract"]
+
+INPUT_HOOK = "blocks.0.hook_in"
+LOGITS_INPUT_HOOK = "ln_final.hook_in"
+
+
+def accumulation_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 models."""
+    return torch.promote_types(model_dtype, torch.float32)
+
+
+@dataclass
+class _AttentionLayer:
+    """Views of one layer's weights, each ``[heads, d_head, d_model]``."""
+
+    w_q: Tensor
+    w_k: Tensor
+    w_v: Tensor
+    w_o: Tensor
+    norm: NormParams
+
+
+class EdgeHooks:
+    """Forward hooks that fill ``delta`` and register the backward contractions.
+
+    Built once per (model, graph); every call of :meth:`hooks` returns fresh hook
+    functions bound to one batch's buffers.
+    """
+
+    def __init__(self, model: Any, graph: AttributionGraph) -> None:
+        self.model = model
+        self.graph = graph
+        cfg = model.cfg
+        d_head, d_model = int(cfg.d_head), int(cfg.d_model)
+        self.d_model = d_model
+        self.dtype = accumulation_dtype(next(model.parameters()).dtype)
+        self.device = next(model.parameters()).device
+        self.layers: list[_AttentionLayer] = []
+        for block in model.blocks:
+            attn = block.attn
+            self.layers.append(_AttentionLayer(
+                w_q=linear_weight(attn.q).reshape(graph.n_heads, d_head, d_model),
+                w_k=linear_weight(attn.k).reshape(graph.n_kv_heads, d_head, d_model),
+                w_v=linear_weight(attn.v).reshape(graph.n_kv_heads, d_head, d_model),
+                w_o=linear_weight(attn.o).reshape(d_model, graph.n_heads, d_head).permute(1, 2, 0),
+                norm=norm_params(block.ln1),
+            ))
+
+    # ------------------------------------------------------------------ buffers
+    def new_delta(self, batch: Batch) -> Float[Tensor, "batch n_sources pos d_model"]:
+        """An uninitialised ``delta`` buffer for ``batch`` (every pass that records fills it)."""
+        b, p = batch.input_ids.shape
+        return torch.empty(b, self.graph.n_sources, p, self.d_model, dtype=self.dtype, device=self.device)
+
+    def new_scores(self, batch: Batch) -> Float[Tensor, "batch n_sources n_receivers"]:
+        """A zero per-sample score buffer for ``batch``."""
+        g = self.graph
+        return torch.zeros(batch.size, g.n_sources, g.n_receivers, dtype=self.dtype, device=self.device)
+
+    # ------------------------------------------------------------------ hooks
+    def hooks(
+        self,
+        delta: Tensor,
+        attention_mask: Tensor,
+        record: Record | None,
+        scores: Tensor | None = None,
+    ) -> HookList:
+        """Forward hooks for one pass.
+
+        Args:
+            delta: ``[batch, n_sources, pos, d_model]`` buffer.
+            attention_mask: ``[batch, pos]``; padded positions are recorded as zero.
+            record: how source outputs go into ``delta`` (see :data:`Record`); None
+                records nothing.
+            scores: if given, ``[batch, n_sources, n_receivers]`` into which the backward
+                pass adds ``delta . G`` for every real edge. The pass then needs a
+                backward from the objective.
+        """
+        graph = self.graph
+        padded = not bool(attention_mask.all())
+        mask = attention_mask.to(device=delta.device, dtype=delta.dtype)[:, None, :, None]
+        factor = -mask if record == "negate" else mask
+
+        def write(rows: slice, value: Tensor) -> None:
+            # value: [batch, n, pos, d_model]; delta is our own buffer, edited in place.
+            target, value = delta[:, rows], value.detach().to(delta.dtype)
+            if record == "subtract" and padded:
+                target.addcmul_(value, mask, value=-1.0)
+            elif record == "subtract":
+                target.sub_(value)
+            elif padded:
+                torch.mul(value, factor, out=target)
+            elif record == "set":
+                target.copy_(value)
+            else:
+                torch.neg(value, out=target)
+
+        def input_hook(x: Tensor, hook: Any) -> Tensor | None:
+            if record is not None:
+                write(slice(0, 1), x.unsqueeze(1))
+            if scores is not None and not x.requires_grad:
+                return x.detach().requires_grad_(True)
+            return None
+
+        hooks: HookList = [(INPUT_HOOK, input_hook)]
+        if record is not None:
+            for layer in range(graph.n_layers):
+                hooks.append((f"blocks.{layer}.attn.o.hook_in", self._attention_source_hook(layer, write)))
+                row = graph.mlp_source(layer)
+                hooks.append((f"blocks.{layer}.mlp.hook_out",
+                              lambda x, hook, rows=slice(row, row + 1): write(rows, x.unsqueeze(1))))
+        if scores is not None:
+            hooks += self._gradient_hooks(delta, scores)
+        return hooks
+
+    def _attention_source_hook(self, layer: int, write: Callable[[slice, Tensor], None]) -> Callable[..., None]:
+        w_o = self.layers[layer].w_o
+        rows = self.graph.attention_sources(layer)
+
+        def hook(z: Tensor, hook: Any) -> None:
+            # z: [batch, pos, n_heads, d_head]; head h writes z_h @ W_O[h] (no bias).
+            b, p, h, e = z.shape
+            z, w = z.detach(), w_o.to(self.dtype)
+            if self.graph.level == "head":
+                per_head = torch.bmm(z.to(self.dtype).reshape(b * p, h, e).transpose(0, 1), w)  # [h, b*p, d]
+                write(rows, per_head.view(h, b, p, -1).transpose(0, 1))
+            else:
+                summed = z.to(self.dtype).reshape(b * p, h * e) @ w.reshape(h * e, -1)
+                write(rows, summed.view(b, 1, p, -1))
+
+        return hook
+
+    def _gradient_hooks(self, delta: Tensor, scores: Tensor) -> HookList:
+        graph = self.graph
+        stash: dict[tuple[int, str], Tensor] = {}
+
+        def contract(group: ReceiverGroup, gradient: Tensor) -> None:
+            # gradient: [batch, receivers in group, pos, d_model] (any strides); real edges only.
+            b, n, p, d = gradient.shape
+            sources = delta[:, : group.n_sources_read].reshape(b, group.n_sources_read, p * d)
+            update = torch.bmm(sources, gradient.reshape(b, n, p * d).transpose(1, 2))
+            scores[:, : group.n_sources_read, group.columns] += update
+
+        def watch(on_gradient: Callable[[Tensor], None], keep_as: tuple[int, str] | None = None) -> Callable[..., Tensor]:
+            # Return a fresh view so the gradient hook sees only the path behind this hook point.
+            def hook(x: Tensor, hook: Any) -> Tensor:
+                y = x.view_as(x)
+                if y.requires_grad:
+                    if keep_as is not None:
+                        stash[keep_as] = x
+                    y.register_hook(on_gradient)
+                return y
+            return hook
+
+        def residual_receiver(group: ReceiverGroup) -> Callable[[Tensor], None]:
+            return lambda g: contract(group, g.to(self.dtype).unsqueeze(1))
+
+        hooks: HookList = []
+        for layer in range(graph.n_layers):
+            for proj in ("q", "k", "v"):
+                hooks.append((f"blocks.{layer}.attn.{proj}.hook_out",
+                              watch(lambda g, key=(layer, proj): stash.__setitem__(key, g))))
+            # ln1's input gradient arrives after all of q, k and v have their gradients.
+            on_attention = (lambda _, layer=layer:
+                            contract(graph.group("attn", layer), self._attention_receivers(layer, stash)))
+            hooks.append((f"blocks.{layer}.ln1.hook_in", watch(on_attention, keep_as=(layer, "x"))))
+            hooks.append((f"blocks.{layer}.ln2.hook_in", watch(residual_receiver(graph.group("mlp", layer)))))
+        hooks.append((LOGITS_INPUT_HOOK, watch(residual_receiver(graph.group("logits")))))
+        return hooks
+
+    def _attention_receivers(
+        self, layer: int, stash: dict[tuple[int, str], Tensor]
+    ) -> Float[Tensor, "batch receivers pos d_model"]:
+        """Gradients at the q, k, v inputs of ``layer`` (per head, or summed at layer level).
+
+        The input of q head h is read through the norm: ``q_h = norm(x) @ W_Q[h]^T``,
+        ``norm(x) = weight * x_hat``, ``x_hat = (x - [mean x]) / s`` (mean for LayerNorm
+        only), ``s = sqrt(mean((x - [mean x])^2) + eps)``. Its input gradient is
+
+            G_h = (u - [mean u] - x_hat * mean(u * x_hat)) / s,   u = (W_Q[h] * weight)^T dL/dq_h
+
+        and likewise for k and v. Folding ``weight``, the centring and ``1/s`` into the
+        small tensors first leaves one matrix product, one reduction and one in-place
+        update over the ``[receivers, batch * pos, d_model]`` result.
+        """
+        weights = self.layers[layer]
+        norm = weights.norm
+        x = stash.pop((layer, "x")).to(self.dtype)
+        b, p, d = x.shape
+        if not norm.rms:
+            x = x - x.mean(-1, keepdim=True)
+        scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()  # [batch, pos, 1]
+        x_hat = (x / scale).reshape(b * p, d)
+        grads, mats = [], []
+        for proj, w in (("q", weights.w_q), ("k", weights.w_k), ("v", weights.w_v)):
+            g = stash.pop((layer, proj), None)
+            if g is None:  # the objective does not depend on this projection
+                g = torch.zeros(b, p, w.shape[0], w.shape[1], dtype=self.dtype, device=x.device)
+            grads.append((g.to(self.dtype) / scale.unsqueeze(-1)).reshape(b * p, w.shape[0], w.shape[1]))
+            w = w.to(self.dtype) * norm.weight.to(self.dtype)
+            mats.append(w if norm.rms else w - w.mean(-1, keepdim=True))
+        if self.graph.level == "head":  # u: [heads, batch*pos, d_model]
+            u = torch.bmm(torch.cat(grads, 1).transpose(0, 1), torch.cat(mats, 0))
+        else:
+            u = torch.stack([g.flatten(1) @ w.flatten(0, 1) for g, w in zip(grads, mats)])
+        along_x_hat = torch.bmm(u.transpose(0, 1), x_hat.unsqueeze(-1)).transpose(0, 1)  # [heads, b*p, 1]
+        u.addcmul_(x_hat.unsqueeze(0), along_x_hat, value=-1.0 / d)
+        return u.view(-1, b, p, d).transpose(0, 1)

@@ -1,0 +1,309 @@
+"""Turning a checkpoint, a Hugging Face model or a TransformerBridge into a model circuitdiff can attribute.
+
+circuitdiff works on TransformerLens 4's :class:`transformer_lens.TransformerBridge`
+without any of its per-head hook flags (``use_split_qkv_input``, ``use_attn_result``):
+per-head inputs and outputs are derived from the projection weights inside the
+attribution hooks, so the forward pass keeps the plain model's memory. This module
+owns everything circuitdiff needs to know about the model's structure: which
+architectures are validated, where the weights live and how the norms are computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from circuitdiff.errors import UnsupportedModelError
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "ModelSpec",
+    "load_model",
+    "describe_model",
+    "attribution_mode",
+]
+
+#: Hugging Face architectures whose bridges were validated against finite differences
+#: and exact patching in the test suite (``tests/test_eap_correctness.py``).
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "GPTNeoXForCausalLM",
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape facts about a model that the graph and the scorers need.
+
+    ``n_kv_heads`` equals ``n_heads`` unless the model uses grouped-query attention.
+    ``parallel_blocks`` is True when attention and MLP read the same residual stream
+    (GPT-NeoX / Pythia, GPT-J), so attention layer l does not feed MLP l.
+    """
+
+    architecture: str
+    model_id: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_vocab: int
+    parallel_blocks: bool
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (used in saved score files)."""
+        return asdict(self)
+
+
+def load_model(
+    source: Any,
+    tokenizer: Any = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> Any:
+    """Return a TransformerBridge ready for attribution, in eval mode.
+
+    Args:
+        source: one of
+            - a path to a local checkpoint directory written by ``save_pretrained``
+              (model + tokenizer); nothing is downloaded;
+            - a Hugging Face ``PreTrainedModel`` (then ``tokenizer`` is required);
+            - an existing ``TransformerBridge`` (validated and returned as is).
+        tokenizer: the tokenizer for an in-memory Hugging Face model.
+        dtype: parameter dtype, e.g. ``torch.bfloat16``. Default: float32 for a path,
+            unchanged for an in-memory model or bridge.
+        device: default ``"cuda"`` if available, else ``"cpu"`` (paths only; an
+            in-memory model stays where it is unless ``device`` is given).
+
+    Raises:
+        UnsupportedModelError: the model cannot be attributed (see ``describe_model``).
+        FileNotFoundError: ``source`` is a path that does not exist.
+    """
+    from transformer_lens import TransformerBridge
+    from transformers import PreTrainedModel
+
+    if isinstance(source, TransformerBridge):
+        bridge = source
+    elif isinstance(source, PreTrainedModel):
+        bridge = _boot_from_hf_model(source, tokenizer, dtype=dtype, device=device)
+    elif isinstance(source, (str, os.PathLike)):
+        bridge = _boot_from_directory(Path(source), dtype=dtype, device=device)
+    else:
+        raise UnsupportedModelError(
+            f"load_model got a {type(source).__name__}; pass a local checkpoint directory, "
+            "a Hugging Face PreTrainedModel (with tokenizer=...), or a TransformerBridge."
+        )
+    describe_model(bridge)
+    bridge.eval()
+    return bridge
+
+
+def _boot_from_directory(path: Path, *, dtype: torch.dtype | None, device: Any) -> Any:
+    from transformer_lens import TransformerBridge
+
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a local directory. circuitdiff never downloads weights: "
+            "fetch the checkpoint first (e.g. `huggingface-cli download NAME --local-dir DIR`) "
+            "and pass the directory."
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} has no config.json; pass a directory written by save_pretrained."
+        )
+    # An absolute path: TransformerLens maps some bare names (e.g. "neox") to Hub aliases.
+    return TransformerBridge.boot_transformers(
+        str(path.resolve()),
+        device=device or _default_device(),
+        dtype=dtype or torch.float32,
+    )
+
+
+def _boot_from_hf_model(hf_model: Any, tokenizer: Any, *, dtype: Any, device: Any) -> Any:
+    from transformer_lens import TransformerBridge
+
+    if tokenizer is None:
+        raise UnsupportedModelError(
+            "an in-memory Hugging Face model needs its tokenizer: "
+            "load_model(hf_model, tokenizer=tok). Without it TransformerLens would try to "
+            "download one by name."
+        )
+    tokenizer = _tokenizer_with_name(tokenizer)
+    name_or_path = str(getattr(hf_model.config, "name_or_path", "") or "")
+    # A bare name could be resolved against the Hub; only a local directory is safe.
+    name = str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else "in-memory-model"
+    kwargs: dict[str, Any] = {"hf_model": hf_model, "tokenizer": tokenizer}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    else:
+        kwargs["dtype"] = next(hf_model.parameters()).dtype
+    if device is not None:
+        kwargs["device"] = device
+    return TransformerBridge.boot_transformers(name, **kwargs)
+
+
+def _tokenizer_with_name(tokenizer: Any) -> Any:
+    """TransformerLens needs ``name_or_path``; a tokenizer built in memory has none.
+
+    Such a tokenizer is saved to a temporary directory and reloaded from there.
+    """
+    if getattr(tokenizer, "name_or_path", ""):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="circuitdiff-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def describe_model(model: Any) -> ModelSpec:
+    """Validate that ``model`` can be attributed and return its :class:`ModelSpec`.
+
+    Raises:
+        UnsupportedModelError: not a TransformerBridge; a ``boot_native`` bridge (no
+            per-head projections); an architecture outside ``SUPPORTED_ARCHITECTURES``;
+            split-qkv / attn-in mode switched on; folded layer norms; missing submodules.
+    """
+    from transformer_lens import TransformerBridge
+
+    if not isinstance(model, TransformerBridge):
+        raise UnsupportedModelError(
+            f"expected a transformer_lens.TransformerBridge, got {type(model).__name__}. "
+            "HookedTransformer (TransformerLens 3) is not supported; load the checkpoint with "
+            "cd.load_model(path) or cd.load_model(hf_model, tokenizer=tok)."
+        )
+    cfg = model.cfg
+    architecture = str(cfg.architecture)
+    if architecture == "TransformerLensNative":
+        raise UnsupportedModelError(
+            "this bridge was built with TransformerBridge.boot_native(...), which exposes no "
+            "per-head q/k/v projections to attribute through. Build a Hugging Face model "
+            "instead (e.g. LlamaForCausalLM(LlamaConfig(...)) for a small random model) and "
+            "load it with cd.load_model(hf_model, tokenizer=tok)."
+        )
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {architecture!r} has not been validated for edge attribution. "
+            f"Validated: {', '.join(SUPPORTED_ARCHITECTURES)}. Architectures with post-norms, "
+            "embedding scaling or other residual-stream changes need their own checks."
+        )
+    for flag, setter in (("use_split_qkv_input", "set_use_split_qkv_input"),
+                         ("use_attn_in", "set_use_attn_in")):
+        if getattr(cfg, flag, False):
+            raise UnsupportedModelError(
+                f"the bridge has {flag}=True. circuitdiff derives per-head inputs itself "
+                f"without copying the residual stream; call model.{setter}(False) first."
+            )
+    if getattr(cfg, "layer_norm_folding", False):
+        raise UnsupportedModelError(
+            "the bridge has folded layer norms (compatibility mode / processed weights). "
+            "Load the checkpoint without enable_compatibility_mode(); scores do not depend on it."
+        )
+    for layer, block in enumerate(model.blocks):
+        for part in ("ln1", "ln2", "attn", "mlp"):
+            if not hasattr(block, part):
+                raise UnsupportedModelError(
+                    f"block {layer} has no '{part}' component, which edge attribution needs."
+                )
+        for proj in ("q", "k", "v", "o"):
+            module = getattr(block.attn, proj, None)
+            if getattr(module, "original_component", None) is None:
+                raise UnsupportedModelError(
+                    f"blocks.{layer}.attn has no '{proj}' projection with weights; the "
+                    "bridge cannot expose per-head hooks for this model."
+                )
+    n_heads = int(cfg.n_heads)
+    n_kv_heads = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    return ModelSpec(
+        architecture=architecture,
+        model_id=str(getattr(cfg, "model_name", "") or ""),
+        n_layers=int(cfg.n_layers),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        d_model=int(cfg.d_model),
+        d_head=int(cfg.d_head),
+        d_vocab=int(cfg.d_vocab),
+        parallel_blocks=bool(getattr(cfg, "parallel_attn_mlp", False)),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+    )
+
+
+@contextlib.contextmanager
+def attribution_mode(model: Any) -> Iterator[None]:
+    """Eval mode and no parameter gradients inside the block; both restored after."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        if was_training:  # toggling modes walks every submodule: skip it when possible
+            model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if was_training:
+            model.train()
+
+
+def linear_weight(component: Any) -> Float[Tensor, "d_out d_in"]:
+    """The weight of a bridge's linear component as ``[d_out, d_in]`` (nn.Linear layout).
+
+    GPT-2's ``Conv1D`` stores ``[d_in, d_out]`` and is transposed (a view, no copy).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    module = component.original_component
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    if isinstance(module, torch.nn.Linear):
+        return module.weight
+    raise UnsupportedModelError(
+        f"{type(module).__name__} is neither nn.Linear nor Conv1D; cannot read its weight."
+    )
+
+
+@dataclass(frozen=True)
+class NormParams:
+    """What the norm's vector-Jacobian product needs: y = weight * (x - [mean]) / s.
+
+    ``s = sqrt(mean((x - [mean])^2) + eps)``; the mean is subtracted for LayerNorm only.
+    """
+
+    rms: bool
+    weight: Float[Tensor, "d_model"]
+    eps: float
+
+
+def norm_params(norm: Any) -> NormParams:
+    """Read a bridge normalization component exactly as the bridge computes it."""
+    module = norm.original_component
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        weight = torch.ones(norm.config.d_model)
+    if getattr(norm, "uses_weight_offset", False):
+        weight = weight + 1.0
+    native = getattr(norm, "use_native_layernorm_autograd", False)
+    eps = getattr(module, "eps", None) if native else None
+    if native and eps is None:
+        eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(norm.config, "eps", 1e-5)
+    return NormParams(rms=bool(norm.uses_rms_norm), weight=weight, eps=float(eps))

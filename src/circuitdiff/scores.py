@@ -1,0 +1,117 @@
+"""EdgeScores: the result of an attribution run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from circuitdiff.graph import AttributionGraph
+
+__all__ = ["EdgeScores"]
+
+
+@dataclass
+class EdgeScores:
+    """Edge scores of one model on one dataset.
+
+    Every score estimates ``objective(edge ablated) - objective(clean)`` for its sample,
+    with the objective oriented as a loss: **positive means the edge helps** the model
+    do what the objective measures. Units are those of the objective (nats for
+    ``answer_nll``).
+
+    Attributes:
+        graph: the graph whose sources and receivers index the matrices.
+        mean: ``[n_sources, n_receivers]`` float32 mean over samples; structural zeros
+            where ``graph.edge_mask`` is False.
+        per_sample: ``[n_samples, n_sources, n_receivers]`` float32, or None when
+            attribution ran with ``per_sample=False``. ``mean`` is its mean over samples.
+        objective_values: ``[n_samples]`` the clean objective of each sample.
+        metadata: model id, method, intervention, objective, versions (JSON-ready).
+    """
+
+    graph: AttributionGraph
+    mean: Float[Tensor, "n_sources n_receivers"]
+    per_sample: Float[Tensor, "n_samples n_sources n_receivers"] | None
+    objective_values: Float[Tensor, "n_samples"]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shape = (self.graph.n_sources, self.graph.n_receivers)
+        if tuple(self.mean.shape) != shape:
+            raise ValueError(f"mean has shape {tuple(self.mean.shape)}; the graph needs {shape}.")
+        if self.per_sample is not None and tuple(self.per_sample.shape) != (self.n_samples, *shape):
+            raise ValueError(
+                f"per_sample has shape {tuple(self.per_sample.shape)}; expected "
+                f"{(self.n_samples, *shape)} for {self.n_samples} samples."
+            )
+
+    @property
+    def n_samples(self) -> int:
+        """Number of samples scored."""
+        return int(self.objective_values.shape[0])
+
+    def edge_names(self) -> list[str]:
+        """Names of the real edges, e.g. ``"a0.h1->a3.h2<k>"``, in :meth:`edge_values` order."""
+        return self.graph.edge_names()
+
+    def edge_values(self, per_sample: bool = False) -> Float[Tensor, "... n_edges"]:
+        """Scores of the real edges only: ``[n_edges]`` (mean) or ``[n_samples, n_edges]``."""
+        mask = self.graph.edge_mask
+        if not per_sample:
+            return self.mean[mask]
+        if self.per_sample is None:
+            raise ValueError("these scores were computed with per_sample=False; rerun with per_sample=True.")
+        return self.per_sample[:, mask]
+
+    def top(self, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` edges with the largest ``|mean score|``, as (name, mean score)."""
+        values = self.edge_values()
+        order = torch.argsort(values.abs(), descending=True)[:k]
+        names = self.edge_names()
+        return [(names[i], float(values[i])) for i in order.tolist()]
+
+    def to_layer_level(self) -> "EdgeScores":
+        """Sum head-level scores into the layer-level graph (exact coarsening)."""
+        if self.graph.level == "layer":
+            return self
+        coarse = self.graph.layer_level()
+        src, recv = self.graph.coarsening_index()
+
+        def coarsen(matrix: Tensor) -> Tensor:
+            rows = torch.zeros(*matrix.shape[:-2], coarse.n_sources, matrix.shape[-1], dtype=matrix.dtype)
+            rows.index_add_(-2, src, matrix)
+            out = torch.zeros(*matrix.shape[:-2], coarse.n_sources, coarse.n_receivers, dtype=matrix.dtype)
+            return out.index_add_(-1, recv, rows)
+
+        return EdgeScores(
+            graph=coarse,
+            mean=coarsen(self.mean),
+            per_sample=None if self.per_sample is None else coarsen(self.per_sample),
+            objective_values=self.objective_values.clone(),
+            metadata={**self.metadata, "level": "layer", "coarsened_from": "head"},
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write safetensors + JSON metadata (see :mod:`circuitdiff.io`); atomic."""
+        from circuitdiff.io import save_scores
+
+        save_scores(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "EdgeScores":
+        """Read a file written by :meth:`save`; verifies format version and checksum."""
+        from circuitdiff.io import load_scores
+
+        return load_scores(path)
+
+    def __repr__(self) -> str:
+        kind = "per-sample" if self.per_sample is not None else "mean only"
+        return (
+            f"EdgeScores({self.metadata.get('method', '?')}, {self.metadata.get('intervention', '?')}, "
+            f"{self.graph.level} level, {self.graph.n_edges} edges, {self.n_samples} samples, {kind})"
+        )

@@ -1,0 +1,160 @@
+"""Tiny random Hugging Face models and a slow reference for exact edge patching.
+
+The reference uses TransformerLens's own split-qkv / attn-result / mlp-in flags: every
+receiver gets its own copy of the residual stream, so patching one edge is adding a
+tensor to one hook. It shares no code with circuitdiff's hook machinery.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 40
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "neox", "mistral")
+
+
+def save_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 3)}
+    vocab.update({"[UNK]": VOCAB - 3, "[PAD]": VOCAB - 2, "[BOS]": VOCAB - 1})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]")
+    fast.save_pretrained(directory)
+
+
+def hf_config(arch: str, n_layers: int = 3, d_model: int = 32, n_heads: int = 4):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=VOCAB, initializer_range=0.2, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+                  pad_token_id=VOCAB - 2)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=64, **common)
+    if arch == "neox":
+        return GPTNeoXConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                             num_attention_heads=n_heads, max_position_embeddings=64, use_parallel_residual=True,
+                             rotary_pct=0.5, **common)
+    gated = dict(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                 num_attention_heads=n_heads, num_key_value_heads=n_heads // 2, max_position_embeddings=64, **common)
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](**gated)
+
+
+def write_checkpoint(arch: str, directory: Path, seed: int = 0, **shape) -> Path:
+    """Save a tiny random model + tokenizer with save_pretrained; return the directory.
+
+    Weights are rounded to bfloat16-representable values, so a float32 and a bfloat16
+    load of the checkpoint hold identical weights and differ only in arithmetic.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(arch, **shape))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    save_tokenizer(directory)
+    return directory
+
+
+def random_ids(batch: int, pos: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB - 3, (batch, pos), generator=g)
+
+
+# ---------------------------------------------------------------------------- reference
+def reference_bridge(directory: Path, dtype=torch.float64):
+    """A second bridge on the same checkpoint with TransformerLens's per-receiver flags on."""
+    from transformer_lens import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(directory), device="cpu", dtype=dtype)
+    bridge.set_use_split_qkv_input(True)
+    bridge.set_use_attn_result(True)
+    bridge.set_use_hook_mlp_in(True)
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    return bridge
+
+
+def source_outputs(bridge, graph, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+    """Every source's output [batch, pos, d_model] from TransformerLens's own hooks."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(x, hook):
+            cache[name] = x.detach().clone()
+        return hook
+
+    hooks = [("blocks.0.hook_resid_pre", keep("input"))]
+    for layer in range(graph.n_layers):
+        hooks.append((f"blocks.{layer}.attn.hook_result", keep(f"a{layer}")))
+        hooks.append((f"blocks.{layer}.hook_mlp_out", keep(f"m{layer}")))
+    with torch.no_grad(), bridge.hooks(fwd_hooks=hooks):
+        bridge(input_ids, attention_mask=attention_mask)
+    out = {"input": cache["input"]}
+    for layer in range(graph.n_layers):
+        heads = cache[f"a{layer}"]  # [batch, pos, n_heads, d_model]
+        if graph.level == "head":
+            for h in range(graph.n_heads):
+                out[f"a{layer}.h{h}"] = heads[:, :, h]
+        else:
+            out[f"a{layer}"] = heads.sum(2)
+        out[f"m{layer}"] = cache[f"m{layer}"]
+    return out
+
+
+def patched_losses(bridge, graph, batch, objective, receiver: str, add: torch.Tensor) -> torch.Tensor:
+    """Per-sample objective when only ``receiver``'s input is shifted by ``add`` [batch, pos, d]."""
+    if receiver == "logits":
+        hook_name, head = "ln_final.hook_in", None
+    elif "<" not in receiver:  # m{l}
+        hook_name, head = f"blocks.{receiver[1:]}.hook_mlp_in", None
+    else:
+        node, kind = receiver[:-3], receiver[-2]
+        layer = node.split(".")[0][1:]
+        hook_name = f"blocks.{layer}.hook_{kind}_input"
+        head = "all" if "." not in node else int(node.split(".")[1].lstrip("hkv"))
+
+    def hook(x, hook):
+        if head is None:
+            return x + add
+        shift = torch.zeros_like(x)
+        if head == "all":
+            shift += add[:, :, None, :]
+        else:
+            shift[:, :, head] = add
+        return x + shift
+
+    with torch.no_grad(), bridge.hooks(fwd_hooks=[(hook_name, hook)]):
+        logits = bridge(batch.input_ids, attention_mask=batch.attention_mask)
+        if getattr(objective, "needs_clean_logits", False):
+            raise NotImplementedError("reference objectives with clean logits are not needed here")
+        return objective(logits, batch)
+
+
+def float64_throughout(bridge) -> None:
+    """Make a float64 bridge compute its attention softmax and RMS norms in float64.
+
+    The bridge's softmax and Hugging Face's RMSNorm cast to float32 even in float64
+    models, which limits finite differences to ~1e-7 relative noise. Tests that need
+    float64 throughout apply this to every bridge they compare.
+    """
+    modules = [bridge.ln_final]
+    for block in bridge.blocks:
+        original = block.attn._masked_softmax
+        block.attn._masked_softmax = lambda scores, dtype=None, f=original: f(scores, dtype=None)
+        modules += [block.ln1, block.ln2]
+    for norm in modules:
+        hf = norm.original_component
+        if "RMSNorm" in type(hf).__name__:
+            eps = hf.variance_epsilon
+            hf.forward = lambda x, hf=hf, eps=eps: hf.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
