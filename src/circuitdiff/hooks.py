@@ -44,6 +44,10 @@ INPUT_HOOK = "blocks.0.hook_in"
 LOGITS_INPUT_HOOK = "ln_final.hook_in"
 
 
+class _SourcesRecorded(Exception):
+    """Raised from a hook to end a forward pass once every source has been recorded."""
+
+
 def accumulation_dtype(model_dtype: torch.dtype) -> torch.dtype:
     """float32, or float64 for float64 models."""
     return torch.promote_types(model_dtype, torch.float32)
@@ -51,7 +55,8 @@ def accumulation_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class _AttentionLayer:
-    """Views of one layer's weights, each ``[heads, d_head, d_model]``."""
+    """Views of one layer's weights: q, k, v as ``[heads, d_head, d_model]``, o as
+    ``[d_model, n_heads * d_head]`` (nn.Linear layout)."""
 
     w_q: Tensor
     w_k: Tensor
@@ -82,7 +87,7 @@ class EdgeHooks:
                 w_q=linear_weight(attn.q).reshape(graph.n_heads, d_head, d_model),
                 w_k=linear_weight(attn.k).reshape(graph.n_kv_heads, d_head, d_model),
                 w_v=linear_weight(attn.v).reshape(graph.n_kv_heads, d_head, d_model),
-                w_o=linear_weight(attn.o).reshape(d_model, graph.n_heads, d_head).permute(1, 2, 0),
+                w_o=linear_weight(attn.o),
                 norm=norm_params(block.ln1),
             ))
 
@@ -96,6 +101,25 @@ class EdgeHooks:
         """A zero per-sample score buffer for ``batch``."""
         g = self.graph
         return torch.zeros(batch.size, g.n_sources, g.n_receivers, dtype=self.dtype, device=self.device)
+
+    # ------------------------------------------------------------------ passes
+    def record_sources(self, input_ids: Tensor, attention_mask: Tensor, delta: Tensor) -> None:
+        """Write every source's output on ``input_ids`` into ``delta`` (no gradients).
+
+        The forward stops once the last MLP has written, skipping the final norm and the
+        unembedding, which no source needs.
+        """
+        last = f"blocks.{self.graph.n_layers - 1}.mlp.hook_out"
+
+        def stop(x: Tensor, hook: Any) -> None:
+            raise _SourcesRecorded
+
+        try:
+            with torch.no_grad(), self.model.hooks(fwd_hooks=self.hooks(delta, attention_mask, "set") + [(last, stop)]):
+                self.model(input_ids, attention_mask=attention_mask)
+        except _SourcesRecorded:
+            return
+        raise RuntimeError(f"{last} never fired; the model did not run its last MLP.")
 
     # ------------------------------------------------------------------ hooks
     def hooks(
@@ -160,13 +184,13 @@ class EdgeHooks:
         def hook(z: Tensor, hook: Any) -> None:
             # z: [batch, pos, n_heads, d_head]; head h writes z_h @ W_O[h] (no bias).
             b, p, h, e = z.shape
-            z, w = z.detach(), w_o.to(self.dtype)
+            z, w = z.detach().to(self.dtype), w_o.to(self.dtype)
             if self.graph.level == "head":
-                per_head = torch.bmm(z.to(self.dtype).reshape(b * p, h, e).transpose(0, 1), w)  # [h, b*p, d]
+                w_per_head = w.view(-1, h, e).permute(1, 2, 0)  # [h, e, d]
+                per_head = torch.bmm(z.reshape(b * p, h, e).transpose(0, 1), w_per_head)  # [h, b*p, d]
                 write(rows, per_head.view(h, b, p, -1).transpose(0, 1))
             else:
-                summed = z.to(self.dtype).reshape(b * p, h * e) @ w.reshape(h * e, -1)
-                write(rows, summed.view(b, 1, p, -1))
+                write(rows, torch.nn.functional.linear(z.reshape(b, 1, p, h * e), w))
 
         return hook
 

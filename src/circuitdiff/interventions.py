@@ -55,7 +55,10 @@ class Zero:
 
 
 class Patching:
-    """Replace a source's output by its output on the corrupted prompt."""
+    """Replace a source's output by its output on the corrupted prompt.
+
+    Costs one forward pass without gradients per batch, stopped after the last layer.
+    """
 
     name = "patching"
 
@@ -67,8 +70,7 @@ class Patching:
                 "make_batches(..., corrupted_prompts=[...]) of the same token lengths, or use "
                 "intervention='zero'."
             )
-        with torch.no_grad(), hooks.model.hooks(fwd_hooks=hooks.hooks(delta, batch.attention_mask, "set")):
-            hooks.model(batch.corrupted_input_ids, attention_mask=batch.attention_mask)
+        hooks.record_sources(batch.corrupted_input_ids, batch.attention_mask, delta)
         return True
 
 
@@ -165,12 +167,11 @@ def _source_sums(
     hooks = EdgeHooks(model, graph)
     sums: Tensor | None = None
     counts: Tensor | None = None
-    with attribution_mode(model), torch.no_grad():
+    with attribution_mode(model):
         for batch in batches:
             batch = batch.to(hooks.device)
             delta = hooks.new_delta(batch)
-            with model.hooks(fwd_hooks=hooks.hooks(delta, batch.attention_mask, "set")):
-                model(batch.input_ids, attention_mask=batch.attention_mask)
+            hooks.record_sources(batch.input_ids, batch.attention_mask, delta)
             mask = batch.attention_mask.to(delta.dtype)
             if positional:
                 batch_sum, batch_count = delta.sum(0), mask.sum(0)

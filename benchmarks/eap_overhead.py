@@ -1,0 +1,206 @@
+"""EAP cost against a plain forward+backward pass of the same model and batch.
+
+Prints, measured side by side in one run (medians of interleaved repeats):
+
+- time ratio (one-batch ``cd.attribute`` call) / (plain forward+backward, no hooks,
+  no parameter gradients) for intervention "zero" and "patching", at head and layer
+  level, and the cost of a forward pass alone (the floor patching adds);
+- peak memory of PyTorch tensors allocated by each pass (profiler allocation events
+  on CPU, ``max_memory_allocated`` on CUDA), next to the goal "plain peak + source
+  buffer + one layer's transients".
+
+Goals (issue 2): <= 1.25x time for zero, <= 1.6x for patching; memory within the goal.
+
+    python benchmarks/eap_overhead.py                    # both CPU configurations
+    python benchmarks/eap_overhead.py --config gpt2-50k --repeats 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import circuitdiff as cd  # noqa: E402
+
+CONFIGS = {
+    # The doc's CPU speed reference: GPT-2 shape with its real 50k vocabulary.
+    "gpt2-50k": dict(arch="gpt2", vocab=50257),
+    # A harder case for the ratio: a Llama with a small vocabulary, so the
+    # unembedding does not dominate the plain pass.
+    "llama-512": dict(arch="llama", vocab=512),
+}
+D_MODEL, N_LAYERS, N_HEADS, BATCH, POS, ANSWER = 256, 4, 8, 8, 64, 8
+
+
+def build_checkpoint(name: str, directory: Path) -> Path:
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+
+    spec = CONFIGS[name]
+    torch.manual_seed(0)
+    if spec["arch"] == "gpt2":
+        config = GPT2Config(vocab_size=spec["vocab"], n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS,
+                            n_positions=POS + 1)
+    else:
+        config = LlamaConfig(vocab_size=spec["vocab"], hidden_size=D_MODEL, intermediate_size=4 * D_MODEL,
+                             num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS, num_key_value_heads=N_HEADS,
+                             max_position_embeddings=POS + 1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    vocab = {f"t{i}": i for i in range(spec["vocab"] - 1)} | {"[UNK]": spec["vocab"] - 1}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                        unk_token="[UNK]")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+class Runner:
+    """One model and batch; each method runs one pass."""
+
+    def __init__(self, checkpoint: Path, device: str, dtype: torch.dtype) -> None:
+        self.model = cd.load_model(checkpoint, device=device, dtype=dtype)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        vocab = self.model.cfg.d_vocab
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (BATCH, POS + 1), generator=g)
+        corrupted = torch.randint(0, vocab, (BATCH, POS), generator=g)
+        labels = ids[:, 1:].clone()
+        labels[:, : POS - ANSWER] = cd.IGNORE  # the objective scores an answer of ANSWER tokens
+        self.batch = cd.Batch(ids[:, :POS], labels=labels, corrupted_input_ids=corrupted).to(device)
+        self.objective = cd.objectives.answer_nll()
+        self.device = device
+        self.graphs = {level: cd.AttributionGraph.from_model(self.model, level=level) for level in ("head", "layer")}
+
+    def plain(self) -> None:
+        embeddings = self.model.embed(self.batch.input_ids).detach().requires_grad_(True)
+        logits = self.model(embeddings)
+        self.objective(logits, self.batch).sum().backward()
+
+    def forward(self) -> None:
+        """A forward pass without gradients: the extra cost patching pays per batch."""
+        with torch.no_grad():
+            self.model(self.batch.input_ids)
+
+    def attribute(self, level: str, intervention: str) -> None:
+        cd.attribute(self.model, self.graphs[level], [self.batch], objective=self.objective,
+                     intervention=intervention, progress=False)
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+
+MODES = ["plain", "forward"] + [f"{level}:{iv}" for level in ("head", "layer") for iv in ("zero", "patching")]
+
+
+def run_mode(runner: Runner, mode: str) -> None:
+    if mode in ("plain", "forward"):
+        getattr(runner, mode)()
+    else:
+        level, intervention = mode.split(":")
+        runner.attribute(level, intervention)
+
+
+def time_modes(runner: Runner, repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for mode in MODES:  # warm up
+        run_mode(runner, mode)
+    for _ in range(repeats):  # interleaved, so drift hits every mode alike
+        for mode in MODES:
+            runner.sync()
+            start = time.perf_counter()
+            run_mode(runner, mode)
+            runner.sync()
+            times[mode].append(time.perf_counter() - start)
+    return {mode: statistics.median(ts) for mode, ts in times.items()}
+
+
+def measure_peak(runner: Runner, mode: str) -> int:
+    """Peak bytes of PyTorch tensors allocated during one pass (after a warm-up pass).
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: every allocation and free the
+    PyTorch profiler records, summed in time order; exact for tensors, blind to the
+    C allocator's caching (which makes RSS too noisy to compare passes).
+    """
+    run_mode(runner, mode)
+    if runner.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_mode(runner, mode)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run_mode(runner, mode)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def expected_extra(graph: cd.AttributionGraph, dtype_bytes: int = 4) -> tuple[int, int]:
+    """(source buffer bytes, one layer's receiver-gradient transient bytes)."""
+    buffer = BATCH * graph.n_sources * POS * D_MODEL * dtype_bytes
+    receivers = graph.group("attn", 0).columns
+    layer = BATCH * (receivers.stop - receivers.start) * POS * D_MODEL * dtype_bytes
+    return buffer, layer
+
+
+def report(name: str, checkpoint: Path, device: str, dtype: str, repeats: int) -> dict:
+    runner = Runner(checkpoint, device, getattr(torch, dtype))
+    medians = time_modes(runner, repeats)
+    peaks = {mode: measure_peak(runner, mode) for mode in MODES if mode != "forward"}
+    mb = 2 ** 20
+    print(f"\n== {name}: {N_LAYERS} layers, d_model {D_MODEL}, {N_HEADS} heads, vocab {runner.model.cfg.d_vocab}, "
+          f"batch {BATCH} x {POS} tokens (answer_nll on the last {ANSWER}), {device}, {dtype}, torch threads {torch.get_num_threads()}, "
+          f"median of {repeats}")
+    print(f"plain forward+backward: {medians['plain'] * 1e3:.1f} ms, peak +{peaks['plain'] / mb:.1f} MB; "
+          f"forward alone (no grad): {medians['forward'] / medians['plain']:.2f}x of it")
+    print(f"{'attribute() pass':<20}{'ms':>8}{'ratio':>8}{'goal':>7}  {'peak MB':>8}{'goal MB':>9}"
+          "  goal = plain + buffer + 2 x one layer's receiver gradients")
+    rows = {}
+    for level in ("head", "layer"):
+        buffer, layer = expected_extra(runner.graphs[level])
+        for intervention, goal in (("zero", 1.25), ("patching", 1.6)):
+            mode = f"{level}:{intervention}"
+            ratio = medians[mode] / medians["plain"]
+            memory_goal = peaks["plain"] + buffer + 2 * layer
+            print(f"{mode:<20}{medians[mode] * 1e3:8.1f}{ratio:7.2f}x{goal:6.2f}x  {peaks[mode] / mb:8.1f}"
+                  f"{memory_goal / mb:9.1f}  ({peaks['plain'] / mb:.1f} + {buffer / mb:.1f} + 2 x {layer / mb:.1f})")
+            rows[mode] = {"ms": medians[mode] * 1e3, "ratio": ratio, "peak_bytes": peaks[mode],
+                          "memory_goal_bytes": memory_goal}
+    return {"plain_ms": medians["plain"] * 1e3, "plain_peak_bytes": peaks["plain"], "passes": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), action="append")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.config or sorted(CONFIGS):
+            checkpoint = build_checkpoint(name, Path(tmp) / name)
+            results[name] = report(name, checkpoint, args.device, args.dtype, args.repeats)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Bad input to attribute() gets an error that names the cause and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import circuitdiff as cd
+
+
+@pytest.fixture(scope="module")
+def setup(get_model):
+    model = get_model("gpt2")
+    graph = cd.AttributionGraph.from_model(model, level="layer")
+    batches = cd.make_batches(model.tokenizer, [[1, 2, 3], [4, 5, 6]], [[7], [8]], batch_size=1)
+    return model, graph, batches
+
+
+def test_patching_without_corrupted_prompts(setup):
+    model, graph, batches = setup
+    with pytest.raises(cd.DataError, match=r"needs corrupted prompts.*or use intervention='zero'"):
+        cd.attribute(model, graph, batches, objective="answer_nll", intervention="patching", progress=False)
+
+
+def test_empty_data(setup):
+    model, graph, _ = setup
+    with pytest.raises(cd.DataError, match="no batches given"):
+        cd.attribute(model, graph, [], objective="answer_nll", progress=False)
+
+
+def test_nan_objective_names_the_batch(setup):
+    model, graph, batches = setup
+    calls = []
+
+    def flaky(logits, batch):
+        calls.append(1)
+        loss = cd.objectives.answer_nll()(logits, batch)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    with pytest.raises(cd.ObjectiveError, match=r"NaN or inf in batch 1 \(samples \[0\]\)"):
+        cd.attribute(model, graph, batches, objective=flaky, progress=False)
+
+
+def test_misshapen_objective(setup):
+    model, graph, batches = setup
+    with pytest.raises(cd.ObjectiveError, match=r"shape \[batch\] = \(1,\)"):
+        cd.attribute(model, graph, batches, objective=lambda logits, batch: logits.sum(), progress=False)
+
+
+def test_unknown_names_list_the_valid_ones(setup):
+    model, graph, batches = setup
+    with pytest.raises(cd.UnknownNameError, match=r"unknown method 'eap-ig'; available: eap"):
+        cd.attribute(model, graph, batches, objective="answer_nll", method="eap-ig", progress=False)
+    with pytest.raises(cd.UnknownNameError, match="valid: zero, patching, mean, mean-positional"):
+        cd.attribute(model, graph, batches, objective="answer_nll", intervention="resample", progress=False)
+
+
+def test_mean_intervention_needs_reference_data(setup):
+    model, graph, batches = setup
+    with pytest.raises(cd.DataError, match="pass reference_batches"):
+        cd.attribute(model, graph, batches, objective="answer_nll", intervention="mean", progress=False)
+
+
+def test_mean_positional_needs_long_enough_reference(setup):
+    model, graph, batches = setup
+    short = cd.make_batches(model.tokenizer, [[1]], [[2]])
+    with pytest.raises(cd.DataError, match="cover 1 positions but a sample has 3 tokens"):
+        cd.attribute(model, graph, batches, objective="answer_nll", intervention="mean-positional",
+                     reference_batches=short, progress=False)
+
+
+def test_graph_of_another_model(setup):
+    model, _, batches = setup
+    with pytest.raises(cd.DataError, match="not built for this model"):
+        cd.attribute(model, cd.AttributionGraph(2, 4), batches, objective="answer_nll", progress=False)
+
+
+def test_token_ids_outside_the_vocabulary(setup):
+    model, graph, _ = setup
+    bad = [cd.Batch(torch.tensor([[1, 2, 999]]), labels=torch.tensor([[-100, 3, 4]]))]
+    with pytest.raises(cd.DataError, match=r"token ids in \[1, 999\].*vocabulary has 40"):
+        cd.attribute(model, graph, bad, objective="answer_nll", progress=False)
+
+
+def test_batches_must_be_batch_objects(setup):
+    model, graph, _ = setup
+    with pytest.raises(cd.DataError, match="attribute expects circuitdiff.Batch"):
+        cd.attribute(model, graph, [torch.tensor([[1, 2]])], objective="answer_nll", progress=False)
+
+
+def test_errors_share_a_base_class():
+    for error in (cd.DataError, cd.ObjectiveError, cd.UnknownNameError, cd.UnsupportedModelError, cd.FileFormatError):
+        assert issubclass(error, cd.CircuitDiffError)

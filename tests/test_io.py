@@ -1,0 +1,129 @@
+"""The .cdiff file format: exact round trips, and refusal of anything else."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import circuitdiff as cd
+from circuitdiff.io import FORMAT_VERSION
+
+
+@pytest.fixture(scope="module")
+def scores(get_model):
+    model = get_model("llama")
+    graph = cd.AttributionGraph.from_model(model, level="head")
+    batches = cd.make_batches(model.tokenizer, [[1, 2, 3], [4, 5]], [[6, 7], [8]], batch_size=2)
+    return cd.attribute(model, graph, batches, objective="answer_nll", progress=False)
+
+
+def test_round_trip_is_bit_exact(scores, tmp_path):
+    path = tmp_path / "run.cdiff"
+    scores.save(path)
+    loaded = cd.EdgeScores.load(path)
+    assert loaded.graph == scores.graph
+    assert torch.equal(loaded.mean, scores.mean)
+    assert torch.equal(loaded.per_sample, scores.per_sample)
+    assert torch.equal(loaded.objective_values, scores.objective_values)
+    assert loaded.metadata == scores.metadata
+    assert loaded.edge_names() == scores.edge_names()
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary file is gone
+
+
+def test_round_trip_without_per_sample(scores, tmp_path):
+    mean_only = cd.EdgeScores(scores.graph, scores.mean, None, scores.objective_values, scores.metadata)
+    mean_only.save(tmp_path / "m.cdiff")
+    loaded = cd.EdgeScores.load(tmp_path / "m.cdiff")
+    assert loaded.per_sample is None and torch.equal(loaded.mean, scores.mean)
+
+
+def _header(path):
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return raw, length, json.loads(raw[8:8 + length])
+
+
+def _rewrite_header(path, header_dict):
+    raw, length, _ = _header(path)
+    encoded = json.dumps(header_dict).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length:])
+
+
+def test_flipped_tensor_byte_is_rejected(scores, tmp_path):
+    path = tmp_path / "run.cdiff"
+    scores.save(path)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x40  # a byte inside the last tensor's data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(cd.FileFormatError, match="failed its checksum"):
+        cd.EdgeScores.load(path)
+
+
+def test_edited_metadata_is_rejected(scores, tmp_path):
+    path = tmp_path / "run.cdiff"
+    scores.save(path)
+    _, _, header = _header(path)
+    inner = json.loads(header["__metadata__"]["circuitdiff"])
+    inner["metadata"]["method"] = "exact"
+    header["__metadata__"]["circuitdiff"] = json.dumps(inner)
+    _rewrite_header(path, header)
+    with pytest.raises(cd.FileFormatError, match="failed its checksum"):
+        cd.EdgeScores.load(path)
+
+
+def test_newer_format_version_is_refused(scores, tmp_path):
+    path = tmp_path / "run.cdiff"
+    scores.save(path)
+    _, _, header = _header(path)
+    inner = json.loads(header["__metadata__"]["circuitdiff"])
+    inner["format_version"] = FORMAT_VERSION + 1
+    header["__metadata__"]["circuitdiff"] = json.dumps(inner)
+    _rewrite_header(path, header)
+    with pytest.raises(cd.FileFormatError, match=f"format version {FORMAT_VERSION + 1}.*Upgrade circuitdiff"):
+        cd.EdgeScores.load(path)
+
+
+def test_truncated_and_foreign_files_are_refused(scores, tmp_path):
+    path = tmp_path / "run.cdiff"
+    scores.save(path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(cd.FileFormatError, match="not a readable safetensors file"):
+        cd.EdgeScores.load(path)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, str(foreign))
+    with pytest.raises(cd.FileFormatError, match="not one written by circuitdiff"):
+        cd.EdgeScores.load(foreign)
+    (tmp_path / "junk.cdiff").write_bytes(b"\x00" * 3)
+    with pytest.raises(cd.FileFormatError):
+        cd.EdgeScores.load(tmp_path / "junk.cdiff")
+    with pytest.raises(FileNotFoundError):
+        cd.EdgeScores.load(tmp_path / "missing.cdiff")
+
+
+def test_loading_never_unpickles(scores, tmp_path, monkeypatch):
+    path = tmp_path / "run.cdiff"
+    scores.save(path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("unpickling was attempted")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    assert torch.equal(cd.EdgeScores.load(path).mean, scores.mean)
+
+
+def test_edge_views(scores):
+    values = scores.edge_values()
+    assert values.shape == (scores.graph.n_edges,)
+    assert scores.edge_values(per_sample=True).shape == (scores.n_samples, scores.graph.n_edges)
+    name, value = scores.top(1)[0]
+    assert abs(value) == values.abs().max().item()
+    assert name in scores.edge_names()
+    assert "eap" in repr(scores) and "per-sample" in repr(scores)

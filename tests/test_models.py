@@ -1,0 +1,108 @@
+"""Loading and validating models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import circuitdiff as cd
+import tiny_models as tm
+
+
+def test_load_from_directory_is_ready(checkpoints):
+    model = cd.load_model(checkpoints["qwen2"], device="cpu")
+    assert not model.training
+    spec = cd.describe_model(model)
+    assert (spec.architecture, spec.n_layers, spec.n_heads, spec.n_kv_heads) == ("Qwen2ForCausalLM", 3, 4, 2)
+    assert spec.dtype == "float32" and not spec.parallel_blocks
+
+
+def test_load_from_hf_model_with_in_memory_tokenizer(checkpoints):
+    """An in-memory tokenizer has no name_or_path; TransformerLens would fail on it."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    hf = AutoModelForCausalLM.from_pretrained(checkpoints["llama"])
+    vocab = {f"w{i}": i for i in range(tm.VOCAB - 1)} | {"[UNK]": tm.VOCAB - 1}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                        unk_token="[UNK]")
+    assert not tokenizer.name_or_path
+    model = cd.load_model(hf, tokenizer=tokenizer)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids), hf(ids).logits, atol=1e-5)
+
+
+def test_load_from_bridge_returns_it(get_model):
+    model = get_model("gpt2")
+    assert cd.load_model(model) is model
+
+
+def test_attribution_restores_gradients_and_mode(checkpoints):
+    model = cd.load_model(checkpoints["gpt2"])
+    model.train()
+    frozen = model.blocks[0].attn.q.original_component.weight
+    frozen.requires_grad_(False)
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    graph = cd.AttributionGraph.from_model(model, level="layer")
+    batches = cd.make_batches(model.tokenizer, [[1, 2]], [[3]])
+    seen = {}
+
+    def objective(logits, batch):  # look inside the run
+        seen["training"] = model.training
+        seen["param_grads"] = any(p.requires_grad for p in model.parameters())
+        return cd.objectives.answer_nll()(logits, batch)
+
+    cd.attribute(model, graph, batches, objective=objective, progress=False)
+    assert seen == {"training": False, "param_grads": False}
+    assert model.training
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_missing_directory_is_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads weights"):
+        cd.load_model(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        cd.load_model(tmp_path)
+
+
+def test_hf_model_without_tokenizer_is_refused(checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(checkpoints["gpt2"])
+    with pytest.raises(cd.UnsupportedModelError, match="needs its tokenizer"):
+        cd.load_model(hf)
+
+
+def test_boot_native_bridge_is_refused():
+    from transformer_lens import TransformerBridge
+    from transformer_lens.config import TransformerBridgeConfig
+
+    cfg = TransformerBridgeConfig(d_model=16, n_layers=1, n_ctx=8, d_head=4, n_heads=4, d_vocab=10)
+    native = TransformerBridge.boot_native(cfg)
+    with pytest.raises(cd.UnsupportedModelError, match=r"boot_native.*load it with cd.load_model\(hf_model"):
+        cd.AttributionGraph.from_model(native)
+
+
+def test_unvalidated_architecture_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaConfig
+
+    tm.save_tokenizer(tmp_path)
+    config = GemmaConfig(vocab_size=tm.VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    hf = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(cd.UnsupportedModelError, match="'GemmaForCausalLM' has not been validated"):
+        cd.load_model(hf, tokenizer=AutoTokenizer.from_pretrained(tmp_path))
+
+
+def test_split_qkv_mode_is_refused(get_reference):
+    with pytest.raises(cd.UnsupportedModelError, match=r"set_use_split_qkv_input\(False\)"):
+        cd.describe_model(get_reference("llama"))
+
+
+def test_other_objects_are_refused():
+    with pytest.raises(cd.UnsupportedModelError, match="expected a transformer_lens.TransformerBridge"):
+        cd.describe_model(torch.nn.Linear(2, 2))
+    with pytest.raises(cd.UnsupportedModelError, match="load_model got a int"):
+        cd.load_model(3)
