@@ -180,7 +180,6 @@ def test_per_sample_scores_do_not_depend_on_batching(get_model, arch):
     model = get_model(arch)
     graph = cd.AttributionGraph.from_model(model, level="head")
     together = make_data(model)
-    g = torch.Generator().manual_seed(0)
     separate = []
     for batch in together:
         for i in range(batch.size):

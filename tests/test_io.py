@@ -42,15 +42,15 @@ def test_round_trip_without_per_sample(scores, tmp_path):
     assert loaded.per_sample is None and torch.equal(loaded.mean, scores.mean)
 
 
-def _header(path):
+def _edit_header(path, edit) -> None:
+    """Rewrite the circuitdiff JSON inside a safetensors header with ``edit(inner_dict)``."""
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
-    return raw, length, json.loads(raw[8:8 + length])
-
-
-def _rewrite_header(path, header_dict):
-    raw, length, _ = _header(path)
-    encoded = json.dumps(header_dict).encode()
+    header = json.loads(raw[8:8 + length])
+    inner = json.loads(header["__metadata__"]["circuitdiff"])
+    edit(inner)
+    header["__metadata__"]["circuitdiff"] = json.dumps(inner)
+    encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length:])
 
@@ -68,11 +68,7 @@ def test_flipped_tensor_byte_is_rejected(scores, tmp_path):
 def test_edited_metadata_is_rejected(scores, tmp_path):
     path = tmp_path / "run.cdiff"
     scores.save(path)
-    _, _, header = _header(path)
-    inner = json.loads(header["__metadata__"]["circuitdiff"])
-    inner["metadata"]["method"] = "exact"
-    header["__metadata__"]["circuitdiff"] = json.dumps(inner)
-    _rewrite_header(path, header)
+    _edit_header(path, lambda inner: inner["metadata"].update(method="exact"))
     with pytest.raises(cd.FileFormatError, match="failed its checksum"):
         cd.EdgeScores.load(path)
 
@@ -80,11 +76,7 @@ def test_edited_metadata_is_rejected(scores, tmp_path):
 def test_newer_format_version_is_refused(scores, tmp_path):
     path = tmp_path / "run.cdiff"
     scores.save(path)
-    _, _, header = _header(path)
-    inner = json.loads(header["__metadata__"]["circuitdiff"])
-    inner["format_version"] = FORMAT_VERSION + 1
-    header["__metadata__"]["circuitdiff"] = json.dumps(inner)
-    _rewrite_header(path, header)
+    _edit_header(path, lambda inner: inner.update(format_version=FORMAT_VERSION + 1))
     with pytest.raises(cd.FileFormatError, match=f"format version {FORMAT_VERSION + 1}.*Upgrade circuitdiff"):
         cd.EdgeScores.load(path)
 

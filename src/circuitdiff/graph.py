@@ -171,10 +171,12 @@ class AttributionGraph:
     # ------------------------------------------------------------------ queries
     @property
     def n_sources(self) -> int:
+        """Number of sources (rows of every score matrix)."""
         return len(self.sources)
 
     @property
     def n_receivers(self) -> int:
+        """Number of receivers (columns of every score matrix)."""
         return len(self.receivers)
 
     @property
@@ -184,6 +186,7 @@ class AttributionGraph:
 
     @property
     def n_edges(self) -> int:
+        """Number of real edges (True cells of ``edge_mask``)."""
         return int(self._edge_mask.sum())
 
     def source_index(self, name: str) -> int:
@@ -219,7 +222,7 @@ class AttributionGraph:
     def edge_names(self) -> list[str]:
         """Names ``"source->receiver"`` of the real edges, in row-major order of the mask."""
         rows, cols = torch.nonzero(self._edge_mask, as_tuple=True)
-        return [f"{self.sources[r]}->{self.receivers[c]}" for r, c in zip(rows.tolist(), cols.tolist())]
+        return [f"{self.sources[r]}->{self.receivers[c]}" for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
 
     # ------------------------------------------------------------------ coarsening
     def layer_level(self) -> "AttributionGraph":
@@ -252,6 +255,7 @@ class AttributionGraph:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AttributionGraph":
+        """Rebuild a graph from :meth:`to_dict`."""
         return cls(**data)
 
     def __eq__(self, other: object) -> bool:

@@ -266,7 +266,7 @@ class EdgeHooks:
         if self.graph.level == "head":  # u: [heads, batch*pos, d_model]
             u = torch.bmm(torch.cat(grads, 1).transpose(0, 1), torch.cat(mats, 0))
         else:
-            u = torch.stack([g.flatten(1) @ w.flatten(0, 1) for g, w in zip(grads, mats)])
+            u = torch.stack([g.flatten(1) @ w.flatten(0, 1) for g, w in zip(grads, mats, strict=True)])
         along_x_hat = torch.bmm(u.transpose(0, 1), x_hat.unsqueeze(-1)).transpose(0, 1)  # [heads, b*p, 1]
         u.addcmul_(x_hat.unsqueeze(0), along_x_hat, value=-1.0 / d)
         return u.view(-1, b, p, d).transpose(0, 1)

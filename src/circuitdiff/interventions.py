@@ -41,7 +41,9 @@ class Intervention(Protocol):
 
     name: str
 
-    def prefill(self, hooks: EdgeHooks, batch: Batch, delta: Tensor) -> bool: ...
+    def prefill(self, hooks: EdgeHooks, batch: Batch, delta: Tensor) -> bool:
+        """Write the replacements into ``delta``; return whether anything was written."""
+        ...
 
 
 class Zero:
@@ -96,6 +98,7 @@ class Mean:
         return cls(sums / counts[:, None])
 
     def prefill(self, hooks: EdgeHooks, batch: Batch, delta: Tensor) -> bool:
+        """Write the means (zero at padded positions) into ``delta``."""
         _check_sources(self.means.shape[0], self.means.shape[-1], hooks)
         mask = batch.attention_mask.to(delta.device, delta.dtype)[:, None, :, None]
         torch.mul(self.means.to(delta.device, delta.dtype)[None, :, None, :], mask, out=delta)
@@ -129,6 +132,7 @@ class MeanPositional:
         return cls(sums[:, :length] / counts[:length, None])
 
     def prefill(self, hooks: EdgeHooks, batch: Batch, delta: Tensor) -> bool:
+        """Write each position's means (zero at padded positions) into ``delta``."""
         _check_sources(self.means.shape[0], self.means.shape[-1], hooks)
         width = batch.input_ids.shape[1]
         needed = int(batch.lengths.max())

@@ -39,4 +39,6 @@ class Scorer(Protocol):
 
     def score_batch(
         self, context: ScoringContext, batch: Batch, batch_index: int
-    ) -> tuple[Float[Tensor, "batch n_sources n_receivers"], Float[Tensor, "batch"]]: ...
+    ) -> tuple[Float[Tensor, "batch n_sources n_receivers"], Float[Tensor, "batch"]]:
+        """Per-sample scores (``objective(ablated) - objective(clean)``) and clean losses."""
+        ...

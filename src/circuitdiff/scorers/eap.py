@@ -32,6 +32,7 @@ class EAP:
     def score_batch(
         self, context: ScoringContext, batch: Batch, batch_index: int
     ) -> tuple[Float[Tensor, "batch n_sources n_receivers"], Float[Tensor, "batch"]]:
+        """One hooked forward and backward (after the intervention's own pass, if any)."""
         hooks = context.hooks
         delta = hooks.new_delta(batch)
         filled = context.intervention.prefill(hooks, batch, delta)
