@@ -177,24 +177,27 @@ def _source_sums(
             delta = hooks.new_delta(batch)
             hooks.record_sources(batch.input_ids, batch.attention_mask, delta)
             mask = batch.attention_mask.to(delta.dtype)
-            if positional:
-                batch_sum, batch_count = delta.sum(0), mask.sum(0)
-                if sums is not None and sums.shape[1] != batch_sum.shape[1]:
-                    width = max(sums.shape[1], batch_sum.shape[1])
-                    sums, batch_sum = _pad_positions(sums, width), _pad_positions(batch_sum, width)
-                    counts = torch.nn.functional.pad(counts, (0, width - counts.shape[0]))
-                    batch_count = torch.nn.functional.pad(batch_count, (0, width - batch_count.shape[0]))
+            if positional:  # batches may differ in length: pad the shorter sum with zeros
+                sums = _add_padded(sums, delta.sum(0), dim=1)
+                counts = _add_padded(counts, mask.sum(0), dim=0)
             else:
-                batch_sum, batch_count = delta.sum((0, 2)), mask.sum().reshape(1)
-            sums = batch_sum if sums is None else sums + batch_sum
-            counts = batch_count if counts is None else counts + batch_count
+                sums = _add_padded(sums, delta.sum((0, 2)), dim=0)
+                counts = _add_padded(counts, mask.sum().reshape(1), dim=0)
     if sums is None or counts is None:
         raise DataError("no reference batches given for the mean intervention.")
     return sums, counts
 
 
-def _pad_positions(x: Tensor, width: int) -> Tensor:
-    return torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1]))
+def _add_padded(total: Tensor | None, part: Tensor, dim: int) -> Tensor:
+    """``total + part``, zero-padding the shorter one at the end of ``dim``."""
+    if total is None:
+        return part
+    width = max(total.shape[dim], part.shape[dim])
+
+    def pad(t: Tensor) -> Tensor:
+        return torch.nn.functional.pad(t, [0, 0] * (t.ndim - 1 - dim) + [0, width - t.shape[dim]])
+
+    return pad(total) + pad(part)
 
 
 def resolve(
