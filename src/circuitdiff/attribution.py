@@ -108,7 +108,7 @@ def attribute(
         "level": graph.level,
         "method": scorer.name,
         "intervention": intervention_obj.name,
-        "objective": getattr(objective_fn, "name", getattr(objective_fn, "__name__", type(objective_fn).__name__)),
+        "objective": objectives_module.name_of(objective_fn),
         "n_samples": n_samples,
         "sign": "objective(ablated) - objective(clean); positive = edge helps",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

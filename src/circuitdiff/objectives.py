@@ -25,7 +25,7 @@ from torch import Tensor
 from circuitdiff.data import IGNORE, Batch
 from circuitdiff.errors import DataError, ObjectiveError, UnknownNameError
 
-__all__ = ["Objective", "answer_nll", "logit_diff", "kl_to_clean", "resolve", "available", "evaluate"]
+__all__ = ["Objective", "answer_nll", "logit_diff", "kl_to_clean", "resolve", "available", "evaluate", "name_of"]
 
 
 class Objective(Protocol):
@@ -177,6 +177,11 @@ def resolve(objective: str | Callable[..., Tensor]) -> Callable[..., Tensor]:
     return objective
 
 
+def name_of(objective: Callable[..., Tensor]) -> str:
+    """A readable name: the ``name`` attribute, else the function or class name."""
+    return getattr(objective, "name", getattr(objective, "__name__", type(objective).__name__))
+
+
 def evaluate(
     objective: Callable[..., Tensor],
     logits: Float[Tensor, "batch pos vocab"],
@@ -194,7 +199,7 @@ def evaluate(
         losses = objective(logits, batch, clean_logits=reference)
     else:
         losses = objective(logits, batch)
-    name = getattr(objective, "name", getattr(objective, "__name__", type(objective).__name__))
+    name = name_of(objective)
     if not isinstance(losses, Tensor) or tuple(losses.shape) != (batch.size,):
         raise ObjectiveError(
             f"objective {name} must return a tensor of shape [batch] = ({batch.size},) with one "
