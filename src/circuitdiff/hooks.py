@@ -261,6 +261,8 @@ class EdgeHooks:
             if g is None:  # the objective does not depend on this projection
                 g = torch.zeros(b, p, w.shape[0], w.shape[1], dtype=self.dtype, device=x.device)
             grads.append((g.to(self.dtype) / scale.unsqueeze(-1)).reshape(b * p, w.shape[0], w.shape[1]))
+            # Folded per call on purpose: caching float32 copies of every layer's q/k/v
+            # weights would cost ~6 GB on a 7B bf16 model; one layer's copy is transient.
             w = w.to(self.dtype) * norm.weight.to(self.dtype)
             mats.append(w if norm.rms else w - w.mean(-1, keepdim=True))
         if self.graph.level == "head":  # u: [heads, batch*pos, d_model]

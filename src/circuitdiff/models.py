@@ -145,11 +145,11 @@ def _boot_from_hf_model(hf_model: Any, tokenizer: Any, *, dtype: Any, device: An
     name_or_path = str(getattr(hf_model.config, "name_or_path", "") or "")
     # A bare name could be resolved against the Hub; only a local directory is safe.
     name = str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else "in-memory-model"
-    kwargs: dict[str, Any] = {"hf_model": hf_model, "tokenizer": tokenizer}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    else:
-        kwargs["dtype"] = next(hf_model.parameters()).dtype
+    kwargs: dict[str, Any] = {
+        "hf_model": hf_model,
+        "tokenizer": tokenizer,
+        "dtype": dtype or next(hf_model.parameters()).dtype,
+    }
     if device is not None:
         kwargs["device"] = device
     return TransformerBridge.boot_transformers(name, **kwargs)
