@@ -84,7 +84,7 @@ def test_token_ids_outside_the_vocabulary(setup):
 
 def test_batches_must_be_batch_objects(setup):
     model, graph, _ = setup
-    with pytest.raises(cd.DataError, match="attribute expects circuitdiff.Batch"):
+    with pytest.raises(cd.DataError, match="expected circuitdiff.Batch"):
         cd.attribute(model, graph, [torch.tensor([[1, 2]])], objective="answer_nll", progress=False)
 
 

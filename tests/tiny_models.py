@@ -112,33 +112,91 @@ def source_outputs(bridge, graph, input_ids, attention_mask) -> dict[str, torch.
     return out
 
 
+def receiver_site(receiver: str) -> tuple[str, int | str | None]:
+    """Where a receiver reads its own copy of the residual stream: (hook name, head).
+
+    head is None for [batch, pos, d] hooks, an index into the head axis of a
+    [batch, pos, heads, d] hook, or "all" for a layer-level attention receiver.
+    """
+    if receiver == "logits":
+        return "ln_final.hook_in", None
+    if "<" not in receiver:  # m{l}
+        return f"blocks.{receiver[1:]}.hook_mlp_in", None
+    node, kind = receiver[:-3], receiver[-2]
+    layer = node.split(".")[0][1:]
+    return f"blocks.{layer}.hook_{kind}_input", "all" if "." not in node else int(node.split(".")[1].lstrip("hkv"))
+
+
+def shifted(x: torch.Tensor, head, add: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``add`` [batch, pos, d] added where ``head`` (from receiver_site) reads."""
+    if head is None:
+        return x + add
+    shift = torch.zeros_like(x)
+    if head == "all":
+        shift += add[:, :, None, :]
+    else:
+        shift[:, :, head] = add
+    return x + shift
+
+
+def _losses(bridge, batch, objective, hooks) -> torch.Tensor:
+    if getattr(objective, "needs_clean_logits", False):
+        raise NotImplementedError("reference objectives with clean logits are not needed here")
+    with torch.no_grad(), bridge.hooks(fwd_hooks=hooks):
+        logits = bridge(batch.input_ids, attention_mask=batch.attention_mask)
+    return objective(logits, batch)
+
+
 def patched_losses(bridge, graph, batch, objective, receiver: str, add: torch.Tensor) -> torch.Tensor:
     """Per-sample objective when only ``receiver``'s input is shifted by ``add`` [batch, pos, d]."""
-    if receiver == "logits":
-        hook_name, head = "ln_final.hook_in", None
-    elif "<" not in receiver:  # m{l}
-        hook_name, head = f"blocks.{receiver[1:]}.hook_mlp_in", None
-    else:
-        node, kind = receiver[:-3], receiver[-2]
-        layer = node.split(".")[0][1:]
-        hook_name = f"blocks.{layer}.hook_{kind}_input"
-        head = "all" if "." not in node else int(node.split(".")[1].lstrip("hkv"))
+    hook_name, head = receiver_site(receiver)
+    return _losses(bridge, batch, objective, [(hook_name, lambda x, hook: shifted(x, head, add))])
 
-    def hook(x, hook):
-        if head is None:
-            return x + add
-        shift = torch.zeros_like(x)
-        if head == "all":
-            shift += add[:, :, None, :]
-        else:
-            shift[:, :, head] = add
-        return x + shift
 
-    with torch.no_grad(), bridge.hooks(fwd_hooks=[(hook_name, hook)]):
-        logits = bridge(batch.input_ids, attention_mask=batch.attention_mask)
-        if getattr(objective, "needs_clean_logits", False):
-            raise NotImplementedError("reference objectives with clean logits are not needed here")
-        return objective(logits, batch)
+def ablated_losses(bridge, graph, batch, objective, replacement: dict, ablate: torch.Tensor) -> torch.Tensor:
+    """Per-sample objective with every edge in ``ablate`` [n_sources, n_receivers] ablated.
+
+    Each source's output in *this* run is recorded as the pass reaches it (it changes
+    when upstream edges are ablated); each receiver's own input copy is shifted by
+    ``sum over its ablated sources of (replacement - current output)`` at real tokens.
+    """
+    current: dict[str, torch.Tensor] = {}
+    mask = batch.attention_mask.to(torch.float64)[:, :, None]
+
+    def record(name):
+        def hook(x, hook):
+            current[name] = x
+        return hook
+
+    def record_heads(layer):
+        def hook(x, hook):  # [batch, pos, heads, d]
+            if graph.level == "head":
+                for h in range(graph.n_heads):
+                    current[f"a{layer}.h{h}"] = x[:, :, h]
+            else:
+                current[f"a{layer}"] = x.sum(2)
+        return hook
+
+    hooks = [("blocks.0.hook_resid_pre", record("input"))]
+    for layer in range(graph.n_layers):
+        hooks += [(f"blocks.{layer}.attn.hook_result", record_heads(layer)),
+                  (f"blocks.{layer}.hook_mlp_out", record(f"m{layer}"))]
+    by_site: dict[str, list] = {}
+    for column, receiver in enumerate(graph.receivers):
+        rows = torch.nonzero(ablate[:, column] & graph.edge_mask[:, column]).flatten().tolist()
+        if rows:
+            hook_name, head = receiver_site(receiver)
+            by_site.setdefault(hook_name, []).append((head, [graph.sources[r] for r in rows]))
+
+    def shift_site(entries):
+        def hook(x, hook):
+            for head, names in entries:
+                x = shifted(x, head, sum((replacement[n] - current[n]) * mask for n in names))
+            return x
+        return hook
+
+    hooks += [(name, shift_site(entries)) for name, entries in by_site.items()]
+    return _losses(bridge, batch, objective, hooks)
 
 
 def float64_throughout(bridge) -> None:

@@ -15,8 +15,11 @@ oriented as losses: positive means the edge helps.
 
 from importlib import metadata as _metadata
 
-from circuitdiff import interventions, objectives, scorers
+from circuitdiff import circuits, faithfulness, interventions, objectives, scorers
+from circuitdiff.acdc import ACDCResult, acdc
+from circuitdiff.agreement import Agreement, agreement
 from circuitdiff.attribution import attribute
+from circuitdiff.circuits import Circuit
 from circuitdiff.data import IGNORE, Batch, make_batches
 from circuitdiff.errors import (
     CircuitDiffError,
@@ -26,6 +29,7 @@ from circuitdiff.errors import (
     UnknownNameError,
     UnsupportedModelError,
 )
+from circuitdiff.faithfulness import evaluate_circuit, faithfulness_curve
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.models import SUPPORTED_ARCHITECTURES, ModelSpec, describe_model, load_model
 from circuitdiff.scores import EdgeScores
@@ -36,8 +40,11 @@ except _metadata.PackageNotFoundError:  # running from a source tree without ins
     __version__ = "unknown"
 
 __all__ = [
+    "ACDCResult",
+    "Agreement",
     "AttributionGraph",
     "Batch",
+    "Circuit",
     "CircuitDiffError",
     "DataError",
     "EdgeScores",
@@ -48,8 +55,14 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "UnknownNameError",
     "UnsupportedModelError",
+    "acdc",
+    "agreement",
     "attribute",
+    "circuits",
     "describe_model",
+    "evaluate_circuit",
+    "faithfulness",
+    "faithfulness_curve",
     "interventions",
     "load_model",
     "make_batches",

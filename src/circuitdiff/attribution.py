@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -15,11 +15,11 @@ from circuitdiff import scorers
 from circuitdiff.data import Batch
 from circuitdiff.errors import DataError
 from circuitdiff.graph import AttributionGraph
-from circuitdiff.hooks import EdgeHooks
 from circuitdiff.models import attribution_mode, describe_model
+from circuitdiff.scorers.base import ScoringContext, make_context
 from circuitdiff.scores import EdgeScores
 
-__all__ = ["attribute"]
+__all__ = ["attribute", "checked_batches"]
 
 
 def attribute(
@@ -28,7 +28,7 @@ def attribute(
     batches: Iterable[Batch],
     *,
     objective: str | Callable[..., torch.Tensor],
-    method: str = "eap",
+    method: str | scorers.Scorer = "eap",
     intervention: str | interventions_module.Intervention = "zero",
     per_sample: bool = True,
     reference_batches: Iterable[Batch] | None = None,
@@ -47,7 +47,8 @@ def attribute(
         batches: :class:`Batch` objects (e.g. from :func:`circuitdiff.make_batches`).
         objective: a name (``"answer_nll"``, ``"logit_diff"``, ``"kl_to_clean"``) or a
             callable ``(logits [batch, pos, vocab], batch) -> losses [batch]``.
-        method: scorer name (``circuitdiff.scorers.available()``).
+        method: scorer name (``circuitdiff.scorers.available()``), or a scorer
+            object, e.g. ``circuitdiff.scorers.get("eap-ig-inputs", steps=50)``.
         intervention: ``"zero"``, ``"patching"``, ``"mean"``, ``"mean-positional"``
             or an intervention object (see :mod:`circuitdiff.interventions`).
         per_sample: keep the ``[n_samples, n_sources, n_receivers]`` scores (on CPU).
@@ -66,31 +67,17 @@ def attribute(
         UnknownNameError: unknown method, intervention or objective name.
         UnsupportedModelError: the model cannot be attributed.
     """
+    scorer = scorers.get(method) if isinstance(method, str) else method
+    if not callable(getattr(scorer, "score_batch", None)):
+        raise TypeError(f"method must be a scorer name or an object with score_batch(); got {method!r}.")
+    context = make_context(model, graph, objective, intervention, reference_batches, progress)
     spec = describe_model(model)
-    if (graph.n_layers, graph.n_heads, graph.n_kv_heads, graph.parallel_blocks) != (
-        spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.parallel_blocks
-    ):
-        raise DataError(
-            f"the graph ({graph!r}) was not built for this model ({spec.n_layers} layers, "
-            f"{spec.n_heads} heads, {spec.n_kv_heads} kv heads); use AttributionGraph.from_model(model)."
-        )
-    scorer = scorers.get(method)
-    objective_fn = objectives_module.resolve(objective)
-    intervention_obj = interventions_module.resolve(intervention, model, graph, reference_batches)
-    hooks = EdgeHooks(model, graph)
-    context = scorers.ScoringContext(model, graph, hooks, objective_fn, intervention_obj)
 
     total = torch.zeros(graph.n_sources, graph.n_receivers, dtype=torch.float64)
     kept: list[torch.Tensor] = []
     losses: list[torch.Tensor] = []
-    n_batches = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     with attribution_mode(model):
-        for index, batch in enumerate(tqdm(batches, total=n_batches, disable=not progress,
-                                           desc=f"{scorer.name} ({graph.level} level)", unit="batch")):
-            if not isinstance(batch, Batch):
-                raise DataError(f"batch {index} is a {type(batch).__name__}; attribute expects circuitdiff.Batch objects.")
-            _check_vocab(batch, spec.d_vocab, index)
-            batch = batch.to(hooks.device)
+        for index, batch in checked_batches(batches, context, f"{scorer.name} ({graph.level} level)"):
             scores, batch_losses = scorer.score_batch(context, batch, index)
             scores = scores.detach().to("cpu")
             total += scores.sum(0, dtype=torch.float64)
@@ -107,8 +94,8 @@ def attribute(
         "model_dtype": spec.dtype,
         "level": graph.level,
         "method": scorer.name,
-        "intervention": intervention_obj.name,
-        "objective": objectives_module.name_of(objective_fn),
+        "intervention": context.intervention.name,
+        "objective": objectives_module.name_of(context.objective),
         "n_samples": n_samples,
         "sign": "objective(ablated) - objective(clean); positive = edge helps",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -121,6 +108,23 @@ def attribute(
         objective_values=objective_values,
         metadata=metadata,
     )
+
+
+def checked_batches(batches: Iterable[Batch], context: ScoringContext, desc: str) -> Iterator[tuple[int, Batch]]:
+    """``(index, batch)`` pairs, each batch checked and moved to the model's device.
+
+    Refuses objects that are not :class:`Batch` and token ids outside the model's
+    vocabulary (both name the batch); shows a progress bar over batches unless
+    ``context.progress`` is False.
+    """
+    d_vocab = describe_model(context.model).d_vocab
+    n_batches = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    for index, batch in enumerate(tqdm(batches, total=n_batches, disable=not context.progress, desc=desc, unit="batch")):
+        if not isinstance(batch, Batch):
+            raise DataError(f"batch {index} is a {type(batch).__name__}; expected circuitdiff.Batch objects "
+                            "(see circuitdiff.make_batches).")
+        _check_vocab(batch, d_vocab, index)
+        yield index, batch.to(context.hooks.device)
 
 
 def _check_vocab(batch: Batch, d_vocab: int, index: int) -> None:

@@ -94,6 +94,14 @@ class Batch:
         """Real (unpadded) length of each sample."""
         return self.attention_mask.sum(1)
 
+    def select(self, rows: Tensor) -> "Batch":
+        """The samples at ``rows`` (``[n]`` integer indices, repeats allowed), in that order."""
+        picked = {
+            name: (value[rows] if isinstance(value, Tensor) else value)
+            for name, value in self.__dict__.items()
+        }
+        return replace(self, **picked)
+
     def to(self, device: torch.device | str) -> "Batch":
         """A copy with every tensor on ``device``."""
         moved = {

@@ -128,6 +128,7 @@ class EdgeHooks:
         attention_mask: Tensor,
         record: Record | None,
         scores: Tensor | None = None,
+        source_rows: slice | None = None,
     ) -> HookList:
         """Forward hooks for one pass.
 
@@ -139,6 +140,8 @@ class EdgeHooks:
             scores: if given, ``[batch, n_sources, n_receivers]`` into which the backward
                 pass adds ``delta . G`` for every real edge. The pass then needs a
                 backward from the objective.
+            source_rows: with ``scores``, contract only these rows of ``delta``
+                (default: all sources). Receivers that read none of them get no hooks.
         """
         graph = self.graph
         padded = not bool(attention_mask.all())
@@ -174,7 +177,7 @@ class EdgeHooks:
                 hooks.append((f"blocks.{layer}.mlp.hook_out",
                               lambda x, hook, rows=slice(row, row + 1): write(rows, x.unsqueeze(1))))
         if scores is not None:
-            hooks += self._gradient_hooks(delta, scores)
+            hooks += self._gradient_hooks(delta, scores, source_rows or slice(0, graph.n_sources))
         return hooks
 
     def _attention_source_hook(self, layer: int, write: Callable[[slice, Tensor], None]) -> Callable[..., None]:
@@ -194,16 +197,21 @@ class EdgeHooks:
 
         return hook
 
-    def _gradient_hooks(self, delta: Tensor, scores: Tensor) -> HookList:
+    def _gradient_hooks(self, delta: Tensor, scores: Tensor, source_rows: slice) -> HookList:
         graph = self.graph
         stash: dict[tuple[int, str], Tensor] = {}
+
+        def reads(group: ReceiverGroup) -> slice:
+            """The rows of ``source_rows`` that ``group`` has real edges from."""
+            return slice(source_rows.start, min(source_rows.stop, group.n_sources_read))
 
         def contract(group: ReceiverGroup, gradient: Tensor) -> None:
             # gradient: [batch, receivers in group, pos, d_model] (any strides); real edges only.
             b, n, p, d = gradient.shape
-            sources = delta[:, : group.n_sources_read].reshape(b, group.n_sources_read, p * d)
+            rows = reads(group)
+            sources = delta[:, rows].reshape(b, rows.stop - rows.start, p * d)
             update = torch.bmm(sources, gradient.reshape(b, n, p * d).transpose(1, 2))
-            scores[:, : group.n_sources_read, group.columns] += update
+            scores[:, rows, group.columns] += update
 
         def watch(on_gradient: Callable[[Tensor], None], keep_as: tuple[int, str] | None = None) -> Callable[..., Tensor]:
             # Return a fresh view so the gradient hook sees only the path behind this hook point.
@@ -219,16 +227,23 @@ class EdgeHooks:
         def residual_receiver(group: ReceiverGroup) -> Callable[[Tensor], None]:
             return lambda g: contract(group, g.to(self.dtype).unsqueeze(1))
 
+        def needed(group: ReceiverGroup) -> bool:
+            rows = reads(group)
+            return rows.stop > rows.start
+
         hooks: HookList = []
         for layer in range(graph.n_layers):
-            for proj in ("q", "k", "v"):
-                hooks.append((f"blocks.{layer}.attn.{proj}.hook_out",
-                              watch(lambda g, key=(layer, proj): stash.__setitem__(key, g))))
-            # ln1's input gradient arrives after all of q, k and v have their gradients.
-            on_attention = (lambda _, layer=layer:
-                            contract(graph.group("attn", layer), self._attention_receivers(layer, stash)))
-            hooks.append((f"blocks.{layer}.ln1.hook_in", watch(on_attention, keep_as=(layer, "x"))))
-            hooks.append((f"blocks.{layer}.ln2.hook_in", watch(residual_receiver(graph.group("mlp", layer)))))
+            attention = graph.group("attn", layer)
+            if needed(attention):
+                for proj in ("q", "k", "v"):
+                    hooks.append((f"blocks.{layer}.attn.{proj}.hook_out",
+                                  watch(lambda g, key=(layer, proj): stash.__setitem__(key, g))))
+                # ln1's input gradient arrives after all of q, k and v have their gradients.
+                on_attention = (lambda _, layer=layer, group=attention:
+                                contract(group, self._attention_receivers(layer, stash)))
+                hooks.append((f"blocks.{layer}.ln1.hook_in", watch(on_attention, keep_as=(layer, "x"))))
+            if needed(graph.group("mlp", layer)):
+                hooks.append((f"blocks.{layer}.ln2.hook_in", watch(residual_receiver(graph.group("mlp", layer)))))
         hooks.append((LOGITS_INPUT_HOOK, watch(residual_receiver(graph.group("logits")))))
         return hooks
 

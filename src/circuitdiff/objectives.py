@@ -12,20 +12,30 @@ helps. An objective that compares against the clean run's output sets the attrib
 clean_logits=...)``; the clean logits are detached.
 
 Objectives must be differentiable in ``logits`` and must not edit them in place.
+
+``attribute(objective=...)`` takes a callable or a name: the built-ins
+(``answer_nll``, ``logit_diff``, ``kl_to_clean``), names registered with
+``@register("name")`` on a class or function that takes no arguments and returns an
+objective, and names declared by installed packages in the entry-point group
+``circuitdiff.objectives`` (see ``docs/plugins.md``). :func:`available` lists them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from circuitdiff.data import IGNORE, Batch
-from circuitdiff.errors import DataError, ObjectiveError, UnknownNameError
+from circuitdiff.errors import DataError, ObjectiveError
+from circuitdiff.registry import Registry
 
-__all__ = ["Objective", "answer_nll", "logit_diff", "kl_to_clean", "resolve", "available", "evaluate", "name_of"]
+__all__ = [
+    "Objective", "answer_nll", "logit_diff", "kl_to_clean", "register", "resolve", "available", "registry",
+    "evaluate", "name_of",
+]
 
 
 class Objective(Protocol):
@@ -150,28 +160,24 @@ def kl_to_clean() -> KLToClean:
     return KLToClean()
 
 
-_BUILTINS: dict[str, Callable[[], Any]] = {
-    "answer_nll": answer_nll,
-    "logit_diff": logit_diff,
-    "kl_to_clean": kl_to_clean,
-}
+#: The objective registry: built-ins, ``@register("name")`` and entry points in the group
+#: ``circuitdiff.objectives`` (see :mod:`circuitdiff.registry`). A factory takes no
+#: arguments and returns an objective.
+registry = Registry(
+    "objective", "circuitdiff.objectives", hint=", or pass your own callable (see circuitdiff.objectives)"
+)
+register = registry.register
+available = registry.available
 
-
-def available() -> list[str]:
-    """Names accepted by :func:`resolve`."""
-    return sorted(_BUILTINS)
+register("answer_nll", answer_nll)
+register("logit_diff", logit_diff)
+register("kl_to_clean", kl_to_clean)
 
 
 def resolve(objective: str | Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """A callable objective from a name or a callable."""
+    """A callable objective from a registered name (:func:`available`) or a callable."""
     if isinstance(objective, str):
-        try:
-            return _BUILTINS[objective]()
-        except KeyError:
-            raise UnknownNameError(
-                f"unknown objective {objective!r}; available: {', '.join(available())}, "
-                "or pass your own callable (see circuitdiff.objectives)."
-            ) from None
+        return registry.get(objective)
     if not callable(objective):
         raise TypeError(f"objective must be a name or a callable, got {type(objective).__name__}.")
     return objective

@@ -7,30 +7,45 @@ A scorer has a ``name`` and a method
 
 returning float32 per-sample scores (structural zeros outside ``graph.edge_mask``),
 each estimating ``objective(edge ablated) - objective(clean)`` for its sample, and
-the clean per-sample objective values. Look one up with :func:`get`.
+the clean per-sample objective values. ``docs/plugins.md`` describes the protocol in
+full, with an example plugin.
+
+Scorers are looked up by name: :func:`get` (``get("eap")``, options go to the
+constructor), :func:`available`. Names come from the built-ins below, from
+``@register("name")`` on a scorer class or factory function, and from installed
+packages declaring an entry point in the group ``circuitdiff.scorers``
+(see :mod:`circuitdiff.registry`; built-in names win).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
-from circuitdiff.errors import UnknownNameError
+from circuitdiff.registry import Registry
 from circuitdiff.scorers.base import Scorer, ScoringContext
 from circuitdiff.scorers.eap import EAP
+from circuitdiff.scorers.eap_ig import EAPIGActivations, EAPIGInputs
+from circuitdiff.scorers.exact import Exact
 
-__all__ = ["Scorer", "ScoringContext", "EAP", "get", "available"]
+__all__ = [
+    "Scorer",
+    "ScoringContext",
+    "EAP",
+    "EAPIGInputs",
+    "EAPIGActivations",
+    "Exact",
+    "register",
+    "get",
+    "available",
+    "registry",
+]
 
-_REGISTRY: dict[str, Callable[[], Scorer]] = {"eap": EAP}
+#: The scorer registry; ``register``, ``get`` and ``available`` are its methods.
+registry = Registry("method", "circuitdiff.scorers", hint=", or pass a scorer object (see circuitdiff.scorers)")
+register = registry.register
+get = registry.get
+available = registry.available
 
-
-def available() -> list[str]:
-    """Names of the scorers :func:`get` knows."""
-    return sorted(_REGISTRY)
-
-
-def get(name: str) -> Scorer:
-    """A new scorer instance by name, e.g. ``get("eap")``."""
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise UnknownNameError(f"unknown method {name!r}; available: {', '.join(available())}.") from None
+# Built-ins: one line each.
+register("eap", EAP)
+register("eap-ig-inputs", EAPIGInputs)
+register("eap-ig-activations", EAPIGActivations)
+register("exact", Exact)

@@ -1,0 +1,239 @@
+"""Faithfulness: how much of the model's behaviour a circuit keeps.
+
+Evaluating a circuit means running the model with every real edge *outside* the
+circuit ablated (its receiver reads the source's replacement, given by the
+intervention) and every edge inside it intact. Three per-sample objective values
+result: ``clean`` (nothing ablated), ``ablated`` (every edge ablated: the empty
+circuit) and ``circuit``. The faithfulness of the circuit is
+
+    (mean L_circuit - mean L_ablated) / (mean L_clean - mean L_ablated)
+
+so the full graph scores 1 and the empty circuit 0 (method.md, section 4). With
+``intervention="patching"`` the empty circuit is the corrupted run.
+
+Each circuit costs ONE forward pass per batch (see :mod:`circuitdiff.ablation`); the
+clean and the all-ablated pass are run once per batch and shared by every circuit of
+a curve.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from circuitdiff.ablation import EdgeAblation
+from circuitdiff.attribution import checked_batches
+from circuitdiff.circuits import Circuit, greedy, sizes_for_curve, top_n
+from circuitdiff.data import Batch
+from circuitdiff.errors import DataError, UnknownNameError
+from circuitdiff.interventions import Intervention
+from circuitdiff.models import attribution_mode
+from circuitdiff.scorers.base import make_context
+from circuitdiff.scores import EdgeScores
+
+__all__ = ["CircuitEvaluation", "FaithfulnessCurve", "evaluate_circuit", "faithfulness_curve"]
+
+SELECTIONS: dict[str, Callable[..., Circuit]] = {"top_n": top_n, "greedy": greedy}
+
+
+def normalized(circuit: float, clean: float, ablated: float) -> float:
+    """``(circuit - ablated) / (clean - ablated)``; NaN when clean equals ablated."""
+    gap = clean - ablated
+    return (circuit - ablated) / gap if gap != 0 else math.nan
+
+
+@dataclass(frozen=True)
+class CircuitEvaluation:
+    """One circuit's objective values on a dataset (float64 ``[n_samples]`` tensors on CPU).
+
+    Attributes:
+        n_edges: edges in the circuit.
+        clean_losses: nothing ablated.
+        ablated_losses: every edge ablated (the empty circuit).
+        circuit_losses: every edge outside the circuit ablated.
+    """
+
+    n_edges: int
+    clean_losses: Float[Tensor, "n_samples"]
+    ablated_losses: Float[Tensor, "n_samples"]
+    circuit_losses: Float[Tensor, "n_samples"]
+
+    @property
+    def faithfulness(self) -> float:
+        """``(mean circuit - mean ablated) / (mean clean - mean ablated)``; NaN if clean == ablated."""
+        return normalized(self.circuit_losses.mean().item(), self.clean_losses.mean().item(),
+                          self.ablated_losses.mean().item())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Means and faithfulness as plain numbers (JSON-ready)."""
+        return {
+            "n_edges": self.n_edges,
+            "clean": self.clean_losses.mean().item(),
+            "ablated": self.ablated_losses.mean().item(),
+            "circuit": self.circuit_losses.mean().item(),
+            "faithfulness": self.faithfulness,
+            "n_samples": int(self.clean_losses.shape[0]),
+        }
+
+
+@dataclass(frozen=True)
+class FaithfulnessCurve:
+    """Faithfulness of circuits of growing size selected from one set of scores.
+
+    Attributes:
+        requested: the sizes asked for.
+        n_edges: edges actually in each circuit (pruning can remove some).
+        clean_losses: ``[n_samples]`` nothing ablated.
+        ablated_losses: ``[n_samples]`` every edge ablated.
+        circuit_losses: ``[n_points, n_samples]`` each circuit's values.
+        selection: how circuits were chosen (e.g. ``"top_n"``).
+    """
+
+    requested: list[int]
+    n_edges: list[int]
+    clean_losses: Float[Tensor, "n_samples"]
+    ablated_losses: Float[Tensor, "n_samples"]
+    circuit_losses: Float[Tensor, "n_points n_samples"]
+    selection: str
+
+    @property
+    def faithfulness(self) -> list[float]:
+        """Faithfulness of each circuit (see :func:`normalized`)."""
+        clean, ablated = self.clean_losses.mean().item(), self.ablated_losses.mean().item()
+        return [normalized(c, clean, ablated) for c in self.circuit_losses.mean(1).tolist()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Sizes, means and faithfulness as plain numbers (JSON-ready)."""
+        return {
+            "selection": self.selection,
+            "requested": list(self.requested),
+            "n_edges": list(self.n_edges),
+            "clean": self.clean_losses.mean().item(),
+            "ablated": self.ablated_losses.mean().item(),
+            "circuit": self.circuit_losses.mean(1).tolist(),
+            "faithfulness": self.faithfulness,
+            "n_samples": int(self.clean_losses.shape[0]),
+        }
+
+    def to_markdown(self) -> str:
+        """A table: edges, mean objective, faithfulness."""
+        lines = [f"clean {self.clean_losses.mean().item():.4g}, all edges ablated "
+                 f"{self.ablated_losses.mean().item():.4g} ({self.selection} circuits)", "",
+                 "| edges | objective | faithfulness |", "|---:|---:|---:|"]
+        for n, loss, f in zip(self.n_edges, self.circuit_losses.mean(1).tolist(), self.faithfulness):
+            lines.append(f"| {n} | {loss:.4g} | {f:.3f} |")
+        return "\n".join(lines)
+
+
+def evaluate_circuit(
+    model: Any,
+    circuit: Circuit,
+    batches: Iterable[Batch],
+    *,
+    objective: str | Callable[..., Tensor],
+    intervention: str | Intervention = "zero",
+    reference_batches: Iterable[Batch] | None = None,
+    progress: bool = True,
+) -> CircuitEvaluation:
+    """Run ``model`` with every edge outside ``circuit`` ablated; compare with clean and empty.
+
+    Args:
+        model: the TransformerBridge ``circuit.graph`` was built for.
+        circuit: the edges kept (e.g. ``cd.circuits.top_n(scores, 200)``).
+        batches, objective, intervention, reference_batches, progress: as in
+            :func:`circuitdiff.attribute`.
+
+    Returns:
+        :class:`CircuitEvaluation` (``.faithfulness``: 1 = the circuit does what the
+        model does, 0 = no better than ablating everything).
+    """
+    if not isinstance(circuit, Circuit):
+        raise TypeError(f"circuit must be a circuitdiff Circuit, got {type(circuit).__name__}.")
+    clean, ablated, losses = _evaluate(model, [circuit], batches, objective, intervention, reference_batches,
+                                       progress)
+    return CircuitEvaluation(circuit.n_edges, clean, ablated, losses[0])
+
+
+def faithfulness_curve(
+    model: Any,
+    scores: EdgeScores,
+    batches: Iterable[Batch],
+    *,
+    objective: str | Callable[..., Tensor],
+    intervention: str | Intervention = "zero",
+    sizes: Sequence[int] | None = None,
+    selection: str | Callable[[EdgeScores, int], Circuit] = "top_n",
+    reference_batches: Iterable[Batch] | None = None,
+    progress: bool = True,
+) -> FaithfulnessCurve:
+    """Faithfulness of circuits of each size in ``sizes``, selected from ``scores``.
+
+    Args:
+        model: the TransformerBridge ``scores.graph`` was built for.
+        scores: edge scores to select circuits from.
+        batches: evaluation data (one pass over it evaluates every size).
+        objective, intervention, reference_batches, progress: as in
+            :func:`circuitdiff.attribute`; usually the ones ``scores`` was computed with.
+        sizes: circuit sizes in edges; default :func:`~circuitdiff.circuits.sizes_for_curve`
+            (10 points, log-spaced, ending at every edge).
+        selection: ``"top_n"`` or ``"greedy"`` (by ``|score|``, pruned; see
+            :mod:`circuitdiff.circuits`), or a callable ``(scores, n) -> Circuit``.
+
+    Returns:
+        :class:`FaithfulnessCurve`; ``.to_markdown()`` prints it.
+    """
+    if not isinstance(scores, EdgeScores):
+        raise TypeError(f"scores must be EdgeScores, got {type(scores).__name__}.")
+    n_real = int(scores.graph.edge_mask.sum())
+    sizes = sizes_for_curve(n_real) if sizes is None else list(sizes)
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= n_real for n in sizes):
+        raise DataError(f"sizes must be a non-empty list of integers in [0, {n_real}] (the graph's edges); "
+                        f"got {sizes!r}.")
+    if isinstance(selection, str):
+        if selection not in SELECTIONS:
+            raise UnknownNameError(f"unknown selection {selection!r}; valid: {', '.join(SELECTIONS)}, "
+                                   "or a callable (scores, n) -> Circuit.")
+        select, selection_name = SELECTIONS[selection], selection
+    else:
+        select, selection_name = selection, getattr(selection, "__name__", type(selection).__name__)
+    circuits = [select(scores, n) for n in sizes]
+    clean, ablated, losses = _evaluate(model, circuits, batches, objective, intervention, reference_batches,
+                                       progress)
+    return FaithfulnessCurve(sizes, [c.n_edges for c in circuits], clean, ablated, losses, selection_name)
+
+
+def _evaluate(
+    model: Any,
+    circuits: list[Circuit],
+    batches: Iterable[Batch],
+    objective: str | Callable[..., Tensor],
+    intervention: str | Intervention,
+    reference_batches: Iterable[Batch] | None,
+    progress: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Clean ``[n]``, all-ablated ``[n]`` and per-circuit ``[k, n]`` losses over the samples."""
+    graph = circuits[0].graph
+    for circuit in circuits:
+        if circuit.graph != graph:
+            raise DataError("all circuits must belong to the same graph.")
+    context = make_context(model, graph, objective, intervention, reference_batches, progress)
+    clean, ablated, kept = [], [], []
+    with attribution_mode(model):
+        for index, batch in checked_batches(batches, context, f"faithfulness ({len(circuits)} circuits)"):
+            ablation = EdgeAblation(context, batch, index)
+            rows = torch.arange(batch.size)
+            everything = graph.edge_mask.expand(batch.size, -1, -1)
+            clean.append(ablation.clean_losses.double().cpu())
+            ablated.append(ablation.losses(rows, everything).double().cpu())
+            kept.append(torch.stack([
+                ablation.losses(rows, (graph.edge_mask & ~c.edges).expand(batch.size, -1, -1)).double().cpu()
+                for c in circuits
+            ]))
+    if not clean:
+        raise DataError("no batches given; evaluating a circuit needs at least one sample.")
+    return torch.cat(clean), torch.cat(ablated), torch.cat(kept, dim=1)
