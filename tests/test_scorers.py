@@ -194,3 +194,22 @@ def test_bad_options_are_refused(bad):
 def test_default_steps_are_set():
     assert EAPIGInputs().steps == EAPIGActivations().steps == 5
     assert cd.scorers.get("eap-ig-inputs", steps=7).steps == 7
+
+
+def test_one_edge_per_copy_refuses_several_edges(get_model):
+    """The fast path's fixed delta is only exact for single edges; it must not be misused silently."""
+    from circuitdiff.ablation import EdgeAblation
+    from circuitdiff.models import attribution_mode
+    from circuitdiff.scorers.base import make_context
+
+    model = get_model("gpt2")
+    graph = cd.AttributionGraph.from_model(model, level="layer")
+    batch = make_data(model)[1]
+    context = make_context(model, graph, "answer_nll", "zero", progress=False)
+    ablate = graph.edge_mask.expand(batch.size, -1, -1)
+    with attribution_mode(model):
+        general = EdgeAblation(context, batch, 0).losses(torch.arange(batch.size), ablate)
+        fast = EdgeAblation(context, batch, 0, one_edge_per_copy=True)
+        with pytest.raises(ValueError, match="one_edge_per_copy=False"):
+            fast.losses(torch.arange(batch.size), ablate)
+    assert torch.isfinite(general).all()

@@ -18,6 +18,10 @@ where it is read:
 Sources upstream of a receiver are recorded before it reads them, so ``delta`` always
 holds the current run's outputs: ablating a set of edges is exact, also when an
 ablated edge changes what later sources write (circuit evaluation).
+
+With one edge per copy (``one_edge_per_copy=True``, the ``exact`` scorer) nothing
+upstream of the ablated receiver changes, so ``delta`` is the clean one, recorded once
+per batch; the passes then record nothing and only the shifted copies are computed.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ if TYPE_CHECKING:  # scorers import this module
 
 __all__ = ["EdgeAblation"]
 
+#: ``(copies [active], shifts [active, receivers, pos, d_model])``
+Shifts = tuple[Int[Tensor, "active"], Float[Tensor, "active receivers pos d_model"]]
+
 
 class EdgeAblation:
     """Ablated forward passes over copies of one batch's samples.
@@ -51,20 +58,28 @@ class EdgeAblation:
             in :func:`circuitdiff.models.attribution_mode`.
         batch: the samples (on the model's device).
         batch_index: the batch's position in the dataset (for error messages).
+        one_edge_per_copy: promise that every copy ablates at most one edge (checked).
+            Then no source upstream of the ablated receiver has changed, so
+            ``delta = replacement - clean output`` is fixed: it is recorded once, in the
+            clean pass, and :meth:`losses` records nothing (faster; used by ``exact``).
     """
 
-    def __init__(self, context: ScoringContext, batch: Batch, batch_index: int) -> None:
+    def __init__(self, context: ScoringContext, batch: Batch, batch_index: int, *,
+                 one_edge_per_copy: bool = False) -> None:
         self.context = context
         self.batch = batch
         self.batch_index = batch_index
+        self.one_edge_per_copy = one_edge_per_copy
         hooks = context.hooks
-        replacement = hooks.new_delta(batch)
-        self.replaced = context.intervention.prefill(hooks, batch, replacement)
-        self.replacement = replacement if self.replaced else None
-        with torch.no_grad():
+        buffer = hooks.new_delta(batch)
+        replaced = context.intervention.prefill(hooks, batch, buffer)
+        record = ("subtract" if replaced else "negate") if one_edge_per_copy else None
+        with torch.no_grad(), context.model.hooks(fwd_hooks=hooks.hooks(buffer, batch.attention_mask, record)):
             self.clean_logits = context.model(batch.input_ids, attention_mask=batch.attention_mask)
         #: ``[batch]`` the objective on the clean run.
         self.clean_losses: Float[Tensor, "batch"] = evaluate(context.objective, self.clean_logits, batch, batch_index)
+        # one_edge_per_copy: the fixed delta; else the replacement (None: zero replacement)
+        self._buffer = buffer if one_edge_per_copy or replaced else None
 
     def losses(
         self,
@@ -85,33 +100,59 @@ class EdgeAblation:
             )
         rows = rows.to(self.batch.input_ids.device)
         copies = self.batch.select(rows)
-        if self.replacement is not None:
-            delta, record = self.replacement[rows], "subtract"
+        ablate = ablate.to(rows.device) & graph.edge_mask.to(rows.device)
+        if self.one_edge_per_copy:
+            if bool((ablate.flatten(1).sum(1) > 1).any()):
+                raise ValueError("this EdgeAblation was built with one_edge_per_copy=True, but a copy ablates "
+                                 "several edges; build it with one_edge_per_copy=False.")
+            fixed = self._buffer
+            recording: HookList = []
+
+            def read(active: Tensor, n: int) -> Tensor:
+                return fixed[rows[active], :n]
         else:
-            delta, record = hooks.new_delta(copies), "negate"
-        weights = (ablate.to(delta.device) & graph.edge_mask.to(delta.device)).to(delta.dtype)
-        with torch.no_grad(), context.model.hooks(
-            fwd_hooks=hooks.hooks(delta, copies.attention_mask, record) + self._receiver_hooks(delta, weights)
-        ):
+            if self._buffer is not None:
+                delta, record = self._buffer[rows], "subtract"
+            else:
+                delta, record = hooks.new_delta(copies), "negate"
+            recording = hooks.hooks(delta, copies.attention_mask, record)
+
+            def read(active: Tensor, n: int) -> Tensor:
+                return delta[active, :n]
+        weights = ablate.to(hooks.dtype)
+        with torch.no_grad(), context.model.hooks(fwd_hooks=recording + self._receiver_hooks(read, weights)):
             logits = context.model(copies.input_ids, attention_mask=copies.attention_mask)
         return evaluate(context.objective, logits, copies, self.batch_index, clean_logits=self.clean_logits[rows])
 
     # ------------------------------------------------------------------ hooks
-    def _receiver_hooks(self, delta: Tensor, weights: Tensor) -> HookList:
+    def _receiver_hooks(self, read: Callable[[Tensor, int], Tensor], weights: Tensor) -> HookList:
+        """Hooks shifting each receiver's input; ``read(copies, n)`` gives those copies' ``delta[:, :n]``."""
         graph = self.context.graph
 
-        def shifts(group: ReceiverGroup) -> Tensor | None:
-            """``[copies, receivers in group, pos, d_model]`` input shifts, or None if all zero."""
-            w = weights[:, : group.n_sources_read, group.columns]
-            if not bool(w.any()):
+        def shifts(group: ReceiverGroup, first: int = 0, count: int | None = None) -> Shifts | None:
+            """Input shifts of receivers ``first : first + count`` of ``group``, for the copies that have any.
+
+            Returns ``(copies [active], shifts [active, receivers, pos, d_model])``, or None.
+            Only those copies are computed: with one edge per copy (``exact``), each
+            copy is shifted at one receiver.
+            """
+            start = group.columns.start + first
+            stop = group.columns.stop if count is None else start + count
+            w = weights[:, : group.n_sources_read, start:stop]
+            active = w.flatten(1).any(1).nonzero().flatten()
+            if active.numel() == 0:
                 return None
-            c, n, p, d = delta.shape[0], group.n_sources_read, delta.shape[2], delta.shape[3]
-            return torch.bmm(w.transpose(1, 2), delta[:, :n].reshape(c, n, p * d)).view(c, -1, p, d)
+            delta = read(active, group.n_sources_read)
+            a, n, p, d = delta.shape
+            return active, torch.bmm(w[active].transpose(1, 2), delta.reshape(a, n, p * d)).view(a, -1, p, d)
 
         def shift_input(group: ReceiverGroup) -> Callable[[Tensor, Any], Tensor | None]:
             def hook(x: Tensor, hook: Any) -> Tensor | None:
-                s = shifts(group)
-                return None if s is None else x + s[:, 0].to(x.dtype)
+                found = shifts(group)
+                if found is None:
+                    return None
+                active, s = found
+                return x.index_add(0, active, s[:, 0].to(x.dtype))
             return hook
 
         hooks: HookList = []
@@ -121,32 +162,29 @@ class EdgeAblation:
         hooks.append((LOGITS_INPUT_HOOK, shift_input(graph.group("logits"))))
         return hooks
 
-    def _attention_hooks(self, layer: int, shifts: Callable[[ReceiverGroup], Tensor | None]) -> HookList:
+    def _attention_hooks(self, layer: int, shifts: Callable[..., Shifts | None]) -> HookList:
         graph, weights = self.context.graph, self.context.hooks.layers[layer]
+        group = graph.group("attn", layer)
         n_q, n_k, _ = graph.receivers_per_attention
         state: dict[str, Tensor] = {}
 
         def capture(x: Tensor, hook: Any) -> None:
-            state.clear()
-            s = shifts(graph.group("attn", layer))
-            if s is not None:
-                state["x"], state["shifts"] = x.detach(), s
+            state["x"] = x.detach()
 
-        def correct(weight: Tensor, start: int, count: int) -> Callable[[Tensor, Any], Tensor | None]:
+        def correct(weight: Tensor, first: int, count: int) -> Callable[[Tensor, Any], Tensor | None]:
             def hook(out: Tensor, hook: Any) -> Tensor | None:
                 # out: [copies, pos, heads of this projection, d_head]
-                if not state:
+                found = shifts(group, first, count)
+                if found is None:
                     return None
-                s = state["shifts"][:, start:start + count]  # [copies, receivers, pos, d_model]
-                if not bool(s.any()):
-                    return None
-                change = _norm_change(state["x"].to(s.dtype), s, weights.norm)
+                active, s = found  # s: [active, receivers, pos, d_model]
+                change = _norm_change(state["x"][active].to(s.dtype), s, weights.norm)
                 w = weight.to(s.dtype)  # [heads, d_head, d_model]
                 if graph.level == "head":
                     correction = torch.einsum("crpd,red->cpre", change, w)
                 else:
                     correction = torch.einsum("cpd,hed->cphe", change[:, 0], w)
-                return out + correction.to(out.dtype)
+                return out.index_add(0, active, correction.to(out.dtype))
             return hook
 
         return [

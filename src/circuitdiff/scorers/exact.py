@@ -6,7 +6,8 @@ that EAP and EAP-IG approximate. Many single-edge ablations share one forward pa
 (the batch axis holds copies of the samples, each with a different edge ablated; see
 :mod:`circuitdiff.ablation`), so a batch costs about
 ``batch * n_edges / edges_per_forward`` forward passes of ``edges_per_forward`` copies,
-and no backward pass. Practical for small models and layer-level graphs.
+plus one clean pass (and the intervention's), and no backward pass. Practical for
+small models and layer-level graphs.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ class Exact:
 
     Args:
         edges_per_forward: copies per forward pass (each a sample with one edge
-            ablated). Memory grows with it like a batch of that size plus a
-            ``[copies, n_sources, pos, d_model]`` float32 buffer.
+            ablated). Memory grows with it like a batch of that size (no gradients).
+            Larger is faster per edge while a forward pass is dominated by fixed
+            costs (small models, GPUs); see ``benchmarks/exact_batched.py``.
     """
 
     name = "exact"
@@ -43,7 +45,7 @@ class Exact:
     ) -> tuple[Float[Tensor, "batch n_sources n_receivers"], Float[Tensor, "batch"]]:
         """Every real edge of every sample ablated on its own; returns changes and clean losses."""
         graph = context.graph
-        ablation = EdgeAblation(context, batch, batch_index)
+        ablation = EdgeAblation(context, batch, batch_index, one_edge_per_copy=True)
         sources, receivers = torch.nonzero(graph.edge_mask, as_tuple=True)
         n_edges = sources.shape[0]
         samples = torch.arange(batch.size).repeat_interleave(n_edges)
