@@ -15,6 +15,8 @@ where it is read:
   output of the receiving head is corrected instead:
   ``q_h += (norm(x + shift_h) - norm(x)) @ W_Q[h]^T`` (the norm's bias cancels).
 
+Only the (copy, receiver) pairs with an ablated edge are computed.
+
 Sources upstream of a receiver are recorded before it reads them, so ``delta`` always
 holds the current run's outputs: ablating a set of edges is exact, also when an
 ablated edge changes what later sources write (circuit evaluation).
@@ -43,8 +45,8 @@ if TYPE_CHECKING:  # scorers import this module
 
 __all__ = ["EdgeAblation"]
 
-#: ``(copies [active], shifts [active, receivers, pos, d_model])``
-Shifts = tuple[Int[Tensor, "active"], Float[Tensor, "active receivers pos d_model"]]
+#: ``(copies [k], receivers [k], shifts [k, pos, d_model])``: one entry per shifted (copy, receiver)
+Shifts = tuple[Int[Tensor, "k"], Int[Tensor, "k"], Float[Tensor, "k pos d_model"]]
 
 
 class EdgeAblation:
@@ -130,29 +132,31 @@ class EdgeAblation:
         graph = self.context.graph
 
         def shifts(group: ReceiverGroup, first: int = 0, count: int | None = None) -> Shifts | None:
-            """Input shifts of receivers ``first : first + count`` of ``group``, for the copies that have any.
+            """Input shifts of receivers ``first : first + count`` of ``group``, where nonzero.
 
-            Returns ``(copies [active], shifts [active, receivers, pos, d_model])``, or None.
-            Only those copies are computed: with one edge per copy (``exact``), each
-            copy is shifted at one receiver.
+            Returns ``(copies [k], receivers [k], shifts [k, pos, d_model])`` for the k
+            (copy, receiver) pairs with an ablated edge, or None. Only those pairs are
+            computed: with one edge per copy (``exact``) there is one pair per copy.
             """
             start = group.columns.start + first
             stop = group.columns.stop if count is None else start + count
-            w = weights[:, : group.n_sources_read, start:stop]
-            active = w.flatten(1).any(1).nonzero().flatten()
-            if active.numel() == 0:
+            w = weights[:, : group.n_sources_read, start:stop]  # [copies, sources read, receivers]
+            pairs = w.any(1).nonzero()
+            if pairs.shape[0] == 0:
                 return None
-            delta = read(active, group.n_sources_read)
-            a, n, p, d = delta.shape
-            return active, torch.bmm(w[active].transpose(1, 2), delta.reshape(a, n, p * d)).view(a, -1, p, d)
+            copies, receivers = pairs.unbind(1)
+            delta = read(copies, group.n_sources_read)  # [k, sources read, pos, d_model]
+            k, n, p, d = delta.shape
+            shift = torch.bmm(w[copies, :, receivers].unsqueeze(1), delta.reshape(k, n, p * d))
+            return copies, receivers, shift.view(k, p, d)
 
         def shift_input(group: ReceiverGroup) -> Callable[[Tensor, Any], Tensor | None]:
             def hook(x: Tensor, hook: Any) -> Tensor | None:
                 found = shifts(group)
                 if found is None:
                     return None
-                active, s = found
-                return x.index_add(0, active, s[:, 0].to(x.dtype))
+                copies, _, shift = found  # one receiver per copy here
+                return x.index_add(0, copies, shift.to(x.dtype))
             return hook
 
         hooks: HookList = []
@@ -177,14 +181,16 @@ class EdgeAblation:
                 found = shifts(group, first, count)
                 if found is None:
                     return None
-                active, s = found  # s: [active, receivers, pos, d_model]
-                change = _norm_change(state["x"][active].to(s.dtype), s, weights.norm)
-                w = weight.to(s.dtype)  # [heads, d_head, d_model]
-                if graph.level == "head":
-                    correction = torch.einsum("crpd,red->cpre", change, w)
-                else:
-                    correction = torch.einsum("cpd,hed->cphe", change[:, 0], w)
-                return out.index_add(0, active, correction.to(out.dtype))
+                copies, receivers, shift = found
+                change = _norm_change(state["x"][copies].to(shift.dtype), shift, weights.norm)  # [k, pos, d_model]
+                w = weight.to(shift.dtype)  # [heads, d_head, d_model]
+                if graph.level == "layer":  # the projection's only receiver feeds every head
+                    return out.index_add(0, copies, torch.einsum("kpd,hed->kphe", change, w).to(out.dtype))
+                # head level: receiver r is head r of this projection
+                c, p, h, e = out.shape
+                correction = torch.einsum("kpd,ked->kpe", change, w[receivers])
+                extra = out.new_zeros(c * h, p, e).index_add(0, copies * h + receivers, correction.to(out.dtype))
+                return out + extra.view(c, h, p, e).transpose(1, 2)
             return hook
 
         return [
@@ -196,15 +202,15 @@ class EdgeAblation:
 
 
 def _norm_change(
-    x: Float[Tensor, "copies pos d_model"],
-    shifts: Float[Tensor, "copies receivers pos d_model"],
+    x: Float[Tensor, "k pos d_model"],
+    shift: Float[Tensor, "k pos d_model"],
     norm: NormParams,
-) -> Float[Tensor, "copies receivers pos d_model"]:
-    """``norm(x + shift) - norm(x)`` for each receiver's shift (the norm's bias cancels)."""
+) -> Float[Tensor, "k pos d_model"]:
+    """``norm(x + shift) - norm(x)`` (the norm's bias cancels)."""
 
     def normalized(y: Tensor) -> Tensor:
         if not norm.rms:
             y = y - y.mean(-1, keepdim=True)
         return y / (y.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
 
-    return norm.weight.to(x.device, x.dtype) * (normalized(x.unsqueeze(1) + shifts) - normalized(x).unsqueeze(1))
+    return norm.weight.to(x.device, x.dtype) * (normalized(x + shift) - normalized(x))
