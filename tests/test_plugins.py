@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import circuitdiff as cd
-from circuitdiff.registry import DuplicateNameError, PluginLoadError, Registry
+from circuitdiff import DuplicateNameError, PluginLoadError
+from circuitdiff.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "plugin_example"

@@ -31,3 +31,11 @@ class UnknownNameError(CircuitDiffError, ValueError):
 
 class FileFormatError(CircuitDiffError, ValueError):
     """A scores file is corrupt, tampered with, or of an unsupported format version."""
+
+
+class DuplicateNameError(CircuitDiffError, ValueError):
+    """A scorer or objective name is registered twice (pass ``replace=True`` to override on purpose)."""
+
+
+class PluginLoadError(CircuitDiffError, ImportError):
+    """A plugin's entry point could not be imported; the original exception is chained."""

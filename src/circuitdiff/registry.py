@@ -20,19 +20,11 @@ import warnings
 from importlib import metadata
 from typing import Any, Callable, TypeVar, overload
 
-from circuitdiff.errors import CircuitDiffError, UnknownNameError
+from circuitdiff.errors import DuplicateNameError, PluginLoadError, UnknownNameError
 
-__all__ = ["Registry", "DuplicateNameError", "PluginLoadError"]
+__all__ = ["Registry"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class DuplicateNameError(CircuitDiffError, ValueError):
-    """A name is registered twice (pass ``replace=True`` to override on purpose)."""
-
-
-class PluginLoadError(CircuitDiffError, ImportError):
-    """An entry point could not be imported; the original exception is chained."""
 
 
 class Registry:
