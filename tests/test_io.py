@@ -119,3 +119,21 @@ def test_edge_views(scores):
     assert abs(value) == values.abs().max().item()
     assert name in scores.edge_names()
     assert "eap" in repr(scores) and "per-sample" in repr(scores)
+
+
+def test_memory_mapped_load_equals_normal_load(tmp_path):
+    graph = cd.AttributionGraph(2, 4, 2)
+    per_sample = torch.randn(7, graph.n_sources, graph.n_receivers) * graph.edge_mask
+    scores = cd.EdgeScores(graph=graph, mean=per_sample.mean(0), per_sample=per_sample,
+                           objective_values=torch.arange(7.0), metadata={"method": "eap"})
+    path = tmp_path / "run.cdiff"
+    scores.save(path)
+    mapped = cd.EdgeScores.load(path, mmap=True)
+    assert torch.equal(mapped.per_sample, per_sample) and torch.equal(mapped.mean, scores.mean)
+    mapped.per_sample[0] += 1.0  # copy-on-write: the file is not changed
+    assert torch.equal(cd.EdgeScores.load(path).per_sample, per_sample)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # inside the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(cd.FileFormatError, match="checksum"):
+        cd.EdgeScores.load(path, mmap=True)

@@ -15,11 +15,12 @@ oriented as losses: positive means the edge helps.
 
 from importlib import metadata as _metadata
 
-from circuitdiff import circuits, faithfulness, interventions, objectives, scorers
+from circuitdiff import circuits, faithfulness, interventions, metrics, objectives, scorers
 from circuitdiff.acdc import ACDCResult, acdc
 from circuitdiff.agreement import Agreement, agreement
 from circuitdiff.attribution import attribute
 from circuitdiff.circuits import Circuit
+from circuitdiff.comparison import Comparison, compare
 from circuitdiff.data import IGNORE, Batch, make_batches
 from circuitdiff.errors import (
     CircuitDiffError,
@@ -48,6 +49,7 @@ __all__ = [
     "Batch",
     "Circuit",
     "CircuitDiffError",
+    "Comparison",
     "DataError",
     "DuplicateNameError",
     "EdgeScores",
@@ -63,6 +65,7 @@ __all__ = [
     "agreement",
     "attribute",
     "circuits",
+    "compare",
     "describe_model",
     "evaluate_circuit",
     "faithfulness",
@@ -70,6 +73,7 @@ __all__ = [
     "interventions",
     "load_model",
     "make_batches",
+    "metrics",
     "objectives",
     "scorers",
 ]

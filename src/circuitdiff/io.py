@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -29,16 +30,33 @@ __all__ = ["FORMAT_VERSION", "save_scores", "load_scores"]
 #: Version of the file layout this library writes; it reads this and older ones.
 FORMAT_VERSION = 1
 _KEY = "circuitdiff"
+_HASH_BLOCK = 1 << 26  # bytes hashed at a time
 
 
 def _checksum(tensors: dict[str, Tensor], described: dict) -> str:
-    """SHA-256 over the JSON description (graph, metadata) and every tensor's bytes."""
+    """SHA-256 over the JSON description (graph, metadata) and every tensor's bytes.
+
+    Bytes are hashed in blocks, so a memory-mapped tensor is never copied whole.
+    """
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        data = t.reshape(-1).view(torch.uint8)
+        for start in range(0, data.numel(), _HASH_BLOCK):
+            digest.update(data[start:start + _HASH_BLOCK].numpy())
     return digest.hexdigest()
+
+
+def _memory_mapped(path: Path, name: str) -> Tensor:
+    """Tensor ``name`` of a safetensors file as a copy-on-write memory map (read on demand)."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(header_size))[name]
+    dtype = {"F32": np.float32, "F64": np.float64, "F16": np.float16}[entry["dtype"]]
+    begin, _ = entry["data_offsets"]
+    array = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_size + begin, shape=tuple(entry["shape"]))
+    return torch.from_numpy(array)
 
 
 def save_scores(scores: EdgeScores, path: str | os.PathLike[str]) -> None:
@@ -61,8 +79,14 @@ def save_scores(scores: EdgeScores, path: str | os.PathLike[str]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_scores(path: str | os.PathLike[str]) -> EdgeScores:
+def load_scores(path: str | os.PathLike[str], mmap: bool = False) -> EdgeScores:
     """Read a ``.cdiff`` file.
+
+    With ``mmap=True`` the per-sample scores are memory-mapped instead of read: the
+    operating system pages them in as they are used (e.g. chunk by chunk by
+    :mod:`circuitdiff.metrics`), so files larger than RAM can be analysed. Changing
+    the tensor in memory never writes to the file. The checksum is still verified
+    (one streaming read of the file).
 
     Raises:
         FileNotFoundError: no such file.
@@ -75,7 +99,8 @@ def load_scores(path: str | os.PathLike[str]) -> EdgeScores:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(_KEY)
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            lazy = {"per_sample"} if mmap else set()
+            tensors = {name: _memory_mapped(path, name) if name in lazy else f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise FileFormatError(f"{str(path)!r} is not a readable safetensors file ({exc}); it may be truncated.") from exc
     if raw is None:

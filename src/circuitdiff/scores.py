@@ -103,11 +103,15 @@ class EdgeScores:
         save_scores(self, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "EdgeScores":
-        """Read a file written by :meth:`save`; verifies format version and checksum."""
+    def load(cls, path: str | os.PathLike[str], mmap: bool = False) -> "EdgeScores":
+        """Read a file written by :meth:`save`; verifies format version and checksum.
+
+        ``mmap=True`` memory-maps the per-sample scores instead of reading them (for
+        files larger than RAM; see :func:`circuitdiff.io.load_scores`).
+        """
         from circuitdiff.io import load_scores
 
-        return load_scores(path)
+        return load_scores(path, mmap=mmap)
 
     def __repr__(self) -> str:
         kind = "per-sample" if self.per_sample is not None else "mean only"

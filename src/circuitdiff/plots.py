@@ -1,0 +1,190 @@
+"""Figures of a :class:`~circuitdiff.comparison.Comparison` (the paper's Fig. 2 and 3).
+
+Needs matplotlib: ``pip install "circuitdiff[plot]"``. Figures are drawn on a
+``matplotlib.figure.Figure`` with its own Agg canvas, so pyplot, its figure registry and
+the backend you use elsewhere are left untouched.
+
+Usage::
+
+    from circuitdiff.plots import plot_comparison
+
+    paths = plot_comparison(cd.compare(base, tuned), "figures", prefix="gsm8k_")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from circuitdiff.comparison import Comparison
+
+__all__ = ["plot_comparison", "plot_relative_change", "plot_node_entropy", "plot_diversity", "plot_histograms"]
+
+#: Axes with more nodes than this are labelled by node index instead of node name.
+MAX_TICK_LABELS = 60
+#: The heatmap's colours saturate at this percentile of the finite ``|relative change|``.
+CLIP_PERCENTILE = 99
+COLORS = {"base": "tab:blue", "tuned": "tab:orange"}
+
+
+def plot_comparison(
+    comparison: Comparison, directory: str | os.PathLike[str], *, prefix: str = "", dpi: int = 120
+) -> dict[str, Path]:
+    """Write the four figures of ``comparison`` as PNG files into ``directory`` (created if missing).
+
+    Returns ``{"relative_change", "node_entropy", "diversity", "histograms"}`` -> path of
+    ``{directory}/{prefix}{name}.png``; see the ``plot_*`` functions for what each shows.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "relative_change": plot_relative_change,
+        "node_entropy": plot_node_entropy,
+        "diversity": plot_diversity,
+        "histograms": plot_histograms,
+    }
+    return {name: plot(comparison, directory / f"{prefix}{name}.png", dpi=dpi) for name, plot in plots.items()}
+
+
+def plot_relative_change(comparison: Comparison, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
+    """Heatmap of each edge's relative change ``(|tuned mean| - |base mean|) / |base mean|`` (Fig. 2).
+
+    Sources are rows (y), receivers columns (x). The diverging colours are centred at 0
+    (red: the edge got stronger, blue: weaker) and clipped at ``L``, the 99th percentile
+    of the finite ``|relative change|``, so a few huge ratios do not wash out the rest;
+    larger (and infinite) values saturate. A change cannot go below -1 (the edge
+    vanished), so the blue half spans ``[-min(1, L), 0]`` and the red half ``[0, L]``.
+    Cells without a value (not an edge, or a base mean of 0) are grey. Axes show node
+    names when there are at most ``MAX_TICK_LABELS``.
+    """
+    graph = comparison.graph
+    values = comparison.relative_change.cpu().numpy()
+    finite = np.abs(values[np.isfinite(values)])
+    limit = float(np.percentile(finite, CLIP_PERCENTILE)) if finite.size else 0.0
+    limit = limit if limit > 0 else 1.0
+    low = -min(1.0, limit)
+    n_rows, n_cols = values.shape
+    figure = _figure((min(max(6.0, 0.2 * n_cols + 3), 20.0), min(max(4.5, 0.2 * n_rows + 2), 20.0)))
+    from matplotlib.colors import TwoSlopeNorm  # after _figure, which explains a missing matplotlib
+
+    ax = figure.add_subplot()
+    ax.set_facecolor("0.8")  # NaN cells are drawn transparent: this grey shows through
+    image = ax.imshow(np.clip(values, low, limit), cmap="RdBu_r", norm=TwoSlopeNorm(0.0, low, limit),
+                      aspect="auto", interpolation="nearest")
+    figure.colorbar(image, ax=ax, label=f"relative change of |mean score| (clipped to [{low:.3g}, {limit:.3g}])")
+    if n_cols <= MAX_TICK_LABELS:
+        ax.set_xticks(range(n_cols), graph.receivers, rotation=90, fontsize=7)
+    if n_rows <= MAX_TICK_LABELS:
+        ax.set_yticks(range(n_rows), graph.sources, fontsize=7)
+    ax.set_xlabel("receiver")
+    ax.set_ylabel("source")
+    ax.set_title(_title(comparison, f"Per-edge relative change, {graph.level} level"))
+    return _save(figure, path, dpi)
+
+
+def plot_node_entropy(comparison: Comparison, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
+    """Each source node's output-edge entropy, base and tuned, in node order (Fig. 3b).
+
+    One point per model and node (base left, tuned right), joined by a grey line so the
+    change of every node reads directly; higher entropy means the node spreads its
+    influence over more of its outgoing edges. Sources without a value (no edge, or all
+    scores 0) are not drawn. Node names label the x axis up to ``MAX_TICK_LABELS`` nodes.
+    """
+    sources = comparison.graph.sources
+    base, tuned = comparison.node_entropy["base"], comparison.node_entropy["tuned"]
+    x = np.arange(len(sources))
+    figure = _figure((min(max(6.0, 0.15 * len(sources) + 2), 20.0), 4.5))
+    ax = figure.add_subplot()
+    few = len(sources) <= MAX_TICK_LABELS
+    ax.plot(np.stack([x - 0.2, x + 0.2]), np.stack([base, tuned]), color="0.7", linewidth=1)
+    for side, offset, values in (("base", -0.2, base), ("tuned", 0.2, tuned)):
+        ax.plot(x + offset, values, "o", markersize=4 if few else 1.5, color=COLORS[side],
+                label=f"{side} (mean {_mean(values):.3g})")
+    if few:
+        ax.set_xticks(x, sources, rotation=90, fontsize=7)
+    ax.set_xlabel("source node")
+    ax.set_ylabel("output-edge entropy (nats)")
+    ax.legend()
+    ax.set_title(_title(comparison, "Node entropy"))
+    return _save(figure, path, dpi)
+
+
+def plot_diversity(comparison: Comparison, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
+    """Histograms of the per-sample diversity of both models, on shared bins, means dashed (Fig. 3a).
+
+    A sample's diversity is 1 - its mean Pearson correlation with the other samples'
+    score matrices: how different the edges it uses are from the rest. Samples where it
+    is undefined (constant scores) are left out; the legend gives the count and mean.
+    """
+    values = {side: comparison.per_sample[side]["diversity"] for side in COLORS}
+    values = {side: v[np.isfinite(v)] for side, v in values.items()}
+    bins = np.histogram_bin_edges(np.concatenate(list(values.values())), bins="auto")
+    figure = _figure((6.5, 4.5))
+    ax = figure.add_subplot()
+    for side, v in values.items():
+        mean = _mean(v)
+        ax.hist(v, bins=bins, histtype="stepfilled", alpha=0.4, color=COLORS[side],
+                label=f"{side} (n={v.size}, mean {mean:.3g})")
+        if v.size:
+            ax.axvline(mean, color=COLORS[side], linestyle="--")
+    ax.set_xlabel("per-sample diversity (1 - mean correlation)")
+    ax.set_ylabel("samples")
+    ax.legend()
+    ax.set_title(_title(comparison, "Per-sample diversity"))
+    return _save(figure, path, dpi)
+
+
+def plot_histograms(comparison: Comparison, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
+    """Histograms of ``|score|`` pooled over samples and edges, both models on the shared bins.
+
+    These are the distributions whose entropies are the information complexity; the
+    y axis is logarithmic so the sparse tail of large scores shows next to the mass
+    near 0. Units are those of the objective.
+    """
+    figure = _figure((6.5, 4.5))
+    ax = figure.add_subplot()
+    for side, color in COLORS.items():
+        counts = comparison.histograms[side]
+        ax.stairs(counts, comparison.bin_edges, color=color, linewidth=1.5, label=f"{side} ({counts.sum():.0f} scores)")
+    ax.set_yscale("log")
+    ax.set_xlabel("|edge score|")
+    ax.set_ylabel("count")
+    ax.legend()
+    ax.set_title(_title(comparison, "Edge-score magnitudes"))
+    return _save(figure, path, dpi)
+
+
+# ---------------------------------------------------------------------- helpers
+def _figure(size: tuple[float, float]) -> Any:
+    """A Figure on its own Agg canvas (no pyplot), or the ImportError that says what to install."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError('plots need matplotlib: pip install "circuitdiff[plot]"') from error
+    figure = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _title(comparison: Comparison, what: str) -> str:
+    """``what``, then the two model ids when the scores' metadata has them."""
+    base, tuned = (comparison.settings.get(side, {}).get("model_id") for side in ("base", "tuned"))
+    if base or tuned:
+        return f"{what}\nbase: {base or 'unnamed'}  vs  tuned: {tuned or 'unnamed'}"
+    return what
+
+
+def _mean(values: np.ndarray) -> float:
+    """Mean of the finite values; NaN (without a warning) when there are none."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def _save(figure: Any, path: str | os.PathLike[str], dpi: int) -> Path:
+    path = Path(path)
+    figure.savefig(path, dpi=dpi)
+    return path

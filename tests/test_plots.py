@@ -1,0 +1,97 @@
+"""circuitdiff.plots: the four comparison figures render headless into valid, non-blank PNGs."""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib.image import imread
+
+import circuitdiff as cd
+from circuitdiff import plots
+from circuitdiff.comparison import Comparison, compare
+
+NAMES = ("relative_change", "node_entropy", "diversity", "histograms")
+PLOT_FUNCTIONS = (plots.plot_relative_change, plots.plot_node_entropy, plots.plot_diversity, plots.plot_histograms)
+
+
+def make_comparison(graph: cd.AttributionGraph, n_samples: int = 20) -> Comparison:
+    """Random base scores; the tuned model doubles them and adds noise."""
+    base = torch.randn(n_samples, graph.n_sources, graph.n_receivers) * graph.edge_mask
+    tuned = (2 * base + torch.randn_like(base)) * graph.edge_mask
+
+    def scores(per_sample: torch.Tensor, model_id: str) -> cd.EdgeScores:
+        return cd.EdgeScores(graph=graph, mean=per_sample.mean(0), per_sample=per_sample,
+                             objective_values=torch.zeros(n_samples), metadata={"model_id": model_id})
+
+    return compare(scores(base, "tiny-base"), scores(tuned, "tiny-rl"), breakdown=False, n_resamples=100)
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 5_000
+    assert imread(path).std() > 0  # not one flat colour
+
+
+@pytest.mark.parametrize("graph", [
+    cd.AttributionGraph(2, 4, level="head"),
+    cd.AttributionGraph(3, 4, level="layer"),
+    cd.AttributionGraph(4, 16, 4, level="head"),  # too many nodes for name labels
+], ids=["head", "layer", "head-large"])
+def test_plot_comparison_writes_four_pngs(tmp_path, graph):
+    directory = tmp_path / "figures" / "run"  # does not exist yet
+    paths = plots.plot_comparison(make_comparison(graph), directory, prefix="gsm8k_", dpi=80)
+    assert list(paths) == list(NAMES)
+    for name, path in paths.items():
+        assert path == directory / f"gsm8k_{name}.png"
+        assert_png(path)
+
+
+@pytest.mark.parametrize("plot", PLOT_FUNCTIONS, ids=NAMES)
+def test_each_figure_function_returns_its_path(tmp_path, plot):
+    path = plot(make_comparison(cd.AttributionGraph(2, 4, level="head")), str(tmp_path / "figure.png"))
+    assert path == tmp_path / "figure.png"
+    assert_png(path)
+
+
+@pytest.mark.parametrize("level", ["head", "layer"])
+def test_non_finite_relative_changes(tmp_path, level):
+    comparison = make_comparison(cd.AttributionGraph(2, 4, level=level))
+    rows, cols = torch.nonzero(comparison.graph.edge_mask, as_tuple=True)
+    for i, value in enumerate([math.inf, -math.inf, math.nan, 1e12]):
+        comparison.relative_change[rows[i], cols[i]] = value
+    for path in plots.plot_comparison(comparison, tmp_path / "some").values():
+        assert_png(path)
+    undefined = dataclasses.replace(comparison, relative_change=torch.full_like(comparison.relative_change, math.nan))
+    assert_png(plots.plot_relative_change(undefined, tmp_path / "all_nan.png"))
+
+
+def test_titles_name_the_models():
+    comparison = make_comparison(cd.AttributionGraph(1, 2, level="layer"))
+    assert "base: tiny-base  vs  tuned: tiny-rl" in plots._title(comparison, "Node entropy")
+    comparison.settings["tuned"] = {}
+    assert "tuned: unnamed" in plots._title(comparison, "Node entropy")
+    comparison.settings["base"] = {}
+    assert plots._title(comparison, "Node entropy") == "Node entropy"
+
+
+def test_missing_matplotlib_says_what_to_install(tmp_path, monkeypatch):
+    comparison = make_comparison(cd.AttributionGraph(1, 2, level="layer"))
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    for plot in (plots.plot_comparison, *PLOT_FUNCTIONS):
+        with pytest.raises(ImportError) as error:
+            plot(comparison, tmp_path / "figure.png")
+        assert str(error.value) == 'plots need matplotlib: pip install "circuitdiff[plot]"'
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]
