@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--no-breakdown", action="store_true")
-    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: circuitdiff's own choice")
     args = parser.parse_args()
 
     graph = cd.AttributionGraph(args.layers, args.heads, args.kv_heads, level="head")

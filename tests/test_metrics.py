@@ -220,6 +220,8 @@ def test_needs_per_sample_scores(graph):
         compare(no_samples, x)
     with pytest.raises(cd.DataError, match="bins must be"):
         compare(x, x, bins=0)
+    with pytest.raises(cd.DataError, match="chunk_size must be"):
+        compare(x, x, chunk_size=0)
 
 
 def test_outputs(graph, tmp_path):
@@ -236,3 +238,19 @@ def test_outputs(graph, tmp_path):
     assert "| intensity |" in table and "**receiver:q**" in table and "+50.0%" in table
     with pytest.raises(KeyError, match="groups"):
         result.get("intensity", "nope")
+
+
+def test_resampled_histogram_sums_equal_indexing():
+    from circuitdiff.comparison import _resampled_sum
+
+    rng = np.random.default_rng(0)
+    histograms = rng.integers(0, 9, size=(7, 5)).astype(float)
+    index = rng.integers(0, 7, size=(3, 4, 7)).astype(float)  # resamples with repeats, two leading axes
+    np.testing.assert_array_equal(_resampled_sum(histograms, index), histograms[index.astype(int)].sum(-2))
+
+
+def test_entropy_interval_brackets_a_real_change(graph):
+    x = random_scores(graph, n=40, seed=4)
+    spread = scores_from(graph, x.per_sample * torch.linspace(0.5, 1.5, x.per_sample.shape[-1], dtype=torch.float64))
+    row = compare(x, spread, n_resamples=500, breakdown=False).get("information_complexity")
+    assert row.ci_low <= row.difference <= row.ci_high and row.ci_low < row.ci_high

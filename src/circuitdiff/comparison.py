@@ -176,7 +176,7 @@ def compare(
     confidence: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
-    chunk_size: int = metrics.DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> Comparison:
     """Compare two models' edge scores metric by metric, with intervals and tests.
 
@@ -192,7 +192,8 @@ def compare(
         bins: histogram bins for information complexity, shared by both models.
         top_k: edges in the top-k Jaccard overlap (capped at each group's size).
         confidence, n_resamples, seed: of the bootstrap intervals.
-        chunk_size: samples read at a time (see :mod:`circuitdiff.metrics`, Memory).
+        chunk_size: samples read at a time; default: about 1M scores (see
+            :mod:`circuitdiff.metrics`, Memory).
 
     Returns:
         :class:`Comparison`; ``print(result.to_markdown())``.
@@ -320,10 +321,18 @@ def _bootstrap_pooled_entropy(hb: np.ndarray, ht: np.ndarray, paired: bool, conf
         return -(p * np.log(np.where(p > 0, p, 1))).sum(-1)
 
     def statistic(i, j, axis=-1):
-        return entropy(ht[j.astype(int)].sum(-2)) - entropy(hb[i.astype(int)].sum(-2))
+        return entropy(_resampled_sum(ht, j)) - entropy(_resampled_sum(hb, i))
 
     ib, it = np.arange(hb.shape[0], dtype=float), np.arange(ht.shape[0], dtype=float)
     return _interval((ib, it), statistic, paired, confidence, n_resamples, rng)
+
+
+def _resampled_sum(histograms: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``histograms[index].sum(-2)`` for resample indices ``[..., n]``, without the ``[..., n, bins]`` temporary."""
+    rows = index.reshape(-1, index.shape[-1]).astype(int)
+    counts = np.zeros((rows.shape[0], histograms.shape[0]))
+    np.add.at(counts, (np.arange(rows.shape[0])[:, None], rows), 1.0)
+    return (counts @ histograms).reshape(*index.shape[:-1], histograms.shape[1])
 
 
 def _test(x: np.ndarray, y: np.ndarray, paired: bool) -> tuple[str, float, float]:

@@ -28,8 +28,9 @@ values, so bootstrap intervals and paired tests use the per-sample values direct
 Samples where a metric is undefined (all-zero or constant scores) give NaN and are left
 out of its mean, with the count reported.
 
-**Memory.** Scores are read in chunks of ``chunk_size`` samples (default 16): the
-temporaries are ``O(chunk_size * n_cells)`` float64 (Gini sorts each sample). Across
+**Memory.** Scores are read in chunks of ``chunk_size`` samples (default: as many as
+make ``CHUNK_VALUES`` = 1M values, at least one): the temporaries are
+``O(chunk_size * n_cells)`` float64 (Gini sorts each sample). Across
 chunks only ``O(n_cells)`` running sums per edge group (for diversity), an
 ``[n_samples, bins]`` histogram and a few numbers per sample are kept. Diversity and the
 histograms need a second pass over the chunks, so sources must be re-readable.
@@ -53,6 +54,7 @@ from circuitdiff.scores import EdgeScores
 __all__ = [
     "PER_SAMPLE_METRICS",
     "DEFAULT_BINS",
+    "CHUNK_VALUES",
     "Profile",
     "edge_groups",
     "excess_kurtosis",
@@ -74,7 +76,8 @@ __all__ = [
 PER_SAMPLE_METRICS = ("intensity", "information_complexity", "kurtosis", "diversity", "node_entropy", "gini",
                       "effective_edges")
 DEFAULT_BINS = 100
-DEFAULT_CHUNK = 16
+#: Values (cells x samples) read at a time when ``chunk_size`` is None: 8 MiB of float64.
+CHUNK_VALUES = 1 << 20
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -233,12 +236,17 @@ class _Layout:
         position[self.flat] = torch.arange(self.flat.numel())
         self.columns = {g: position[torch.nonzero(cells.flatten()).flatten()] for g, cells in groups.items()}
 
-    def chunks(self, scores: EdgeScores, chunk_size: int) -> Iterator[dict[str, Tensor]]:
-        """For each chunk of samples, ``{group: [samples, cells] float64}``."""
+    def chunks(self, scores: EdgeScores, chunk_size: int | None) -> Iterator[tuple[slice, Iterator[tuple[str, Tensor]]]]:
+        """For each chunk of samples: its rows, and the pairs ``(group, [samples, cells] float64)``, one at a time."""
+        if chunk_size is None:
+            chunk_size = max(1, CHUNK_VALUES // max(self.flat.numel(), 1))
+        elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise DataError(f"chunk_size must be a positive integer or None; got {chunk_size!r}.")
         for start in range(0, scores.n_samples, chunk_size):
             chunk = scores.per_sample[start:start + chunk_size]  # type: ignore[index]
             values = chunk.reshape(chunk.shape[0], -1).index_select(1, self.flat).double()
-            yield {g: values.index_select(1, columns) for g, columns in self.columns.items()}
+            rows = slice(start, start + chunk.shape[0])
+            yield rows, ((g, values.index_select(1, columns)) for g, columns in self.columns.items())
 
 
 def require_per_sample(scores: EdgeScores, caller: str) -> None:
@@ -258,11 +266,11 @@ def check_bins(bins: object) -> None:
         raise DataError(f"bins must be a positive integer; got {bins!r}.")
 
 
-def largest_magnitude(scores: EdgeScores, groups: dict[str, Tensor], chunk_size: int = DEFAULT_CHUNK) -> dict[str, float]:
+def largest_magnitude(scores: EdgeScores, groups: dict[str, Tensor], chunk_size: int | None = None) -> dict[str, float]:
     """The largest ``|score|`` in each group (the top of the histogram range)."""
     top = {name: 0.0 for name in groups}
-    for values in _Layout(groups).chunks(scores, chunk_size):
-        for g, v in values.items():
+    for _, chunk in _Layout(groups).chunks(scores, chunk_size):
+        for g, v in chunk:
             if v.numel():
                 top[g] = max(top[g], float(v.abs().max()))
     return top
@@ -273,7 +281,7 @@ def profile(
     groups: dict[str, Tensor],
     bin_tops: dict[str, float],
     bins: int = DEFAULT_BINS,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> dict[str, Profile]:
     """Per-sample metric values of ``scores`` on each group, in two passes over chunks of samples.
 
@@ -283,14 +291,16 @@ def profile(
     require_per_sample(scores, "metrics")
     check_bins(bins)
     n = scores.n_samples
-    values: dict[str, dict[str, list[Tensor]]] = {g: {m: [] for m in PER_SAMPLE_METRICS} for g in groups}
+    # Outputs are allocated up front and filled in place: long-lived small allocations made
+    # between the large per-chunk temporaries would fragment the heap and keep it growing.
+    values = {g: {m: torch.full((n,), math.nan, dtype=torch.float64) for m in PER_SAMPLE_METRICS} for g in groups}
+    histograms = {g: torch.zeros(n, bins, dtype=torch.float64) for g in groups}
     nodes = {g: torch.zeros(scores.graph.n_sources, dtype=torch.float64) for g in groups}
     node_counts = {g: torch.zeros(scores.graph.n_sources, dtype=torch.float64) for g in groups}
     z_sums = {g: torch.zeros(int(cells.sum()), dtype=torch.float64) for g, cells in groups.items()}
     valid = {g: 0 for g in groups}
     edges = {g: torch.linspace(0.0, top if top > 0 else 1.0, bins + 1, dtype=torch.float64)
              for g, top in bin_tops.items()}
-
     layout = _Layout(groups)
     sources = {g: layout.sources[columns] for g, columns in layout.columns.items()}
 
@@ -300,15 +310,15 @@ def profile(
         return torch.where(ok[:, None], (v - v.mean(-1, keepdim=True)) / std.clamp_min(1e-300), 0.0), ok
 
     # pass 1: everything per sample, and the running sums diversity needs
-    for chunk in layout.chunks(scores, chunk_size):
-        for g, v in chunk.items():
+    for rows, chunk in layout.chunks(scores, chunk_size):
+        for g, v in chunk:
             out = values[g]
-            out["intensity"].append(v.abs().mean(-1))
-            out["kurtosis"].append(excess_kurtosis(v))
-            out["gini"].append(gini(v))
-            out["effective_edges"].append(effective_edges(v))
+            out["intensity"][rows] = v.abs().mean(-1)
+            out["kurtosis"][rows] = excess_kurtosis(v)
+            out["gini"][rows] = gini(v)
+            out["effective_edges"][rows] = effective_edges(v)
             h = _node_entropy(v, sources[g], layout.n_sources)  # [chunk, n_sources]
-            out["node_entropy"].append(h.nanmean(-1))
+            out["node_entropy"][rows] = h.nanmean(-1)
             defined = ~torch.isnan(h)
             nodes[g] += torch.where(defined, h, 0.0).sum(0)
             node_counts[g] += defined.sum(0)
@@ -316,37 +326,33 @@ def profile(
             z_sums[g] += z.sum(0)
             valid[g] += int(ok.sum())
     # pass 2: diversity (needs the sums) and histograms (need the shared range)
-    histograms = {g: [] for g in groups}
-    for chunk in layout.chunks(scores, chunk_size):
-        for g, v in chunk.items():
+    for rows, chunk in layout.chunks(scores, chunk_size):
+        for g, v in chunk:
             m = v.shape[1]
             z, ok = standardized(v)
             others = max(valid[g] - 1, 1)
             mean_corr = ((z @ z_sums[g]) - m) / (m * others)
             defined = ok & (valid[g] >= 2)
-            values[g]["diversity"].append(torch.where(defined, 1.0 - mean_corr, math.nan))
+            values[g]["diversity"][rows] = torch.where(defined, 1.0 - mean_corr, math.nan)
             index = torch.bucketize(v.abs(), edges[g][1:-1], right=True)  # [chunk, m] in 0..bins-1
-            counts = torch.zeros(v.shape[0], bins, dtype=torch.float64).scatter_add_(1, index, torch.ones_like(v))
-            histograms[g].append(counts)
-            values[g]["information_complexity"].append(histogram_entropy(counts))
+            histograms[g][rows].scatter_add_(1, index, torch.ones_like(v))
+            values[g]["information_complexity"][rows] = histogram_entropy(histograms[g][rows])
     result = {}
     for g, cells in groups.items():
-        per_sample = {m: torch.cat(values[g][m]).numpy() for m in PER_SAMPLE_METRICS}
-        assert all(a.shape == (n,) for a in per_sample.values())
         node_values = torch.where(node_counts[g] > 0, nodes[g] / node_counts[g].clamp_min(1), math.nan)
-        result[g] = Profile(per_sample, torch.cat(histograms[g]).numpy(), edges[g].numpy(), node_values.numpy(),
-                            int(cells.sum()))
+        result[g] = Profile({m: values[g][m].numpy() for m in PER_SAMPLE_METRICS}, histograms[g].numpy(),
+                            edges[g].numpy(), node_values.numpy(), int(cells.sum()))
     return result
 
 
 def profile_histogram(
     scores: EdgeScores, groups: dict[str, Tensor], bin_tops: dict[str, float], bins: int,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Pooled ``[bins]`` counts of ``|score|`` per group on ``bins`` equal bins from 0 to ``bin_tops[group]``."""
     counts = {g: torch.zeros(bins, dtype=torch.float64) for g in groups}
-    for chunk in _Layout(groups).chunks(scores, chunk_size):
-        for g, v in chunk.items():
+    for _, chunk in _Layout(groups).chunks(scores, chunk_size):
+        for g, v in chunk:
             top = bin_tops[g] if bin_tops[g] > 0 else 1.0
             index = (v.abs().flatten() / top * bins).long().clamp_(0, bins - 1)
             counts[g] += torch.bincount(index, minlength=bins).double()
@@ -359,7 +365,7 @@ def summarize(
     structural_zeros: bool = False,
     breakdown: bool = False,
     bins: int = DEFAULT_BINS,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """One model's dataset values: ``{group: {metric: value}}``.
 
