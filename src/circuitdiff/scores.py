@@ -96,6 +96,25 @@ class EdgeScores:
             metadata={**self.metadata, "level": "layer", "coarsened_from": "head"},
         )
 
+    @classmethod
+    def concatenate(cls, parts: "list[EdgeScores]") -> "EdgeScores":
+        """The scores of several runs on the same graph as one, samples in order.
+
+        ``mean`` is the sample-weighted mean; ``per_sample`` is kept only if every part
+        has it; the metadata is the first part's, with ``n_samples`` updated.
+        """
+        if not parts:
+            raise ValueError("concatenate needs at least one EdgeScores.")
+        graph = parts[0].graph
+        if any(p.graph != graph for p in parts):
+            raise ValueError("concatenate needs scores on the same graph.")
+        n = sum(p.n_samples for p in parts)
+        mean = sum(p.mean.double() * p.n_samples for p in parts) / n
+        per_sample = None if any(p.per_sample is None for p in parts) else torch.cat([p.per_sample for p in parts])
+        return cls(graph=graph, mean=mean.to(parts[0].mean.dtype), per_sample=per_sample,
+                   objective_values=torch.cat([p.objective_values for p in parts]),
+                   metadata={**parts[0].metadata, "n_samples": n})
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write safetensors + JSON metadata (see :mod:`circuitdiff.io`); atomic."""
         from circuitdiff.io import save_scores

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from circuitdiff.errors import DataError
 
-__all__ = ["LengthSelection", "select_by_length", "RULES"]
+__all__ = ["LengthSelection", "select_by_length", "check_parameters", "RULES"]
 
 RULES = ("paper", "code")
 
@@ -80,7 +80,7 @@ def select_by_length(
         DataError: bad parameters, no questions, or none left (naming the rule that
             removed the last ones).
     """
-    _check_parameters(alpha, beta, gamma, delta, rule, n)
+    check_parameters(alpha, beta, gamma, delta, rule, n)
     if len(base_lengths) != len(tuned_lengths):
         raise DataError(f"{len(base_lengths)} base lengths but {len(tuned_lengths)} tuned lengths; "
                         "give one of each per question.")
@@ -122,7 +122,8 @@ def select_by_length(
     return LengthSelection(remaining, t_cut, reference, dropped, parameters)
 
 
-def _check_parameters(alpha: float, beta: float, gamma: float, delta: float, rule: str, n: int | None) -> None:
+def check_parameters(alpha: float, beta: float, gamma: float, delta: float, rule: str, n: int | None) -> None:
+    """Refuse selection parameters out of range (see :func:`select_by_length`)."""
     if rule not in RULES:
         raise DataError(f"unknown length rule {rule!r}; use one of {RULES}.")
     if not 0 < alpha <= 1:

@@ -1,0 +1,132 @@
+"""The ``circuitdiff`` command: a thin shell over :mod:`circuitdiff.pipeline`.
+
+    circuitdiff compare BASE_DIR TUNED_DIR --questions gsm8k.jsonl --alpha 0.1 --level layer --out results/
+    circuitdiff score MODEL_DIR --questions gsm8k.jsonl --out results/
+    circuitdiff compare-scores base.cdiff tuned.cdiff [--out results/]
+
+User errors (bad files, bad parameters, nothing left after filtering) print one line to
+stderr and exit with status 2, without a traceback; Ctrl-C exits with 130 and the run
+resumes when started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from circuitdiff.errors import CircuitDiffError
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (CircuitDiffError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        print(f"circuitdiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("circuitdiff: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="circuitdiff", description="How did post-training change a model inside?")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    compare = commands.add_parser("compare", help="generate, filter, score and compare two checkpoints",
+                                  description="The paper's pipeline on two local Hugging Face checkpoints.")
+    compare.add_argument("base", help="base checkpoint directory")
+    compare.add_argument("tuned", help="tuned checkpoint directory (same tokenizer family)")
+    _pipeline_options(compare)
+    compare.set_defaults(run=_compare)
+
+    score = commands.add_parser("score", help="generate, filter and score one checkpoint",
+                                description="Score one model on the questions it answers correctly.")
+    score.add_argument("model", help="checkpoint directory")
+    _pipeline_options(score)
+    score.set_defaults(run=_score)
+
+    saved = commands.add_parser("compare-scores", help="compare two saved .cdiff files",
+                                description="Compare two per-sample score files on the same graph.")
+    saved.add_argument("base", help="base scores (.cdiff)")
+    saved.add_argument("tuned", help="tuned scores (.cdiff)")
+    saved.add_argument("--out", help="also write comparison.json and report.md here")
+    saved.add_argument("--coarsen", action="store_true", help="compare the common layer-level graph")
+    saved.add_argument("--unpaired", action="store_true", help="the files score different prompts")
+    saved.set_defaults(run=_compare_scores)
+    return parser
+
+
+def _pipeline_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--questions", required=True, help="JSONL questions file (see docs/pipeline.md)")
+    parser.add_argument("--out", required=True, help="output directory (reused to resume)")
+    parser.add_argument("--alpha", type=float, default=0.1, help="truncation fraction of the mean length (0.1)")
+    parser.add_argument("--beta", type=float, default=0.5, help="lower length bound, fraction of the mean (0.5)")
+    parser.add_argument("--gamma", type=float, default=1.5, help="upper length bound, multiple of the mean (1.5)")
+    parser.add_argument("--delta", type=float, default=0.5, help="balance threshold (0.5)")
+    parser.add_argument("--rule", choices=["paper", "code"], default="paper", help="length rule (paper)")
+    parser.add_argument("--n", type=int, default=100, help="questions to sample (100)")
+    parser.add_argument("--seed", type=int, default=42, help="sampling seed (42)")
+    parser.add_argument("--level", choices=["layer", "head"], default="layer", help="graph level (layer)")
+    parser.add_argument("--method", default="eap", help="scorer (eap)")
+    parser.add_argument("--intervention", default="zero", help="zero, mean, ... (zero)")
+    parser.add_argument("--batch-size", type=int, default=8, help="(8)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="generation length limit (512)")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def _config(args: argparse.Namespace):
+    from circuitdiff.pipeline import PipelineConfig
+
+    names = {f.name for f in fields(PipelineConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return PipelineConfig(**values, progress=not args.quiet)
+
+
+def _log(args: argparse.Namespace):
+    return (lambda line: None) if args.quiet else print
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from circuitdiff.pipeline import run_compare
+
+    run_compare(args.base, args.tuned, args.questions, args.out, _config(args), log=_log(args))
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from circuitdiff.pipeline import run_score
+
+    run_score(args.model, args.questions, args.out, _config(args), log=_log(args))
+    return 0
+
+
+def _compare_scores(args: argparse.Namespace) -> int:
+    from circuitdiff.comparison import compare
+    from circuitdiff.scores import EdgeScores
+
+    for path in (args.base, args.tuned):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no scores file at {path!r}.")
+    result = compare(EdgeScores.load(args.base, mmap=True), EdgeScores.load(args.tuned, mmap=True),
+                     paired=False if args.unpaired else None, coarsen=args.coarsen)
+    report = result.to_markdown()
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result.to_json(str(out / "comparison.json"))
+        (out / "report.md").write_text(f"# circuitdiff compare-scores\n\n{args.base} vs {args.tuned}\n\n{report}\n")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The paper's pipeline end to end: generate, filter, truncate, score, compare.
+
+Each step is a function a notebook can call on its own; :func:`run_compare` chains them
+and writes everything into one output directory:
+
+| file | what |
+|---|---|
+| ``base.generations.jsonl``, ``tuned.generations.jsonl`` | generation caches (resumable) |
+| ``base.shards/``, ``tuned.shards/`` | per-batch score shards (resumable) |
+| ``base.cdiff``, ``tuned.cdiff`` | the per-sample edge scores |
+| ``comparison.json``, ``report.md`` | :func:`circuitdiff.compare` and its tables |
+| ``figures/`` | plots, when matplotlib is installed |
+| ``run.json`` | parameters, every filter count, versions |
+
+A run interrupted at any point and started again with the same arguments reuses the
+finished generations and score shards; nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from circuitdiff.attribution import attribute
+from circuitdiff.comparison import Comparison, compare
+from circuitdiff.data import Generation, generate_answers, make_batches, read_questions, select_by_length
+from circuitdiff.data.selection import check_parameters
+from circuitdiff.errors import DataError
+from circuitdiff.graph import AttributionGraph
+from circuitdiff.models import describe_model, load_model
+from circuitdiff.scores import EdgeScores
+
+__all__ = ["PipelineConfig", "score_answers", "check_tokenizers", "run_compare", "run_score"]
+
+
+@dataclass
+class PipelineConfig:
+    """Every setting of a run (the defaults are the paper's, section 4)."""
+
+    alpha: float = 0.1
+    beta: float = 0.5
+    gamma: float = 1.5
+    delta: float = 0.5
+    rule: str = "paper"
+    n: int | None = 100
+    seed: int = 42
+    level: str = "layer"
+    method: str = "eap"
+    intervention: str = "zero"
+    batch_size: int = 8
+    max_new_tokens: int = 512
+    device: str | None = None
+    dtype: str | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def torch_dtype(self, device: str) -> torch.dtype:
+        """bfloat16 on CUDA, float32 elsewhere, unless ``dtype`` says otherwise."""
+        name = self.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        if name not in ("float32", "float64", "bfloat16", "float16"):
+            raise DataError(f"unknown dtype {name!r}; use float32, float64, bfloat16 or float16.")
+        return getattr(torch, name)
+
+    def resolved_device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def validate(self) -> None:
+        """Refuse bad settings before any model is loaded."""
+        check_parameters(self.alpha, self.beta, self.gamma, self.delta, self.rule, self.n)
+        if self.level not in ("head", "layer"):
+            raise DataError(f"unknown graph level {self.level!r}; use 'head' or 'layer'.")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise DataError(f"batch size and max new tokens must be >= 1; got {self.batch_size} and "
+                            f"{self.max_new_tokens}.")
+        self.torch_dtype(self.resolved_device())
+
+
+def check_tokenizers(base: Any, tuned: Any, prompts: Sequence[str]) -> None:
+    """Refuse two models whose tokenizers encode the prompts differently."""
+    for prompt in prompts[:20]:
+        a, b = base.tokenizer(prompt)["input_ids"], tuned.tokenizer(prompt)["input_ids"]
+        if list(a) != list(b):
+            raise DataError("the two checkpoints' tokenizers disagree (they encode the same prompt into different "
+                            f"tokens, e.g. {prompt[:60]!r}); compare models of the same tokenizer family.")
+
+
+def score_answers(
+    model: Any,
+    graph: AttributionGraph,
+    prompts: Sequence[str],
+    answers: Sequence[Sequence[int]],
+    *,
+    t_cut: int,
+    shards: str | os.PathLike[str] | None = None,
+    method: str = "eap",
+    intervention: str = "zero",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> EdgeScores:
+    """Per-sample scores of each model-generated answer, truncated to ``t_cut`` tokens.
+
+    The objective is ``answer_nll`` (the paper's self-entropy): ``prompt + answer[:t_cut - 1]``
+    is fed and the first ``t_cut`` answer tokens are scored. With ``shards=DIR`` each
+    batch's scores are saved as ``DIR/shard-00000.cdiff`` (with ``DIR/manifest.json``
+    naming the run) and reused when the same run is started again.
+    """
+    if any(len(a) < t_cut for a in answers):
+        raise DataError(f"every answer must have at least t_cut={t_cut} tokens.")
+    batches = make_batches(model.tokenizer, list(prompts), [list(a)[:t_cut] for a in answers], batch_size=batch_size)
+    directory = Path(shards) if shards is not None else None
+    if directory is not None:
+        manifest = {"model": describe_model(model).model_id, "level": graph.level, "method": method,
+                    "intervention": intervention, "t_cut": t_cut, "batch_size": batch_size, "n": len(prompts),
+                    "answers": [list(a)[:t_cut] for a in answers]}
+        _prepare_shards(directory, manifest)
+    parts = []
+    for index, batch in enumerate(tqdm(batches, desc="scoring", unit="batch", disable=not progress)):
+        path = directory / f"shard-{index:05d}.cdiff" if directory is not None else None
+        if path is not None and path.exists():
+            parts.append(EdgeScores.load(path))
+            continue
+        part = attribute(model, graph, [batch], objective="answer_nll", method=method, intervention=intervention,
+                         progress=False)
+        if path is not None:
+            part.save(path)  # atomic: a crash leaves no half-written shard
+        parts.append(part)
+    scores = EdgeScores.concatenate(parts)
+    scores.metadata.update({"t_cut": t_cut, "objective": "answer_nll (self-entropy on own answer)"})
+    return scores
+
+
+def _prepare_shards(directory: Path, manifest: dict[str, Any]) -> None:
+    """Create the shard directory, or check that its shards belong to this run."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "manifest.json"
+    if path.exists():
+        if json.loads(path.read_text()) != manifest:
+            raise DataError(f"{directory} holds score shards of a different run (model, settings or answers "
+                            "differ); delete it or choose another output directory.")
+    else:
+        path.write_text(json.dumps(manifest))
+
+
+def run_compare(
+    base_dir: str | os.PathLike[str],
+    tuned_dir: str | os.PathLike[str],
+    questions_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: PipelineConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> Comparison:
+    """The whole pipeline for two checkpoints; see the module docstring for the files written."""
+    config = config or PipelineConfig()
+    config.validate()
+    questions = read_questions(questions_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = config.resolved_device()
+    dtype = config.torch_dtype(device)
+    log(f"{len(questions)} questions from {questions_path}")
+    counts: dict[str, Any] = {"questions": len(questions)}
+
+    generations: dict[str, list[Generation]] = {}
+    models: dict[str, Any] = {}
+    for side, directory in (("base", base_dir), ("tuned", tuned_dir)):
+        models[side] = _load(directory, device, dtype)
+        generations[side] = generate_answers(models[side], questions, cache=out / f"{side}.generations.jsonl",
+                                             batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                                             progress=config.progress)
+        counts[f"correct ({side})"] = sum(g.correct for g in generations[side])
+        log(f"{side}: {counts[f'correct ({side})']}/{len(questions)} answered correctly")
+    check_tokenizers(models["base"], models["tuned"], [q.prompt for q in questions])
+    both = [i for i in range(len(questions)) if generations["base"][i].correct and generations["tuned"][i].correct]
+    counts["correct (both)"] = len(both)
+    selection = select_by_length([len(generations["base"][i].answer_ids) for i in both],
+                                 [len(generations["tuned"][i].answer_ids) for i in both],
+                                 alpha=config.alpha, beta=config.beta, gamma=config.gamma, delta=config.delta,
+                                 rule=config.rule, n=config.n, seed=config.seed,
+                                 prompt_lengths=([generations["base"][i].prompt_length for i in both],
+                                                 [generations["tuned"][i].prompt_length for i in both]))
+    chosen = [both[k] for k in selection.kept]
+    counts.update({f"dropped: {rule}": k for rule, k in selection.dropped.items()})
+    counts["scored"] = len(chosen)
+    log(f"{len(both)} answered correctly by both; kept {len(chosen)} "
+        f"(dropped: {selection.dropped}); T_cut = {selection.t_cut} tokens")
+
+    scores = {}
+    for side in ("base", "tuned"):
+        model = models[side]
+        graph = AttributionGraph.from_model(model, level=config.level)
+        scores[side] = score_answers(model, graph, [questions[i].prompt for i in chosen],
+                                     [generations[side][i].answer_ids for i in chosen], t_cut=selection.t_cut,
+                                     shards=out / f"{side}.shards", method=config.method,
+                                     intervention=config.intervention, batch_size=config.batch_size,
+                                     progress=config.progress)
+        scores[side].metadata["question_ids"] = [questions[i].id for i in chosen]
+        scores[side].save(out / f"{side}.cdiff")
+    del models
+    gc.collect()
+
+    result = compare(scores["base"], scores["tuned"], paired=True)
+    result.to_json(str(out / "comparison.json"))
+    report = result.to_markdown()
+    (out / "report.md").write_text(f"# circuitdiff compare\n\n{_describe(counts, selection.t_cut, config)}\n\n"
+                                   f"{report}\n")
+    figures = _plots(result, out / "figures")
+    (out / "run.json").write_text(json.dumps({
+        "base": str(base_dir), "tuned": str(tuned_dir), "questions": str(questions_path), "config": asdict(config),
+        "device": device, "dtype": str(dtype).replace("torch.", ""), "counts": counts,
+        "selection": {"t_cut": selection.t_cut, "reference_length": selection.reference_length,
+                      **selection.parameters},
+        "figures": figures, "versions": scores["base"].metadata.get("versions", {}),
+    }, indent=2))
+    log(report)
+    return result
+
+
+def run_score(
+    model_dir: str | os.PathLike[str],
+    questions_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: PipelineConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> EdgeScores:
+    """One model: generate, keep its correct answers, apply the length rules to its own
+    lengths, score; writes ``model.generations.jsonl``, ``model.shards/``, ``scores.cdiff``
+    and ``run.json`` into ``out``."""
+    from circuitdiff.metrics import summarize
+
+    config = config or PipelineConfig()
+    config.validate()
+    questions = read_questions(questions_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = config.resolved_device()
+    model = _load(model_dir, device, config.torch_dtype(device))
+    generations = generate_answers(model, questions, cache=out / "model.generations.jsonl",
+                                   batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                                   progress=config.progress)
+    correct = [i for i, g in enumerate(generations) if g.correct]
+    counts: dict[str, Any] = {"questions": len(questions), "correct": len(correct)}
+    lengths = [len(generations[i].answer_ids) for i in correct]
+    selection = select_by_length(lengths, lengths, alpha=config.alpha, beta=config.beta, gamma=config.gamma,
+                                 delta=config.delta, rule=config.rule, n=config.n, seed=config.seed)
+    chosen = [correct[k] for k in selection.kept]
+    counts.update({f"dropped: {rule}": k for rule, k in selection.dropped.items()})
+    counts["scored"] = len(chosen)
+    log(f"{len(correct)}/{len(questions)} answered correctly; kept {len(chosen)}; T_cut = {selection.t_cut} tokens")
+    graph = AttributionGraph.from_model(model, level=config.level)
+    scores = score_answers(model, graph, [questions[i].prompt for i in chosen],
+                           [generations[i].answer_ids for i in chosen], t_cut=selection.t_cut,
+                           shards=out / "model.shards", method=config.method, intervention=config.intervention,
+                           batch_size=config.batch_size, progress=config.progress)
+    scores.metadata["question_ids"] = [questions[i].id for i in chosen]
+    scores.save(out / "scores.cdiff")
+    summary = summarize(scores)["all"] if scores.n_samples >= 2 else {}
+    (out / "run.json").write_text(json.dumps({
+        "model": str(model_dir), "questions": str(questions_path), "config": asdict(config), "device": device,
+        "counts": counts, "selection": {"t_cut": selection.t_cut, "reference_length": selection.reference_length,
+                                        **selection.parameters},
+        "metrics": summary, "versions": scores.metadata.get("versions", {}),
+    }, indent=2, default=float))
+    log("\n".join(f"{name}: {value:.4g}" for name, value in summary.items()))
+    return scores
+
+
+def _load(directory: str | os.PathLike[str], device: str, dtype: torch.dtype) -> Any:
+    path = Path(directory)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise DataError(f"{str(path)!r} is not a checkpoint directory (a folder with config.json, written by "
+                        "save_pretrained).")
+    return load_model(path, device=device, dtype=dtype)
+
+
+def _describe(counts: dict[str, Any], t_cut: int, config: PipelineConfig) -> str:
+    lines = ["| step | questions |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in counts.items()]
+    settings = (f"alpha {config.alpha}, beta {config.beta}, gamma {config.gamma}, delta {config.delta}, "
+                f"length rule {config.rule}, n {config.n}, seed {config.seed}; T_cut {t_cut} tokens; "
+                f"{config.level}-level graph, {config.method}, {config.intervention} ablation, answer_nll")
+    return "\n".join(lines) + f"\n\nSettings: {settings}."
+
+
+def _plots(result: Comparison, directory: Path) -> list[str]:
+    """Plot files written, or none when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
+    from circuitdiff.plots import plot_comparison
+
+    return [str(p) for p in plot_comparison(result, directory).values()]

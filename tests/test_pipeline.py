@@ -1,0 +1,196 @@
+"""The pipeline and the CLI end to end on two tiny checkpoints, with stub generation caches.
+
+The caches make the tiny random models "answer" chosen questions correctly with answers
+of chosen lengths, which exercises the cache path of generation; everything after that
+(selection, truncation, scoring, comparison, reports) runs for real.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import circuitdiff as cd
+import tiny_models as tm
+from circuitdiff import pipeline
+from circuitdiff.cli import main
+from circuitdiff.models import describe_model
+
+MAX_NEW_TOKENS = 16
+ANSWER_LENGTHS = {"base": [10, 12, 11, 13, 12, 9], "tuned": [11, 12, 12, 12, 13, 30]}
+WRONG = {"base": {4}, "tuned": set()}  # base gets q4 wrong; q5's tuned answer is too long for the window
+
+
+@pytest.fixture(scope="module")
+def run_files(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    tuned = tm.write_checkpoint("llama", root / "tuned", seed=1)
+    questions = root / "q.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"w{i} w{i + 1} w{i + 2}", "answer": "4"}) + "\n"
+                                 for i in range(6)))
+    return {"base": checkpoints["llama"], "tuned": tuned, "questions": questions, "root": root}
+
+
+def write_caches(files, out):
+    """Stub generation caches: answers of the chosen lengths, boxed 4 (correct) or 5 (wrong)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for side in ("base", "tuned"):
+        model = cd.load_model(files[side], device="cpu")
+        source = {"model": describe_model(model).model_id, "max_new_tokens": MAX_NEW_TOKENS}
+        lines = []
+        for i, length in enumerate(ANSWER_LENGTHS[side]):
+            answer = "5" if i in WRONG[side] else "4"
+            ids = [(7 * i + k) % 30 for k in range(length)]
+            prompt_length = len(model.tokenizer(f"w{i} w{i + 1} w{i + 2}")["input_ids"])
+            lines.append(json.dumps({"id": f"q{i}", "text": f"so \\boxed{{{answer}}}", "answer_ids": ids,
+                                     "prompt_length": prompt_length, **source}))
+        (out / f"{side}.generations.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def cli_args(files, out, *extra):
+    return ["compare", str(files["base"]), str(files["tuned"]), "--questions", str(files["questions"]),
+            "--out", str(out), "--alpha", "0.5", "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "2",
+            "--device", "cpu", "--dtype", "float32", "--quiet", *extra]
+
+
+def test_compare_end_to_end(run_files, tmp_path):
+    out = tmp_path / "run"
+    write_caches(run_files, out)
+    assert main(cli_args(run_files, out)) == 0
+    run = json.loads((out / "run.json").read_text())
+    # T_bar over q0-q3 (both correct) = mean of 10.5, 12, 11.5, 12.5 = 11.625; window [5.8, 17.4] keeps all
+    # four; q5 (tuned 30 tokens) is correct for both but ... base q4 is wrong, so q4 is out before selection.
+    assert run["counts"]["questions"] == 6
+    assert run["counts"]["correct (base)"] == 5 and run["counts"]["correct (tuned)"] == 6
+    assert run["counts"]["correct (both)"] == 5
+    assert run["counts"]["dropped: length window"] == 1  # q5: 30 > 1.5 * T_bar
+    assert run["counts"]["scored"] == 4
+    t_bar = (10.5 + 12 + 11.5 + 12.5 + (9 + 30) / 2) / 5
+    assert run["selection"]["t_cut"] == int(0.5 * t_bar) and run["selection"]["rule"] == "paper"
+    base = cd.EdgeScores.load(out / "base.cdiff")
+    assert base.n_samples == 4 and base.metadata["question_ids"] == ["q0", "q1", "q2", "q3"]
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["paired"] and comparison["settings"]["n_base"] == 4
+    assert {r["metric"] for r in comparison["rows"]} >= {"intensity", "diversity", "kurtosis"}
+    report = (out / "report.md").read_text()
+    assert "| correct (both) | 5 |" in report and "| intensity |" in report
+    assert len(run["figures"]) == 4 and all((out / "figures").glob("*.png"))
+    # the scores are those of each model's own answer truncated to T_cut tokens
+    model = cd.load_model(run_files["base"], device="cpu")
+    t_cut = run["selection"]["t_cut"]
+    ids = [(7 * 0 + k) % 30 for k in range(ANSWER_LENGTHS["base"][0])][:t_cut]
+    batch = cd.make_batches(model.tokenizer, ["w0 w1 w2"], [ids])
+    direct = cd.attribute(model, cd.AttributionGraph.from_model(model, level="layer"), batch,
+                          objective="answer_nll", progress=False)
+    assert torch.allclose(base.per_sample[0], direct.per_sample[0], atol=1e-6)
+
+
+def test_interrupted_run_resumes_to_the_same_result(run_files, tmp_path, monkeypatch):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    for out in (reference, interrupted):
+        write_caches(run_files, out)
+    assert main(cli_args(run_files, reference)) == 0
+
+    real, calls = pipeline.attribute, []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "attribute", crash_on_third)
+    assert main(cli_args(run_files, interrupted)) == 130  # base shards 0, 1 done; tuned shard 0 interrupted
+    assert sorted(p.name for p in (interrupted / "base.shards").glob("*.cdiff")) == ["shard-00000.cdiff",
+                                                                                     "shard-00001.cdiff"]
+    calls.clear()
+    monkeypatch.setattr(pipeline, "attribute", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert main(cli_args(run_files, interrupted)) == 0
+    assert len(calls) == 2  # only the two tuned shards were scored again
+    for name in ("base.cdiff", "tuned.cdiff"):
+        a, b = cd.EdgeScores.load(reference / name), cd.EdgeScores.load(interrupted / name)
+        assert torch.equal(a.per_sample, b.per_sample) and torch.equal(a.objective_values, b.objective_values)
+    assert json.loads((reference / "comparison.json").read_text())["rows"] == \
+        json.loads((interrupted / "comparison.json").read_text())["rows"]
+
+
+def test_compare_scores_command(run_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    write_caches(run_files, out)
+    assert main(cli_args(run_files, out)) == 0
+    capsys.readouterr()
+    assert main(["compare-scores", str(out / "base.cdiff"), str(out / "tuned.cdiff"), "--out", str(tmp_path / "c")]) == 0
+    assert "| intensity |" in capsys.readouterr().out
+    assert (tmp_path / "c" / "comparison.json").is_file()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--alpha", "1.5"), "alpha"),
+    (("--delta", "0"), "delta"),
+    (("--beta", "0.99", "--gamma", "1.0"), "length window rule removed the last"),
+])
+def test_user_errors_exit_2_without_traceback(run_files, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    write_caches(run_files, out)
+    assert main(cli_args(run_files, out, *extra)) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("circuitdiff: error:") and message in last and "Traceback" not in err
+
+
+def test_missing_inputs(run_files, tmp_path, capsys):
+    args = cli_args(run_files, tmp_path / "out")
+    args[args.index("--questions") + 1] = str(tmp_path / "none.jsonl")
+    assert main(args) == 2 and "no questions file" in capsys.readouterr().err
+    args = cli_args(run_files, tmp_path / "out")
+    args[1] = str(tmp_path / "no-such-checkpoint")
+    assert main(args) == 2 and "not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_disagreeing_tokenizers_are_refused(run_files, tmp_path, capsys):
+    other = tm.write_checkpoint("llama", tmp_path / "other", seed=2)
+    vocab = json.loads((other / "tokenizer.json").read_text())
+    words = vocab["model"]["vocab"]
+    words["w0"], words["w1"] = words["w1"], words["w0"]  # same ids, different words
+    (other / "tokenizer.json").write_text(json.dumps(vocab))
+    files = {**run_files, "tuned": other}
+    out = tmp_path / "run"
+    write_caches(files, out)
+    assert main(cli_args(files, out)) == 2
+    assert "tokenizers disagree" in capsys.readouterr().err
+
+
+def test_cli_subprocess_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "circuitdiff.cli", "compare-scores", str(tmp_path / "a.cdiff"),
+                             str(tmp_path / "b.cdiff")], capture_output=True, text=True)
+    assert result.returncode == 2 and "no scores file" in result.stderr and "Traceback" not in result.stderr
+    help_text = subprocess.run([sys.executable, "-m", "circuitdiff.cli", "compare", "--help"], capture_output=True,
+                               text=True)
+    assert help_text.returncode == 0 and "--alpha" in help_text.stdout
+
+
+def test_score_command(run_files, tmp_path):
+    out = tmp_path / "one"
+    write_caches(run_files, out)
+    (out / "base.generations.jsonl").rename(out / "model.generations.jsonl")
+    args = ["score", str(run_files["base"]), "--questions", str(run_files["questions"]), "--out", str(out),
+            "--alpha", "0.5", "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu", "--quiet"]
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["correct"] == 5 and run["counts"]["scored"] == 5  # lengths 9-13: all in the window
+    scores = cd.EdgeScores.load(out / "scores.cdiff")
+    assert scores.n_samples == 5 and run["metrics"]["intensity"] > 0
+
+
+def test_real_generation_with_no_correct_answer(run_files, tmp_path, capsys):
+    """Without stub caches the tiny random models really generate (and get nothing right)."""
+    args = cli_args(run_files, tmp_path / "run")
+    args[args.index("--max-new-tokens") + 1] = "3"
+    assert main(args) == 2
+    assert "no questions to select from" in capsys.readouterr().err
+    lines = (tmp_path / "run" / "base.generations.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and all(len(json.loads(line)["answer_ids"]) <= 3 for line in lines)
