@@ -194,3 +194,30 @@ def test_real_generation_with_no_correct_answer(run_files, tmp_path, capsys):
     assert "no questions to select from" in capsys.readouterr().err
     lines = (tmp_path / "run" / "base.generations.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all(len(json.loads(line)["answer_ids"]) <= 3 for line in lines)
+
+
+def test_killed_process_resumes(run_files, tmp_path):
+    """A hard kill (SIGKILL, no cleanup) in the middle of scoring; the rerun equals an uninterrupted run."""
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    for out in (reference, killed):
+        write_caches(run_files, out)
+    assert main(cli_args(run_files, reference)) == 0
+    script = (
+        "import os, signal, sys\n"
+        "from circuitdiff import pipeline\n"
+        "from circuitdiff.cli import main\n"
+        "real, calls = pipeline.attribute, []\n"
+        "def attribute(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(*a, **k)\n"
+        "pipeline.attribute = attribute\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, *cli_args(run_files, killed)], capture_output=True)
+    assert result.returncode == -9  # killed, mid-run
+    assert not (killed / "comparison.json").exists() and len(list((killed / "base.shards").glob("*.cdiff"))) == 2
+    assert main(cli_args(run_files, killed)) == 0
+    for name in ("base.cdiff", "tuned.cdiff"):
+        assert torch.equal(cd.EdgeScores.load(reference / name).per_sample, cd.EdgeScores.load(killed / name).per_sample)

@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # its checkpoint-loading bars too
     try:
         return args.run(args)
     except (CircuitDiffError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
