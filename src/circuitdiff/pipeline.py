@@ -167,16 +167,15 @@ def run_compare(
     log(f"{len(questions)} questions from {questions_path}")
     counts: dict[str, Any] = {"questions": len(questions)}
 
+    models = {side: _load(directory, device, dtype) for side, directory in (("base", base_dir), ("tuned", tuned_dir))}
+    check_tokenizers(models["base"], models["tuned"], [q.prompt for q in questions])
     generations: dict[str, list[Generation]] = {}
-    models: dict[str, Any] = {}
-    for side, directory in (("base", base_dir), ("tuned", tuned_dir)):
-        models[side] = _load(directory, device, dtype)
-        generations[side] = generate_answers(models[side], questions, cache=out / f"{side}.generations.jsonl",
+    for side, model in models.items():
+        generations[side] = generate_answers(model, questions, cache=out / f"{side}.generations.jsonl",
                                              batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                                              progress=config.progress)
         counts[f"correct ({side})"] = sum(g.correct for g in generations[side])
         log(f"{side}: {counts[f'correct ({side})']}/{len(questions)} answered correctly")
-    check_tokenizers(models["base"], models["tuned"], [q.prompt for q in questions])
     both = [i for i in range(len(questions)) if generations["base"][i].correct and generations["tuned"][i].correct]
     counts["correct (both)"] = len(both)
     selection = select_by_length([len(generations["base"][i].answer_ids) for i in both],
