@@ -1,0 +1,426 @@
+#!/usr/bin/env python
+"""Train three tiny Llama-architecture demo models (base / grpo / dpo) on CPU.
+
+Task: synthetic arithmetic such as ``Q: 12+7*3=`` with a short step-by-step
+answer `` 7*3=21 12+21=33 \\boxed{33}``.  A character-level tokenizer is
+built with ``tokenizers`` and wrapped in ``PreTrainedTokenizerFast``.
+
+Stages
+  base : SFT with TRL ``SFTTrainer`` (prompt/completion data, completion-only loss),
+         deliberately under-trained so greedy accuracy is imperfect.
+  grpo : base + TRL ``GRPOTrainer`` with a correctness reward (+ small format reward).
+  dpo  : base + TRL ``DPOTrainer`` on offline preference pairs (correct vs. wrong
+         completion, each sampled once from base on training prompts).
+
+Usage::
+
+    python examples/train_demo_models.py --out DIR [--quick]
+
+Each model is saved under ``DIR/{base,grpo,dpo}`` (safetensors + tokenizer) and a
+``DIR/manifest.json`` records seed, accuracies, wall times and library versions.
+Self-contained: does not import circuitdiff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import torch  # noqa: E402
+
+SEED = 1234
+MAX_NEW_TOKENS = 40
+
+# --------------------------------------------------------------------------- task
+
+
+def make_problem(rng: random.Random) -> dict:
+    """One problem: prompt, reference completion and integer answer."""
+    kind = rng.randrange(3)
+    if kind == 0:  # a+b*c
+        a, b, c = rng.randint(1, 99), rng.randint(2, 9), rng.randint(2, 9)
+        x = b * c
+        y = a + x
+        expr, steps = f"{a}+{b}*{c}", f"{b}*{c}={x} {a}+{x}={y}"
+    elif kind == 1:  # a*b-c
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        x = a * b
+        c = rng.randint(1, x)
+        y = x - c
+        expr, steps = f"{a}*{b}-{c}", f"{a}*{b}={x} {x}-{c}={y}"
+    else:  # a+b-c
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        x = a + b
+        c = rng.randint(1, x)
+        y = x - c
+        expr, steps = f"{a}+{b}-{c}", f"{a}+{b}={x} {x}-{c}={y}"
+    return {
+        "prompt": f"Q: {expr}=",
+        "completion": f" {steps} \\boxed{{{y}}}",
+        "answer": str(y),
+    }
+
+
+def make_split(n: int, seed: int, exclude: set | None = None) -> list[dict]:
+    rng = random.Random(seed)
+    out, seen = [], set(exclude or ())
+    while len(out) < n:
+        p = make_problem(rng)
+        if p["prompt"] in seen:
+            continue
+        seen.add(p["prompt"])
+        out.append(p)
+    return out
+
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_NUM = re.compile(r"-?\d+")
+
+
+def extract_answer(text: str) -> str | None:
+    """Last \\boxed{} content, else last integer."""
+    boxed = _BOXED.findall(text)
+    if boxed:
+        return boxed[-1].strip()
+    nums = _NUM.findall(text)
+    return nums[-1] if nums else None
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    return extract_answer(completion) == answer
+
+
+# ---------------------------------------------------------------------- tokenizer
+
+CHARS = list("0123456789+-*=: Q\\boxed{}")
+SPECIALS = ["<unk>", "<pad>", "<bos>", "<eos>"]  # pad != 0 on purpose (TRL uses `pad_id or eos_id`)
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(CHARS))
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # every character (spaces included) becomes its own token
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # concatenate tokens without inserting spaces
+    tok.add_special_tokens(SPECIALS)  # so "<eos>" in text is matched before char splitting
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.model_max_length = 128
+    # round-trip check over the task's characters
+    for s in ["Q: 12+7*3=", " 7*3=21 12+21=33 \\boxed{33}", "  1 2  ", "Q: 1+2-3= 1+2=3 3-3=0 \\boxed{0}"]:
+        ids = fast(s, add_special_tokens=False)["input_ids"]
+        assert fast.decode(ids) == s, (s, fast.decode(ids))
+        assert len(ids) == len(s)
+    assert fast("x<eos>", add_special_tokens=False)["input_ids"][-1] == fast.eos_token_id
+    return fast
+
+
+# -------------------------------------------------------------------------- model
+
+
+def build_model(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    return model
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+@torch.no_grad()
+def generate(model, tok, prompts, *, do_sample=False, temperature=1.0, num_return_sequences=1, batch_size=256):
+    model.eval()
+    outs = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        kw = dict(max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        if do_sample:
+            kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=num_return_sequences)
+        else:
+            kw.update(do_sample=False)
+        gen = model.generate(**enc, **kw)
+        outs.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    return outs
+
+
+def accuracy(model, tok, problems) -> float:
+    comps = generate(model, tok, [p["prompt"] for p in problems])
+    return sum(is_correct(c, p["answer"]) for c, p in zip(comps, problems)) / len(problems)
+
+
+def save(model, tok, path: Path):
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+
+
+def load(path: Path):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    return AutoModelForCausalLM.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def common_args(out_dir: Path, steps: int, lr: float, bs: int):
+    return dict(
+        output_dir=str(out_dir),
+        max_steps=steps,
+        per_device_train_batch_size=bs,
+        learning_rate=lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(20, steps // 10),
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=SEED,
+        data_seed=SEED,
+        dataloader_num_workers=0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,  # TRL configs enable it by default; pointless (and slower) here
+    )
+
+
+# -------------------------------------------------------------------------- stages
+
+
+def train_base(tok, train, out_dir: Path, budget: dict):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model = build_model(tok)
+    ds = Dataset.from_list([{"prompt": p["prompt"], "completion": p["completion"]} for p in train])
+    cfg = SFTConfig(
+        **common_args(out_dir / "_sft", budget["sft_steps"], budget["sft_lr"], budget["sft_bs"]),
+        max_length=96,
+        completion_only_loss=True,
+        packing=False,
+    )
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    return trainer.model
+
+
+def train_grpo(tok, base_dir: Path, train, out_dir: Path, budget: dict):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, _ = load(base_dir)
+
+    def correctness_reward(prompts, completions, answer, **kwargs):
+        return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answer)]
+
+    def format_reward(prompts, completions, **kwargs):
+        return [0.1 if _BOXED.search(c) else 0.0 for c in completions]
+
+    ds = Dataset.from_list([{"prompt": p["prompt"], "answer": p["answer"]} for p in train])
+    cfg = GRPOConfig(
+        **common_args(out_dir / "_grpo", budget["grpo_steps"], budget["grpo_lr"], budget["grpo_bs"]),
+        num_generations=budget["num_generations"],
+        max_completion_length=MAX_NEW_TOKENS,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        beta=0.0,  # no reference model -> cheaper on CPU
+        disable_dropout=True,
+        log_completions=False,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[correctness_reward, format_reward],
+        args=cfg,
+        train_dataset=ds,
+        processing_class=tok,
+    )
+    trainer.train()
+    return trainer.model
+
+
+def make_dpo_pairs(model, tok, train, n_prompts: int, n_samples: int):
+    """Sample once from base; keep (correct, wrong) pairs per prompt."""
+    torch.manual_seed(SEED)
+    probs = train[:n_prompts]
+    comps = generate(model, tok, [p["prompt"] for p in probs], do_sample=True, num_return_sequences=n_samples)
+    pairs, n_gold = [], 0
+    for i, p in enumerate(probs):
+        cs = comps[i * n_samples : (i + 1) * n_samples]
+        good = [c for c in cs if is_correct(c, p["answer"])]
+        bad = [c for c in cs if not is_correct(c, p["answer"])]
+        if not bad:
+            continue
+        if good:
+            chosen = good[0]
+        else:  # no correct sample: fall back to the reference solution
+            chosen, n_gold = p["completion"], n_gold + 1
+        pairs.append({"prompt": p["prompt"], "chosen": chosen, "rejected": bad[0]})
+    return pairs, n_gold
+
+
+def train_dpo(tok, base_dir: Path, pairs, out_dir: Path, budget: dict):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    model, _ = load(base_dir)
+    ds = Dataset.from_list(pairs)
+    cfg = DPOConfig(
+        **common_args(out_dir / "_dpo", budget["dpo_steps"], budget["dpo_lr"], budget["dpo_bs"]),
+        beta=budget["dpo_beta"],
+        loss_type=budget["dpo_loss"],  # list in TRL 1.x; "sft" on chosen (RPO-style) keeps the policy from collapsing
+        loss_weights=budget["dpo_loss_weights"],
+        max_length=96,
+        disable_dropout=True,
+    )
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    return trainer.model
+
+
+# ---------------------------------------------------------------------------- main
+
+FULL = dict(
+    n_train=20000, n_eval=500,
+    sft_steps=800, sft_lr=2e-3, sft_bs=64,  # ~45% greedy acc (750 steps: 44%, 1050: 64%, 1200: 66%)
+    # GRPO: 300 steps @ 2e-4 gave 44.4% -> 47.6%; 700 steps @ 3e-4 degraded to 27.4% (measured)
+    grpo_steps=300, grpo_lr=2e-4, grpo_bs=64, num_generations=8,  # 8 prompts x 8 samples per step
+    dpo_prompts=3000, dpo_samples=4, dpo_steps=300, dpo_lr=5e-5, dpo_bs=16,  # lr 2e-4 pure sigmoid collapsed to 0.6%
+    dpo_beta=0.1, dpo_loss=["sigmoid", "sft"], dpo_loss_weights=[1.0, 1.0],
+)
+QUICK = dict(
+    n_train=2000, n_eval=100,
+    sft_steps=60, sft_lr=2e-3, sft_bs=64,
+    grpo_steps=4, grpo_lr=1e-4, grpo_bs=16, num_generations=4,
+    dpo_prompts=200, dpo_samples=2, dpo_steps=4, dpo_lr=1e-4, dpo_bs=8,
+    dpo_beta=0.1, dpo_loss=["sigmoid", "sft"], dpo_loss_weights=[1.0, 1.0],
+)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--quick", action="store_true", help="tiny budget for smoke tests")
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch.set_num_threads (default 1: with 2 OpenMP threads on a shared 2-core box a step was ~20x slower)",
+    )
+    args = ap.parse_args(argv)
+    budget = QUICK if args.quick else FULL
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import datasets
+    import transformers
+    import trl
+    from transformers import set_seed
+
+    set_seed(SEED)
+    random.seed(SEED)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    train = make_split(budget["n_train"], SEED)
+    evals = make_split(budget["n_eval"], SEED + 1, exclude={p["prompt"] for p in train})
+    tok = build_tokenizer()
+    times, acc, extra = {}, {}, {}
+    t_all = time.time()
+
+    # base (SFT)
+    t0 = time.time()
+    base = train_base(tok, train, out, budget)
+    save(base, tok, out / "base")
+    times["base_train_s"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    acc["base"] = accuracy(base, tok, evals)
+    times["eval_s"] = round(time.time() - t0, 1)
+    print(f"[base] eval acc={acc['base']:.3f}  train {times['base_train_s']}s  eval {times['eval_s']}s", flush=True)
+
+    # grpo
+    set_seed(SEED)
+    t0 = time.time()
+    grpo = train_grpo(tok, out / "base", train, out, budget)
+    save(grpo, tok, out / "grpo")
+    times["grpo_train_s"] = round(time.time() - t0, 1)
+    acc["grpo"] = accuracy(grpo, tok, evals)
+    print(f"[grpo] eval acc={acc['grpo']:.3f}  train {times['grpo_train_s']}s", flush=True)
+
+    # dpo
+    set_seed(SEED)
+    t0 = time.time()
+    base_m, _ = load(out / "base")
+    pairs, n_gold = make_dpo_pairs(base_m, tok, train, budget["dpo_prompts"], budget["dpo_samples"])
+    times["dpo_sampling_s"] = round(time.time() - t0, 1)
+    extra["dpo_pairs"], extra["dpo_pairs_gold_chosen"] = len(pairs), n_gold
+    print(f"[dpo] {len(pairs)} pairs ({n_gold} with reference-solution chosen)", flush=True)
+    t0 = time.time()
+    dpo = train_dpo(tok, out / "base", pairs, out, budget)
+    save(dpo, tok, out / "dpo")
+    times["dpo_train_s"] = round(time.time() - t0, 1)
+    acc["dpo"] = accuracy(dpo, tok, evals)
+    print(f"[dpo] eval acc={acc['dpo']:.3f}  train {times['dpo_train_s']}s", flush=True)
+
+    times["total_s"] = round(time.time() - t_all, 1)
+    manifest = {
+        "script": Path(__file__).name,
+        "seed": SEED,
+        "quick": args.quick,
+        "task": "synthetic arithmetic, answer in \\boxed{}",
+        "n_train": len(train),
+        "n_eval": len(evals),
+        "eval_metric": "greedy exact final-answer accuracy (last \\boxed{})",
+        "accuracy": acc,
+        "wall_time_s": times,
+        "budget": budget,
+        **extra,
+        "torch_threads": torch.get_num_threads(),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "datasets": datasets.__version__,
+        },
+        "models": {k: str(out / k) for k in ("base", "grpo", "dpo")},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    print(json.dumps({"accuracy": acc, "wall_time_s": times}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
