@@ -72,12 +72,8 @@ class EdgeAblation:
         self.batch = batch
         self.batch_index = batch_index
         self.one_edge_per_copy = one_edge_per_copy
-        hooks = context.hooks
-        buffer = hooks.new_delta(batch)
-        replaced = context.intervention.prefill(hooks, batch, buffer)
-        record = ("subtract" if replaced else "negate") if one_edge_per_copy else None
-        with torch.no_grad(), context.model.hooks(fwd_hooks=hooks.hooks(buffer, batch.attention_mask, record)):
-            self.clean_logits = context.model(batch.input_ids, attention_mask=batch.attention_mask)
+        buffer, replaced, self.clean_logits = context.hooks.clean_pass(context.intervention, batch,
+                                                                     record=one_edge_per_copy)
         #: ``[batch]`` the objective on the clean run.
         self.clean_losses: Float[Tensor, "batch"] = evaluate(context.objective, self.clean_logits, batch, batch_index)
         # one_edge_per_copy: the fixed delta; else the replacement (None: zero replacement)

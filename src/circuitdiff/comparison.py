@@ -316,9 +316,7 @@ def _bootstrap_pooled_entropy(hb: np.ndarray, ht: np.ndarray, paired: bool, conf
     """Resample samples (their histograms) and recompute the pooled entropies."""
 
     def entropy(counts):
-        total = counts.sum(-1, keepdims=True)
-        p = counts / np.where(total > 0, total, 1)
-        return -(p * np.log(np.where(p > 0, p, 1))).sum(-1)
+        return metrics.histogram_entropy(torch.from_numpy(counts)).numpy()
 
     def statistic(i, j, axis=-1):
         return entropy(_resampled_sum(ht, j)) - entropy(_resampled_sum(hb, i))

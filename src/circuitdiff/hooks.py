@@ -103,6 +103,21 @@ class EdgeHooks:
         return torch.zeros(batch.size, g.n_sources, g.n_receivers, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ passes
+    def clean_pass(self, intervention: Any, batch: Batch, record: bool) -> tuple[Tensor, bool, Tensor]:
+        """Prefill ``intervention``'s replacements, then run the clean batch once without gradients.
+
+        Returns ``(buffer, replaced, clean_logits)``. With ``record`` the clean outputs are
+        subtracted as the pass goes, so ``buffer`` is the fixed ``delta = replacement -
+        clean`` (``-clean`` for a zero replacement). Without, ``buffer`` holds the
+        replacements when ``replaced`` is True (False: they are zero).
+        """
+        buffer = self.new_delta(batch)
+        replaced = intervention.prefill(self, batch, buffer)
+        mode: Record | None = ("subtract" if replaced else "negate") if record else None
+        with torch.no_grad(), self.model.hooks(fwd_hooks=self.hooks(buffer, batch.attention_mask, mode)):
+            logits = self.model(batch.input_ids, attention_mask=batch.attention_mask)
+        return buffer, replaced, logits
+
     def record_sources(self, input_ids: Tensor, attention_mask: Tensor, delta: Tensor) -> None:
         """Write every source's output on ``input_ids`` into ``delta`` (no gradients).
 

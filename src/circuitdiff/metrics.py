@@ -100,9 +100,14 @@ def gini(values: Float[Tensor, "... n"]) -> Float[Tensor, "..."]:
     return torch.where(total > 0, g, torch.full_like(total, math.nan))
 
 
+def _minus_p_log_p(p: Tensor) -> Tensor:
+    """``-p log p`` elementwise, with ``0 log 0 = 0``."""
+    return -(p * torch.where(p > 0, p.log(), 0.0))
+
+
 def _entropy(p: Tensor, dim: int = -1) -> Tensor:
-    """``-sum p log p`` with ``0 log 0 = 0`` (``p`` already normalised)."""
-    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim)
+    """``-sum p log p`` over ``dim`` (``p`` already normalised)."""
+    return _minus_p_log_p(p).sum(dim)
 
 
 def effective_edges(values: Float[Tensor, "... n"]) -> Float[Tensor, "..."]:
@@ -141,7 +146,7 @@ def _node_entropy(values: Float[Tensor, "k m"], sources: Tensor, n_sources: int)
     k = a.shape[0]
     total = a.new_zeros(k, n_sources).index_add_(1, sources, a)
     p = a / total[:, sources].clamp_min(torch.finfo(a.dtype).tiny)
-    h = a.new_zeros(k, n_sources).index_add_(1, sources, -(p * torch.where(p > 0, p.log(), 0.0)))
+    h = a.new_zeros(k, n_sources).index_add_(1, sources, _minus_p_log_p(p))
     has_cells = torch.bincount(sources, minlength=n_sources) > 0
     return torch.where((total > 0) & has_cells, h, math.nan)
 

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from circuitdiff.attribution import attribute
 from circuitdiff.comparison import Comparison, compare
-from circuitdiff.data import Generation, generate_answers, make_batches, read_questions, select_by_length
-from circuitdiff.data.selection import check_parameters
+from circuitdiff.data import Generation, Question, generate_answers, make_batches, read_questions, select_by_length
+from circuitdiff.data.selection import LengthSelection, check_parameters
 from circuitdiff.errors import DataError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.models import describe_model, load_model
@@ -80,6 +80,13 @@ class PipelineConfig:
             raise DataError(f"batch size and max new tokens must be >= 1; got {self.batch_size} and "
                             f"{self.max_new_tokens}.")
         self.torch_dtype(self.resolved_device())
+
+    def select(self, base_lengths: Sequence[int], tuned_lengths: Sequence[int],
+               prompt_lengths: tuple[Sequence[int], Sequence[int]] | None = None) -> LengthSelection:
+        """:func:`~circuitdiff.data.select_by_length` with this run's settings."""
+        return select_by_length(base_lengths, tuned_lengths, alpha=self.alpha, beta=self.beta, gamma=self.gamma,
+                                delta=self.delta, rule=self.rule, n=self.n, seed=self.seed,
+                                prompt_lengths=prompt_lengths)
 
 
 def check_tokenizers(base: Any, tuned: Any, prompts: Sequence[str]) -> None:
@@ -157,12 +164,7 @@ def run_compare(
     log: Callable[[str], None] = print,
 ) -> Comparison:
     """The whole pipeline for two checkpoints; see the module docstring for the files written."""
-    config = config or PipelineConfig()
-    config.validate()
-    questions = read_questions(questions_path)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = config.resolved_device()
+    config, questions, out, device = _start(config, questions_path, out)
     dtype = config.torch_dtype(device)
     log(f"{len(questions)} questions from {questions_path}")
     counts: dict[str, Any] = {"questions": len(questions)}
@@ -171,36 +173,21 @@ def run_compare(
     check_tokenizers(models["base"], models["tuned"], [q.prompt for q in questions])
     generations: dict[str, list[Generation]] = {}
     for side, model in models.items():
-        generations[side] = generate_answers(model, questions, cache=out / f"{side}.generations.jsonl",
-                                             batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-                                             progress=config.progress)
+        generations[side] = _generate(model, questions, out / f"{side}.generations.jsonl", config)
         counts[f"correct ({side})"] = sum(g.correct for g in generations[side])
         log(f"{side}: {counts[f'correct ({side})']}/{len(questions)} answered correctly")
     both = [i for i in range(len(questions)) if generations["base"][i].correct and generations["tuned"][i].correct]
     counts["correct (both)"] = len(both)
-    selection = select_by_length([len(generations["base"][i].answer_ids) for i in both],
-                                 [len(generations["tuned"][i].answer_ids) for i in both],
-                                 alpha=config.alpha, beta=config.beta, gamma=config.gamma, delta=config.delta,
-                                 rule=config.rule, n=config.n, seed=config.seed,
-                                 prompt_lengths=([generations["base"][i].prompt_length for i in both],
-                                                 [generations["tuned"][i].prompt_length for i in both]))
-    chosen = [both[k] for k in selection.kept]
-    counts.update({f"dropped: {rule}": k for rule, k in selection.dropped.items()})
-    counts["scored"] = len(chosen)
+    selection = config.select([len(generations["base"][i].answer_ids) for i in both],
+                              [len(generations["tuned"][i].answer_ids) for i in both],
+                              prompt_lengths=([generations["base"][i].prompt_length for i in both],
+                                              [generations["tuned"][i].prompt_length for i in both]))
+    chosen = _chosen(both, selection, counts)
     log(f"{len(both)} answered correctly by both; kept {len(chosen)} "
         f"(dropped: {selection.dropped}); T_cut = {selection.t_cut} tokens")
 
-    scores = {}
-    for side in ("base", "tuned"):
-        model = models[side]
-        graph = AttributionGraph.from_model(model, level=config.level)
-        scores[side] = score_answers(model, graph, [questions[i].prompt for i in chosen],
-                                     [generations[side][i].answer_ids for i in chosen], t_cut=selection.t_cut,
-                                     shards=out / f"{side}.shards", method=config.method,
-                                     intervention=config.intervention, batch_size=config.batch_size,
-                                     progress=config.progress)
-        scores[side].metadata["question_ids"] = [questions[i].id for i in chosen]
-        scores[side].save(out / f"{side}.cdiff")
+    scores = {side: _score(models[side], questions, generations[side], chosen, selection.t_cut, config,
+                           out / f"{side}.shards", out / f"{side}.cdiff") for side in models}
     del models
     gc.collect()
 
@@ -213,9 +200,8 @@ def run_compare(
     (out / "run.json").write_text(json.dumps({
         "base": str(base_dir), "tuned": str(tuned_dir), "questions": str(questions_path), "config": asdict(config),
         "device": device, "dtype": str(dtype).replace("torch.", ""), "counts": counts,
-        "selection": {"t_cut": selection.t_cut, "reference_length": selection.reference_length,
-                      **selection.parameters},
-        "figures": figures, "versions": scores["base"].metadata.get("versions", {}),
+        "selection": _selection_record(selection), "figures": figures,
+        "versions": scores["base"].metadata.get("versions", {}),
     }, indent=2))
     log(report)
     return result
@@ -233,41 +219,65 @@ def run_score(
     and ``run.json`` into ``out``."""
     from circuitdiff.metrics import summarize
 
+    config, questions, out, device = _start(config, questions_path, out)
+    model = _load(model_dir, device, config.torch_dtype(device))
+    generations = _generate(model, questions, out / "model.generations.jsonl", config)
+    correct = [i for i, g in enumerate(generations) if g.correct]
+    counts: dict[str, Any] = {"questions": len(questions), "correct": len(correct)}
+    lengths = [len(generations[i].answer_ids) for i in correct]
+    selection = config.select(lengths, lengths)
+    chosen = _chosen(correct, selection, counts)
+    log(f"{len(correct)}/{len(questions)} answered correctly; kept {len(chosen)}; T_cut = {selection.t_cut} tokens")
+    scores = _score(model, questions, generations, chosen, selection.t_cut, config, out / "model.shards",
+                    out / "scores.cdiff")
+    summary = summarize(scores)["all"] if scores.n_samples >= 2 else {}
+    (out / "run.json").write_text(json.dumps({
+        "model": str(model_dir), "questions": str(questions_path), "config": asdict(config), "device": device,
+        "counts": counts, "selection": _selection_record(selection), "metrics": summary, "versions": scores.metadata.get("versions", {}),
+    }, indent=2, default=float))
+    log("\n".join(f"{name}: {value:.4g}" for name, value in summary.items()))
+    return scores
+
+
+def _start(config: PipelineConfig | None, questions_path: str | os.PathLike[str],
+           out: str | os.PathLike[str]) -> tuple[PipelineConfig, list[Question], Path, str]:
+    """Check the settings and read the questions (before any model loads); create ``out``."""
     config = config or PipelineConfig()
     config.validate()
     questions = read_questions(questions_path)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = config.resolved_device()
-    model = _load(model_dir, device, config.torch_dtype(device))
-    generations = generate_answers(model, questions, cache=out / "model.generations.jsonl",
-                                   batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-                                   progress=config.progress)
-    correct = [i for i, g in enumerate(generations) if g.correct]
-    counts: dict[str, Any] = {"questions": len(questions), "correct": len(correct)}
-    lengths = [len(generations[i].answer_ids) for i in correct]
-    selection = select_by_length(lengths, lengths, alpha=config.alpha, beta=config.beta, gamma=config.gamma,
-                                 delta=config.delta, rule=config.rule, n=config.n, seed=config.seed)
-    chosen = [correct[k] for k in selection.kept]
+    return config, questions, out, config.resolved_device()
+
+
+def _generate(model: Any, questions: list[Question], cache: Path, config: PipelineConfig) -> list[Generation]:
+    return generate_answers(model, questions, cache=cache, batch_size=config.batch_size,
+                            max_new_tokens=config.max_new_tokens, progress=config.progress)
+
+
+def _chosen(candidates: list[int], selection: LengthSelection, counts: dict[str, Any]) -> list[int]:
+    """The question indices ``selection`` kept among ``candidates``; records the drops in ``counts``."""
     counts.update({f"dropped: {rule}": k for rule, k in selection.dropped.items()})
+    chosen = [candidates[k] for k in selection.kept]
     counts["scored"] = len(chosen)
-    log(f"{len(correct)}/{len(questions)} answered correctly; kept {len(chosen)}; T_cut = {selection.t_cut} tokens")
+    return chosen
+
+
+def _score(model: Any, questions: list[Question], generations: list[Generation], chosen: list[int], t_cut: int,
+           config: PipelineConfig, shards: Path, path: Path) -> EdgeScores:
+    """Score the chosen questions on the model's own answers; save the scores to ``path``."""
     graph = AttributionGraph.from_model(model, level=config.level)
     scores = score_answers(model, graph, [questions[i].prompt for i in chosen],
-                           [generations[i].answer_ids for i in chosen], t_cut=selection.t_cut,
-                           shards=out / "model.shards", method=config.method, intervention=config.intervention,
-                           batch_size=config.batch_size, progress=config.progress)
+                           [generations[i].answer_ids for i in chosen], t_cut=t_cut, shards=shards,
+                           method=config.method, intervention=config.intervention, batch_size=config.batch_size,
+                           progress=config.progress)
     scores.metadata["question_ids"] = [questions[i].id for i in chosen]
-    scores.save(out / "scores.cdiff")
-    summary = summarize(scores)["all"] if scores.n_samples >= 2 else {}
-    (out / "run.json").write_text(json.dumps({
-        "model": str(model_dir), "questions": str(questions_path), "config": asdict(config), "device": device,
-        "counts": counts, "selection": {"t_cut": selection.t_cut, "reference_length": selection.reference_length,
-                                        **selection.parameters},
-        "metrics": summary, "versions": scores.metadata.get("versions", {}),
-    }, indent=2, default=float))
-    log("\n".join(f"{name}: {value:.4g}" for name, value in summary.items()))
+    scores.save(path)
     return scores
+
+
+def _selection_record(selection: LengthSelection) -> dict[str, Any]:
+    return {"t_cut": selection.t_cut, "reference_length": selection.reference_length, **selection.parameters}
 
 
 def _load(directory: str | os.PathLike[str], device: str, dtype: torch.dtype) -> Any:

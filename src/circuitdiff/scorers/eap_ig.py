@@ -60,10 +60,7 @@ class _IntegratedGradients:
     def score_batch(self, context: ScoringContext, batch: Batch, batch_index: int) -> ScoresAndLosses:
         """Per-sample scores averaged over ``steps`` interpolation points, and clean losses."""
         hooks, model, mask = context.hooks, context.model, batch.attention_mask
-        delta = hooks.new_delta(batch)
-        filled = context.intervention.prefill(hooks, batch, delta)
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks.hooks(delta, mask, "subtract" if filled else "negate")):
-            clean_logits = model(batch.input_ids, attention_mask=mask)
+        delta, _, clean_logits = hooks.clean_pass(context.intervention, batch, record=True)
         clean_losses = evaluate(context.objective, clean_logits, batch, batch_index)
         scores = hooks.new_scores(batch)
         paths = self.paths(context.graph)
