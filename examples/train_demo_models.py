@@ -8,26 +8,34 @@ built with ``tokenizers`` and wrapped in ``PreTrainedTokenizerFast``.
 Stages
   base : SFT with TRL ``SFTTrainer`` (prompt/completion data, completion-only loss),
          deliberately under-trained so greedy accuracy is imperfect.
-  grpo : base + TRL ``GRPOTrainer`` with a correctness reward (+ small format reward).
-  dpo  : base + TRL ``DPOTrainer`` on offline preference pairs (correct vs. wrong
-         completion, each sampled once from base on training prompts).
+  grpo : base + TRL ``GRPOTrainer``, reward = 1 for a correct final answer, else 0.
+  dpo  : base + TRL ``DPOTrainer`` on offline preference pairs: base's own correct vs.
+         wrong completion, sampled once on training prompts; same number of steps as grpo.
 
 Usage::
 
-    python examples/train_demo_models.py --out DIR [--quick]
+    pip install -e ".[train]"
+    python examples/train_demo_models.py --out src/circuitdiff/demo_data   # ~15 min on 2 cores
+    python examples/train_demo_models.py --out /tmp/demo --quick          # smoke test, ~1 min
 
-Each model is saved under ``DIR/{base,grpo,dpo}`` (safetensors + tokenizer) and a
-``DIR/manifest.json`` records seed, accuracies, wall times and library versions.
+``DIR/{base,grpo,dpo}`` hold the checkpoints (safetensors + tokenizer + config),
+``DIR/questions.jsonl`` the held-out problems, and ``DIR/manifest.json`` the seed,
+budgets, accuracies, wall times, library versions and every file's SHA-256 (what
+``circuitdiff demo`` checks). Fixed seeds; the same library versions and thread count
+reproduce the files.
 Self-contained: does not import circuitdiff.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -249,9 +257,6 @@ def train_grpo(tok, base_dir: Path, train, out_dir: Path, budget: dict):
     def correctness_reward(prompts, completions, answer, **kwargs):
         return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answer)]
 
-    def format_reward(prompts, completions, **kwargs):
-        return [0.1 if _BOXED.search(c) else 0.0 for c in completions]
-
     ds = Dataset.from_list([{"prompt": p["prompt"], "answer": p["answer"]} for p in train])
     cfg = GRPOConfig(
         **common_args(out_dir / "_grpo", budget["grpo_steps"], budget["grpo_lr"], budget["grpo_bs"]),
@@ -266,7 +271,7 @@ def train_grpo(tok, base_dir: Path, train, out_dir: Path, budget: dict):
     )
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=[correctness_reward, format_reward],
+        reward_funcs=[correctness_reward],
         args=cfg,
         train_dataset=ds,
         processing_class=tok,
@@ -276,23 +281,20 @@ def train_grpo(tok, base_dir: Path, train, out_dir: Path, budget: dict):
 
 
 def make_dpo_pairs(model, tok, train, n_prompts: int, n_samples: int):
-    """Sample once from base; keep (correct, wrong) pairs per prompt."""
+    """Sample ``n_samples`` completions per prompt once from base; pair its first correct
+    one (chosen) with its first wrong one (rejected). Prompts without both are skipped, so
+    every pair is the model's own text (no reference solutions)."""
     torch.manual_seed(SEED)
     probs = train[:n_prompts]
     comps = generate(model, tok, [p["prompt"] for p in probs], do_sample=True, num_return_sequences=n_samples)
-    pairs, n_gold = [], 0
+    pairs = []
     for i, p in enumerate(probs):
         cs = comps[i * n_samples : (i + 1) * n_samples]
         good = [c for c in cs if is_correct(c, p["answer"])]
         bad = [c for c in cs if not is_correct(c, p["answer"])]
-        if not bad:
-            continue
-        if good:
-            chosen = good[0]
-        else:  # no correct sample: fall back to the reference solution
-            chosen, n_gold = p["completion"], n_gold + 1
-        pairs.append({"prompt": p["prompt"], "chosen": chosen, "rejected": bad[0]})
-    return pairs, n_gold
+        if good and bad:
+            pairs.append({"prompt": p["prompt"], "chosen": good[0], "rejected": bad[0]})
+    return pairs
 
 
 def train_dpo(tok, base_dir: Path, pairs, out_dir: Path, budget: dict):
@@ -316,26 +318,39 @@ def train_dpo(tok, base_dir: Path, pairs, out_dir: Path, budget: dict):
 
 # ---------------------------------------------------------------------------- main
 
+# Budgets measured on 2 CPU cores, 1 thread per process (greedy accuracy on the 500
+# held-out problems; base 44.4%). See docs/demo.md for the sweeps behind these choices.
 FULL = dict(
     n_train=20000, n_eval=500,
-    sft_steps=800, sft_lr=2e-3, sft_bs=64,  # ~45% greedy acc (750 steps: 44%, 1050: 64%, 1200: 66%)
-    # GRPO: 300 steps @ 2e-4 gave 44.4% -> 47.6%; 700 steps @ 3e-4 degraded to 27.4% (measured)
-    grpo_steps=300, grpo_lr=2e-4, grpo_bs=64, num_generations=8,  # 8 prompts x 8 samples per step
-    dpo_prompts=3000, dpo_samples=4, dpo_steps=300, dpo_lr=5e-5, dpo_bs=16,  # lr 2e-4 pure sigmoid collapsed to 0.6%
+    sft_steps=800, sft_lr=2e-3, sft_bs=64,  # 750 steps: 44%, 1050: 64%, 1200: 66%
+    # GRPO, 600 steps: lr 3e-5 rose steadily to 64.2%; lr 1e-4 peaked at 60.6% (step 500) and fell to 56.2%
+    grpo_steps=600, grpo_lr=3e-5, grpo_bs=64, num_generations=8,  # 8 prompts x 8 samples per step
+    # DPO, 600 steps on 2228 pairs: pure sigmoid at lr 1e-5 peaked at 52.6% (step 100) and fell to 43.0%
+    # (step 500); the added NLL term on the chosen answer (RPO) keeps it from drifting (55.8% at step 200)
+    dpo_prompts=3000, dpo_samples=8, dpo_steps=600, dpo_lr=5e-5, dpo_bs=16,
     dpo_beta=0.1, dpo_loss=["sigmoid", "sft"], dpo_loss_weights=[1.0, 1.0],
 )
 QUICK = dict(
     n_train=2000, n_eval=100,
     sft_steps=60, sft_lr=2e-3, sft_bs=64,
     grpo_steps=4, grpo_lr=1e-4, grpo_bs=16, num_generations=4,
-    dpo_prompts=200, dpo_samples=2, dpo_steps=4, dpo_lr=1e-4, dpo_bs=8,
+    dpo_prompts=200, dpo_samples=4, dpo_steps=4, dpo_lr=1e-4, dpo_bs=8,
     dpo_beta=0.1, dpo_loss=["sigmoid", "sft"], dpo_loss_weights=[1.0, 1.0],
 )
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path,
+                    help="output folder; src/circuitdiff/demo_data replaces the bundled demo")
     ap.add_argument("--quick", action="store_true", help="tiny budget for smoke tests")
     ap.add_argument(
         "--threads", type=int, default=1,
@@ -355,56 +370,58 @@ def main(argv=None):
     random.seed(SEED)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="circuitdiff-train-"))  # the trainers' output_dir; nothing is kept
 
     train = make_split(budget["n_train"], SEED)
     evals = make_split(budget["n_eval"], SEED + 1, exclude={p["prompt"] for p in train})
+    with open(out / "questions.jsonl", "w") as handle:
+        for i, p in enumerate(evals):
+            handle.write(json.dumps({"id": f"demo-{i:03d}", "prompt": p["prompt"], "answer": p["answer"]}) + "\n")
     tok = build_tokenizer()
     times, acc, extra = {}, {}, {}
     t_all = time.time()
 
-    # base (SFT)
     t0 = time.time()
-    base = train_base(tok, train, out, budget)
+    base = train_base(tok, train, work, budget)
     save(base, tok, out / "base")
     times["base_train_s"] = round(time.time() - t0, 1)
-    t0 = time.time()
     acc["base"] = accuracy(base, tok, evals)
-    times["eval_s"] = round(time.time() - t0, 1)
-    print(f"[base] eval acc={acc['base']:.3f}  train {times['base_train_s']}s  eval {times['eval_s']}s", flush=True)
+    print(f"[base] eval acc={acc['base']:.3f}  train {times['base_train_s']}s", flush=True)
 
-    # grpo
     set_seed(SEED)
     t0 = time.time()
-    grpo = train_grpo(tok, out / "base", train, out, budget)
+    grpo = train_grpo(tok, out / "base", train, work, budget)
     save(grpo, tok, out / "grpo")
     times["grpo_train_s"] = round(time.time() - t0, 1)
     acc["grpo"] = accuracy(grpo, tok, evals)
     print(f"[grpo] eval acc={acc['grpo']:.3f}  train {times['grpo_train_s']}s", flush=True)
 
-    # dpo
     set_seed(SEED)
     t0 = time.time()
     base_m, _ = load(out / "base")
-    pairs, n_gold = make_dpo_pairs(base_m, tok, train, budget["dpo_prompts"], budget["dpo_samples"])
+    pairs = make_dpo_pairs(base_m, tok, train, budget["dpo_prompts"], budget["dpo_samples"])
     times["dpo_sampling_s"] = round(time.time() - t0, 1)
-    extra["dpo_pairs"], extra["dpo_pairs_gold_chosen"] = len(pairs), n_gold
-    print(f"[dpo] {len(pairs)} pairs ({n_gold} with reference-solution chosen)", flush=True)
+    extra["dpo_pairs"] = len(pairs)
+    print(f"[dpo] {len(pairs)} pairs of base's own correct and wrong answers", flush=True)
     t0 = time.time()
-    dpo = train_dpo(tok, out / "base", pairs, out, budget)
+    dpo = train_dpo(tok, out / "base", pairs, work, budget)
     save(dpo, tok, out / "dpo")
     times["dpo_train_s"] = round(time.time() - t0, 1)
     acc["dpo"] = accuracy(dpo, tok, evals)
     print(f"[dpo] eval acc={acc['dpo']:.3f}  train {times['dpo_train_s']}s", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
 
     times["total_s"] = round(time.time() - t_all, 1)
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {
-        "script": Path(__file__).name,
+        "script": "examples/train_demo_models.py" + (" --quick" if args.quick else ""),
         "seed": SEED,
-        "quick": args.quick,
-        "task": "synthetic arithmetic, answer in \\boxed{}",
+        "task": "synthetic arithmetic (a+b*c, a*b-c, a+b-c), two steps, final answer in \\boxed{}",
+        "tokenizer": "one token per character",
         "n_train": len(train),
-        "n_eval": len(evals),
-        "eval_metric": "greedy exact final-answer accuracy (last \\boxed{})",
+        "questions": "questions.jsonl: the held-out problems",
+        "n_questions": len(evals),
+        "eval_metric": "greedy exact final-answer accuracy (last \\boxed{}) on questions.jsonl",
         "accuracy": acc,
         "wall_time_s": times,
         "budget": budget,
@@ -416,9 +433,9 @@ def main(argv=None):
             "trl": trl.__version__,
             "datasets": datasets.__version__,
         },
-        "models": {k: str(out / k) for k in ("base", "grpo", "dpo")},
+        "files": {p.relative_to(out).as_posix(): sha256(p) for p in files},
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps({"accuracy": acc, "wall_time_s": times}, indent=2))
 
 

@@ -1,28 +1,72 @@
-"""generate_answers: batched greedy generation equals one question at a time; the cache resumes runs."""
+"""generate_answers: batched greedy generation equals plain Hugging Face generation; the cache resumes runs."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 import circuitdiff as cd
 from circuitdiff.data import Question, generate_answers
+from circuitdiff.data.generation import kv_cache_compat, kv_cache_is_sound
 from circuitdiff.models import describe_model
 
 QUESTIONS = [Question("a", "w1 w2 w3", "4"), Question("b", "w5 w6", "7"), Question("c", "w9 w10 w11 w12 w13", "x")]
 
 
-def test_batched_equals_one_at_a_time(get_model, tmp_path):
-    model = get_model("llama", "float64")
-    batched = generate_answers(model, QUESTIONS, batch_size=3, max_new_tokens=4, progress=False)
+def plain_generation(checkpoint, question, max_new_tokens):
+    """Reference: the checkpoint loaded by Hugging Face alone (no TransformerLens), one question."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
+    ids = tokenizer(question.prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    stops = model.generation_config.eos_token_id
+    stops = stops if isinstance(stops, list) else [stops]
+    return new[:next((i for i, t in enumerate(new) if t in stops), len(new))], ids.shape[1]  # up to the first EOS
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox", "mistral"])
+def test_batched_answers_equal_plain_hugging_face_generation(get_model, checkpoints, arch):
+    # catches a wrong BOS token and a KV cache that the bridge's attention ignores
+    model = get_model(arch, "float64")
+    batched = generate_answers(model, QUESTIONS, batch_size=3, max_new_tokens=6, progress=False)
     for q, g in zip(QUESTIONS, batched):
-        ids = model.tokenizer(q.prompt, return_tensors="pt")["input_ids"]
-        alone = model.original_model.generate(input_ids=ids, max_new_tokens=4, do_sample=False,
-                                              pad_token_id=model.tokenizer.pad_token_id)
-        assert g.answer_ids == alone[0, ids.shape[1]:].tolist(), q.id
-        assert g.prompt_length == ids.shape[1] and g.id == q.id
+        ids, prompt_length = plain_generation(checkpoints[arch], q, 6)
+        assert g.answer_ids == ids, q.id
+        assert g.prompt_length == prompt_length and g.id == q.id
         assert g.text == model.tokenizer.decode(g.answer_ids, skip_special_tokens=True)
+
+
+def break_kv_cache(model):
+    """Hooks that hide the KV cache from every attention layer (each step then sees only itself)."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    def hide(module, args, kwargs):
+        return args, {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+
+    return [m.register_forward_pre_hook(hide, with_kwargs=True) for m in model.original_model.modules()
+            if isinstance(m, AttentionBridge)]
+
+
+def test_a_broken_kv_cache_is_detected_and_avoided(get_model, checkpoints):
+    model = get_model("llama", "float64")
+    with kv_cache_compat(model.original_model):
+        assert kv_cache_is_sound(model.original_model, model.tokenizer, QUESTIONS[0].prompt) is True
+    handles = break_kv_cache(model)
+    try:
+        with kv_cache_compat(model.original_model):
+            assert kv_cache_is_sound(model.original_model, model.tokenizer, QUESTIONS[0].prompt) is False
+        with pytest.warns(UserWarning, match="without the cache"):
+            answers = generate_answers(model, QUESTIONS, batch_size=2, max_new_tokens=6, progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [g.answer_ids for g in answers] == [plain_generation(checkpoints["llama"], q, 6)[0] for q in QUESTIONS]
 
 
 def test_cache_is_written_and_reused(get_model, tmp_path, monkeypatch):

@@ -33,6 +33,36 @@ def test_load_from_hf_model_with_in_memory_tokenizer(checkpoints):
         assert torch.allclose(model(ids), hf(ids).logits, atol=1e-5)
 
 
+def bos_adding_checkpoint(source, directory):
+    """A copy of ``source`` whose tokenizer puts [BOS] before every text, as Llama's does."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+
+    shutil.copytree(source, directory)
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    bos = tokenizer.token_to_id("[BOS]")
+    tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", bos)])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory, bos
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_the_checkpoints_own_bos_behaviour_is_kept(checkpoints, tmp_path, arch):
+    """TransformerLens makes every tokenizer with a BOS token add it; circuitdiff keeps the checkpoint's choice."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "w1 w2 w3"
+    plain = cd.load_model(checkpoints[arch], device="cpu")
+    native = AutoTokenizer.from_pretrained(checkpoints[arch])
+    assert plain.tokenizer(text)["input_ids"] == native(text)["input_ids"] == [1, 2, 3]
+    directory, bos = bos_adding_checkpoint(checkpoints[arch], tmp_path / arch)
+    with_bos = cd.load_model(directory, device="cpu")
+    assert with_bos.tokenizer(text)["input_ids"] == [bos, 1, 2, 3]
+    in_memory = cd.load_model(AutoModelForCausalLM.from_pretrained(checkpoints[arch]), tokenizer=native)
+    assert in_memory.tokenizer(text)["input_ids"] == [1, 2, 3]
+
+
 def test_load_from_bridge_returns_it(get_model):
     model = get_model("gpt2")
     assert cd.load_model(model) is model

@@ -3,6 +3,7 @@
     circuitdiff compare BASE_DIR TUNED_DIR --questions gsm8k.jsonl --alpha 0.1 --level layer --out results/
     circuitdiff score MODEL_DIR --questions gsm8k.jsonl --out results/
     circuitdiff compare-scores base.cdiff tuned.cdiff [--out results/]
+    circuitdiff demo            # the bundled tiny base / GRPO / DPO models, into ./circuitdiff-demo/
 
 User errors (bad files, bad parameters, nothing left after filtering) print one line to
 stderr and exit with status 2, without a traceback; Ctrl-C exits with 130 and the run
@@ -56,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     _pipeline_options(score)
     score.set_defaults(run=_score)
 
+    demo = commands.add_parser("demo", help="compare the bundled tiny base, GRPO and DPO models (no download)",
+                               description="The compare pipeline for base vs grpo and base vs dpo on the bundled "
+                                           "demo checkpoints and questions, on CPU.")
+    demo.add_argument("--out", default="circuitdiff-demo", help="output directory (circuitdiff-demo)")
+    demo.add_argument("--n", type=int, default=200, help="questions to sample (200)")
+    demo.add_argument("--max-questions", type=int, help="read only the first N bundled questions (all 500)")
+    demo.add_argument("--level", choices=["layer", "head"], default="layer", help="graph level (layer)")
+    demo.add_argument("--method", default="eap", help="scorer (eap)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    demo.set_defaults(run=_demo)
+
     saved = commands.add_parser("compare-scores", help="compare two saved .cdiff files",
                                 description="Compare two per-sample score files on the same graph.")
     saved.add_argument("base", help="base scores (.cdiff)")
@@ -77,6 +89,7 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rule", choices=["paper", "code"], default="paper", help="length rule (paper)")
     parser.add_argument("--n", type=int, default=100, help="questions to sample (100)")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (42)")
+    parser.add_argument("--max-questions", type=int, help="read only the first N questions of the file")
     parser.add_argument("--level", choices=["layer", "head"], default="layer", help="graph level (layer)")
     parser.add_argument("--method", default="eap", help="scorer (eap)")
     parser.add_argument("--intervention", default="zero", help="zero, mean, ... (zero)")
@@ -102,7 +115,8 @@ def _log(args: argparse.Namespace):
 def _compare(args: argparse.Namespace) -> int:
     from circuitdiff.pipeline import run_compare
 
-    run_compare(args.base, args.tuned, args.questions, args.out, _config(args), log=_log(args))
+    result = run_compare(args.base, args.tuned, args.questions, args.out, _config(args), log=_log(args))
+    _log(args)(result.to_markdown())
     return 0
 
 
@@ -110,6 +124,15 @@ def _score(args: argparse.Namespace) -> int:
     from circuitdiff.pipeline import run_score
 
     run_score(args.model, args.questions, args.out, _config(args), log=_log(args))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from circuitdiff.demo import demo_config, run_demo
+
+    config = demo_config(n=args.n, max_questions=args.max_questions, level=args.level, method=args.method,
+                         progress=not args.quiet)
+    run_demo(args.out, config, log=_log(args))
     return 0
 
 

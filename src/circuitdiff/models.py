@@ -99,8 +99,10 @@ def load_model(
         bridge = source
     elif isinstance(source, PreTrainedModel):
         bridge = _boot_from_hf_model(source, tokenizer, dtype=dtype, device=device)
+        _keep_checkpoint_bos(bridge, tokenizer)
     elif isinstance(source, (str, os.PathLike)):
         bridge = _boot_from_directory(Path(source), dtype=dtype, device=device)
+        _keep_checkpoint_bos(bridge, _checkpoint_tokenizer(Path(source)))
     else:
         raise UnsupportedModelError(
             f"load_model got a {type(source).__name__}; pass a local checkpoint directory, "
@@ -153,6 +155,34 @@ def _boot_from_hf_model(hf_model: Any, tokenizer: Any, *, dtype: Any, device: An
     if device is not None:
         kwargs["device"] = device
     return TransformerBridge.boot_transformers(name, **kwargs)
+
+
+def _checkpoint_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _keep_checkpoint_bos(bridge: Any, tokenizer: Any) -> None:
+    """Tokenize as the checkpoint's own ``tokenizer`` does with respect to the BOS token.
+
+    TransformerLens reloads every tokenizer that defines a BOS token with
+    ``add_bos_token=True``, so a model trained without one (GPT-2, the bundled demo
+    models) would be fed a first token it never saw in training or generation. Where the
+    checkpoint's tokenizer adds none, the bridge's stops adding it too.
+    """
+    ids = list(tokenizer("1 a")["input_ids"])
+    adds_bos = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+    if adds_bos or not bridge.cfg.tokenizer_prepends_bos:
+        return
+    bridge.tokenizer.add_bos_token = False
+    if list(bridge.tokenizer("1 a")["input_ids"]) != ids:
+        raise UnsupportedModelError(
+            f"cannot stop TransformerLens's {type(bridge.tokenizer).__name__} from adding a BOS token that the "
+            "checkpoint's tokenizer does not add; load the model yourself and pass a bridge whose tokenizer "
+            "encodes like the checkpoint's.")
+    bridge.cfg.tokenizer_prepends_bos = False
+    bridge.cfg.default_prepend_bos = False
 
 
 def _tokenizer_with_name(tokenizer: Any) -> Any:

@@ -51,6 +51,7 @@ class PipelineConfig:
     rule: str = "paper"
     n: int | None = 100
     seed: int = 42
+    max_questions: int | None = None  # read only the file's first N questions (quick trials)
     level: str = "layer"
     method: str = "eap"
     intervention: str = "zero"
@@ -76,6 +77,8 @@ class PipelineConfig:
         check_parameters(self.alpha, self.beta, self.gamma, self.delta, self.rule, self.n)
         if self.level not in ("head", "layer"):
             raise DataError(f"unknown graph level {self.level!r}; use 'head' or 'layer'.")
+        if self.max_questions is not None and self.max_questions < 1:
+            raise DataError(f"max_questions must be >= 1 (or None for the whole file); got {self.max_questions}.")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise DataError(f"batch size and max new tokens must be >= 1; got {self.batch_size} and "
                             f"{self.max_new_tokens}.")
@@ -193,7 +196,7 @@ def run_compare(
 
     result = compare(scores["base"], scores["tuned"], paired=True)
     result.to_json(str(out / "comparison.json"))
-    report = result.to_markdown()
+    report = result.to_markdown(result.groups)  # every group: all, by receiver and source kind, by layer
     (out / "report.md").write_text(f"# circuitdiff compare\n\n{_describe(counts, selection.t_cut, config)}\n\n"
                                    f"{report}\n")
     figures = _plots(result, out / "figures")
@@ -203,7 +206,7 @@ def run_compare(
         "selection": _selection_record(selection), "figures": figures,
         "versions": scores["base"].metadata.get("versions", {}),
     }, indent=2))
-    log(report)
+    log(f"report: {out / 'report.md'}")
     return result
 
 
@@ -244,7 +247,7 @@ def _start(config: PipelineConfig | None, questions_path: str | os.PathLike[str]
     """Check the settings and read the questions (before any model loads); create ``out``."""
     config = config or PipelineConfig()
     config.validate()
-    questions = read_questions(questions_path)
+    questions = read_questions(questions_path)[:config.max_questions]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     return config, questions, out, config.resolved_device()

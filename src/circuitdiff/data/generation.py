@@ -7,6 +7,13 @@ a JSONL file and flushed, and questions already in the file are not generated ag
 run that is interrupted and started again therefore continues where it stopped. A torn
 last line (from a crash mid-write) is ignored and regenerated.
 
+The bridge's KV cache is checked before the first batch. TransformerLens 4.3's attention
+reads the cache from ``past_key_values``, but transformers 5.24 passes it as ``cache``:
+each step then attends only to itself and GPT-2, Llama, Qwen2 and Mistral generate wrong
+tokens. :func:`kv_cache_compat` hands the cache over under the old name during
+generation; if the logits of a short generation with the cache still differ from those
+without it, generation runs without the cache (correct, slower) and warns.
+
 Correctness is not cached: it is recomputed from the cached text on every call, so a
 change to the answer checking applies to old generations too.
 """
@@ -15,9 +22,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +35,7 @@ from circuitdiff.data.answers import answers_match, extract_answer
 from circuitdiff.data.questions import Question
 from circuitdiff.errors import DataError
 
-__all__ = ["Generation", "generate_answers"]
+__all__ = ["Generation", "generate_answers", "kv_cache_compat", "kv_cache_is_sound"]
 
 
 @dataclass(frozen=True)
@@ -77,17 +86,23 @@ def generate_answers(
     hf_model, tokenizer = model.original_model, model.tokenizer
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="generating", unit="question",
                disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        records = [{**r, **source} for r in _generate(hf_model, tokenizer, batch, max_new_tokens)]
-        if cache is not None:
-            with open(cache, "a", encoding="utf-8") as f:
-                for record in records:
-                    f.write(json.dumps(record) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        cached.update((r["id"], r) for r in records)
-        bar.update(len(batch))
+    with kv_cache_compat(hf_model):
+        use_cache = not todo or kv_cache_is_sound(hf_model, tokenizer, todo[0].prompt)
+        if not use_cache:
+            warnings.warn("generation with the KV cache gives other logits than without it on this TransformerLens/"
+                          "transformers pair; generating without the cache (correct, but slower for long answers).",
+                          stacklevel=2)
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            records = [{**r, **source} for r in _generate(hf_model, tokenizer, batch, max_new_tokens, use_cache)]
+            if cache is not None:
+                with open(cache, "a", encoding="utf-8") as f:
+                    for record in records:
+                        f.write(json.dumps(record) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            cached.update((r["id"], r) for r in records)
+            bar.update(len(batch))
     bar.close()
     out = []
     for q in questions:
@@ -98,7 +113,53 @@ def generate_answers(
     return out
 
 
-def _generate(hf_model: Any, tokenizer: Any, batch: Sequence[Question], max_new_tokens: int) -> list[dict]:
+@contextmanager
+def kv_cache_compat(hf_model: Any) -> Iterator[None]:
+    """While active, TransformerLens's attention components find a KV cache passed as
+    ``cache`` (transformers >= 5.2x) under ``past_key_values``, the name they read."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    def rename(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(rename, with_kwargs=True)
+               for m in hf_model.modules() if isinstance(m, AttentionBridge)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def kv_cache_is_sound(hf_model: Any, tokenizer: Any, prompt: str, steps: int = 8) -> bool:
+    """Whether greedy generation with the KV cache gives the logits it gives without it.
+
+    ``steps`` tokens are generated from ``prompt`` both ways; the cache is sound when the
+    largest logit difference is at most 2% of the largest logit (bfloat16 rounding stays
+    well inside that; a broken cache differs by the logits' own size).
+    """
+    encoded = tokenizer([prompt], return_tensors="pt")
+    device = next(hf_model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    logits = []
+    with torch.no_grad():
+        for use_cache in (True, False):
+            output = hf_model.generate(
+                input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device),
+                max_new_tokens=steps, do_sample=False, pad_token_id=pad, use_cache=use_cache,
+                output_logits=True, return_dict_in_generate=True,
+            )
+            logits.append(torch.stack(output.logits).float())
+    cached, plain = logits
+    if cached.shape != plain.shape:
+        return False
+    return bool((cached - plain).abs().max() <= 0.02 * plain.abs().max())
+
+
+def _generate(hf_model: Any, tokenizer: Any, batch: Sequence[Question], max_new_tokens: int,
+              use_cache: bool = True) -> list[dict]:
     """One batched greedy ``generate`` call; JSON-ready records."""
     side = tokenizer.padding_side
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -111,7 +172,7 @@ def _generate(hf_model: Any, tokenizer: Any, batch: Sequence[Question], max_new_
     with torch.no_grad():
         output = hf_model.generate(
             input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, use_cache=use_cache,
         )
     width = encoded["input_ids"].shape[1]
     stops = hf_model.generation_config.eos_token_id  # what generate stops at: an id, a list, or None

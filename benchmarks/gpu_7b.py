@@ -1,0 +1,562 @@
+"""EAP at 7B scale on one GPU: time, tokens/s and peak memory against a plain pass and TL's flags.
+
+Random-weight Hugging Face models with the shapes of two 7B checkpoints are built
+directly on the GPU in bfloat16 (nothing is downloaded; a throwaway word-level
+tokenizer is written to a temporary directory):
+
+- ``deepseek-math-7b``: LlamaForCausalLM, 30 layers, d_model 4096, 32 heads (no GQA),
+  d_mlp 11008, vocabulary 102400;
+- ``qwen2.5-7b``: Qwen2ForCausalLM (q/k/v biases), 28 layers, d_model 3584, 28 query
+  heads, 4 key/value heads, d_mlp 18944, vocabulary 152064.
+
+For each model, graph level (layer, head) and sequence length (512, 2048), batch 1,
+random token ids, objective ``answer_nll`` on the last quarter of the tokens, it
+measures (1 warm-up, then the median of ``--repeats`` timed passes, each between
+``torch.cuda.synchronize()`` calls; then one more pass for the peak):
+
+- ``eap``: one ``cd.attribute(..., method="eap", intervention="zero")`` call
+  (per-sample scores kept): seconds per sample, tokens/s, peak memory;
+- ``plain``: a forward+backward of the same model and batch, no hooks, no parameter
+  gradients, the same objective (the backward starts from input embeddings that
+  require grad), and the ratio eap / plain;
+- ``tl_flags``: the same bridge with TransformerLens's ``set_use_split_qkv_input``,
+  ``set_use_attn_result`` and ``set_use_hook_mlp_in`` switched on (what EAP-IG and the
+  paper's code run on), doing the same zero-ablation EAP the way those codes do: forward
+  hooks write every source's output (``hook_result`` per head, ``hook_mlp_out``, the
+  embeddings) into one ``[batch, pos, n_sources, d_model]`` buffer in the model's dtype,
+  backward hooks on ``hook_q_input`` / ``hook_k_input`` / ``hook_v_input`` /
+  ``hook_mlp_in`` / ``ln_final.hook_in`` contract it with the gradients. Parameter
+  gradients are off here too (EAP-IG leaves them on, which adds a copy of the weights).
+  Its summed scores are compared with circuitdiff's (``rel_diff``: relative Frobenius
+  difference; ~1e-6 in float32, a few percent in bf16).
+
+Peak memory is ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``
+(absolute: it includes the weights). A pass that runs out of memory is reported as
+"OOM" (what it had allocated goes to ``oom_details``) and the run goes on; any other
+failure is reported as "ERROR ..." with its traceback on stderr and makes the exit
+status 1. Everything is printed as one markdown table and written as JSON to ``--json``
+(rewritten after each model). TF32 stays off (PyTorch's default), as for a user.
+
+On the GPU machine (torch, transformers, no transformer-lens; see run_gpu_7b.sh):
+
+    PYTHONPATH=/tmp/site:src python3 benchmarks/gpu_7b.py --json $OUT/gpu_7b.json
+
+The identical code path on CPU with tiny shapes (2 layers, d_model 64, 4 heads, 4 or 2
+key/value heads, vocabulary 128, 16 and 32 tokens, float32; peak memory from the
+profiler's allocation events plus the parameter bytes), as the test runs it:
+
+    python benchmarks/gpu_7b.py --tiny --json /tmp/gpu_7b_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fnmatch
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Fewer fragmentation OOMs when passes of very different sizes alternate.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # silence the CPU profiler (--tiny)
+
+import torch  # noqa: E402
+
+try:
+    import circuitdiff as cd
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import circuitdiff as cd
+
+
+@dataclass(frozen=True)
+class Shape:
+    arch: str  # "llama" | "qwen2"
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_mlp: int
+    vocab: int
+
+
+MODELS = {
+    "deepseek-math-7b": Shape("llama", 30, 4096, 32, 32, 11008, 102400),
+    "qwen2.5-7b": Shape("qwen2", 28, 3584, 28, 4, 18944, 152064),
+}
+TINY_MODELS = {
+    "tiny-llama": Shape("llama", 2, 64, 4, 4, 128, 128),
+    "tiny-qwen2": Shape("qwen2", 2, 64, 4, 2, 128, 128),
+}
+LEVELS = ("layer", "head")
+SEQ_LENS, TINY_SEQ_LENS = (512, 2048), (16, 32)
+BATCH = 1
+GIB = 2**30
+
+OOM = "OOM"
+
+
+class FakeOOM(torch.cuda.OutOfMemoryError):
+    """Raised for passes named by ``--fake-oom`` (tests the OOM path on CPU)."""
+
+
+def is_oom(error: BaseException) -> bool:
+    """CUDA out of memory, including the cuBLAS/cuDNN workspace failures that arrive as RuntimeError."""
+    text = str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in text.lower() or "ALLOC_FAILED" in text))
+
+
+def failure(where: str, error: BaseException) -> str:
+    """Print the traceback to stderr and return the cell's text: "ERROR Type: message"."""
+    print(f"\n!! {where} failed:", file=sys.stderr, flush=True)
+    traceback.print_exception(error, file=sys.stderr)
+    return f"ERROR {type(error).__name__}: {str(error)[:300]}"
+
+
+# ---------------------------------------------------------------------------- models
+def build_model(shape: Shape, device: str, dtype: torch.dtype, seed: int = 0) -> Any:
+    """A random-weight HF model, created on ``device`` in ``dtype`` (no float32 detour)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=shape.vocab, hidden_size=shape.d_model, intermediate_size=shape.d_mlp,
+                  num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
+                  num_key_value_heads=shape.n_kv_heads, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    if shape.arch == "llama":
+        config, cls = LlamaConfig(**common), LlamaForCausalLM
+    else:
+        config, cls = Qwen2Config(**common), Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as from_pretrained(dtype=...) does; rotary inv_freq stays float32
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    wrong = {str(p.dtype) for p in model.parameters() if p.dtype != dtype}
+    if wrong:
+        raise RuntimeError(f"parameters built in {wrong}, not {dtype}")
+    return model.eval()
+
+
+def build_tokenizer(vocab: int, directory: Path) -> Any:
+    """A word-level tokenizer with ``vocab`` entries, saved and reloaded (TransformerLens needs a path)."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab - 1)} | {"[UNK]": vocab - 1}
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="[UNK]")),
+                                   unk_token="[UNK]")
+    fast.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def make_batch(vocab: int, tokens: int, answer_fraction: float, device: str, seed: int = 0) -> cd.Batch:
+    """Random ids; labels (the next token) on the last ``answer_fraction`` of the positions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (BATCH, tokens + 1), generator=g)
+    labels = ids[:, 1:].clone()
+    answer = max(1, int(tokens * answer_fraction))
+    labels[:, : tokens - answer] = cd.IGNORE
+    return cd.Batch(ids[:, :tokens], labels=labels).to(device)
+
+
+# ---------------------------------------------------------------------------- passes
+def plain_pass(model: Any, batch: cd.Batch, objective: Callable[..., torch.Tensor]) -> None:
+    """Forward+backward without hooks or parameter gradients, from embeddings that require grad."""
+    embeddings = model.embed(batch.input_ids).detach().requires_grad_(True)
+    logits = model(embeddings)
+    objective(logits, batch).sum().backward()
+
+
+def eap_pass(model: Any, graph: cd.AttributionGraph, batch: cd.Batch,
+             objective: Callable[..., torch.Tensor]) -> cd.EdgeScores:
+    return cd.attribute(model, graph, [batch], objective=objective, method="eap", intervention="zero",
+                        per_sample=True, progress=False)
+
+
+def tl_flags_pass(model: Any, graph: cd.AttributionGraph, batch: cd.Batch,
+                  objective: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Zero-ablation EAP the way EAP-IG does it, on a bridge with TL's per-head flags on.
+
+    One activation buffer ``[batch, pos, n_sources, d_model]`` in the model's dtype holds
+    ``0 - output`` of every source (written by forward hooks); backward hooks on the
+    receivers add ``buffer . gradient`` into float32 ``[n_sources, n_receivers]`` scores
+    (summed over the batch). Rows and columns follow ``graph``, so the result is
+    comparable with circuitdiff's mean scores.
+    """
+    b, p = batch.input_ids.shape
+    dtype = next(model.parameters()).dtype
+    buffer = torch.zeros(b, p, graph.n_sources, model.cfg.d_model, dtype=dtype, device=batch.input_ids.device)
+    scores = torch.zeros(graph.n_sources, graph.n_receivers, dtype=torch.float32, device=buffer.device)
+    head = graph.level == "head"
+
+    def source(rows: slice, per_head: bool) -> Callable[..., None]:
+        def hook(x: torch.Tensor, hook: Any) -> None:
+            x = x.detach()
+            if not per_head:  # [b, p, d] -> one row; [b, p, heads, d] summed to one row at layer level
+                x = x.unsqueeze(2) if x.ndim == 3 else x.sum(2, keepdim=True)
+            buffer[:, :, rows] = -x
+        return hook
+
+    def receiver(columns: slice, n_read: int, per_head: bool) -> Callable[..., None]:
+        def hook(grad: torch.Tensor, hook: Any) -> None:
+            g = grad.unsqueeze(2) if grad.ndim == 3 else (grad if per_head else grad.sum(2, keepdim=True))
+            scores[:n_read, columns] += torch.einsum("bpsd,bprd->sr", buffer[:, :, :n_read], g).float()
+        return hook
+
+    fwd = [("blocks.0.hook_in", source(slice(0, 1), False))]
+    bwd = []
+    for layer in range(graph.n_layers):
+        fwd.append((f"blocks.{layer}.attn.hook_result", source(graph.attention_sources(layer), head)))
+        mlp = graph.mlp_source(layer)
+        fwd.append((f"blocks.{layer}.hook_mlp_out", source(slice(mlp, mlp + 1), False)))
+        attn = graph.group("attn", layer)
+        n_q, n_k, n_v = graph.receivers_per_attention
+        start = attn.columns.start
+        for name, width in (("q", n_q), ("k", n_k), ("v", n_v)):
+            bwd.append((f"blocks.{layer}.attn.hook_{name}_input",
+                        receiver(slice(start, start + width), attn.n_sources_read, head)))
+            start += width
+        group = graph.group("mlp", layer)
+        bwd.append((f"blocks.{layer}.hook_mlp_in", receiver(group.columns, group.n_sources_read, False)))
+    group = graph.group("logits")
+    bwd.append(("ln_final.hook_in", receiver(group.columns, group.n_sources_read, False)))
+    embeddings = model.embed(batch.input_ids).detach().requires_grad_(True)
+    with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+        logits = model(embeddings)
+        objective(logits, batch).sum().backward()
+    return scores
+
+
+# ---------------------------------------------------------------------------- measuring
+class Meter:
+    """Times passes and measures their peak memory on one device."""
+
+    def __init__(self, device: str, repeats: int, fake_oom: list[str]) -> None:
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self.repeats = repeats
+        self.fake_oom = fake_oom
+        #: key -> what an out-of-memory pass had allocated at most, and the failed request
+        self.oom_details: dict[str, dict[str, Any]] = {}
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def free(self) -> None:
+        """Give freed blocks back to the GPU (on CPU there is nothing to give back, and
+        ``gc.collect`` over the heap of transformers and TransformerLens takes ~0.3 s)."""
+        if self.cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def measure(self, key: str, run: Callable[[], Any], baseline_bytes: int) -> dict[str, float] | str:
+        """``{"seconds", "peak_bytes"}`` of ``run`` (warm-up, median of repeats, a peak pass), or "OOM"."""
+        result: dict[str, float] | str
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            if any(fnmatch.fnmatchcase(key, pattern) for pattern in self.fake_oom):
+                raise FakeOOM(f"--fake-oom {key}")
+            run()  # warm-up
+            times = []
+            for _ in range(self.repeats):
+                self.sync()
+                start = time.perf_counter()
+                run()
+                self.sync()
+                times.append(time.perf_counter() - start)
+            result = {"seconds": statistics.median(times), "peak_bytes": float(self.peak(run, baseline_bytes))}
+        except Exception as error:  # one failing pass must not cost the other cells of a GPU run
+            if is_oom(error):
+                result = OOM
+                request = re.search(r"Tried to allocate ([0-9.]+ [KMGT]?i?B)", str(error))
+                self.oom_details[key] = {
+                    "allocated_peak_bytes": torch.cuda.max_memory_allocated() if self.cuda else None,
+                    "tried_to_allocate": request.group(1) if request else None}
+            else:
+                result = failure(key, error)
+        self.free()  # after the except block, so the traceback's frames are gone
+        return result
+
+    def peak(self, run: Callable[[], Any], baseline_bytes: int) -> int:
+        """Peak bytes allocated during one more pass, including what was allocated before it.
+
+        CUDA: ``max_memory_allocated``. CPU: ``baseline_bytes`` (the model's parameters)
+        plus the peak of the running sum of the profiler's allocation events.
+        """
+        if self.cuda:
+            self.sync()
+            torch.cuda.reset_peak_memory_stats()
+            run()
+            self.sync()
+            return torch.cuda.max_memory_allocated()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        running = peak = 0
+        for _, nbytes in events:
+            running += nbytes
+            peak = max(peak, running)
+        return baseline_bytes + peak
+
+
+def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    ours, theirs = ours.double().cpu(), theirs.double().cpu()
+    return float((ours - theirs).norm() / ours.norm().clamp_min(1e-30))
+
+
+def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, tmp: Path) -> tuple[list[dict], dict]:
+    """Every cell of one model (which the caller frees once this returns)."""
+    dtype = getattr(torch, args.dtype)
+    started = time.perf_counter()
+    hf = build_model(shape, args.device, dtype)
+    tokenizer = build_tokenizer(shape.vocab, tmp / name)
+    model = cd.load_model(hf, tokenizer=tokenizer, device=args.device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    spec = cd.describe_model(model)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    info = {"architecture": spec.architecture, "parameters": sum(p.numel() for p in model.parameters()),
+            "weight_bytes": weight_bytes, "build_seconds": time.perf_counter() - started,
+            "allocated_after_build_bytes": torch.cuda.memory_allocated() if meter.cuda else weight_bytes}
+    print(f"\n== {name}: {spec.architecture}, {spec.n_layers} layers, d_model {spec.d_model}, {spec.n_heads} heads "
+          f"({spec.n_kv_heads} kv), vocab {spec.d_vocab}, {info['parameters'] / 1e6:,.1f} M parameters, "
+          f"{size(weight_bytes)} of weights ({spec.dtype}), built in {info['build_seconds']:.1f} s", flush=True)
+    objective = cd.objectives.answer_nll()
+    graphs = {level: cd.AttributionGraph.from_model(model, level=level) for level in args.levels}
+    cells: dict[tuple[str, int], dict] = {}
+    kept: dict[tuple[str, int], torch.Tensor] = {}
+
+    for tokens in args.seq:
+        batch = make_batch(shape.vocab, tokens, args.answer_fraction, args.device)
+        key = f"{name}/plain/-/{tokens}"
+        plain = meter.measure(key, lambda batch=batch: plain_pass(model, batch, objective), weight_bytes)
+        print(f"  {tokens} tokens, plain: {show(plain, meter.oom_details.get(key))}", flush=True)
+        for level in args.levels:
+            last: list[cd.EdgeScores] = []
+
+            def eap(graph: cd.AttributionGraph = graphs[level], batch: cd.Batch = batch, last: list = last) -> None:
+                last[:] = [eap_pass(model, graph, batch, objective)]
+
+            key = f"{name}/eap/{level}/{tokens}"
+            result = meter.measure(key, eap, weight_bytes)
+            if last:
+                kept[level, tokens] = last[0].mean
+            del last
+            meter.free()
+            print(f"  {tokens} tokens, eap {level}: {show(result, meter.oom_details.get(key))}", flush=True)
+            graph = graphs[level]
+            cells[level, tokens] = {"model": name, "architecture": spec.architecture, "level": level,
+                                    "tokens": tokens, "eap": result, "plain": plain,
+                                    # circuitdiff's float32 [batch, n_sources, pos, d_model] buffer
+                                    "eap_buffer_bytes": BATCH * graph.n_sources * tokens * spec.d_model * 4,
+                                    "n_sources": graph.n_sources, "n_receivers": graph.n_receivers,
+                                    "n_edges": graph.n_edges}
+        del batch
+
+    # TransformerLens's own per-head path: switch the flags on (circuitdiff refuses
+    # such a bridge, so this comes after its passes), same model, same batches.
+    try:
+        model.set_use_split_qkv_input(True)
+        model.set_use_attn_result(True)
+        model.set_use_hook_mlp_in(True)
+        flags_error = None
+    except Exception as error:
+        flags_error = failure(f"{name}: switching on TransformerLens's flags", error)
+    for tokens in args.seq if flags_error is None else ():
+        batch = make_batch(shape.vocab, tokens, args.answer_fraction, args.device)
+        for level in args.levels:
+            last_scores: list[torch.Tensor] = []
+
+            def tl(graph: cd.AttributionGraph = graphs[level], batch: cd.Batch = batch,
+                   out: list = last_scores) -> None:
+                out[:] = [tl_flags_pass(model, graph, batch, objective)]
+
+            key = f"{name}/tl/{level}/{tokens}"
+            result = meter.measure(key, tl, weight_bytes)
+            cell = cells[level, tokens]
+            cell["tl_flags"] = result
+            if last_scores and (level, tokens) in kept:
+                cell["rel_diff"] = relative_difference(kept[level, tokens], last_scores[0] / BATCH)
+            del last_scores
+            meter.free()
+            print(f"  {tokens} tokens, tl_flags {level}: {show(result, meter.oom_details.get(key))}", flush=True)
+        del batch
+
+    for cell in cells.values():
+        cell.setdefault("tl_flags", flags_error)
+    # Release the weights (shared by the bridge) even if a registry or cache still holds a module.
+    hf.to_empty(device="meta")
+    for cell in cells.values():
+        eap, plain = cell["eap"], cell["plain"]
+        if isinstance(eap, dict):
+            eap["tokens_per_s"] = BATCH * cell["tokens"] / eap["seconds"]
+        cell["ratio"] = eap["seconds"] / plain["seconds"] if isinstance(eap, dict) and isinstance(plain, dict) else None
+        cell.setdefault("rel_diff", None)
+    return list(cells.values()), info
+
+
+# ---------------------------------------------------------------------------- output
+def show(result: dict[str, float] | str, oom: dict[str, Any] | None = None) -> str:
+    if result == OOM and oom and oom.get("allocated_peak_bytes"):
+        return (f"OOM (had allocated up to {size(oom['allocated_peak_bytes'])}, "
+                f"then tried to allocate {oom.get('tried_to_allocate') or '?'})")
+    if not isinstance(result, dict):
+        return str(result)
+    return f"{seconds(result['seconds'])}, peak {size(result['peak_bytes'])}"
+
+
+def seconds(value: float) -> str:
+    return f"{value:.3f} s" if value >= 0.1 else f"{value * 1e3:.1f} ms"
+
+
+def size(value: float) -> str:
+    return f"{value / GIB:.1f} GiB" if value >= GIB else f"{value / 2**20:.1f} MiB"
+
+
+def table(cells: list[dict]) -> str:
+    header = ["model", "graph", "tokens", "EAP s/sample", "EAP tokens/s", "EAP peak", "plain fwd+bwd",
+              "plain peak", "EAP / plain", "TL flags pass", "TL flags peak", "TL vs cd scores"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c in cells:
+        eap, plain, tl = c["eap"], c["plain"], c.get("tl_flags", "-")
+
+        def field(result: Any, key: str, fmt: Callable[[float], str]) -> str:
+            if isinstance(result, dict):
+                return fmt(result[key])
+            return "ERROR" if str(result).startswith("ERROR") else str(result)
+
+        row = [c["model"], c["level"], str(c["tokens"]),
+               field(eap, "seconds", seconds), field(eap, "tokens_per_s", lambda v: f"{v:,.0f}"),
+               field(eap, "peak_bytes", size), field(plain, "seconds", seconds), field(plain, "peak_bytes", size),
+               f"{c['ratio']:.2f}x" if c["ratio"] is not None else "-",
+               field(tl, "seconds", seconds), field(tl, "peak_bytes", size),
+               f"{c['rel_diff']:.1e}" if c.get("rel_diff") is not None else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("transformers", "transformer-lens", "circuitdiff"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed (imported from a path)"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    return {"device": device, "versions": versions, "dtype": args.dtype, "batch": BATCH, "repeats": args.repeats,
+            "answer_fraction": args.answer_fraction, "objective": "answer_nll", "intervention": "zero",
+            "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory
+            if args.device.startswith("cuda") else None,
+            "tf32": torch.backends.cuda.matmul.allow_tf32,
+            "peak_memory": "torch.cuda.max_memory_allocated (absolute)" if args.device.startswith("cuda")
+            else "parameter bytes + peak of the profiler's allocation events",
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU in float32 (the test's mode)")
+    parser.add_argument("--json", type=Path, help="write the cells and the environment here")
+    parser.add_argument("--models", nargs="+", help="a subset of the models (default: all of the mode)")
+    parser.add_argument("--seq", type=int, nargs="+", help="sequence lengths (default 512 2048; tiny: 16 32)")
+    parser.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per cell, after one warm-up")
+    parser.add_argument("--answer-fraction", type=float, default=0.25,
+                        help="share of the positions (the last ones) that the objective scores")
+    parser.add_argument("--device", help="default: cuda (cpu with --tiny)")
+    parser.add_argument("--dtype", help="default: bfloat16 (float32 with --tiny)")
+    parser.add_argument("--fake-oom", action="append", default=[], metavar="PATTERN",
+                        help="treat passes whose key model/kind/level/tokens matches as out of memory "
+                             "(kind: plain, eap, tl); tests the OOM path")
+    args = parser.parse_args(argv)
+    catalogue = TINY_MODELS if args.tiny else MODELS
+    args.models = args.models or list(catalogue)
+    unknown = [m for m in args.models if m not in catalogue]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {list(catalogue)}")
+    args.seq = args.seq or list(TINY_SEQ_LENS if args.tiny else SEQ_LENS)
+    args.device = args.device or ("cpu" if args.tiny else "cuda")
+    args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("no CUDA device here; run with --tiny for the CPU version")
+    if args.tiny:  # tiny matrices: threads only contend (10x slower on 2 busy cores)
+        torch.set_num_threads(1)
+
+    env = environment(args)
+    print(f"device {env['device']}, {args.dtype}, batch {BATCH}, warm-up + median of {args.repeats}, "
+          f"answer_nll on the last {args.answer_fraction:.0%} of the tokens; versions {env['versions']}", flush=True)
+    meter = Meter(args.device, args.repeats, args.fake_oom)
+    cells: list[dict] = []
+    models: dict[str, dict] = {}
+    started = time.perf_counter()
+
+    def save(complete: bool) -> None:  # after every model, so a run cut short keeps what it measured
+        env["total_seconds"] = time.perf_counter() - started
+        env["complete"] = complete
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"environment": env, "models": models, "cells": cells,
+                                             "oom_details": meter.oom_details}, indent=2))
+
+    with tempfile.TemporaryDirectory(prefix="gpu_7b-") as tmp:
+        for name in args.models:
+            try:
+                model_cells, info = run_model(name, catalogue[name], args, meter, Path(tmp))
+            except Exception as error:
+                model_cells, info = [], {"error": failure(name, error)}
+            gc.collect()  # the model is gone with run_model's frame; collect cycles, empty the cache
+            meter.free()
+            if meter.cuda:
+                info["allocated_after_free_bytes"] = torch.cuda.memory_allocated()
+                if info["allocated_after_free_bytes"] > GIB:
+                    print(f"  warning: {size(info['allocated_after_free_bytes'])} still allocated after {name}",
+                          flush=True)
+            cells += model_cells
+            models[name] = info
+            save(complete=False)
+    save(complete=True)
+    weights = ", ".join(f"{name} {size(info['weight_bytes'])}" for name, info in models.items()
+                        if "weight_bytes" in info)
+    print(f"\n{table(cells)}\n\nBatch {BATCH}; seconds are medians of {args.repeats} passes after a warm-up. "
+          f"Peaks are the most memory allocated during one pass, weights included ({weights}; "
+          f"{env['peak_memory']}). EAP: one cd.attribute call (zero ablation, float32 buffers). "
+          "Plain: forward+backward, no hooks, no parameter gradients. TL flags: the same EAP with an EAP-IG-style "
+          "buffer on TransformerLens's split-qkv / attn-result / mlp-in flags; TL vs cd: relative difference "
+          "of the two passes' scores.\n"
+          f"total {env['total_seconds']:.1f} s", flush=True)
+    errors = [f"{name}: {info['error']}" for name, info in models.items() if "error" in info]
+    errors += [f"{c['model']} {c['level']} {c['tokens']} {kind}: {c[kind]}" for c in cells
+               for kind in ("eap", "plain", "tl_flags") if str(c.get(kind)).startswith("ERROR")]
+    for line in errors:
+        print(line, file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

@@ -1,0 +1,127 @@
+"""The bundled demo: files match the manifest, the models load, answer and score, and
+``circuitdiff demo`` runs end to end on a reduced setting."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+import circuitdiff as cd
+from circuitdiff.cli import main
+from circuitdiff.data import generate_answers, read_questions
+from circuitdiff.demo import DEMO_DATA, TUNED_MODELS, check_demo_files, side_by_side
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("base", *TUNED_MODELS)
+
+
+def test_every_file_matches_the_manifest():
+    manifest = json.loads((DEMO_DATA / "manifest.json").read_text())
+    files = {p.relative_to(DEMO_DATA).as_posix() for p in DEMO_DATA.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == files
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((DEMO_DATA / name).read_bytes()).hexdigest() == digest, name
+    for model in MODELS:
+        assert {f"{model}/model.safetensors", f"{model}/config.json", f"{model}/tokenizer.json"} <= files
+    assert check_demo_files() == manifest
+    assert set(manifest["accuracy"]) == set(MODELS) and manifest["seed"] == 1234
+    assert {"torch", "transformers", "trl"} <= set(manifest["versions"])
+
+
+def test_package_data_ships_every_demo_file():
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["circuitdiff"]
+    for path in DEMO_DATA.rglob("*"):
+        if path.is_file():
+            name = path.relative_to(DEMO_DATA.parent).as_posix()
+            assert any(fnmatch.fnmatch(name, p) and name.count("/") == p.count("/") for p in patterns), name
+
+
+def test_changed_missing_or_extra_files_are_refused(tmp_path):
+    copy = tmp_path / "demo"
+    shutil.copytree(DEMO_DATA, copy)
+    weights = copy / "grpo" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(cd.DataError, match="grpo/model.safetensors.*does not match its SHA-256"):
+        check_demo_files(copy)
+    shutil.copyfile(DEMO_DATA / "grpo" / "model.safetensors", weights)
+    check_demo_files(copy)
+    (copy / "dpo" / "notes.txt").write_text("x")
+    with pytest.raises(cd.DataError, match="does not list.*dpo/notes.txt"):
+        check_demo_files(copy)
+    (copy / "dpo" / "notes.txt").unlink()
+    (copy / "questions.jsonl").unlink()
+    with pytest.raises(cd.DataError, match="questions.jsonl.*missing"):
+        check_demo_files(copy)
+    with pytest.raises(cd.DataError, match="no demo manifest"):
+        check_demo_files(tmp_path)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bundled_models_answer_as_the_manifest_says_and_score(name):
+    manifest = check_demo_files()
+    model = cd.load_model(DEMO_DATA / name, device="cpu")
+    spec = cd.describe_model(model)
+    assert (spec.architecture, spec.n_kv_heads < spec.n_heads) == ("LlamaForCausalLM", True)  # GQA
+    questions = read_questions(DEMO_DATA / "questions.jsonl")
+    assert len(questions) == manifest["n_questions"]
+    answers = generate_answers(model, questions, batch_size=100, max_new_tokens=48, progress=False)
+    accuracy = sum(a.correct for a in answers) / len(answers)
+    # the training script measured it with its own generation loop and answer check
+    assert accuracy == pytest.approx(manifest["accuracy"][name], abs=0.01)
+    correct = [a for a in answers if a.correct][:4]
+    graph = cd.AttributionGraph.from_model(model, level="head")
+    batches = cd.make_batches(model.tokenizer, [q.prompt for q in questions if q.id in {a.id for a in correct}],
+                              [a.answer_ids for a in correct], batch_size=4)
+    scores = cd.attribute(model, graph, batches, objective="answer_nll", progress=False)
+    assert scores.per_sample.shape == (4, graph.n_sources, graph.n_receivers)
+    assert torch.isfinite(scores.per_sample).all() and scores.mean.abs().max() > 0
+
+
+def test_demo_command_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--max-questions", "80", "--n", "12", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    for name in TUNED_MODELS:
+        run = json.loads((out / f"base-vs-{name}" / "run.json").read_text())
+        assert run["counts"]["questions"] == 80 and run["counts"]["scored"] == 12
+        assert len(run["figures"]) == 4 and all(Path(f).is_file() for f in run["figures"])
+    report = (out / "report.md").read_text()
+    assert "| metric (all edges) | base -> grpo | base -> dpo |" in report
+    # each cell is the per-comparison JSON's row, in % of base
+    rows = {name: {r["metric"]: r for r in json.loads((out / f"base-vs-{name}" / "comparison.json").read_text())["rows"]
+                   if r["group"] == "all"} for name in TUNED_MODELS}
+    intensity = next(line for line in report.splitlines() if line.startswith("| intensity |"))
+    for name, cell in zip(TUNED_MODELS, intensity.split(" | ")[1:]):
+        row = rows[name]["intensity"]
+        assert cell.startswith(f"{row['percent_change']:+.1f}% [{100 * row['ci_low'] / row['base']:+.1f}, ")
+    # a second run reuses everything: the same report, no generation
+    before = (out / "base-vs-dpo" / "comparison.json").read_text()
+    assert main(["demo", "--out", str(out), "--max-questions", "80", "--n", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "| metric (all edges) | base -> grpo | base -> dpo |" in printed and "base 44.4%" in printed
+    assert (out / "base-vs-dpo" / "comparison.json").read_text() == before
+
+
+def test_side_by_side_reads_each_comparison(get_model):
+    from test_metrics import random_scores, scores_from
+
+    graph = cd.AttributionGraph.from_model(get_model("llama"), level="layer")
+    base = random_scores(graph)
+    doubled = scores_from(graph, 2 * base.per_sample)
+    table = side_by_side({"twice": cd.compare(base, doubled), "same": cd.compare(base, base)})
+    intensity = next(line for line in table.splitlines() if line.startswith("| intensity |"))
+    twice = intensity.split(" | ")[1]  # "+100.0% [low, high] p=..."; the CI is that of base's mean intensity
+    low, high = (float(x) for x in twice[twice.index("[") + 1:twice.index("]")].split(", "))
+    assert twice.startswith("+100.0% [") and low < 100 < high
+    assert intensity.endswith("| +0.0% [+0.0, +0.0] p=1 |")
+    assert table.splitlines()[0] == "| metric (all edges) | base -> twice | base -> same |"
+    assert "| Spearman(base, tuned) | 1.000 | 1.000 |" in table and "| samples (paired) | 30 | 30 |" in table

@@ -1,0 +1,102 @@
+"""benchmarks/gpu_7b.py: its --tiny mode runs the GPU benchmark's code path on CPU.
+
+The 7B run has one chance on a borrowed GPU, so every cell, the JSON and the
+out-of-memory path are exercised here on tiny shapes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_7b.py"
+MODELS = ("tiny-llama", "tiny-qwen2")
+LEVELS = ("layer", "head")
+TOKENS = (16, 32)
+
+
+def run(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    out = tmp_path / "gpu_7b.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--json", str(out), *args],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def cells_by_key(report: dict) -> dict[tuple[str, str, int], dict]:
+    return {(c["model"], c["level"], c["tokens"]): c for c in report["cells"]}
+
+
+def test_tiny_run_reports_every_cell_with_positive_numbers(tmp_path):
+    report, stdout = run(tmp_path)
+    cells = cells_by_key(report)
+    assert set(cells) == {(m, level, t) for m in MODELS for level in LEVELS for t in TOKENS}
+    assert len(report["cells"]) == len(cells)
+    for key, cell in cells.items():
+        for kind, fields in (("eap", ("seconds", "tokens_per_s", "peak_bytes")),
+                             ("plain", ("seconds", "peak_bytes")),
+                             ("tl_flags", ("seconds", "peak_bytes"))):
+            assert isinstance(cell[kind], dict), (key, kind, cell[kind])
+            for field in fields:
+                assert positive(cell[kind][field]), (key, kind, field, cell[kind][field])
+        assert positive(cell["ratio"]), (key, cell["ratio"])
+        assert math.isclose(cell["eap"]["tokens_per_s"], cell["tokens"] / cell["eap"]["seconds"])
+        # The peak includes the weights, so every pass peaks above them.
+        weights = report["models"][cell["model"]]["weight_bytes"]
+        assert min(cell[kind]["peak_bytes"] for kind in ("eap", "plain", "tl_flags")) > weights
+        # TransformerLens's flag path computes the same zero-ablation EAP scores (float32).
+        assert 0 <= cell["rel_diff"] < 1e-4, (key, cell["rel_diff"])
+    assert report["models"]["tiny-qwen2"]["architecture"] == "Qwen2ForCausalLM"
+    assert report["environment"]["dtype"] == "float32"
+    table = [line for line in stdout.splitlines() if line.startswith("| tiny-")]
+    assert len(table) == len(cells)
+
+
+def test_out_of_memory_and_failing_passes_are_reported_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
+    # In-process (the first test covers the command line): skips a second interpreter start.
+    spec = importlib.util.spec_from_file_location("gpu_7b", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_7b", module)  # dataclasses look their module up there
+    environment, threads = os.environ.copy(), torch.get_num_threads()
+    out = tmp_path / "oom.json"
+    try:
+        spec.loader.exec_module(module)  # sets a few environment defaults
+
+        def broken(*args, **kwargs):
+            raise ValueError("boom")
+
+        monkeypatch.setattr(module, "plain_pass", broken)
+        status = module.main(["--tiny", "--json", str(out), "--models", "tiny-qwen2", "--seq", "16",
+                              "--repeats", "1", "--fake-oom", "*/tl/head/*"])
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert status == 1  # a failed pass fails the run, after every other cell was measured
+    assert "ValueError: boom" in captured.err
+    report = json.loads(out.read_text())
+    assert report["environment"]["complete"] is True
+    cells = cells_by_key(report)
+    assert set(cells) == {("tiny-qwen2", level, 16) for level in LEVELS}
+    head, layer = cells["tiny-qwen2", "head", 16], cells["tiny-qwen2", "layer", 16]
+    assert head["tl_flags"] == "OOM" and head["rel_diff"] is None
+    assert list(report["oom_details"]) == ["tiny-qwen2/tl/head/16"]
+    assert positive(layer["tl_flags"]["peak_bytes"]) and layer["rel_diff"] < 1e-4
+    for cell in (head, layer):
+        assert cell["plain"] == "ERROR ValueError: boom" and cell["ratio"] is None
+        assert positive(cell["eap"]["seconds"]) and positive(cell["eap"]["peak_bytes"])
+    rows = [line for line in captured.out.splitlines() if line.startswith("| tiny-qwen2 | head | 16 |")]
+    assert len(rows) == 1 and "OOM" in rows[0] and "ERROR" in rows[0]
