@@ -104,7 +104,6 @@ TINY_MODELS = {
 }
 LEVELS = ("layer", "head")
 SEQ_LENS, TINY_SEQ_LENS = (512, 2048), (16, 32)
-BATCH = 1
 GIB = 2**30
 
 OOM = "OOM"
@@ -167,10 +166,11 @@ def build_tokenizer(vocab: int, directory: Path) -> Any:
     return AutoTokenizer.from_pretrained(directory)
 
 
-def make_batch(vocab: int, tokens: int, answer_fraction: float, device: str, seed: int = 0) -> cd.Batch:
+def make_batch(vocab: int, tokens: int, answer_fraction: float, device: str, seed: int = 0,
+               batch_size: int = 1) -> cd.Batch:
     """Random ids; labels (the next token) on the last ``answer_fraction`` of the positions."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (BATCH, tokens + 1), generator=g)
+    ids = torch.randint(0, vocab, (batch_size, tokens + 1), generator=g)
     labels = ids[:, 1:].clone()
     answer = max(1, int(tokens * answer_fraction))
     labels[:, : tokens - answer] = cd.IGNORE
@@ -350,7 +350,7 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
     kept: dict[tuple[str, int], torch.Tensor] = {}
 
     for tokens in args.seq:
-        batch = make_batch(shape.vocab, tokens, args.answer_fraction, args.device)
+        batch = make_batch(shape.vocab, tokens, args.answer_fraction, args.device, batch_size=args.batch)
         key = f"{name}/plain/-/{tokens}"
         plain = meter.measure(key, lambda batch=batch: plain_pass(model, batch, objective), weight_bytes)
         print(f"  {tokens} tokens, plain: {show(plain, meter.oom_details.get(key))}", flush=True)
@@ -371,22 +371,27 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
             cells[level, tokens] = {"model": name, "architecture": spec.architecture, "level": level,
                                     "tokens": tokens, "eap": result, "plain": plain,
                                     # circuitdiff's float32 [batch, n_sources, pos, d_model] buffer
-                                    "eap_buffer_bytes": BATCH * graph.n_sources * tokens * spec.d_model * 4,
+                                    "eap_buffer_bytes": args.batch * graph.n_sources * tokens * spec.d_model * 4,
                                     "n_sources": graph.n_sources, "n_receivers": graph.n_receivers,
-                                    "n_edges": graph.n_edges}
+                                    "n_edges": graph.n_edges,
+                                    # circuitdiff's memory planner, for comparison with the measured peak
+                                    "estimate_bytes": cd.estimate_memory(
+                                        model, graph, batch_size=args.batch, seq_len=tokens,
+                                        loss_positions=max(1, int(tokens * args.answer_fraction))).total}
         del batch
 
     # TransformerLens's own per-head path: switch the flags on (circuitdiff refuses
     # such a bridge, so this comes after its passes), same model, same batches.
+    flags_error = "skipped" if args.skip_tl else None
     try:
-        model.set_use_split_qkv_input(True)
-        model.set_use_attn_result(True)
-        model.set_use_hook_mlp_in(True)
-        flags_error = None
+        if not args.skip_tl:
+            model.set_use_split_qkv_input(True)
+            model.set_use_attn_result(True)
+            model.set_use_hook_mlp_in(True)
     except Exception as error:
         flags_error = failure(f"{name}: switching on TransformerLens's flags", error)
     for tokens in args.seq if flags_error is None else ():
-        batch = make_batch(shape.vocab, tokens, args.answer_fraction, args.device)
+        batch = make_batch(shape.vocab, tokens, args.answer_fraction, args.device, batch_size=args.batch)
         for level in args.levels:
             last_scores: list[torch.Tensor] = []
 
@@ -399,7 +404,7 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
             cell = cells[level, tokens]
             cell["tl_flags"] = result
             if last_scores and (level, tokens) in kept:
-                cell["rel_diff"] = relative_difference(kept[level, tokens], last_scores[0] / BATCH)
+                cell["rel_diff"] = relative_difference(kept[level, tokens], last_scores[0] / args.batch)
             del last_scores
             meter.free()
             print(f"  {tokens} tokens, tl_flags {level}: {show(result, meter.oom_details.get(key))}", flush=True)
@@ -412,7 +417,7 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
     for cell in cells.values():
         eap, plain = cell["eap"], cell["plain"]
         if isinstance(eap, dict):
-            eap["tokens_per_s"] = BATCH * cell["tokens"] / eap["seconds"]
+            eap["tokens_per_s"] = args.batch * cell["tokens"] / eap["seconds"]
         cell["ratio"] = eap["seconds"] / plain["seconds"] if isinstance(eap, dict) and isinstance(plain, dict) else None
         cell.setdefault("rel_diff", None)
     return list(cells.values()), info
@@ -437,7 +442,7 @@ def size(value: float) -> str:
 
 
 def table(cells: list[dict]) -> str:
-    header = ["model", "graph", "tokens", "EAP s/sample", "EAP tokens/s", "EAP peak", "plain fwd+bwd",
+    header = ["model", "graph", "tokens", "EAP s/pass", "EAP tokens/s", "EAP peak", "planner est.", "plain fwd+bwd",
               "plain peak", "EAP / plain", "TL flags pass", "TL flags peak", "TL vs cd scores"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in cells:
@@ -450,7 +455,8 @@ def table(cells: list[dict]) -> str:
 
         row = [c["model"], c["level"], str(c["tokens"]),
                field(eap, "seconds", seconds), field(eap, "tokens_per_s", lambda v: f"{v:,.0f}"),
-               field(eap, "peak_bytes", size), field(plain, "seconds", seconds), field(plain, "peak_bytes", size),
+               field(eap, "peak_bytes", size), size(c["estimate_bytes"]),
+               field(plain, "seconds", seconds), field(plain, "peak_bytes", size),
                f"{c['ratio']:.2f}x" if c["ratio"] is not None else "-",
                field(tl, "seconds", seconds), field(tl, "peak_bytes", size),
                f"{c['rel_diff']:.1e}" if c.get("rel_diff") is not None else "-"]
@@ -468,7 +474,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         except PackageNotFoundError:
             versions[package] = "not installed (imported from a path)"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    return {"device": device, "versions": versions, "dtype": args.dtype, "batch": BATCH, "repeats": args.repeats,
+    return {"device": device, "versions": versions, "dtype": args.dtype, "batch": args.batch, "repeats": args.repeats,
             "answer_fraction": args.answer_fraction, "objective": "answer_nll", "intervention": "zero",
             "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory
             if args.device.startswith("cuda") else None,
@@ -486,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, nargs="+", help="sequence lengths (default 512 2048; tiny: 16 32)")
     parser.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS))
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per cell, after one warm-up")
+    parser.add_argument("--batch", type=int, default=1, help="samples per pass (1)")
+    parser.add_argument("--skip-tl", action="store_true", help="leave out TransformerLens's flags path")
     parser.add_argument("--answer-fraction", type=float, default=0.25,
                         help="share of the positions (the last ones) that the objective scores")
     parser.add_argument("--device", help="default: cuda (cpu with --tiny)")
@@ -508,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
 
     env = environment(args)
-    print(f"device {env['device']}, {args.dtype}, batch {BATCH}, warm-up + median of {args.repeats}, "
+    print(f"device {env['device']}, {args.dtype}, batch {args.batch}, warm-up + median of {args.repeats}, "
           f"answer_nll on the last {args.answer_fraction:.0%} of the tokens; versions {env['versions']}", flush=True)
     meter = Meter(args.device, args.repeats, args.fake_oom)
     cells: list[dict] = []
@@ -542,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     save(complete=True)
     weights = ", ".join(f"{name} {size(info['weight_bytes'])}" for name, info in models.items()
                         if "weight_bytes" in info)
-    print(f"\n{table(cells)}\n\nBatch {BATCH}; seconds are medians of {args.repeats} passes after a warm-up. "
+    print(f"\n{table(cells)}\n\nBatch {args.batch}; seconds are medians of {args.repeats} passes after a warm-up. "
           f"Peaks are the most memory allocated during one pass, weights included ({weights}; "
           f"{env['peak_memory']}). EAP: one cd.attribute call (zero ablation, float32 buffers). "
           "Plain: forward+backward, no hooks, no parameter gradients. TL flags: the same EAP with an EAP-IG-style "

@@ -56,6 +56,8 @@ def test_tiny_run_reports_every_cell_with_positive_numbers(tmp_path):
         # The peak includes the weights, so every pass peaks above them.
         weights = report["models"][cell["model"]]["weight_bytes"]
         assert min(cell[kind]["peak_bytes"] for kind in ("eap", "plain", "tl_flags")) > weights
+        # the planner's estimate sits near the measured peak (within 30% on these tiny models)
+        assert abs(cell["estimate_bytes"] / cell["eap"]["peak_bytes"] - 1) < 0.3, key
         # TransformerLens's flag path computes the same zero-ablation EAP scores (float32).
         assert 0 <= cell["rel_diff"] < 1e-4, (key, cell["rel_diff"])
     assert report["models"]["tiny-qwen2"]["architecture"] == "Qwen2ForCausalLM"

@@ -16,9 +16,9 @@ import torch
 
 import circuitdiff as cd
 import tiny_models as tm
-from circuitdiff import pipeline
 from circuitdiff.cli import main
 from circuitdiff.models import describe_model
+from circuitdiff.scorers.eap import EAP
 
 MAX_NEW_TOKENS = 16
 ANSWER_LENGTHS = {"base": [10, 12, 11, 13, 12, 9], "tuned": [11, 12, 12, 12, 13, 30]}
@@ -95,20 +95,20 @@ def test_interrupted_run_resumes_to_the_same_result(run_files, tmp_path, monkeyp
         write_caches(run_files, out)
     assert main(cli_args(run_files, reference)) == 0
 
-    real, calls = pipeline.attribute, []
+    real, calls = EAP.score_batch, []
 
-    def crash_on_third(*args, **kwargs):
+    def crash_on_third(self, *args, **kwargs):  # one call per scored batch (= per shard)
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "attribute", crash_on_third)
+    monkeypatch.setattr(EAP, "score_batch", crash_on_third)
     assert main(cli_args(run_files, interrupted)) == 130  # base shards 0, 1 done; tuned shard 0 interrupted
-    assert sorted(p.name for p in (interrupted / "base.shards").glob("*.cdiff")) == ["shard-00000.cdiff",
-                                                                                     "shard-00001.cdiff"]
+    assert sorted(p.name for p in (interrupted / "base.shards").glob("shard-*")) == ["shard-00000.safetensors",
+                                                                                     "shard-00001.safetensors"]
     calls.clear()
-    monkeypatch.setattr(pipeline, "attribute", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(EAP, "score_batch", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
     assert main(cli_args(run_files, interrupted)) == 0
     assert len(calls) == 2  # only the two tuned shards were scored again
     for name in ("base.cdiff", "tuned.cdiff"):
@@ -204,20 +204,20 @@ def test_killed_process_resumes(run_files, tmp_path):
     assert main(cli_args(run_files, reference)) == 0
     script = (
         "import os, signal, sys\n"
-        "from circuitdiff import pipeline\n"
         "from circuitdiff.cli import main\n"
-        "real, calls = pipeline.attribute, []\n"
-        "def attribute(*a, **k):\n"
+        "from circuitdiff.scorers.eap import EAP\n"
+        "real, calls = EAP.score_batch, []\n"
+        "def score_batch(self, *a, **k):\n"
         "    calls.append(1)\n"
         "    if len(calls) == 3:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return real(*a, **k)\n"
-        "pipeline.attribute = attribute\n"
+        "    return real(self, *a, **k)\n"
+        "EAP.score_batch = score_batch\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     result = subprocess.run([sys.executable, "-c", script, *cli_args(run_files, killed)], capture_output=True)
     assert result.returncode == -9  # killed, mid-run
-    assert not (killed / "comparison.json").exists() and len(list((killed / "base.shards").glob("*.cdiff"))) == 2
+    assert not (killed / "comparison.json").exists() and len(list((killed / "base.shards").glob("shard-*"))) == 2
     assert main(cli_args(run_files, killed)) == 0
     for name in ("base.cdiff", "tuned.cdiff"):
         assert torch.equal(cd.EdgeScores.load(reference / name).per_sample, cd.EdgeScores.load(killed / name).per_sample)

@@ -15,7 +15,7 @@ oriented as losses: positive means the edge helps.
 
 from importlib import metadata as _metadata
 
-from circuitdiff import circuits, faithfulness, interventions, metrics, objectives, scorers
+from circuitdiff import circuits, distributed, faithfulness, interventions, metrics, objectives, planner, scorers
 from circuitdiff.acdc import ACDCResult, acdc
 from circuitdiff.agreement import Agreement, agreement
 from circuitdiff.attribution import attribute
@@ -27,6 +27,7 @@ from circuitdiff.errors import (
     DataError,
     DuplicateNameError,
     FileFormatError,
+    MemoryPlanError,
     ObjectiveError,
     PluginLoadError,
     UnknownNameError,
@@ -35,6 +36,7 @@ from circuitdiff.errors import (
 from circuitdiff.faithfulness import evaluate_circuit, faithfulness_curve
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.models import SUPPORTED_ARCHITECTURES, ModelSpec, describe_model, load_model
+from circuitdiff.planner import MemoryEstimate, ModelShape, estimate_memory, plan_batch_size
 from circuitdiff.scores import EdgeScores
 
 try:
@@ -55,6 +57,9 @@ __all__ = [
     "EdgeScores",
     "FileFormatError",
     "IGNORE",
+    "MemoryEstimate",
+    "MemoryPlanError",
+    "ModelShape",
     "ModelSpec",
     "ObjectiveError",
     "PluginLoadError",
@@ -67,6 +72,8 @@ __all__ = [
     "circuits",
     "compare",
     "describe_model",
+    "distributed",
+    "estimate_memory",
     "evaluate_circuit",
     "faithfulness",
     "faithfulness_curve",
@@ -75,5 +82,7 @@ __all__ = [
     "make_batches",
     "metrics",
     "objectives",
+    "plan_batch_size",
+    "planner",
     "scorers",
 ]

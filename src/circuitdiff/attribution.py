@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import functools
+import os
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -14,6 +16,7 @@ from circuitdiff import objectives as objectives_module
 from circuitdiff import scorers
 from circuitdiff.data import Batch
 from circuitdiff.errors import DataError
+from circuitdiff.checkpoint import Checkpoints, run_manifest
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.models import attribution_mode, describe_model
 from circuitdiff.scorers.base import ScoringContext, make_context
@@ -33,6 +36,7 @@ def attribute(
     per_sample: bool = True,
     reference_batches: Iterable[Batch] | None = None,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
 ) -> EdgeScores:
     """Score every edge of ``graph`` on ``batches``.
 
@@ -56,13 +60,24 @@ def attribute(
         reference_batches: the data whose average activations replace ablated
             sources, for ``"mean"`` and ``"mean-positional"``.
         progress: show a progress bar.
+        checkpoint_dir: make the run resumable. Each batch's result (its float64 score
+            sum, clean losses and, with ``per_sample``, its per-sample scores) is written
+            atomically to ``checkpoint_dir/shard-NNNNN.safetensors`` as soon as the batch
+            finishes, next to ``manifest.json`` describing the run (model, graph, method
+            and options, intervention and its reference data, objective, a SHA-256 of
+            each batch's token ids and labels). Called again with the same arguments,
+            finished batches are read instead of scored; the result equals an
+            uninterrupted run bit for bit. ``batches`` (and ``reference_batches``) are
+            read into a list first. A callable ``objective`` must be a module-level
+            function or class instance (it is identified by its qualified name).
 
     Returns:
         :class:`EdgeScores` with float32 ``mean`` (and ``per_sample``).
 
     Raises:
         DataError: no batches, token ids outside the vocabulary, batches without
-            corrupted prompts under patching, bad loss spans.
+            corrupted prompts under patching, bad loss spans; ``checkpoint_dir`` holds
+            shards of a different run (the message names what differs).
         ObjectiveError: the objective is NaN/inf (the batch is named) or misshapen.
         UnknownNameError: unknown method, intervention or objective name.
         UnsupportedModelError: the model cannot be attributed.
@@ -70,20 +85,34 @@ def attribute(
     scorer = scorers.get(method) if isinstance(method, str) else method
     if not callable(getattr(scorer, "score_batch", None)):
         raise TypeError(f"method must be a scorer name or an object with score_batch(); got {method!r}.")
+    store = None
+    if checkpoint_dir is not None:
+        batches = list(batches)
+        reference_batches = None if reference_batches is None else list(reference_batches)
+        manifest = run_manifest(model, graph, batches, objective, scorer, intervention, reference_batches, per_sample)
     context = make_context(model, graph, objective, intervention, reference_batches, progress)
     spec = describe_model(model)
+    if checkpoint_dir is not None:
+        store = Checkpoints(Path(checkpoint_dir), manifest)
 
     total = torch.zeros(graph.n_sources, graph.n_receivers, dtype=torch.float64)
     kept: list[torch.Tensor] = []
     losses: list[torch.Tensor] = []
     with attribution_mode(model):
         for index, batch in checked_batches(batches, context, f"{scorer.name} ({graph.level} level)"):
-            scores, batch_losses = scorer.score_batch(context, batch, index)
-            scores = scores.detach().to("cpu")
-            total += scores.sum(0, dtype=torch.float64)
+            done = store.load(index) if store is not None else None
+            if done is None:
+                scores, batch_losses = scorer.score_batch(context, batch, index)
+                scores = scores.detach().to("cpu")
+                done = (scores.sum(0, dtype=torch.float64), scores.to(torch.float32) if per_sample else None,
+                        batch_losses.detach().to("cpu", torch.float32))
+                if store is not None:
+                    store.save(index, *done)
+            batch_sum, batch_kept, batch_losses = done
+            total += batch_sum
             if per_sample:
-                kept.append(scores.to(torch.float32))
-            losses.append(batch_losses.detach().to("cpu", torch.float32))
+                kept.append(batch_kept)
+            losses.append(batch_losses)
     if not losses:
         raise DataError("no batches given; attribution needs at least one sample.")
     objective_values = torch.cat(losses)

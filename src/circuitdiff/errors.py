@@ -39,3 +39,7 @@ class DuplicateNameError(CircuitDiffError, ValueError):
 
 class PluginLoadError(CircuitDiffError, ImportError):
     """A plugin's entry point could not be imported; the original exception is chained."""
+
+
+class MemoryPlanError(DataError):
+    """Even batch size 1 does not fit in the memory given; the message says what would."""

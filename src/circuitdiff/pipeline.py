@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from circuitdiff.attribution import attribute
 from circuitdiff.comparison import Comparison, compare
@@ -34,7 +33,7 @@ from circuitdiff.data import Generation, Question, generate_answers, make_batche
 from circuitdiff.data.selection import LengthSelection, check_parameters
 from circuitdiff.errors import DataError
 from circuitdiff.graph import AttributionGraph
-from circuitdiff.models import describe_model, load_model
+from circuitdiff.models import load_model
 from circuitdiff.scores import EdgeScores
 
 __all__ = ["PipelineConfig", "score_answers", "check_tokenizers", "run_compare", "run_score"]
@@ -117,45 +116,19 @@ def score_answers(
     """Per-sample scores of each model-generated answer, truncated to ``t_cut`` tokens.
 
     The objective is ``answer_nll`` (the paper's self-entropy): ``prompt + answer[:t_cut - 1]``
-    is fed and the first ``t_cut`` answer tokens are scored. With ``shards=DIR`` each
-    batch's scores are saved as ``DIR/shard-00000.cdiff`` (with ``DIR/manifest.json``
-    naming the run) and reused when the same run is started again.
+    is fed and the first ``t_cut`` answer tokens are scored. With ``shards=DIR`` the run
+    is resumable: it is :func:`circuitdiff.attribute` with ``checkpoint_dir=DIR`` (one
+    ``DIR/shard-00000.safetensors`` per batch and ``DIR/manifest.json`` naming the run;
+    finished shards are reused when the same run is started again, and a directory of
+    another run is refused).
     """
     if any(len(a) < t_cut for a in answers):
         raise DataError(f"every answer must have at least t_cut={t_cut} tokens.")
     batches = make_batches(model.tokenizer, list(prompts), [list(a)[:t_cut] for a in answers], batch_size=batch_size)
-    directory = Path(shards) if shards is not None else None
-    if directory is not None:
-        manifest = {"model": describe_model(model).model_id, "level": graph.level, "method": method,
-                    "intervention": intervention, "t_cut": t_cut, "batch_size": batch_size, "n": len(prompts),
-                    "answers": [list(a)[:t_cut] for a in answers]}
-        _prepare_shards(directory, manifest)
-    parts = []
-    for index, batch in enumerate(tqdm(batches, desc="scoring", unit="batch", disable=not progress)):
-        path = directory / f"shard-{index:05d}.cdiff" if directory is not None else None
-        if path is not None and path.exists():
-            parts.append(EdgeScores.load(path))
-            continue
-        part = attribute(model, graph, [batch], objective="answer_nll", method=method, intervention=intervention,
-                         progress=False)
-        if path is not None:
-            part.save(path)  # atomic: a crash leaves no half-written shard
-        parts.append(part)
-    scores = EdgeScores.concatenate(parts)
+    scores = attribute(model, graph, batches, objective="answer_nll", method=method, intervention=intervention,
+                       progress=progress, checkpoint_dir=shards)
     scores.metadata.update({"t_cut": t_cut, "objective": "answer_nll (self-entropy on own answer)"})
     return scores
-
-
-def _prepare_shards(directory: Path, manifest: dict[str, Any]) -> None:
-    """Create the shard directory, or check that its shards belong to this run."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "manifest.json"
-    if path.exists():
-        if json.loads(path.read_text()) != manifest:
-            raise DataError(f"{directory} holds score shards of a different run (model, settings or answers "
-                            "differ); delete it or choose another output directory.")
-    else:
-        path.write_text(json.dumps(manifest))
 
 
 def run_compare(

@@ -1,0 +1,152 @@
+"""The memory planner: estimates against measured peaks (CPU profiler, H200), and plan_batch_size."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import circuitdiff as cd
+from circuitdiff.planner import MemoryPlanError, ModelShape, estimate_memory, plan_batch_size
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gpu_7b  # noqa: E402  (the benchmark's own model builder and CPU peak meter)
+
+GIB = 2**30
+
+# Measured on an NVIDIA H200, bfloat16, batch 1, answer_nll on the last quarter of the tokens:
+# benchmarks/results/gpu_7b_h200_2026-11-27.json ("eap"/"plain" peak_bytes,
+# torch.cuda.max_memory_allocated, weights included). Measurements, not outputs of this code.
+H200_PEAKS = {  # (model, level, tokens): (eap peak, plain peak)
+    ("deepseek-math-7b", "layer", 512): (18242442752, 17569473024),
+    ("deepseek-math-7b", "head", 512): (27020031488, 17569473024),
+    ("deepseek-math-7b", "layer", 2048): (49790819840, 47257425920),
+    ("deepseek-math-7b", "head", 2048): (82685672960, 47257425920),
+    ("qwen2.5-7b", "layer", 512): (19799820800, 19282317824),
+    ("qwen2.5-7b", "head", 512): (25417500672, 19282317824),
+    ("qwen2.5-7b", "layer", 2048): (48097617920, 46027698176),
+    ("qwen2.5-7b", "head", 2048): (70297221120, 46027698176),
+}
+H200_WEIGHT_BYTES = {"deepseek-math-7b": 13820731392, "qwen2.5-7b": 15231233024}
+
+SHAPES_7B = {
+    "deepseek-math-7b": ModelShape("LlamaForCausalLM", 30, 32, 32, 4096, 128, 11008, 102400, torch.bfloat16),
+    "qwen2.5-7b": ModelShape("Qwen2ForCausalLM", 28, 28, 4, 3584, 128, 18944, 152064, torch.bfloat16,
+                             qkv_bias=True),
+}
+
+
+@pytest.mark.parametrize("key", sorted(H200_PEAKS))
+def test_7b_estimates_match_h200_measurements(key):
+    name, level, tokens = key
+    est = estimate_memory(SHAPES_7B[name], level, batch_size=1, seq_len=tokens, loss_positions=tokens // 4)
+    eap, plain = H200_PEAKS[key]
+    assert est.weights == H200_WEIGHT_BYTES[name]
+    assert abs(est.total / eap - 1) < 0.20, (est.total / GIB, eap / GIB)
+    assert abs(est.plain / plain - 1) < 0.20, (est.plain / GIB, plain / GIB)
+
+
+def test_7b_shape_from_hf_config_needs_no_weights():
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+    shape = ModelShape.from_config(config, dtype=torch.bfloat16)
+    assert shape == SHAPES_7B["qwen2.5-7b"]
+    assert shape.parameter_bytes() == H200_WEIGHT_BYTES["qwen2.5-7b"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "neox", "mistral"])
+def test_weight_bytes_from_config_match_the_model(arch):
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import hf_config
+
+    config = hf_config(arch)
+    model = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(model).__name__]
+    shape = ModelShape.from_config(config, dtype=torch.float32)
+    assert shape.parameter_bytes() == sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_estimate_linear_in_batch_and_superlinear_in_seq():
+    shape = SHAPES_7B["deepseek-math-7b"]
+    one, two, three = (estimate_memory(shape, "head", batch_size=b, seq_len=512) for b in (1, 2, 3))
+    assert two.total - one.total == three.total - two.total > 0  # linear in the batch size
+    assert one.source_buffer * 2 == two.source_buffer
+    short, long = (estimate_memory(shape, "head", batch_size=1, seq_len=p) for p in (512, 1024))
+    assert long.source_buffer == 2 * short.source_buffer
+    assert long.saved_activations > 2 * short.saved_activations  # pos^2 attention probabilities
+    assert long.total - long.weights > 2 * (short.total - short.weights)
+    assert "peak" in str(one) and "source buffer" in one.to_markdown()
+
+
+def test_plan_batch_size_picks_largest_fitting_batch():
+    shape = SHAPES_7B["qwen2.5-7b"]
+    budget = 80 * GIB
+    best = plan_batch_size(shape, "layer", seq_len=512, max_memory=budget)
+    fits = [estimate_memory(shape, "layer", batch_size=b, seq_len=512).total <= budget for b in range(1, best + 2)]
+    assert all(fits[:best]) and not fits[best]
+    assert plan_batch_size(shape, "layer", seq_len=512, max_memory=2 * budget) >= best  # monotonic
+    assert plan_batch_size(shape, "head", seq_len=512, max_memory=budget) <= best
+
+
+def test_batch_one_does_not_fit_names_the_alternatives():
+    shape = SHAPES_7B["deepseek-math-7b"]
+    with pytest.raises(MemoryPlanError) as info:
+        plan_batch_size(shape, "head", seq_len=2048, max_memory=60 * GIB)
+    text = str(info.value)
+    assert "batch size 1 does not fit" in text and "layer-level" in text and "fits" in text
+    assert "at most" in text and "tokens" in text and "chunking" in text
+    assert isinstance(info.value, cd.DataError)
+    with pytest.raises(ValueError, match="max_memory is required"):
+        plan_batch_size(_cpu_model("tiny-llama"), "head", seq_len=16)
+
+
+# ---------------------------------------------------------------------------- CPU peaks
+_MODELS: dict[str, object] = {}
+CPU_SHAPES = {
+    "tiny-llama": gpu_7b.TINY_MODELS["tiny-llama"],
+    "tiny-qwen2": gpu_7b.TINY_MODELS["tiny-qwen2"],
+    "llama-256": gpu_7b.Shape("llama", 4, 256, 8, 4, 512, 512),
+}
+
+
+def _cpu_model(name: str):
+    if name not in _MODELS:
+        import tempfile
+
+        shape = CPU_SHAPES[name]
+        hf = gpu_7b.build_model(shape, "cpu", torch.float32)
+        tokenizer = gpu_7b.build_tokenizer(shape.vocab, Path(tempfile.mkdtemp(prefix="cd-planner-")))
+        _MODELS[name] = cd.load_model(hf, tokenizer=tokenizer, device="cpu")
+    return _MODELS[name]
+
+
+@pytest.mark.parametrize("name, level, batch, tokens", [
+    ("tiny-llama", "head", 2, 32),
+    ("tiny-qwen2", "layer", 4, 32),
+    ("llama-256", "head", 1, 256),
+    ("llama-256", "layer", 2, 128),
+])
+def test_estimate_within_30_percent_of_cpu_profiler_peak(name, level, batch, tokens):
+    model = _cpu_model(name)
+    graph = cd.AttributionGraph.from_model(model, level=level)
+    ids = torch.randint(0, CPU_SHAPES[name].vocab, (batch, tokens + 1), generator=torch.Generator().manual_seed(0))
+    labels = ids[:, 1:].clone()
+    labels[:, : tokens - tokens // 4] = cd.IGNORE
+    data = cd.Batch(ids[:, :tokens], labels=labels)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def run():
+        cd.attribute(model, graph, [data], objective="answer_nll", progress=False)
+
+    meter = gpu_7b.Meter("cpu", repeats=0, fake_oom=[])
+    run()  # warm-up
+    measured = meter.peak(run, weights)
+    est = estimate_memory(model, graph, batch_size=batch, seq_len=tokens, loss_positions=tokens // 4)
+    print(f"{name} {level} b{batch} p{tokens}: estimated {est.total / 2**20:.2f} MiB, "
+          f"measured {measured / 2**20:.2f} MiB ({est.total / measured - 1:+.1%})")
+    assert abs(est.total / measured - 1) < 0.30
