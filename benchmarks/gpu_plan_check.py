@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     answer = args.seq // 4
     total = torch.cuda.get_device_properties(0).total_memory
     rows = []
+    print("| model | level | tokens | planned batch | estimate | measured peak | device memory |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for level in ("layer", "head"):
         graph = cd.AttributionGraph.from_model(model, level=level)
         torch.cuda.empty_cache()
