@@ -15,7 +15,7 @@ Stages
 Usage::
 
     pip install -e ".[train]"
-    python examples/train_demo_models.py --out src/circuitdiff/demo_data   # ~15 min on 2 cores
+    python examples/train_demo_models.py --out src/circuitdiff/demo_data   # ~20 min on 2 cores
     python examples/train_demo_models.py --out /tmp/demo --quick          # smoke test, ~1 min
 
 ``DIR/{base,grpo,dpo}`` hold the checkpoints (safetensors + tokenizer + config),
@@ -23,13 +23,12 @@ Usage::
 budgets, accuracies, wall times, library versions and every file's SHA-256 (what
 ``circuitdiff demo`` checks). Fixed seeds; the same library versions and thread count
 reproduce the files.
-Self-contained: does not import circuitdiff.
+It uses circuitdiff only to hash the files as ``circuitdiff demo`` checks them.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -339,14 +338,6 @@ QUICK = dict(
 )
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path,
@@ -366,6 +357,8 @@ def main(argv=None):
     import trl
     from transformers import set_seed
 
+    from circuitdiff.demo import check_demo_files, file_sha256
+
     set_seed(SEED)
     random.seed(SEED)
     out: Path = args.out
@@ -381,20 +374,19 @@ def main(argv=None):
     times, acc, extra = {}, {}, {}
     t_all = time.time()
 
+    def finish(name: str, model, started: float) -> None:
+        """Save a trained model, record its training time and held-out accuracy."""
+        save(model, tok, out / name)
+        times[f"{name}_train_s"] = round(time.time() - started, 1)
+        acc[name] = accuracy(model, tok, evals)
+        print(f"[{name}] eval acc={acc[name]:.3f}  train {times[f'{name}_train_s']}s", flush=True)
+
     t0 = time.time()
-    base = train_base(tok, train, work, budget)
-    save(base, tok, out / "base")
-    times["base_train_s"] = round(time.time() - t0, 1)
-    acc["base"] = accuracy(base, tok, evals)
-    print(f"[base] eval acc={acc['base']:.3f}  train {times['base_train_s']}s", flush=True)
+    finish("base", train_base(tok, train, work, budget), t0)
 
     set_seed(SEED)
     t0 = time.time()
-    grpo = train_grpo(tok, out / "base", train, work, budget)
-    save(grpo, tok, out / "grpo")
-    times["grpo_train_s"] = round(time.time() - t0, 1)
-    acc["grpo"] = accuracy(grpo, tok, evals)
-    print(f"[grpo] eval acc={acc['grpo']:.3f}  train {times['grpo_train_s']}s", flush=True)
+    finish("grpo", train_grpo(tok, out / "base", train, work, budget), t0)
 
     set_seed(SEED)
     t0 = time.time()
@@ -404,11 +396,7 @@ def main(argv=None):
     extra["dpo_pairs"] = len(pairs)
     print(f"[dpo] {len(pairs)} pairs of base's own correct and wrong answers", flush=True)
     t0 = time.time()
-    dpo = train_dpo(tok, out / "base", pairs, work, budget)
-    save(dpo, tok, out / "dpo")
-    times["dpo_train_s"] = round(time.time() - t0, 1)
-    acc["dpo"] = accuracy(dpo, tok, evals)
-    print(f"[dpo] eval acc={acc['dpo']:.3f}  train {times['dpo_train_s']}s", flush=True)
+    finish("dpo", train_dpo(tok, out / "base", pairs, work, budget), t0)
     shutil.rmtree(work, ignore_errors=True)
 
     times["total_s"] = round(time.time() - t_all, 1)
@@ -433,9 +421,10 @@ def main(argv=None):
             "trl": trl.__version__,
             "datasets": datasets.__version__,
         },
-        "files": {p.relative_to(out).as_posix(): sha256(p) for p in files},
+        "files": {p.relative_to(out).as_posix(): file_sha256(p) for p in files},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    check_demo_files(out)  # what circuitdiff demo will check
     print(json.dumps({"accuracy": acc, "wall_time_s": times}, indent=2))
 
 

@@ -11,11 +11,10 @@ import functools
 import hashlib
 import inspect
 import json
-import os
 import warnings
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +25,7 @@ from circuitdiff import objectives as objectives_module
 from circuitdiff.data import Batch
 from circuitdiff.errors import DataError
 from circuitdiff.graph import AttributionGraph
+from circuitdiff.io import _checksum, write_atomically
 from circuitdiff.models import describe_model
 
 __all__ = ["CHECKPOINT_VERSION", "Checkpoints", "run_manifest"]
@@ -138,33 +138,6 @@ def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return found
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, fsync it, rename it over ``path``.
-
-    Same naming as :func:`circuitdiff.io.save_scores` (``.NAME.tmp-PID``), plus fsyncs of
-    the file and the directory, so a crash or power loss leaves either the old file or
-    the complete new one; temporary leftovers are never read.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class Checkpoints:
     """A checkpoint directory: ``manifest.json`` and one ``shard-NNNNN.safetensors`` per batch.
 
@@ -198,22 +171,20 @@ class Checkpoints:
                     + "). Delete that directory to start over, or choose another checkpoint_dir."
                 )
         else:
-            _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+            write_atomically(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
 
     def path(self, index: int) -> Path:
         return self.directory / f"shard-{index:05d}.safetensors"
 
     def save(self, index: int, batch_sum: Tensor, per_sample: Tensor | None, losses: Tensor) -> None:
         """Write batch ``index``'s result (atomic)."""
-        from circuitdiff.io import _checksum
-
         tensors = {"sum": batch_sum.contiguous(), "losses": losses.contiguous()}
         if per_sample is not None:
             tensors["per_sample"] = per_sample.contiguous()
         header: dict[str, Any] = {"version": CHECKPOINT_VERSION, "batch": index,
                                   "fingerprint": self.manifest["batches"][index]}
         header["sha256"] = _checksum(tensors, header)
-        _write_atomically(self.path(index),
+        write_atomically(self.path(index),
                           lambda tmp: save_file(tensors, str(tmp), metadata={_SHARD_KEY: json.dumps(header)}))
 
     def load(self, index: int) -> tuple[Tensor, Tensor | None, Tensor] | None:
@@ -223,8 +194,6 @@ class Checkpoints:
         by this library's atomic writes, e.g. damaged on disk) is reported with a
         warning and scored again.
         """
-        from circuitdiff.io import _checksum
-
         path = self.path(index)
         if not path.is_file():
             return None

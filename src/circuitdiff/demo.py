@@ -27,7 +27,7 @@ from circuitdiff.comparison import Comparison
 from circuitdiff.errors import DataError
 from circuitdiff.pipeline import PipelineConfig, run_compare
 
-__all__ = ["DEMO_DATA", "TUNED_MODELS", "demo_config", "check_demo_files", "run_demo", "side_by_side"]
+__all__ = ["DEMO_DATA", "TUNED_MODELS", "demo_config", "check_demo_files", "file_sha256", "run_demo", "side_by_side"]
 
 #: Where the bundled checkpoints, questions and manifest live.
 DEMO_DATA = Path(__file__).parent / "demo_data"
@@ -65,7 +65,7 @@ def check_demo_files(data_dir: str | os.PathLike[str] = DEMO_DATA) -> dict:
         file = data_dir / name
         if not file.is_file():
             raise DataError(f"the demo file {str(file)!r} is missing; reinstall circuitdiff.")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise DataError(f"the demo file {str(file)!r} does not match its SHA-256 in {path}; it was changed or "
                             "damaged. Reinstall circuitdiff, or retrain with examples/train_demo_models.py.")
     present = {p.relative_to(data_dir).as_posix() for p in data_dir.rglob("*") if p.is_file()}
@@ -75,7 +75,8 @@ def check_demo_files(data_dir: str | os.PathLike[str] = DEMO_DATA) -> dict:
     return manifest
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks (what ``manifest.json`` records)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

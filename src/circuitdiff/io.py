@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from circuitdiff.errors import FileFormatError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.scores import EdgeScores
 
-__all__ = ["FORMAT_VERSION", "save_scores", "load_scores"]
+__all__ = ["FORMAT_VERSION", "save_scores", "load_scores", "write_atomically"]
 
 #: Version of the file layout this library writes; it reads this and older ones.
 FORMAT_VERSION = 1
@@ -60,7 +61,7 @@ def _memory_mapped(path: Path, name: str) -> Tensor:
 
 
 def save_scores(scores: EdgeScores, path: str | os.PathLike[str]) -> None:
-    """Write ``scores`` to ``path`` (written to a temporary file, then renamed)."""
+    """Write ``scores`` to ``path`` atomically (see :func:`write_atomically`)."""
     tensors = {
         "mean": scores.mean.detach().cpu().contiguous(),
         "objective_values": scores.objective_values.detach().cpu().contiguous(),
@@ -70,13 +71,33 @@ def save_scores(scores: EdgeScores, path: str | os.PathLike[str]) -> None:
         tensors["per_sample"] = scores.per_sample.detach().cpu().contiguous()
     header = {"format_version": FORMAT_VERSION, "graph": scores.graph.to_dict(), "metadata": scores.metadata}
     header["sha256"] = _checksum(tensors, header)
-    path = Path(path)
+    write_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={_KEY: json.dumps(header)}))
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, fsync it, rename it over ``path``.
+
+    The temporary file is ``.NAME.tmp-PID``; the file and the directory are fsynced, so a
+    crash or power loss leaves either the old file or the complete new one.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={_KEY: json.dumps(header)})
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_scores(path: str | os.PathLike[str], mmap: bool = False) -> EdgeScores:

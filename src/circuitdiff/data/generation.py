@@ -140,40 +140,40 @@ def kv_cache_is_sound(hf_model: Any, tokenizer: Any, prompt: str, steps: int = 8
     largest logit difference is at most 2% of the largest logit (bfloat16 rounding stays
     well inside that; a broken cache differs by the logits' own size).
     """
-    encoded = tokenizer([prompt], return_tensors="pt")
-    device = next(hf_model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     logits = []
-    with torch.no_grad():
-        for use_cache in (True, False):
-            output = hf_model.generate(
-                input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device),
-                max_new_tokens=steps, do_sample=False, pad_token_id=pad, use_cache=use_cache,
-                output_logits=True, return_dict_in_generate=True,
-            )
-            logits.append(torch.stack(output.logits).float())
+    for use_cache in (True, False):
+        output, _ = _greedy(hf_model, tokenizer, [prompt], steps, use_cache,
+                            output_logits=True, return_dict_in_generate=True)
+        logits.append(torch.stack(output.logits).float())
     cached, plain = logits
     if cached.shape != plain.shape:
         return False
     return bool((cached - plain).abs().max() <= 0.02 * plain.abs().max())
 
 
-def _generate(hf_model: Any, tokenizer: Any, batch: Sequence[Question], max_new_tokens: int,
-              use_cache: bool = True) -> list[dict]:
-    """One batched greedy ``generate`` call; JSON-ready records."""
+def _greedy(hf_model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, use_cache: bool,
+            **options: Any) -> tuple[Any, Any]:
+    """``hf_model.generate`` greedily on left-padded ``prompts``; returns (output, encoded prompts)."""
     side = tokenizer.padding_side
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
         tokenizer.padding_side = "left"  # generation continues from the last position of every row
-        encoded = tokenizer([q.prompt for q in batch], return_tensors="pt", padding=True)
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = side
     device = next(hf_model.parameters()).device
     with torch.no_grad():
         output = hf_model.generate(
             input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, use_cache=use_cache,
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, use_cache=use_cache, **options,
         )
+    return output, encoded
+
+
+def _generate(hf_model: Any, tokenizer: Any, batch: Sequence[Question], max_new_tokens: int,
+              use_cache: bool) -> list[dict]:
+    """One batched greedy ``generate`` call; JSON-ready records."""
+    output, encoded = _greedy(hf_model, tokenizer, [q.prompt for q in batch], max_new_tokens, use_cache)
     width = encoded["input_ids"].shape[1]
     stops = hf_model.generation_config.eos_token_id  # what generate stops at: an id, a list, or None
     stops = set(stops if isinstance(stops, list) else [] if stops is None else [stops])
