@@ -186,8 +186,9 @@ def plain_pass(model: Any, batch: cd.Batch, objective: Callable[..., torch.Tenso
 
 
 def eap_pass(model: Any, graph: cd.AttributionGraph, batch: cd.Batch,
-             objective: Callable[..., torch.Tensor]) -> cd.EdgeScores:
-    return cd.attribute(model, graph, [batch], objective=objective, method="eap", intervention="zero",
+             objective: Callable[..., torch.Tensor], positions_per_pass: int | None = None) -> cd.EdgeScores:
+    method = cd.scorers.get("eap", positions_per_pass=positions_per_pass)
+    return cd.attribute(model, graph, [batch], objective=objective, method=method, intervention="zero",
                         per_sample=True, progress=False)
 
 
@@ -358,7 +359,7 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
             last: list[cd.EdgeScores] = []
 
             def eap(graph: cd.AttributionGraph = graphs[level], batch: cd.Batch = batch, last: list = last) -> None:
-                last[:] = [eap_pass(model, graph, batch, objective)]
+                last[:] = [eap_pass(model, graph, batch, objective, args.positions_per_pass)]
 
             key = f"{name}/eap/{level}/{tokens}"
             result = meter.measure(key, eap, weight_bytes)
@@ -370,14 +371,16 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
             graph = graphs[level]
             cells[level, tokens] = {"model": name, "architecture": spec.architecture, "level": level,
                                     "tokens": tokens, "eap": result, "plain": plain,
-                                    # circuitdiff's float32 [batch, n_sources, pos, d_model] buffer
-                                    "eap_buffer_bytes": args.batch * graph.n_sources * tokens * spec.d_model * 4,
+                                    # circuitdiff's float32 [batch, n_sources, window, d_model] buffer
+                                    "eap_buffer_bytes": args.batch * graph.n_sources * spec.d_model * 4
+                                    * min(args.positions_per_pass or tokens, tokens),
                                     "n_sources": graph.n_sources, "n_receivers": graph.n_receivers,
                                     "n_edges": graph.n_edges,
                                     # circuitdiff's memory planner, for comparison with the measured peak
                                     "estimate_bytes": cd.estimate_memory(
                                         model, graph, batch_size=args.batch, seq_len=tokens,
-                                        loss_positions=max(1, int(tokens * args.answer_fraction))).total}
+                                        loss_positions=max(1, int(tokens * args.answer_fraction)),
+                                        positions_per_pass=args.positions_per_pass).total}
         del batch
 
     # TransformerLens's own per-head path: switch the flags on (circuitdiff refuses
@@ -475,6 +478,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
             versions[package] = "not installed (imported from a path)"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     return {"device": device, "versions": versions, "dtype": args.dtype, "batch": args.batch, "repeats": args.repeats,
+            "positions_per_pass": args.positions_per_pass,
             "answer_fraction": args.answer_fraction, "objective": "answer_nll", "intervention": "zero",
             "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory
             if args.device.startswith("cuda") else None,
@@ -494,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per cell, after one warm-up")
     parser.add_argument("--batch", type=int, default=1, help="samples per pass (1)")
     parser.add_argument("--skip-tl", action="store_true", help="leave out TransformerLens's flags path")
+    parser.add_argument("--positions-per-pass", type=int,
+                        help="EAP in position windows of this many tokens (default: one pass)")
     parser.add_argument("--answer-fraction", type=float, default=0.25,
                         help="share of the positions (the last ones) that the objective scores")
     parser.add_argument("--device", help="default: cuda (cpu with --tiny)")

@@ -55,3 +55,76 @@ def test_device_map_model_scores_like_a_plain_one(checkpoints, get_model, interv
         torch.testing.assert_close(got.per_sample, expected.per_sample, rtol=1e-5, atol=1e-6 * scale)
         torch.testing.assert_close(got.mean, expected.mean, rtol=1e-5, atol=1e-6 * scale)
     assert set(calls) == {"layer 0", "lm_head"}  # accelerate's hooks ran in the bridge's passes
+
+
+def test_load_model_passes_device_map_to_the_loader(checkpoints, get_model, monkeypatch):
+    """``load_model(path, device_map=...)`` loads through accelerate's placement and scores like a plain load."""
+    from transformer_lens import TransformerBridge
+
+    import tiny_models
+
+    plain = get_model("llama")
+    device_map = _device_map(plain.cfg.n_layers)
+    boot = TransformerBridge.boot_transformers
+    seen = []
+    monkeypatch.setattr(TransformerBridge, "boot_transformers",
+                        staticmethod(lambda *a, **k: (seen.append(k), boot(*a, **k))[1]))
+    placed = cd.load_model(checkpoints["llama"], device_map=device_map, max_memory={"cpu": "2GiB"})
+    assert seen[0]["device_map"] == device_map and seen[0]["max_memory"] == {"cpu": "2GiB"}
+    assert "device" not in seen[0]
+
+    ids = tiny_models.random_ids(2, 7, seed=4).tolist()
+    results = []
+    for model in (plain, placed):
+        batches = cd.make_batches(model.tokenizer, [r[:4] for r in ids], [r[4:] for r in ids], batch_size=2)
+        results.append(cd.attribute(model, cd.AttributionGraph.from_model(model, level="head"), batches,
+                                    objective="answer_nll", progress=False))
+    torch.testing.assert_close(results[1].per_sample, results[0].per_sample)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(device="cpu", device_map="auto"), "either device or device_map"),
+    (dict(max_memory={"cpu": "1GiB"}), "max_memory needs device_map"),
+])
+def test_load_model_refuses_conflicting_placement(checkpoints, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cd.load_model(checkpoints["llama"], **kwargs)
+
+
+def test_device_map_is_for_paths_only(get_model):
+    with pytest.raises(ValueError, match="apply to a checkpoint path"):
+        cd.load_model(get_model("llama"), device_map="auto")
+
+
+def test_ablation_refuses_a_model_spread_over_devices():
+    """exact / faithfulness / ACDC are not device-map aware: a clear refusal, not a device mismatch deep inside."""
+    import types
+
+    from circuitdiff.ablation import EdgeAblation
+
+    spread = [torch.zeros(1), torch.zeros(1, device="meta")]
+    context = types.SimpleNamespace(model=types.SimpleNamespace(parameters=lambda: iter(spread)))
+    with pytest.raises(cd.UnsupportedModelError, match="spread over cpu, meta .*method='eap'"):
+        EdgeAblation(context, None, 0)
+
+
+@pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations"])
+def test_device_map_model_eap_ig_scores_like_a_plain_one(checkpoints, get_model, method):
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import tiny_models
+
+    directory = checkpoints["llama"]
+    plain = get_model("llama")
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    hf = dispatch_model(hf, _device_map(plain.cfg.n_layers), main_device="cpu", force_hooks=True)
+    dispatched = cd.load_model(hf, tokenizer=AutoTokenizer.from_pretrained(directory))
+    ids = tiny_models.random_ids(2, 7, seed=5).tolist()
+    results = []
+    for model in (plain, dispatched):
+        batches = cd.make_batches(model.tokenizer, [r[:4] for r in ids], [r[4:] for r in ids], batch_size=2)
+        results.append(cd.attribute(model, cd.AttributionGraph.from_model(model, level="layer"), batches,
+                                    objective="answer_nll", method=cd.scorers.get(method, steps=2), progress=False))
+    scale = float(results[0].per_sample.abs().max())
+    torch.testing.assert_close(results[1].per_sample, results[0].per_sample, rtol=1e-5, atol=1e-6 * scale)

@@ -66,6 +66,15 @@ def test_tiny_run_reports_every_cell_with_positive_numbers(tmp_path):
     assert len(table) == len(cells)
 
 
+def test_position_windows_agree_with_transformerlens(tmp_path):
+    """--positions-per-pass 5: three windows of 16 tokens, still TL's scores; the buffer shrinks to 5 positions."""
+    report, _ = run(tmp_path, "--models", "tiny-qwen2", "--seq", "16", "--repeats", "1", "--positions-per-pass", "5")
+    assert report["environment"]["positions_per_pass"] == 5
+    for cell in report["cells"]:
+        assert 0 <= cell["rel_diff"] < 1e-4, (cell["level"], cell["rel_diff"])
+        assert cell["eap_buffer_bytes"] == cell["n_sources"] * 5 * 64 * 4  # d_model 64, float32
+
+
 def test_out_of_memory_and_failing_passes_are_reported_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
     # In-process (the first test covers the command line): skips a second interpreter start.
     spec = importlib.util.spec_from_file_location("gpu_7b", SCRIPT)

@@ -132,6 +132,7 @@ def test_compare_scores_command(run_files, tmp_path, capsys):
     (("--alpha", "1.5"), "alpha"),
     (("--delta", "0"), "delta"),
     (("--beta", "0.99", "--gamma", "1.0"), "length window rule removed the last"),
+    (("--intervention", "mean"), "intervention='zero' only"),
 ])
 def test_user_errors_exit_2_without_traceback(run_files, tmp_path, capsys, extra, message):
     out = tmp_path / "run"

@@ -31,6 +31,7 @@ class CountingEAP(EAP):
     """EAP that records which batches it scored (private attribute: not an option)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._scored: list[int] = []
 
     def score_batch(self, context, batch, batch_index):

@@ -35,6 +35,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from circuitdiff.data import Batch
+from circuitdiff.errors import UnsupportedModelError
 from circuitdiff.graph import ReceiverGroup
 from circuitdiff.hooks import LOGITS_INPUT_HOOK, HookList
 from circuitdiff.models import NormParams
@@ -68,6 +69,13 @@ class EdgeAblation:
 
     def __init__(self, context: ScoringContext, batch: Batch, batch_index: int, *,
                  one_edge_per_copy: bool = False) -> None:
+        devices = {str(p.device) for p in context.model.parameters()}
+        if len(devices) > 1:
+            raise UnsupportedModelError(
+                f"ablated forward passes (exact scores, circuit faithfulness, ACDC) need the whole model on one "
+                f"device; this one is spread over {', '.join(sorted(devices))} (device_map). Use method='eap', "
+                "which supports device maps, or load the model onto one device."
+            )
         self.context = context
         self.batch = batch
         self.batch_index = batch_index

@@ -94,7 +94,9 @@ def acdc(
             ``"kl_to_clean"``.
         threshold: a finite float, or ``math.inf`` (remove everything) /
             ``-math.inf`` (keep everything). In the objective's units.
-        intervention, reference_batches, progress: as in :func:`circuitdiff.attribute`.
+        intervention: as in :func:`circuitdiff.attribute`.
+        reference_batches: as in :func:`circuitdiff.attribute`.
+        progress: as in :func:`circuitdiff.attribute`.
 
     Returns:
         :class:`ACDCResult`.

@@ -63,7 +63,7 @@ def _qualified(kind: str, obj: Any) -> str:
     qualname = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
     if "<lambda>" in qualname or "<locals>" in qualname:
         raise DataError(
-            f"checkpoint_dir needs a {kind} with a stable name, but {qualname!r} is a lambda or a locally "
+            f"checkpoint_dir needs the {kind} to have a stable name, but {qualname!r} is a lambda or a locally "
             f"defined one, which cannot be recognised when the run is started again; define it at module "
             f"level (or register it by name), or run without checkpoint_dir."
         )
@@ -174,6 +174,7 @@ class Checkpoints:
             write_atomically(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
 
     def path(self, index: int) -> Path:
+        """Path of batch ``index``'s shard: ``directory/shard-NNNNN.safetensors`` (five digits, zero-padded)."""
         return self.directory / f"shard-{index:05d}.safetensors"
 
     def save(self, index: int, batch_sum: Tensor, per_sample: Tensor | None, losses: Tensor) -> None:

@@ -92,7 +92,8 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-questions", type=int, help="read only the first N questions of the file")
     parser.add_argument("--level", choices=["layer", "head"], default="layer", help="graph level (layer)")
     parser.add_argument("--method", default="eap", help="scorer (eap)")
-    parser.add_argument("--intervention", default="zero", help="zero, mean, ... (zero)")
+    parser.add_argument("--intervention", default="zero",
+                        help="zero (the only one the pipeline runs; use cd.attribute for the others)")
     parser.add_argument("--batch-size", type=int, default=8, help="(8)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="generation length limit (512)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")

@@ -181,7 +181,8 @@ def compare(
     """Compare two models' edge scores metric by metric, with intervals and tests.
 
     Args:
-        base, tuned: per-sample :class:`EdgeScores` on the same graph.
+        base: per-sample :class:`EdgeScores` of the base model.
+        tuned: per-sample :class:`EdgeScores` of the tuned model, on the same graph.
         paired: the samples are the same prompts in the same order (paired tests and
             bootstrap). Default: paired when both have the same number of samples.
         structural_zeros: compute on every cell of the matrix, structural zeros
@@ -191,7 +192,9 @@ def compare(
             heads), compare the common layer-level coarsening instead of refusing.
         bins: histogram bins for information complexity, shared by both models.
         top_k: edges in the top-k Jaccard overlap (capped at each group's size).
-        confidence, n_resamples, seed: of the bootstrap intervals.
+        confidence: confidence level of the bootstrap intervals.
+        n_resamples: bootstrap resamples.
+        seed: of the bootstrap resampling.
         chunk_size: samples read at a time; default: about 1M scores (see
             :mod:`circuitdiff.metrics`, Memory).
 

@@ -128,8 +128,10 @@ def attribute(
     the ranks' means are compared and differing means raise.
 
     Args:
-        model, graph, batches: as for :func:`circuitdiff.attribute`; ``batches`` is made
-            a list (its length must be known on every rank).
+        model: as for :func:`circuitdiff.attribute`.
+        graph: as for :func:`circuitdiff.attribute`.
+        batches: as for :func:`circuitdiff.attribute`; made a list (its length must be
+            known on every rank).
         dst: None (default) returns the scores on every rank; a rank number gathers them
             on that rank only and returns None on the others (less memory).
         **attribute_kwargs: ``objective``, ``method``, ``intervention``, ``per_sample``,
@@ -141,7 +143,7 @@ def attribute(
         RuntimeError: a process group whose world size or rank disagrees with torchrun's
             environment; another rank failed (the failing rank re-raises its own error,
             the others name it).
-        Anything :func:`circuitdiff.attribute` raises.
+        CircuitDiffError: anything :func:`circuitdiff.attribute` raises.
     """
     from circuitdiff.attribution import attribute as attribute_one
 

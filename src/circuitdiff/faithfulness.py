@@ -145,8 +145,11 @@ def evaluate_circuit(
     Args:
         model: the TransformerBridge ``circuit.graph`` was built for.
         circuit: the edges kept (e.g. ``cd.circuits.top_n(scores, 200)``).
-        batches, objective, intervention, reference_batches, progress: as in
-            :func:`circuitdiff.attribute`.
+        batches: as in :func:`circuitdiff.attribute`.
+        objective: as in :func:`circuitdiff.attribute`.
+        intervention: as in :func:`circuitdiff.attribute`.
+        reference_batches: as in :func:`circuitdiff.attribute`.
+        progress: as in :func:`circuitdiff.attribute`.
 
     Returns:
         :class:`CircuitEvaluation` (``.faithfulness``: 1 = the circuit does what the
@@ -177,8 +180,11 @@ def faithfulness_curve(
         model: the TransformerBridge ``scores.graph`` was built for.
         scores: edge scores to select circuits from.
         batches: evaluation data (one pass over it evaluates every size).
-        objective, intervention, reference_batches, progress: as in
-            :func:`circuitdiff.attribute`; usually the ones ``scores`` was computed with.
+        objective: as in :func:`circuitdiff.attribute`; usually the one ``scores`` was
+            computed with (likewise ``intervention`` and ``reference_batches``).
+        intervention: as in :func:`circuitdiff.attribute`.
+        reference_batches: as in :func:`circuitdiff.attribute`.
+        progress: as in :func:`circuitdiff.attribute`.
         sizes: circuit sizes in edges; default :func:`~circuitdiff.circuits.sizes_for_curve`
             (10 points, log-spaced, ending at every edge).
         selection: ``"top_n"`` or ``"greedy"`` (by ``|score|``, pruned; see

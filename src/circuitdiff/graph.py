@@ -33,6 +33,8 @@ from circuitdiff.errors import UnknownNameError
 __all__ = ["AttributionGraph", "ReceiverGroup", "LEVELS"]
 
 Level = Literal["head", "layer"]
+#: The graph granularities: ``"head"`` (a source per attention head, q/k/v receivers per
+#: query or key/value head) and ``"layer"`` (one per attention layer; its exact coarsening).
 LEVELS: tuple[str, ...] = ("head", "layer")
 
 
@@ -55,7 +57,8 @@ class AttributionGraph:
     """Sources, receivers, the real-edge mask and the index maps scorers need.
 
     Args:
-        n_layers, n_heads: the model's shape.
+        n_layers: the model's number of layers.
+        n_heads: attention (query) heads per layer.
         n_kv_heads: key/value heads (grouped-query attention); default ``n_heads``.
         parallel_blocks: attention and MLP of a layer read the same residual stream
             (GPT-NeoX), so ``a{l} -> m{l}`` is not an edge.

@@ -16,10 +16,16 @@ are derived inside the backward pass from the gradients at the q/k/v projection
 outputs, through the projection weights and the Jacobian of the attention norm, as
 transients of one layer. Hooks never edit model tensors in place: each returns a fresh
 view so that a gradient hook sees exactly one path.
+
+Position windows: since a score sums over positions, a batch can be scored in several
+passes, each covering a window of positions (:meth:`EdgeHooks.restricted_to`). A
+window's ``delta`` and receiver-gradient transients hold only its positions, so their
+memory shrinks with the window while every pass repeats the forward and backward.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -69,8 +75,11 @@ class EdgeHooks:
     """Forward hooks that fill ``delta`` and register the backward contractions.
 
     Built once per (model, graph); every call of :meth:`hooks` returns fresh hook
-    functions bound to one batch's buffers.
+    functions bound to one batch's buffers. ``positions`` is the window of each batch's
+    positions that buffers and hooks cover (all of them unless :meth:`restricted_to`).
     """
+
+    positions: slice = slice(None)
 
     def __init__(self, model: Any, graph: AttributionGraph) -> None:
         self.model = model
@@ -91,10 +100,29 @@ class EdgeHooks:
                 norm=norm_params(block.ln1),
             ))
 
+    def restricted_to(self, positions: slice) -> "EdgeHooks":
+        """A copy whose buffers and hooks cover only ``positions`` (``slice(start, stop)``) of each batch.
+
+        ``delta`` then has ``stop - start`` positions (fewer at the end of a short batch);
+        source outputs outside the window are not recorded and receiver gradients
+        outside it are not contracted. The scores of consecutive windows add up to the
+        scores of the whole batch.
+        """
+        if positions.step not in (None, 1) or positions.start is None or positions.start < 0 or (
+                positions.stop is not None and positions.stop <= positions.start):
+            raise ValueError(f"positions must be slice(start, stop) with 0 <= start < stop; got {positions!r}.")
+        window = copy.copy(self)
+        window.positions = positions
+        return window
+
+    def window(self, batch: Batch) -> range:
+        """The positions of ``batch`` that this object's buffers and hooks cover."""
+        return range(batch.input_ids.shape[1])[self.positions]
+
     # ------------------------------------------------------------------ buffers
-    def new_delta(self, batch: Batch) -> Float[Tensor, "batch n_sources pos d_model"]:
-        """An uninitialised ``delta`` buffer for ``batch`` (every pass that records fills it)."""
-        b, p = batch.input_ids.shape
+    def new_delta(self, batch: Batch) -> Float[Tensor, "batch n_sources window d_model"]:
+        """An uninitialised ``delta`` buffer for ``batch``'s window (every pass that records fills it)."""
+        b, p = batch.size, len(self.window(batch))
         return torch.empty(b, self.graph.n_sources, p, self.d_model, dtype=self.dtype, device=self.device)
 
     def new_scores(self, batch: Batch) -> Float[Tensor, "batch n_sources n_receivers"]:
@@ -148,7 +176,7 @@ class EdgeHooks:
         """Forward hooks for one pass.
 
         Args:
-            delta: ``[batch, n_sources, pos, d_model]`` buffer.
+            delta: ``[batch, n_sources, window, d_model]`` buffer for :attr:`positions`.
             attention_mask: ``[batch, pos]``; padded positions are recorded as zero.
             record: how source outputs go into ``delta`` (see :data:`Record`); None
                 records nothing.
@@ -158,13 +186,14 @@ class EdgeHooks:
             source_rows: with ``scores``, contract only these rows of ``delta``
                 (default: all sources). Receivers that read none of them get no hooks.
         """
-        graph = self.graph
+        graph, window = self.graph, self.positions
+        attention_mask = attention_mask[:, window]
         padded = not bool(attention_mask.all())
         mask = attention_mask.to(device=delta.device, dtype=delta.dtype)[:, None, :, None]
         factor = -mask if record == "negate" else mask
 
         def write(rows: slice, value: Tensor) -> None:
-            # value: [batch, n, pos, d_model]; delta is our own buffer, edited in place.
+            # value: [batch, n, window, d_model]; delta is our own buffer, edited in place.
             # With layers on several devices (device_map), delta lives on the first one.
             target, value = delta[:, rows], value.detach().to(delta.device, delta.dtype)
             if record == "subtract" and padded:
@@ -180,7 +209,7 @@ class EdgeHooks:
 
         def input_hook(x: Tensor, hook: Any) -> Tensor | None:
             if record is not None:
-                write(slice(0, 1), x.unsqueeze(1))
+                write(slice(0, 1), x[:, window].unsqueeze(1))
             if scores is not None and not x.requires_grad:
                 return x.detach().requires_grad_(True)
             return None
@@ -191,7 +220,7 @@ class EdgeHooks:
                 hooks.append((f"blocks.{layer}.attn.o.hook_in", self._attention_source_hook(layer, write)))
                 row = graph.mlp_source(layer)
                 hooks.append((f"blocks.{layer}.mlp.hook_out",
-                              lambda x, hook, rows=slice(row, row + 1): write(rows, x.unsqueeze(1))))
+                              lambda x, hook, rows=slice(row, row + 1): write(rows, x[:, window].unsqueeze(1))))
         if scores is not None:
             hooks += self._gradient_hooks(delta, scores, source_rows or slice(0, graph.n_sources))
         return hooks
@@ -202,6 +231,7 @@ class EdgeHooks:
 
         def hook(z: Tensor, hook: Any) -> None:
             # z: [batch, pos, n_heads, d_head]; head h writes z_h @ W_O[h] (no bias).
+            z = z[:, self.positions]
             b, p, h, e = z.shape
             z, w = z.detach().to(self.dtype), w_o.to(self.dtype)
             if self.graph.level == "head":
@@ -214,7 +244,7 @@ class EdgeHooks:
         return hook
 
     def _gradient_hooks(self, delta: Tensor, scores: Tensor, source_rows: slice) -> HookList:
-        graph = self.graph
+        graph, window = self.graph, self.positions
         stash: dict[tuple[int, str], Tensor] = {}
 
         def reads(group: ReceiverGroup) -> slice:
@@ -222,7 +252,7 @@ class EdgeHooks:
             return slice(source_rows.start, min(source_rows.stop, group.n_sources_read))
 
         def contract(group: ReceiverGroup, gradient: Tensor) -> None:
-            # gradient: [batch, receivers in group, pos, d_model] (any strides); real edges only.
+            # gradient: [batch, receivers in group, window, d_model] (any strides); real edges only.
             b, n, p, d = gradient.shape
             gradient = gradient.to(delta.device)  # a no-op unless layers sit on several devices
             rows = reads(group)
@@ -246,7 +276,7 @@ class EdgeHooks:
             return hook
 
         def residual_receiver(group: ReceiverGroup) -> Callable[[Tensor], None]:
-            return lambda g: contract(group, g.to(self.dtype).unsqueeze(1))
+            return lambda g: contract(group, g[:, window].to(self.dtype).unsqueeze(1))
 
         def needed(group: ReceiverGroup) -> bool:
             rows = reads(group)
@@ -270,8 +300,8 @@ class EdgeHooks:
 
     def _attention_receivers(
         self, layer: int, stash: dict[tuple[int, str], Tensor]
-    ) -> Float[Tensor, "batch receivers pos d_model"]:
-        """Gradients at the q, k, v inputs of ``layer`` (per head, or summed at layer level).
+    ) -> Float[Tensor, "batch receivers window d_model"]:
+        """Gradients at the q, k, v inputs of ``layer`` (per head, or summed at layer level), in the window.
 
         The input of q head h is read through the norm: ``q_h = norm(x) @ W_Q[h]^T``,
         ``norm(x) = weight * x_hat``, ``x_hat = (x - [mean x]) / s`` (mean for LayerNorm
@@ -285,7 +315,8 @@ class EdgeHooks:
         """
         weights = self.layers[layer]
         norm = weights.norm
-        x = stash.pop((layer, "x")).to(self.dtype)
+        window = self.positions
+        x = stash.pop((layer, "x"))[:, window].to(self.dtype)
         b, p, d = x.shape
         if not norm.rms:
             x = x - x.mean(-1, keepdim=True)
@@ -296,6 +327,8 @@ class EdgeHooks:
             g = stash.pop((layer, proj), None)
             if g is None:  # the objective does not depend on this projection
                 g = torch.zeros(b, p, w.shape[0], w.shape[1], dtype=self.dtype, device=x.device)
+            else:
+                g = g[:, window]
             grads.append((g.to(self.dtype) / scale.unsqueeze(-1)).reshape(b * p, w.shape[0], w.shape[1]))
             # Folded per call on purpose: caching float32 copies of every layer's q/k/v
             # weights would cost ~6 GB on a 7B bf16 model; one layer's copy is transient.

@@ -28,15 +28,18 @@ from circuitdiff.hooks import EdgeHooks
 
 __all__ = ["Intervention", "Zero", "Patching", "Mean", "MeanPositional", "NAMES", "resolve"]
 
+#: The built-in intervention names, accepted wherever ``intervention=`` takes a string.
 NAMES: tuple[str, ...] = ("zero", "patching", "mean", "mean-positional")
 
 
 class Intervention(Protocol):
-    """Writes the replacement outputs into ``delta [batch, n_sources, pos, d_model]``.
+    """Writes the replacement outputs into ``delta [batch, n_sources, window, d_model]``.
 
     ``prefill`` returns True when it wrote them (the clean pass then subtracts the
     clean outputs) and False when the replacement is zero and ``delta`` was left
     untouched (the clean pass then writes ``-output``). Padded positions must be zero.
+    ``delta`` covers the positions ``hooks.window(batch)`` (all of them unless the
+    scorer works in position windows, e.g. ``EAP(positions_per_pass=...)``).
     """
 
     name: str
@@ -100,7 +103,7 @@ class Mean:
     def prefill(self, hooks: EdgeHooks, batch: Batch, delta: Tensor) -> bool:
         """Write the means (zero at padded positions) into ``delta``."""
         _check_sources(self.means.shape[0], self.means.shape[-1], hooks)
-        mask = batch.attention_mask.to(delta.device, delta.dtype)[:, None, :, None]
+        mask = batch.attention_mask[:, hooks.positions].to(delta.device, delta.dtype)[:, None, :, None]
         torch.mul(self.means.to(delta.device, delta.dtype)[None, :, None, :], mask, out=delta)
         return True
 
@@ -134,18 +137,19 @@ class MeanPositional:
     def prefill(self, hooks: EdgeHooks, batch: Batch, delta: Tensor) -> bool:
         """Write each position's means (zero at padded positions) into ``delta``."""
         _check_sources(self.means.shape[0], self.means.shape[-1], hooks)
-        width = batch.input_ids.shape[1]
         needed = int(batch.lengths.max())
         if needed > self.means.shape[1]:
             raise DataError(
                 f"mean-positional means cover {self.means.shape[1]} positions but a sample has "
                 f"{needed} tokens; pass reference batches at least as long as the data scored."
             )
-        covered = min(width, self.means.shape[1])  # later positions are padding in every sample
-        means = self.means[:, :covered].to(delta.device, delta.dtype)
-        mask = batch.attention_mask.to(delta.device, delta.dtype)[:, None, :covered, None]
-        torch.mul(means[None], mask, out=delta[:, :, :covered])
-        delta[:, :, covered:] = 0
+        window = hooks.window(batch)
+        # later positions are padding in every sample
+        covered = range(window.start, min(window.stop, self.means.shape[1]))
+        means = self.means[:, covered.start:covered.stop].to(delta.device, delta.dtype)
+        mask = batch.attention_mask[:, covered.start:covered.stop].to(delta.device, delta.dtype)[:, None, :, None]
+        torch.mul(means[None], mask, out=delta[:, :, :len(covered)])
+        delta[:, :, len(covered):] = 0
         return True
 
 

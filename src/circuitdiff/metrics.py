@@ -75,6 +75,8 @@ __all__ = [
 #: Metrics with one value per sample (see the module docstring).
 PER_SAMPLE_METRICS = ("intensity", "information_complexity", "kurtosis", "diversity", "node_entropy", "gini",
                       "effective_edges")
+#: Bins of the information-complexity histograms: equal-width ``|score|`` bins from 0 to
+#: the largest ``|score|`` of the two models compared (shared by both, as in :func:`circuitdiff.compare`).
 DEFAULT_BINS = 100
 #: Values (cells x samples) read at a time when ``chunk_size`` is None: 8 MiB of float64.
 CHUNK_VALUES = 1 << 20

@@ -73,6 +73,8 @@ def load_model(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
 ) -> Any:
     """Return a TransformerBridge ready for attribution, in eval mode.
 
@@ -87,6 +89,12 @@ def load_model(
             unchanged for an in-memory model or bridge.
         device: default ``"cuda"`` if available, else ``"cpu"`` (paths only; an
             in-memory model stays where it is unless ``device`` is given).
+        device_map: for a path: spread the layers over devices with accelerate, e.g.
+            ``"auto"`` or ``{"model.layers.0": 0, ...}`` (Hugging Face's ``device_map``;
+            instead of ``device``). Attribution then keeps its buffers on the first
+            device and moves each layer's tensors there (EAP; see the Scaling guide).
+        max_memory: with ``device_map``: the most each device may hold, e.g.
+            ``{0: "70GiB", 1: "70GiB"}`` (accelerate's format).
 
     Raises:
         UnsupportedModelError: the model cannot be attributed (see ``describe_model``).
@@ -95,13 +103,21 @@ def load_model(
     from transformer_lens import TransformerBridge
     from transformers import PreTrainedModel
 
+    if device_map is not None and device is not None:
+        raise ValueError("pass either device or device_map, not both: device_map places every layer itself.")
+    if (device_map is not None or max_memory is not None) and not isinstance(source, (str, os.PathLike)):
+        raise ValueError("device_map and max_memory apply to a checkpoint path; an in-memory model or bridge "
+                         "is already placed (load it with from_pretrained(..., device_map=...) and pass it).")
+    if max_memory is not None and device_map is None:
+        raise ValueError("max_memory needs device_map (e.g. device_map='auto').")
     if isinstance(source, TransformerBridge):
         bridge = source
     elif isinstance(source, PreTrainedModel):
         bridge = _boot_from_hf_model(source, tokenizer, dtype=dtype, device=device)
         _keep_checkpoint_bos(bridge, tokenizer)
     elif isinstance(source, (str, os.PathLike)):
-        bridge = _boot_from_directory(Path(source), dtype=dtype, device=device)
+        bridge = _boot_from_directory(Path(source), dtype=dtype, device=device, device_map=device_map,
+                                      max_memory=max_memory)
         _keep_checkpoint_bos(bridge, _checkpoint_tokenizer(Path(source)))
     else:
         raise UnsupportedModelError(
@@ -113,7 +129,8 @@ def load_model(
     return bridge
 
 
-def _boot_from_directory(path: Path, *, dtype: torch.dtype | None, device: Any) -> Any:
+def _boot_from_directory(path: Path, *, dtype: torch.dtype | None, device: Any, device_map: Any = None,
+                         max_memory: Any = None) -> Any:
     from transformer_lens import TransformerBridge
 
     if not path.is_dir():
@@ -127,11 +144,9 @@ def _boot_from_directory(path: Path, *, dtype: torch.dtype | None, device: Any) 
             f"{str(path)!r} has no config.json; pass a directory written by save_pretrained."
         )
     # An absolute path: TransformerLens maps some bare names (e.g. "neox") to Hub aliases.
-    return TransformerBridge.boot_transformers(
-        str(path.resolve()),
-        device=device or _default_device(),
-        dtype=dtype or torch.float32,
-    )
+    placement = {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {
+        "device": device or _default_device()}
+    return TransformerBridge.boot_transformers(str(path.resolve()), dtype=dtype or torch.float32, **placement)
 
 
 def _boot_from_hf_model(hf_model: Any, tokenizer: Any, *, dtype: Any, device: Any) -> Any:

@@ -34,6 +34,7 @@ from circuitdiff.data.selection import LengthSelection, check_parameters
 from circuitdiff.errors import DataError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.models import load_model
+from circuitdiff.scorers import Scorer
 from circuitdiff.scores import EdgeScores
 
 __all__ = ["PipelineConfig", "score_answers", "check_tokenizers", "run_compare", "run_score"]
@@ -69,6 +70,7 @@ class PipelineConfig:
         return getattr(torch, name)
 
     def resolved_device(self) -> str:
+        """``device`` if set, else ``"cuda"`` when available, else ``"cpu"``."""
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def validate(self) -> None:
@@ -81,6 +83,12 @@ class PipelineConfig:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise DataError(f"batch size and max new tokens must be >= 1; got {self.batch_size} and "
                             f"{self.max_new_tokens}.")
+        if self.intervention != "zero":
+            raise DataError(
+                f"the pipeline scores with intervention='zero' only (the paper's); got {self.intervention!r}. "
+                "'patching' needs corrupted prompts and 'mean' / 'mean-positional' need reference data, which the "
+                "pipeline does not build: call cd.attribute on its generations for those."
+            )
         self.torch_dtype(self.resolved_device())
 
     def select(self, base_lengths: Sequence[int], tuned_lengths: Sequence[int],
@@ -108,7 +116,7 @@ def score_answers(
     *,
     t_cut: int,
     shards: str | os.PathLike[str] | None = None,
-    method: str = "eap",
+    method: str | Scorer = "eap",
     intervention: str = "zero",
     batch_size: int = 8,
     progress: bool = True,
@@ -120,7 +128,8 @@ def score_answers(
     is resumable: it is :func:`circuitdiff.attribute` with ``checkpoint_dir=DIR`` (one
     ``DIR/shard-00000.safetensors`` per batch and ``DIR/manifest.json`` naming the run;
     finished shards are reused when the same run is started again, and a directory of
-    another run is refused).
+    another run is refused). ``method`` is a scorer name or object, e.g.
+    ``cd.scorers.get("eap", positions_per_pass=512)``.
     """
     if any(len(a) < t_cut for a in answers):
         raise DataError(f"every answer must have at least t_cut={t_cut} tokens.")

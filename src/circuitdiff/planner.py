@@ -16,13 +16,15 @@ Every number is derived from what the code allocates, per part:
   GPT-NeoX). Then the final norm's input and the logits ``[batch, pos, vocab]``.
 - **objective**: float32 log-softmax over the loss positions (``loss_positions``,
   default every position: an upper bound).
-- **source buffer**: ``delta [batch, n_sources, pos, d_model]`` in float32 (float64 for
-  float64 models), ``hooks.EdgeHooks.new_delta``; plus the ``[batch, n_sources,
-  n_receivers]`` score buffer.
+- **source buffer**: ``delta [batch, n_sources, window, d_model]`` in float32 (float64
+  for float64 models), ``hooks.EdgeHooks.new_delta``, where the window is every position
+  or ``positions_per_pass`` of them (``EAP(positions_per_pass=...)``); plus the
+  ``[batch, n_sources, n_receivers]`` score buffer.
 - **receiver gradients**: one layer's transients in ``EdgeHooks._attention_receivers``:
-  ``u [receivers, batch*pos, d_model]`` float32 (q+k+v heads at head level, 3 at layer
-  level, where the stack doubles it), the scaled and concatenated projection gradients,
-  ``x`` and ``x_hat`` in float32, and the folded float32 q/k/v weights of one layer.
+  ``u [receivers, batch*window, d_model]`` float32 (q+k+v heads at head level, 3 at
+  layer level, where the stack doubles it), the scaled and concatenated projection
+  gradients and ``x``, ``x_hat`` in float32 (all over the window), the folded float32
+  q/k/v weights of one layer, and the model-dtype projection gradients of every position.
 - **backward transients** of the plain model: the attention backward's pos^2 tensors of
   one layer (gradients of probabilities and scores) or the logits' gradient, whichever
   is larger; EAP's receiver gradients replace them when larger (they do not coincide).
@@ -127,6 +129,7 @@ class ModelShape:
 
     @property
     def element_size(self) -> int:
+        """Bytes per parameter element of ``dtype``."""
         return torch.empty((), dtype=self.dtype).element_size()
 
     def parameter_bytes(self) -> int:
@@ -167,6 +170,7 @@ class MemoryEstimate:
     seq_len: int
     level: str
     method: str
+    positions_per_pass: int | None = None
 
     @property
     def total(self) -> int:
@@ -189,7 +193,8 @@ class MemoryEstimate:
         if self.clean_logits:
             rows.append(("clean logits (EAP-IG)", self.clean_logits))
         total = self.total
-        lines = [f"{self.method}, {self.level} level, batch {self.batch_size} x {self.seq_len} tokens",
+        windows = "" if self.positions_per_pass is None else f", {self.positions_per_pass} positions per pass"
+        lines = [f"{self.method}, {self.level} level, batch {self.batch_size} x {self.seq_len} tokens{windows}",
                  "", "| part | GiB | share |", "|---|---|---|"]
         lines += [f"| {name} | {value / GIB:.2f} | {value / total:.0%} |" for name, value in rows]
         lines.append(f"| **peak** (transients counted once, the larger) | **{total / GIB:.2f}** | |")
@@ -229,6 +234,7 @@ def estimate_memory(
     method: str = "eap",
     dtype: torch.dtype | None = None,
     loss_positions: int | None = None,
+    positions_per_pass: int | None = None,
 ) -> MemoryEstimate:
     """Estimated peak memory (bytes) of one ``cd.attribute`` batch.
 
@@ -236,11 +242,14 @@ def estimate_memory(
         model_or_spec: a TransformerBridge, a :class:`ModelShape`, or a Hugging Face
             config (object or dict): no weights are needed for the last two.
         graph_or_level: an :class:`AttributionGraph` or ``"head"`` / ``"layer"``.
-        batch_size, seq_len: the batch's shape ``[batch_size, seq_len]`` (padded length).
+        batch_size: the batch's first dimension (``[batch_size, seq_len]``).
+        seq_len: the batch's padded length (tokens).
         method: one of :data:`METHODS`.
         dtype: the model's dtype if it differs from the spec's (default: the spec's).
         loss_positions: token positions per sample that the objective reads (default
             ``seq_len``, an upper bound; ``answer_nll`` reads the answer span only).
+        positions_per_pass: the ``eap`` scorer's position window
+            (``cd.scorers.get("eap", positions_per_pass=w)``); default: all positions.
 
     Returns:
         :class:`MemoryEstimate` (``.total`` is the peak, weights included; ``.plain`` the
@@ -251,6 +260,9 @@ def estimate_memory(
         raise UnknownNameError(f"the memory planner knows methods {METHODS}; got {method!r}.")
     if batch_size < 1 or seq_len < 1:
         raise DataError(f"batch_size and seq_len must be positive; got {batch_size} and {seq_len}.")
+    if positions_per_pass is not None and (method != "eap" or positions_per_pass < 1):
+        raise DataError(f"positions_per_pass must be a positive integer and needs method='eap'; "
+                        f"got {positions_per_pass!r} with method={method!r}.")
     s = _shape_of(model_or_spec, dtype)
     graph = _graph_of(s, graph_or_level)
     b, p, d, e = batch_size, seq_len, s.d_model, s.element_size
@@ -274,24 +286,26 @@ def estimate_memory(
     logits_grad = logits + loss_tokens * s.d_vocab * 4
     backward = max(attention_grad, logits_grad)
 
-    source_buffer = b * graph.n_sources * p * d * acc
+    window = b * min(positions_per_pass or p, p)  # tokens in one position window
+    source_buffer = graph.n_sources * window * d * acc
     scores = b * graph.n_sources * graph.n_receivers * acc
     n_q, n_k, n_v = graph.receivers_per_attention
     proj = (s.n_heads + 2 * s.n_kv_heads) * s.d_head  # q, k, v projection outputs per token
     if graph.level == "head":
-        u = (n_q + n_k + n_v) * tokens * d * acc
-        grads = 2 * tokens * proj * acc  # scaled gradients and their concatenation
+        u = (n_q + n_k + n_v) * window * d * acc
+        grads = 2 * window * proj * acc  # scaled gradients and their concatenation
         weights_fp = 2 * proj * d * acc  # folded weights and their concatenation
     else:
-        u = 2 * 3 * tokens * d * acc  # three products, then their stack
-        grads = tokens * proj * acc
+        u = 2 * 3 * window * d * acc  # three products, then their stack
+        grads = window * proj * acc
         weights_fp = proj * d * acc
-    receivers = u + grads + weights_fp + 2 * tokens * d * acc + tokens * proj * e  # + x, x_hat; stashed grads
+    receivers = u + grads + weights_fp + 2 * window * d * acc + tokens * proj * e  # + x, x_hat; stashed grads
     clean_logits = logits if method.startswith("eap-ig") else 0
     return MemoryEstimate(
         weights=s.parameter_bytes(), saved_activations=saved, logits=logits, objective=objective,
         source_buffer=source_buffer, scores=scores, receiver_gradients=receivers, backward_transient=backward,
         clean_logits=clean_logits, batch_size=b, seq_len=p, level=graph.level, method=method,
+        positions_per_pass=positions_per_pass,
     )
 
 
@@ -314,6 +328,7 @@ def plan_batch_size(
     method: str = "eap",
     loss_positions: int | None = None,
     dtype: torch.dtype | None = None,
+    positions_per_pass: int | None = None,
 ) -> int:
     """The largest batch size whose estimated peak fits ``max_memory`` bytes.
 
@@ -324,11 +339,15 @@ def plan_batch_size(
         max_memory: bytes available for the whole run, weights included. Default, for
             a model on CUDA: 90% of (free device memory + the model's parameter bytes,
             already resident); required otherwise.
-        method, loss_positions, dtype: as for :func:`estimate_memory`.
+        method: as for :func:`estimate_memory`.
+        loss_positions: as for :func:`estimate_memory`.
+        dtype: as for :func:`estimate_memory`.
+        positions_per_pass: as for :func:`estimate_memory`.
 
     Raises:
         MemoryPlanError: even batch size 1 does not fit; the message gives the layer-level
-            estimate, the longest sequence that fits at batch 1, and other ways out.
+            estimate, the longest sequence that fits at batch 1, the largest EAP position
+            window that fits, and other ways out.
         ValueError: ``max_memory`` is missing for a model that is not on CUDA.
     """
     if max_memory is None:
@@ -341,12 +360,13 @@ def plan_batch_size(
     shape = _shape_of(model, dtype)
     graph = _graph_of(shape, graph)
 
-    def peak(batch: int, length: int = seq_len, g: AttributionGraph = graph) -> int:
+    def peak(batch: int, length: int = seq_len, g: AttributionGraph = graph,
+             window: int | None = positions_per_pass) -> int:
         return estimate_memory(shape, g, batch_size=batch, seq_len=length, method=method,
-                               loss_positions=loss_positions).total
+                               loss_positions=loss_positions, positions_per_pass=window).total
 
     if peak(1) > max_memory:
-        raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak))
+        raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, method))
     low, high = 1, 2
     while peak(high) <= max_memory:  # the estimate grows linearly with the batch size
         low, high = high, high * 2
@@ -356,7 +376,8 @@ def plan_batch_size(
     return low
 
 
-def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_memory: int, peak: Any) -> str:
+def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_memory: int, peak: Any,
+                  method: str) -> str:
     need = peak(1)
     parts = [f"even batch size 1 does not fit: {graph.level}-level attribution of {seq_len} tokens needs about "
              f"{need / GIB:.1f} GiB, but {max_memory / GIB:.1f} GiB are available. What would fit:"]
@@ -364,16 +385,29 @@ def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_
         layer = peak(1, seq_len, graph.layer_level())
         verdict = "fits" if layer <= max_memory else "does not fit either"
         parts.append(f"- the layer-level graph (level='layer'): about {layer / GIB:.1f} GiB at batch 1 ({verdict});")
-    low, high = 0, seq_len
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if peak(1, mid) <= max_memory else (low, mid)
+    low = _largest_fitting(seq_len, lambda length: peak(1, length) <= max_memory)
     if low:
         parts.append(f"- shorter sequences: at most {low} tokens at this level and batch 1 "
                      f"(about {peak(1, low) / GIB:.1f} GiB);")
     else:
         parts.append("- shorter sequences: none fits at this level (the weights alone take "
                      f"{shape.parameter_bytes() / GIB:.1f} GiB);")
-    parts.append("- position chunking (scoring a subset of positions per pass) is not available in this "
-                 "version; a device with more memory, or a lower-precision dtype for the weights.")
+    window = _largest_fitting(seq_len, lambda w: peak(1, seq_len, graph, w) <= max_memory) if method == "eap" else 0
+    if window:
+        passes = -(-seq_len // window)
+        parts.append(f"- position chunking: method=cd.scorers.get('eap', positions_per_pass={window}) fits at batch 1 "
+                     f"(about {peak(1, seq_len, graph, window) / GIB:.1f} GiB), at the cost of {passes} forward and "
+                     "backward passes per batch;")
+    else:
+        parts.append("- position chunking (EAP only, positions_per_pass): no window fits at this level;")
+    parts.append("- a device with more memory, or a lower-precision dtype for the weights.")
     return "\n".join(parts)
+
+
+def _largest_fitting(limit: int, fits: Any) -> int:
+    """The largest n in 1..limit with ``fits(n)`` (``fits`` monotonic decreasing), or 0 if none."""
+    low, high = 0, limit + 1
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low

@@ -66,10 +66,12 @@ def select_by_length(
     """Apply the length window, the balance rule and the truncation; sample ``n`` questions.
 
     Args:
-        base_lengths, tuned_lengths: answer lengths in tokens, one per question, for the
-            questions both models answered correctly.
+        base_lengths: the base model's answer lengths in tokens, one per question, for
+            the questions both models answered correctly.
+        tuned_lengths: the tuned model's, for the same questions in the same order.
         alpha: truncation fraction, ``0 < alpha <= 1``.
-        beta, gamma: length window, ``0 <= beta <= 1 <= gamma``.
+        beta: lower end of the length window, ``0 <= beta <= 1 <= gamma``.
+        gamma: upper end of the length window.
         delta: balance threshold, ``> 0``.
         rule: ``"paper"`` or ``"code"`` (see the module docstring).
         n: questions to sample; None keeps all.

@@ -9,6 +9,13 @@ where ``a_u`` is u's clean output, ``a_u'`` its replacement (the intervention) a
 line from reading ``a_u`` to reading ``a_u'``, i.e. the first-order Taylor estimate of
 ``L_b(edge ablated) - L_b(clean)``. Cost per batch: one hooked forward and backward
 (plus one forward without gradients for patching).
+
+Position windows (``EAP(positions_per_pass=w)``): the sum over positions is split into
+windows of ``w`` positions, one forward and backward per window (and one intervention
+pass per window for patching). The float32 source buffer and the per-layer receiver
+gradients then scale with ``w`` instead of the sequence length; the scores are the
+same up to float32 summation order. Use it when even batch size 1 does not fit
+(``circuitdiff.plan_batch_size`` suggests a ``w``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuitdiff.data import Batch
+from circuitdiff.errors import DataError
 from circuitdiff.objectives import evaluate
 from circuitdiff.scorers.base import ScoringContext
 
@@ -25,18 +33,50 @@ __all__ = ["EAP"]
 
 
 class EAP:
-    """Edge attribution patching (Syed et al. 2023), per-sample, float32 accumulation."""
+    """Edge attribution patching (Syed et al. 2023), per-sample, float32 accumulation.
+
+    Args:
+        positions_per_pass: score each batch in windows of this many positions, one
+            forward and backward per window, to bound memory (default None: all
+            positions in one pass).
+    """
 
     name = "eap"
+    positions_per_pass: int | None = None  # also the default of subclasses that skip __init__
+
+    def __init__(self, positions_per_pass: int | None = None) -> None:
+        if positions_per_pass is not None and (
+                isinstance(positions_per_pass, bool) or not isinstance(positions_per_pass, int)
+                or positions_per_pass < 1):
+            raise ValueError(f"eap: positions_per_pass must be a positive integer or None; got {positions_per_pass!r}.")
+        self.positions_per_pass = positions_per_pass
 
     def score_batch(
         self, context: ScoringContext, batch: Batch, batch_index: int
     ) -> tuple[Float[Tensor, "batch n_sources n_receivers"], Float[Tensor, "batch"]]:
-        """One hooked forward and backward (after the intervention's own pass, if any)."""
-        hooks = context.hooks
+        """One hooked forward and backward per window (after the intervention's own pass, if any)."""
+        width = batch.input_ids.shape[1]
+        step = self.positions_per_pass or width
+        scores = context.hooks.new_scores(batch)
+        losses = self._add_window(context, batch, batch_index, slice(0, step), scores)
+        for start in range(step, width, step):  # every window computes the same clean losses
+            self._add_window(context, batch, batch_index, slice(start, start + step), scores)
+        return scores, losses
+
+    def _add_window(
+        self, context: ScoringContext, batch: Batch, batch_index: int, positions: slice, scores: Tensor
+    ) -> Float[Tensor, "batch"]:
+        """Add the contributions of ``positions`` to ``scores``; return the clean losses."""
+        hooks = context.hooks.restricted_to(positions)
         delta = hooks.new_delta(batch)
+        shape = delta.shape
         filled = context.intervention.prefill(hooks, batch, delta)
-        scores = hooks.new_scores(batch)
+        if delta.shape != shape:
+            raise DataError(
+                f"intervention {context.intervention.name!r} resized the delta buffer from {tuple(shape)} to "
+                f"{tuple(delta.shape)}; it must fill only the positions hooks.window(batch) (see "
+                "circuitdiff.interventions.Intervention), or run without positions_per_pass."
+            )
         record = "subtract" if filled else "negate"
         with torch.enable_grad(), context.model.hooks(
             fwd_hooks=hooks.hooks(delta, batch.attention_mask, record, scores)
@@ -44,4 +84,4 @@ class EAP:
             logits = context.model(batch.input_ids, attention_mask=batch.attention_mask)
             losses = evaluate(context.objective, logits, batch, batch_index)
             losses.sum().backward()
-        return scores, losses.detach()
+        return losses.detach()

@@ -82,7 +82,7 @@ class _IntegratedGradients:
 
 def _add(shift: Tensor) -> Callable[[Tensor, Any], Tensor]:
     def hook(x: Tensor, hook: Any) -> Tensor:
-        return x + shift.to(x.dtype)
+        return x + shift.to(x.device, x.dtype)  # a layer may sit on another device (device_map)
 
     return hook
 

@@ -1,0 +1,152 @@
+"""EAP in position windows (``positions_per_pass``): the same scores as one pass, less memory.
+
+One-pass EAP is validated against finite differences in test_eap_correctness.py; here
+every window size must reproduce it, for every architecture, level and intervention.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import circuitdiff as cd
+from circuitdiff.hooks import EdgeHooks
+from test_eap_correctness import make_data, reference_batches_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gpu_7b  # noqa: E402
+from test_planner import CPU_SHAPES, _cpu_model  # noqa: E402
+
+
+def _scores(model, level, intervention, positions_per_pass):
+    graph = cd.AttributionGraph.from_model(model, level=level)
+    batches = make_data(model, corrupted=intervention == "patching")  # widths 7 (padded) and 6
+    refs = reference_batches_for(model) if intervention.startswith("mean") else None
+    method = cd.scorers.get("eap", positions_per_pass=positions_per_pass)
+    return cd.attribute(model, graph, batches, objective="answer_nll", method=method, intervention=intervention,
+                        reference_batches=refs, progress=False)
+
+
+def _assert_windows_reproduce(model, level, intervention, windows):
+    whole = _scores(model, level, intervention, None)
+    assert whole.per_sample.abs().max() > 0
+    for window in windows:
+        windowed = _scores(model, level, intervention, window)
+        torch.testing.assert_close(windowed.per_sample, whole.per_sample, rtol=1e-9, atol=1e-12,
+                                   msg=lambda m: f"positions_per_pass={window}: {m}")
+        torch.testing.assert_close(windowed.objective_values, whole.objective_values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("level", ["head", "layer"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox", "mistral"])
+def test_windows_reproduce_one_pass(get_model, arch, level):
+    _assert_windows_reproduce(get_model(arch, "float64"), level, "zero", windows=(3,))  # a short last window
+
+
+@pytest.mark.parametrize("intervention", ["patching", "mean", "mean-positional"])
+def test_windows_reproduce_one_pass_for_every_intervention(get_model, intervention):
+    _assert_windows_reproduce(get_model("llama", "float64"), "head", intervention, windows=(1, 3))
+
+
+def test_window_wider_than_the_batch_is_one_pass(get_model):
+    model = get_model("qwen2")
+    whole = _scores(model, "head", "zero", None)
+    wide = _scores(model, "head", "zero", 100)
+    assert torch.equal(wide.per_sample, whole.per_sample)
+
+
+def test_each_window_scores_only_its_positions(get_model):
+    """Windows [0, 4) and [4, 7) of a padded batch each contribute, and add up to the one-pass scores."""
+    model = get_model("llama", "float64")
+    graph = cd.AttributionGraph.from_model(model, level="head")
+    batch = make_data(model)[0]
+    context = cd.scorers.base.make_context(model, graph, "answer_nll", "zero")
+    scorer = cd.scorers.get("eap")
+    parts = []
+    with cd.models.attribution_mode(model):
+        for window in (slice(0, 4), slice(4, 7)):
+            scores = context.hooks.new_scores(batch)
+            scorer._add_window(context, batch, 0, window, scores)
+            parts.append(scores)
+        whole, _ = scorer.score_batch(context, batch, 0)
+    assert parts[0].abs().max() > 0 and parts[1].abs().max() > 0
+    torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "64"])
+def test_bad_positions_per_pass_is_refused(bad):
+    with pytest.raises(ValueError, match="positions_per_pass must be a positive integer"):
+        cd.scorers.get("eap", positions_per_pass=bad)
+
+
+@pytest.mark.parametrize("bad", [slice(None), slice(3, 3), slice(0, 8, 2), slice(-1, 4)])
+def test_bad_window_is_refused(get_model, bad):
+    model = get_model("gpt2")
+    hooks = EdgeHooks(model, cd.AttributionGraph.from_model(model, level="layer"))
+    with pytest.raises(ValueError, match="slice\\(start, stop\\)"):
+        hooks.restricted_to(bad)
+
+
+class _FullLengthMean:
+    """A custom intervention written for one pass: it fills every position, not the window."""
+
+    name = "full-length-mean"
+
+    def prefill(self, hooks, batch, delta):
+        mask = batch.attention_mask.to(delta.dtype)[:, None, :, None]
+        torch.mul(torch.ones(hooks.graph.n_sources, hooks.d_model, dtype=delta.dtype)[None, :, None, :], mask,
+                  out=delta)
+        return True
+
+
+def test_intervention_that_ignores_the_window_is_refused(get_model):
+    model = get_model("gpt2")
+    graph = cd.AttributionGraph.from_model(model, level="layer")
+    batches = make_data(model)
+    cd.attribute(model, graph, batches, objective="answer_nll", intervention=_FullLengthMean(), progress=False)
+    with pytest.raises(cd.DataError, match="hooks.window\\(batch\\)"), pytest.warns(UserWarning):
+        cd.attribute(model, graph, batches, objective="answer_nll", intervention=_FullLengthMean(),
+                     method=cd.scorers.get("eap", positions_per_pass=2), progress=False)
+
+
+def test_resuming_with_other_windows_is_refused(get_model, tmp_path):
+    model = get_model("gpt2")
+    graph = cd.AttributionGraph.from_model(model, level="layer")
+    batches = make_data(model)
+    cd.attribute(model, graph, batches, objective="answer_nll", progress=False, checkpoint_dir=tmp_path,
+                 method=cd.scorers.get("eap", positions_per_pass=2))
+    with pytest.raises(cd.DataError, match="positions_per_pass"):
+        cd.attribute(model, graph, batches, objective="answer_nll", progress=False, checkpoint_dir=tmp_path,
+                     method=cd.scorers.get("eap", positions_per_pass=3))
+
+
+def test_windows_lower_the_measured_peak_as_planned():
+    """CPU profiler peaks of one batch of 128 tokens, head level, one pass vs windows of 16 positions."""
+    name, level, batch, tokens, window = "llama-256", "head", 1, 128, 16
+    model = _cpu_model(name)
+    graph = cd.AttributionGraph.from_model(model, level=level)
+    ids = torch.randint(0, CPU_SHAPES[name].vocab, (batch, tokens + 1), generator=torch.Generator().manual_seed(0))
+    labels = ids[:, 1:].clone()
+    labels[:, : tokens - tokens // 4] = cd.IGNORE
+    data = cd.Batch(ids[:, :tokens], labels=labels)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    peaks, estimates = {}, {}
+    for per_pass in (None, window):
+        def run():
+            cd.attribute(model, graph, [data], objective="answer_nll", progress=False,
+                         method=cd.scorers.get("eap", positions_per_pass=per_pass))
+
+        meter = gpu_7b.Meter("cpu", repeats=0, fake_oom=[])
+        run()  # warm-up
+        peaks[per_pass] = meter.peak(run, weights)
+        estimates[per_pass] = estimate = cd.estimate_memory(
+            model, graph, batch_size=batch, seq_len=tokens, loss_positions=tokens // 4, positions_per_pass=per_pass)
+        print(f"{level} positions_per_pass={per_pass}: estimated {estimate.total / 2**20:.2f} MiB, "
+              f"measured {peaks[per_pass] / 2**20:.2f} MiB ({estimate.total / peaks[per_pass] - 1:+.1%})")
+        assert abs(estimate.total / peaks[per_pass] - 1) < 0.30
+    saved_estimate = estimates[None].total - estimates[window].total
+    saved_measured = peaks[None] - peaks[window]
+    assert saved_measured > 0.5 * saved_estimate > 0
