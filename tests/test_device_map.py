@@ -21,19 +21,38 @@ def _device_map(n_layers: int) -> dict[str, str]:
     return {name: "cpu" for name in names + [f"model.layers.{i}" for i in range(n_layers)]}
 
 
+def _dispatched(directory, n_layers: int):
+    """The checkpoint as a Hugging Face model with accelerate's device hooks on every layer.
+
+    from_pretrained(device_map=...) installs no hooks when every entry is "cpu";
+    force_hooks does (what a map over several GPUs gets).
+    """
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return dispatch_model(hf, _device_map(n_layers), main_device="cpu", force_hooks=True)
+
+
+def _scores(model, level: str, seed: int, **kwargs) -> cd.EdgeScores:
+    """answer_nll scores of two random samples (4 prompt + 3 answer tokens)."""
+    import tiny_models
+
+    ids = tiny_models.random_ids(2, 7, seed=seed).tolist()
+    batches = cd.make_batches(model.tokenizer, [r[:4] for r in ids], [r[4:] for r in ids], batch_size=2)
+    return cd.attribute(model, cd.AttributionGraph.from_model(model, level=level), batches,
+                        objective="answer_nll", progress=False, **kwargs)
+
+
 @pytest.mark.parametrize("intervention", ["zero", "patching"])
 def test_device_map_model_scores_like_a_plain_one(checkpoints, get_model, intervention):
-    from accelerate import dispatch_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import tiny_models
 
     directory = checkpoints["llama"]
     plain = get_model("llama")
-    # from_pretrained(device_map=...) installs no hooks when every entry is "cpu";
-    # force_hooks does (what a map over several GPUs gets).
-    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    hf = dispatch_model(hf, _device_map(plain.cfg.n_layers), main_device="cpu", force_hooks=True)
+    hf = _dispatched(directory, plain.cfg.n_layers)
     calls = []
     for name, module in (("layer 0", hf.model.layers[0]), ("lm_head", hf.lm_head)):
         hook = module._hf_hook
@@ -61,8 +80,6 @@ def test_load_model_passes_device_map_to_the_loader(checkpoints, get_model, monk
     """``load_model(path, device_map=...)`` loads through accelerate's placement and scores like a plain load."""
     from transformer_lens import TransformerBridge
 
-    import tiny_models
-
     plain = get_model("llama")
     device_map = _device_map(plain.cfg.n_layers)
     boot = TransformerBridge.boot_transformers
@@ -72,14 +89,7 @@ def test_load_model_passes_device_map_to_the_loader(checkpoints, get_model, monk
     placed = cd.load_model(checkpoints["llama"], device_map=device_map, max_memory={"cpu": "2GiB"})
     assert seen[0]["device_map"] == device_map and seen[0]["max_memory"] == {"cpu": "2GiB"}
     assert "device" not in seen[0]
-
-    ids = tiny_models.random_ids(2, 7, seed=4).tolist()
-    results = []
-    for model in (plain, placed):
-        batches = cd.make_batches(model.tokenizer, [r[:4] for r in ids], [r[4:] for r in ids], batch_size=2)
-        results.append(cd.attribute(model, cd.AttributionGraph.from_model(model, level="head"), batches,
-                                    objective="answer_nll", progress=False))
-    torch.testing.assert_close(results[1].per_sample, results[0].per_sample)
+    torch.testing.assert_close(_scores(placed, "head", seed=4).per_sample, _scores(plain, "head", seed=4).per_sample)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -110,21 +120,13 @@ def test_ablation_refuses_a_model_spread_over_devices():
 
 @pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations"])
 def test_device_map_model_eap_ig_scores_like_a_plain_one(checkpoints, get_model, method):
-    from accelerate import dispatch_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import tiny_models
+    from transformers import AutoTokenizer
 
     directory = checkpoints["llama"]
     plain = get_model("llama")
-    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    hf = dispatch_model(hf, _device_map(plain.cfg.n_layers), main_device="cpu", force_hooks=True)
-    dispatched = cd.load_model(hf, tokenizer=AutoTokenizer.from_pretrained(directory))
-    ids = tiny_models.random_ids(2, 7, seed=5).tolist()
-    results = []
-    for model in (plain, dispatched):
-        batches = cd.make_batches(model.tokenizer, [r[:4] for r in ids], [r[4:] for r in ids], batch_size=2)
-        results.append(cd.attribute(model, cd.AttributionGraph.from_model(model, level="layer"), batches,
-                                    objective="answer_nll", method=cd.scorers.get(method, steps=2), progress=False))
-    scale = float(results[0].per_sample.abs().max())
-    torch.testing.assert_close(results[1].per_sample, results[0].per_sample, rtol=1e-5, atol=1e-6 * scale)
+    dispatched = cd.load_model(_dispatched(directory, plain.cfg.n_layers),
+                               tokenizer=AutoTokenizer.from_pretrained(directory))
+    expected, got = (_scores(model, "layer", seed=5, method=cd.scorers.get(method, steps=2))
+                     for model in (plain, dispatched))
+    scale = float(expected.per_sample.abs().max())
+    torch.testing.assert_close(got.per_sample, expected.per_sample, rtol=1e-5, atol=1e-6 * scale)

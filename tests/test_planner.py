@@ -125,6 +125,22 @@ def _cpu_model(name: str):
     return _MODELS[name]
 
 
+def cpu_answer_batch(name: str, batch: int, tokens: int) -> cd.Batch:
+    """Random tokens of model ``name``'s vocabulary, the last quarter labelled as the answer."""
+    ids = torch.randint(0, CPU_SHAPES[name].vocab, (batch, tokens + 1), generator=torch.Generator().manual_seed(0))
+    labels = ids[:, 1:].clone()
+    labels[:, : tokens - tokens // 4] = cd.IGNORE
+    return cd.Batch(ids[:, :tokens], labels=labels)
+
+
+def cpu_peak(model, run) -> int:
+    """Parameter bytes + the CPU profiler's allocation peak of ``run()``, after one warm-up call."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    meter = gpu_7b.Meter("cpu", repeats=0, fake_oom=[])
+    run()  # warm-up
+    return meter.peak(run, weights)
+
+
 @pytest.mark.parametrize("name, level, batch, tokens", [
     ("tiny-llama", "head", 2, 32),
     ("tiny-qwen2", "layer", 4, 32),
@@ -134,18 +150,8 @@ def _cpu_model(name: str):
 def test_estimate_within_30_percent_of_cpu_profiler_peak(name, level, batch, tokens):
     model = _cpu_model(name)
     graph = cd.AttributionGraph.from_model(model, level=level)
-    ids = torch.randint(0, CPU_SHAPES[name].vocab, (batch, tokens + 1), generator=torch.Generator().manual_seed(0))
-    labels = ids[:, 1:].clone()
-    labels[:, : tokens - tokens // 4] = cd.IGNORE
-    data = cd.Batch(ids[:, :tokens], labels=labels)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-
-    def run():
-        cd.attribute(model, graph, [data], objective="answer_nll", progress=False)
-
-    meter = gpu_7b.Meter("cpu", repeats=0, fake_oom=[])
-    run()  # warm-up
-    measured = meter.peak(run, weights)
+    data = cpu_answer_batch(name, batch, tokens)
+    measured = cpu_peak(model, lambda: cd.attribute(model, graph, [data], objective="answer_nll", progress=False))
     est = estimate_memory(model, graph, batch_size=batch, seq_len=tokens, loss_positions=tokens // 4)
     print(f"{name} {level} b{batch} p{tokens}: estimated {est.total / 2**20:.2f} MiB, "
           f"measured {measured / 2**20:.2f} MiB ({est.total / measured - 1:+.1%})")

@@ -6,19 +6,13 @@ every window size must reproduce it, for every architecture, level and intervent
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import circuitdiff as cd
 from circuitdiff.hooks import EdgeHooks
 from test_eap_correctness import make_data, reference_batches_for
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import gpu_7b  # noqa: E402
-from test_planner import CPU_SHAPES, _cpu_model  # noqa: E402
+from test_planner import _cpu_model, cpu_answer_batch, cpu_peak
 
 
 def _scores(model, level, intervention, positions_per_pass):
@@ -128,20 +122,12 @@ def test_windows_lower_the_measured_peak_as_planned():
     name, level, batch, tokens, window = "llama-256", "head", 1, 128, 16
     model = _cpu_model(name)
     graph = cd.AttributionGraph.from_model(model, level=level)
-    ids = torch.randint(0, CPU_SHAPES[name].vocab, (batch, tokens + 1), generator=torch.Generator().manual_seed(0))
-    labels = ids[:, 1:].clone()
-    labels[:, : tokens - tokens // 4] = cd.IGNORE
-    data = cd.Batch(ids[:, :tokens], labels=labels)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    data = cpu_answer_batch(name, batch, tokens)
     peaks, estimates = {}, {}
     for per_pass in (None, window):
-        def run():
-            cd.attribute(model, graph, [data], objective="answer_nll", progress=False,
-                         method=cd.scorers.get("eap", positions_per_pass=per_pass))
-
-        meter = gpu_7b.Meter("cpu", repeats=0, fake_oom=[])
-        run()  # warm-up
-        peaks[per_pass] = meter.peak(run, weights)
+        method = cd.scorers.get("eap", positions_per_pass=per_pass)
+        peaks[per_pass] = cpu_peak(model, lambda: cd.attribute(model, graph, [data], objective="answer_nll",
+                                                               method=method, progress=False))
         estimates[per_pass] = estimate = cd.estimate_memory(
             model, graph, batch_size=batch, seq_len=tokens, loss_positions=tokens // 4, positions_per_pass=per_pass)
         print(f"{level} positions_per_pass={per_pass}: estimated {estimate.total / 2**20:.2f} MiB, "
