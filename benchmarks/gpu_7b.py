@@ -15,7 +15,10 @@ measures (1 warm-up, then the median of ``--repeats`` timed passes, each between
 ``torch.cuda.synchronize()`` calls; then one more pass for the peak):
 
 - ``eap``: one ``cd.attribute(..., method="eap", intervention="zero")`` call
-  (per-sample scores kept): seconds per sample, tokens/s, peak memory;
+  (per-sample scores kept; ``--positions-per-pass`` and ``--contraction-dtype`` set the
+  scorer's options): seconds per sample, tokens/s, peak memory; with ``--profile``, one
+  more profiled pass of each kind, reporting the time under circuitdiff's profiler labels
+  (per-head outputs, receiver gradients, contractions) and the operators that took longest;
 - ``plain``: a forward+backward of the same model and batch, no hooks, no parameter
   gradients, the same objective (the backward starts from input embeddings that
   require grad), and the ratio eap / plain;
@@ -185,9 +188,9 @@ def plain_pass(model: Any, batch: cd.Batch, objective: Callable[..., torch.Tenso
     objective(logits, batch).sum().backward()
 
 
-def eap_pass(model: Any, graph: cd.AttributionGraph, batch: cd.Batch,
-             objective: Callable[..., torch.Tensor], positions_per_pass: int | None = None) -> cd.EdgeScores:
-    method = cd.scorers.get("eap", positions_per_pass=positions_per_pass)
+def eap_pass(model: Any, graph: cd.AttributionGraph, batch: cd.Batch, objective: Callable[..., torch.Tensor],
+             positions_per_pass: int | None = None, contraction_dtype: torch.dtype | None = None) -> cd.EdgeScores:
+    method = cd.scorers.get("eap", positions_per_pass=positions_per_pass, contraction_dtype=contraction_dtype)
     return cd.attribute(model, graph, [batch], objective=objective, method=method, intervention="zero",
                         per_sample=True, progress=False)
 
@@ -323,6 +326,40 @@ class Meter:
         return baseline_bytes + peak
 
 
+def profile_pass(run: Callable[[], Any], cuda: bool) -> dict[str, Any]:
+    """One profiled pass: where its time goes (kernel time on CUDA, CPU time otherwise).
+
+    ``seconds``: the sum over all operators of their own time; ``labels``: the time under
+    each of circuitdiff's ``torch.profiler`` labels (``hooks.PROFILER_LABELS``, kernels
+    launched inside included); ``top``: the operators (with their input shapes) that took
+    the most time of their own.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from circuitdiff.hooks import PROFILER_LABELS
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    total = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)  # microseconds
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    host = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+    labels = {label: sum(total(e) for e in host if e.name == label) / 1e6 for label in PROFILER_LABELS}
+    ops = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key not in PROFILER_LABELS),
+                 key=own, reverse=True)
+    return {"seconds": sum(own(e) for e in ops) / 1e6, "labels": labels,
+            "top": [{"op": e.key, "input_shapes": str(e.input_shapes), "calls": e.count, "seconds": own(e) / 1e6}
+                    for e in ops[:12]]}
+
+
+def show_profile(profile: dict[str, Any]) -> str:
+    labels = ", ".join(f"{name.removeprefix('circuitdiff.')} {seconds(t)}" for name, t in profile["labels"].items())
+    return f"{seconds(profile['seconds'])} profiled; {labels}"
+
+
 def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     ours, theirs = ours.double().cpu(), theirs.double().cpu()
     return float((ours - theirs).norm() / ours.norm().clamp_min(1e-30))
@@ -331,6 +368,7 @@ def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, tmp: Path) -> tuple[list[dict], dict]:
     """Every cell of one model (which the caller frees once this returns)."""
     dtype = getattr(torch, args.dtype)
+    contraction = getattr(torch, args.contraction_dtype)
     started = time.perf_counter()
     hf = build_model(shape, args.device, dtype)
     tokenizer = build_tokenizer(shape.vocab, tmp / name)
@@ -355,11 +393,14 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
         key = f"{name}/plain/-/{tokens}"
         plain = meter.measure(key, lambda batch=batch: plain_pass(model, batch, objective), weight_bytes)
         print(f"  {tokens} tokens, plain: {show(plain, meter.oom_details.get(key))}", flush=True)
+        if args.profile and isinstance(plain, dict):
+            plain_profile = profile_pass(lambda batch=batch: plain_pass(model, batch, objective), meter.cuda)
+            print(f"    profile: {show_profile(plain_profile)}", flush=True)
         for level in args.levels:
             last: list[cd.EdgeScores] = []
 
             def eap(graph: cd.AttributionGraph = graphs[level], batch: cd.Batch = batch, last: list = last) -> None:
-                last[:] = [eap_pass(model, graph, batch, objective, args.positions_per_pass)]
+                last[:] = [eap_pass(model, graph, batch, objective, args.positions_per_pass, contraction)]
 
             key = f"{name}/eap/{level}/{tokens}"
             result = meter.measure(key, eap, weight_bytes)
@@ -368,19 +409,27 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
             del last
             meter.free()
             print(f"  {tokens} tokens, eap {level}: {show(result, meter.oom_details.get(key))}", flush=True)
+            eap_profile = None
+            if args.profile and isinstance(result, dict):
+                eap_profile = profile_pass(eap, meter.cuda)
+                meter.free()
+                print(f"    profile: {show_profile(eap_profile)}", flush=True)
             graph = graphs[level]
             cells[level, tokens] = {"model": name, "architecture": spec.architecture, "level": level,
                                     "tokens": tokens, "eap": result, "plain": plain,
-                                    # circuitdiff's float32 [batch, n_sources, window, d_model] buffer
-                                    "eap_buffer_bytes": args.batch * graph.n_sources * spec.d_model * 4
-                                    * min(args.positions_per_pass or tokens, tokens),
+                                    **({"profile": {"eap": eap_profile, "plain": plain_profile}}
+                                       if eap_profile else {}),
+                                    # circuitdiff's [batch, n_sources, window, d_model] buffer
+                                    "eap_buffer_bytes": args.batch * graph.n_sources * spec.d_model
+                                    * contraction.itemsize * min(args.positions_per_pass or tokens, tokens),
                                     "n_sources": graph.n_sources, "n_receivers": graph.n_receivers,
                                     "n_edges": graph.n_edges,
                                     # circuitdiff's memory planner, for comparison with the measured peak
                                     "estimate_bytes": cd.estimate_memory(
                                         model, graph, batch_size=args.batch, seq_len=tokens,
                                         loss_positions=max(1, int(tokens * args.answer_fraction)),
-                                        positions_per_pass=args.positions_per_pass).total}
+                                        positions_per_pass=args.positions_per_pass,
+                                        contraction_dtype=contraction).total}
         del batch
 
     # TransformerLens's own per-head path: switch the flags on (circuitdiff refuses
@@ -478,7 +527,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
             versions[package] = "not installed (imported from a path)"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     return {"device": device, "versions": versions, "dtype": args.dtype, "batch": args.batch, "repeats": args.repeats,
-            "positions_per_pass": args.positions_per_pass,
+            "positions_per_pass": args.positions_per_pass, "contraction_dtype": args.contraction_dtype,
             "answer_fraction": args.answer_fraction, "objective": "answer_nll", "intervention": "zero",
             "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory
             if args.device.startswith("cuda") else None,
@@ -500,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-tl", action="store_true", help="leave out TransformerLens's flags path")
     parser.add_argument("--positions-per-pass", type=int,
                         help="EAP in position windows of this many tokens (default: one pass)")
+    parser.add_argument("--contraction-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="EAP's source buffer and contraction dtype (scores are summed in float32)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more plain and EAP pass per cell: time under circuitdiff's labels, top ops")
     parser.add_argument("--answer-fraction", type=float, default=0.25,
                         help="share of the positions (the last ones) that the objective scores")
     parser.add_argument("--device", help="default: cuda (cpu with --tiny)")
@@ -558,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
                         if "weight_bytes" in info)
     print(f"\n{table(cells)}\n\nBatch {args.batch}; seconds are medians of {args.repeats} passes after a warm-up. "
           f"Peaks are the most memory allocated during one pass, weights included ({weights}; "
-          f"{env['peak_memory']}). EAP: one cd.attribute call (zero ablation, float32 buffers). "
+          f"{env['peak_memory']}). EAP: one cd.attribute call (zero ablation, {args.contraction_dtype} source buffer "
+          "and contraction, float32 scores). "
           "Plain: forward+backward, no hooks, no parameter gradients. TL flags: the same EAP with an EAP-IG-style "
           "buffer on TransformerLens's split-qkv / attn-result / mlp-in flags; TL vs cd: relative difference "
           "of the two passes' scores.\n"

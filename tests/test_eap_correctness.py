@@ -46,6 +46,13 @@ def pick_edges(graph: cd.AttributionGraph, per_kind: int = 3, seed: int = 0) -> 
 
 def reference_deltas(reference, graph, batch, intervention: str, reference_batches=None) -> dict[str, torch.Tensor]:
     """Replacement minus clean output of every source, from the reference bridge."""
+    replacement, clean = reference_outputs(reference, graph, batch, intervention, reference_batches)
+    mask = batch.attention_mask.double()[:, :, None]
+    return {name: (replacement[name] - clean[name]) * mask for name in clean}
+
+
+def reference_outputs(reference, graph, batch, intervention: str, reference_batches=None):
+    """(replacement, clean) output of every source, ``{name: [batch, pos, d_model]}``, from the reference bridge."""
     clean = tm.source_outputs(reference, graph, batch.input_ids, batch.attention_mask)
     if intervention == "zero":
         replacement = {name: torch.zeros_like(a) for name, a in clean.items()}
@@ -69,8 +76,7 @@ def reference_deltas(reference, graph, batch, intervention: str, reference_batch
             mean = s / count
             replacement[name] = mean[:width].expand_as(clean[name]) if intervention == "mean-positional" \
                 else mean.expand_as(clean[name])
-    mask = batch.attention_mask.double()[:, :, None]
-    return {name: (replacement[name] - clean[name]) * mask for name in clean}
+    return replacement, clean
 
 
 def reference_batches_for(model) -> list[cd.Batch]:

@@ -75,6 +75,45 @@ def test_position_windows_agree_with_transformerlens(tmp_path):
         assert cell["eap_buffer_bytes"] == cell["n_sources"] * 5 * 64 * 4  # d_model 64, float32
 
 
+def test_bfloat16_contraction_and_profile(tmp_path):
+    """--contraction-dtype bfloat16 against TL's float32 flags path: within 1% (measured 0.2-0.5%).
+
+    --profile: EAP's labelled work shows up in the EAP pass, none of it in the plain pass.
+    """
+    report, stdout = run(tmp_path, "--models", "tiny-llama", "--seq", "16", "--repeats", "1",
+                         "--contraction-dtype", "bfloat16", "--profile")
+    assert report["environment"]["contraction_dtype"] == "bfloat16"
+    assert "bfloat16 source buffer and contraction" in stdout
+    for cell in report["cells"]:
+        assert 1e-5 < cell["rel_diff"] < 1e-2, (cell["level"], cell["rel_diff"])
+        assert cell["eap_buffer_bytes"] == cell["n_sources"] * 16 * 64 * 2  # d_model 64, bfloat16
+        eap, plain = cell["profile"]["eap"], cell["profile"]["plain"]
+        assert set(eap["labels"]) == {"circuitdiff.head_outputs", "circuitdiff.receiver_gradients",
+                                      "circuitdiff.contract"}
+        assert all(t > 0 for t in eap["labels"].values()) and not any(plain["labels"].values())
+        assert 0 < sum(eap["labels"].values()) < eap["seconds"]
+        assert eap["top"] and all(op["seconds"] >= 0 and op["calls"] > 0 for op in eap["top"])
+    assert stdout.count("profile:") == 3  # the plain pass once, EAP at each level
+
+
+def test_bf16_accuracy_benchmark_prints_its_table(capsys):
+    spec = importlib.util.spec_from_file_location("bf16_accuracy", SCRIPT.with_name("bf16_accuracy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--layers", "2", "--d-model", "64", "--tokens", "16"])
+    finally:
+        torch.set_num_threads(threads)  # the script runs on one thread
+    rows = [line.split("|")[3:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| llama")
+            or line.startswith("| qwen2")]
+    assert len(rows) == 4
+    for row in rows:  # bf16 runs differ from float32 by ~1e-2; TL in float32 matches circuitdiff to ~1e-6
+        bf16_model, with_contraction, contraction_only, tl_bf16, tl_f32 = (float(x) for x in row)
+        assert 1e-4 < contraction_only < 2e-2 and tl_f32 < 1e-4
+        assert max(bf16_model, with_contraction, tl_bf16) < 0.1
+
+
 def test_out_of_memory_and_failing_passes_are_reported_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
     # In-process (the first test covers the command line): skips a second interpreter start.
     spec = importlib.util.spec_from_file_location("gpu_7b", SCRIPT)

@@ -73,7 +73,7 @@ def _qualified(kind: str, obj: Any) -> str:
 def _describe(kind: str, obj: Any) -> dict[str, Any]:
     """Identity of a scorer, intervention or objective: name, class, public options.
 
-    Options are the public attributes holding plain values (tensors by SHA-256);
+    Options are the public attributes holding plain values (dtypes by name, tensors by SHA-256);
     attributes starting with ``_`` are ignored.
     """
     options: dict[str, Any] = {}
@@ -82,6 +82,8 @@ def _describe(kind: str, obj: Any) -> dict[str, Any]:
             continue
         if isinstance(value, _SIMPLE):
             options[key] = value
+        elif isinstance(value, torch.dtype):
+            options[key] = str(value)
         elif isinstance(value, Tensor):
             options[key] = f"sha256:{_tensor_digest(value)}"
         elif isinstance(value, (list, tuple)) and all(isinstance(v, _SIMPLE) for v in value):

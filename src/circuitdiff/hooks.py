@@ -1,6 +1,7 @@
 """The shared hook machinery: source differences in, per-edge contractions out.
 
-Two buffers per batch, both float32 (float64 for float64 models):
+Two buffers per batch, both float32 (float64 for float64 models) unless ``delta`` is
+stored in bfloat16 (:meth:`EdgeHooks.contracting_in`):
 
 - ``delta[b, s, p, :]``: replacement minus clean output of source ``s`` at position
   ``p`` (zero at padded positions). An intervention writes the replacement outputs
@@ -21,6 +22,16 @@ Position windows: since a score sums over positions, a batch can be scored in se
 passes, each covering a window of positions (:meth:`EdgeHooks.restricted_to`). A
 window's ``delta`` and receiver-gradient transients hold only its positions, so their
 memory shrinks with the window while every pass repeats the forward and backward.
+
+Profiling: the per-head source outputs, the attention receivers' gradients and the
+contractions run under ``torch.profiler.record_function`` labels (:data:`PROFILER_LABELS`),
+so a profile shows what EAP adds to a plain pass (``benchmarks/gpu_7b.py --profile``).
+
+bfloat16 contraction (:meth:`EdgeHooks.contracting_in`): ``delta`` and each receiver
+gradient are rounded to bfloat16 before their product, which is summed in float32 (the
+products of bfloat16 numbers are exact in float32) and added to the float32 ``scores``.
+``delta`` takes half the memory and, on GPUs, the products run on bfloat16 matrix units;
+each factor carries bfloat16's relative rounding error (2^-9).
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ from circuitdiff.data import Batch
 from circuitdiff.graph import AttributionGraph, ReceiverGroup
 from circuitdiff.models import NormParams, linear_weight, norm_params
 
-__all__ = ["EdgeHooks", "accumulation_dtype", "Record"]
+__all__ = ["EdgeHooks", "accumulation_dtype", "Record", "CONTRACTION_DTYPES", "PROFILER_LABELS"]
 
 HookList = list[tuple[str, Callable[..., Any]]]
 
@@ -45,6 +56,15 @@ HookList = list[tuple[str, Callable[..., Any]]]
 #: replacement runs), ``"negate"`` (delta = -output, clean run under zero ablation),
 #: ``"subtract"`` (delta -= output, clean run after a replacement was written).
 Record = Literal["set", "negate", "subtract"]
+
+#: The dtypes ``delta`` may be stored in besides the accumulation dtype. float16 is left
+#: out: its range (6e-8 to 65504) loses small gradients and large activations of 7B models.
+CONTRACTION_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16,)
+
+#: ``torch.profiler`` labels of EAP's own work: per-head source outputs (forward), the
+#: attention receivers' gradients and the ``delta . G`` contractions (backward).
+PROFILER_LABELS: tuple[str, ...] = ("circuitdiff.head_outputs", "circuitdiff.receiver_gradients",
+                                    "circuitdiff.contract")
 
 INPUT_HOOK = "blocks.0.hook_in"
 LOGITS_INPUT_HOOK = "ln_final.hook_in"
@@ -57,6 +77,39 @@ class _SourcesRecorded(Exception):
 def accumulation_dtype(model_dtype: torch.dtype) -> torch.dtype:
     """float32, or float64 for float64 models."""
     return torch.promote_types(model_dtype, torch.float32)
+
+
+def _matmul_has_out_dtype() -> bool:
+    """Whether this torch has ``torch.mm(a, b, out_dtype=...)`` (2.8 and later)."""
+    return hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    """``a [m, k] @ b [k, n]``; for bfloat16 factors, float32 sums and a float32 result.
+
+    CUDA: ``torch.mm(..., out_dtype=torch.float32)``, so cuBLAS also sums its split-K
+    partial products in float32 (for a bfloat16 result PyTorch lets it sum them in
+    bfloat16). Elsewhere the factors are upcast to float32, where their products are exact,
+    a slice of ``k`` at a time so that the copies stay small: torch's CPU bfloat16 product
+    rounds its result to bfloat16, and one of its kernels (torch 2.13.0, one thread, a
+    ``[3, 524288] @ [524288, 3]`` product) dies with SIGFPE.
+    """
+    if a.dtype not in CONTRACTION_DTYPES:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    (m, k), n = a.shape, b.shape[1]
+    step = max(1, min(-(-k // _CPU_SLICES), _CPU_SLICE_ELEMENTS // (m + n)))
+    out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+    for start in range(0, k, step):
+        out += a[:, start:start + step].float() @ b[start:start + step].float()
+    return out
+
+
+# CPU bfloat16 products: at least this many slices of k, each with at most this many elements
+# in its two float32 copies (2**24 elements: 64 MiB).
+_CPU_SLICES = 8
+_CPU_SLICE_ELEMENTS = 2**24
 
 
 @dataclass
@@ -88,6 +141,7 @@ class EdgeHooks:
         d_head, d_model = int(cfg.d_head), int(cfg.d_model)
         self.d_model = d_model
         self.dtype = accumulation_dtype(next(model.parameters()).dtype)
+        self.delta_dtype = self.dtype
         self.device = next(model.parameters()).device
         self.layers: list[_AttentionLayer] = []
         for block in model.blocks:
@@ -115,6 +169,21 @@ class EdgeHooks:
         window.positions = positions
         return window
 
+    def contracting_in(self, dtype: torch.dtype) -> "EdgeHooks":
+        """A copy whose ``delta`` is stored, and contracted with receiver gradients, in ``dtype``.
+
+        ``dtype`` is the accumulation dtype (no change) or one of :data:`CONTRACTION_DTYPES`.
+        Products are accumulated in float32 and scores stay in the accumulation dtype.
+        """
+        if dtype != self.dtype and dtype not in CONTRACTION_DTYPES:
+            raise ValueError(f"contraction dtype must be {self.dtype} or one of {CONTRACTION_DTYPES}; got {dtype!r}.")
+        if dtype != self.dtype and self.device.type == "cuda" and not _matmul_has_out_dtype():
+            raise ValueError(f"a {dtype} contraction on CUDA needs torch.mm(..., out_dtype=torch.float32), which "
+                             f"torch {torch.__version__} lacks; upgrade torch (2.8 or later) or keep the default.")
+        copied = copy.copy(self)
+        copied.delta_dtype = dtype
+        return copied
+
     def window(self, batch: Batch) -> range:
         """The positions of ``batch`` that this object's buffers and hooks cover."""
         return range(batch.input_ids.shape[1])[self.positions]
@@ -123,7 +192,7 @@ class EdgeHooks:
     def new_delta(self, batch: Batch) -> Float[Tensor, "batch n_sources window d_model"]:
         """An uninitialised ``delta`` buffer for ``batch``'s window (every pass that records fills it)."""
         b, p = batch.size, len(self.window(batch))
-        return torch.empty(b, self.graph.n_sources, p, self.d_model, dtype=self.dtype, device=self.device)
+        return torch.empty(b, self.graph.n_sources, p, self.d_model, dtype=self.delta_dtype, device=self.device)
 
     def new_scores(self, batch: Batch) -> Float[Tensor, "batch n_sources n_receivers"]:
         """A zero per-sample score buffer for ``batch``."""
@@ -229,6 +298,7 @@ class EdgeHooks:
         w_o = self.layers[layer].w_o
         rows = self.graph.attention_sources(layer)
 
+        @torch.profiler.record_function(PROFILER_LABELS[0])
         def hook(z: Tensor, hook: Any) -> None:
             # z: [batch, pos, n_heads, d_head]; head h writes z_h @ W_O[h] (no bias).
             z = z[:, self.positions]
@@ -251,10 +321,11 @@ class EdgeHooks:
             """The rows of ``source_rows`` that ``group`` has real edges from."""
             return slice(source_rows.start, min(source_rows.stop, group.n_sources_read))
 
+        @torch.profiler.record_function(PROFILER_LABELS[2])
         def contract(group: ReceiverGroup, gradient: Tensor) -> None:
             # gradient: [batch, receivers in group, window, d_model] (any strides); real edges only.
             b, n, p, d = gradient.shape
-            gradient = gradient.to(delta.device)  # a no-op unless layers sit on several devices
+            gradient = gradient.to(delta.device, delta.dtype)  # device: a no-op unless layers sit on several
             rows = reads(group)
             sources = delta[:, rows].reshape(b, rows.stop - rows.start, p * d)
             gradient = gradient.reshape(b, n, p * d)
@@ -262,7 +333,7 @@ class EdgeHooks:
             # product's long p*d reduction over the GPU, a batched one's not (on an H200,
             # batch 2 x 1024 tokens ran 7x slower than batch 1 x 2048 with bmm).
             for i in range(b):
-                scores[i, rows, group.columns] += sources[i] @ gradient[i].T
+                scores[i, rows, group.columns] += _product(sources[i], gradient[i].T)
 
         def watch(on_gradient: Callable[[Tensor], None], keep_as: tuple[int, str] | None = None) -> Callable[..., Tensor]:
             # Return a fresh view so the gradient hook sees only the path behind this hook point.
@@ -276,7 +347,7 @@ class EdgeHooks:
             return hook
 
         def residual_receiver(group: ReceiverGroup) -> Callable[[Tensor], None]:
-            return lambda g: contract(group, g[:, window].to(self.dtype).unsqueeze(1))
+            return lambda g: contract(group, g[:, window].unsqueeze(1))
 
         def needed(group: ReceiverGroup) -> bool:
             rows = reads(group)
@@ -298,6 +369,7 @@ class EdgeHooks:
         hooks.append((LOGITS_INPUT_HOOK, watch(residual_receiver(graph.group("logits")))))
         return hooks
 
+    @torch.profiler.record_function(PROFILER_LABELS[1])
     def _attention_receivers(
         self, layer: int, stash: dict[tuple[int, str], Tensor]
     ) -> Float[Tensor, "batch receivers window d_model"]:

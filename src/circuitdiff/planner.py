@@ -17,14 +17,16 @@ Every number is derived from what the code allocates, per part:
 - **objective**: float32 log-softmax over the loss positions (``loss_positions``,
   default every position: an upper bound).
 - **source buffer**: ``delta [batch, n_sources, window, d_model]`` in float32 (float64
-  for float64 models), ``hooks.EdgeHooks.new_delta``, where the window is every position
-  or ``positions_per_pass`` of them (``EAP(positions_per_pass=...)``); plus the
+  for float64 models) or the EAP scorer's ``contraction_dtype`` (bfloat16: half),
+  ``hooks.EdgeHooks.new_delta``, where the window is every position or
+  ``positions_per_pass`` of them (``EAP(positions_per_pass=...)``); plus the
   ``[batch, n_sources, n_receivers]`` score buffer.
 - **receiver gradients**: one layer's transients in ``EdgeHooks._attention_receivers``:
   ``u [receivers, batch*window, d_model]`` float32 (q+k+v heads at head level, 3 at
   layer level, where the stack doubles it), the scaled and concatenated projection
   gradients and ``x``, ``x_hat`` in float32 (all over the window), the folded float32
-  q/k/v weights of one layer, and the model-dtype projection gradients of every position.
+  q/k/v weights of one layer, and the model-dtype projection gradients of every position;
+  with a bfloat16 contraction, also ``u``'s bfloat16 copy.
 - **backward transients** of the plain model: the attention backward's pos^2 tensors of
   one layer (gradients of probabilities and scores) or the logits' gradient, whichever
   is larger; EAP's receiver gradients replace them when larger (they do not coincide).
@@ -44,6 +46,7 @@ import torch
 
 from circuitdiff.errors import DataError, MemoryPlanError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
+from circuitdiff.hooks import CONTRACTION_DTYPES
 
 __all__ = ["ModelShape", "MemoryEstimate", "MemoryPlanError", "estimate_memory", "plan_batch_size", "METHODS"]
 
@@ -171,6 +174,7 @@ class MemoryEstimate:
     level: str
     method: str
     positions_per_pass: int | None = None
+    contraction_dtype: torch.dtype | None = None
 
     @property
     def total(self) -> int:
@@ -187,7 +191,8 @@ class MemoryEstimate:
         """A two-column table: part, GiB (and share of the peak)."""
         rows = [("weights", self.weights), ("activations saved for backward (plain model)", self.saved_activations),
                 ("logits", self.logits), ("objective (float32 log-softmax)", self.objective),
-                ("source buffer delta (float32)", self.source_buffer), ("score buffer", self.scores),
+                (f"source buffer delta ({str(self.contraction_dtype or 'float32').removeprefix('torch.')})",
+                 self.source_buffer), ("score buffer", self.scores),
                 ("receiver gradients (one layer, transient)", self.receiver_gradients),
                 ("plain backward transient", self.backward_transient)]
         if self.clean_logits:
@@ -235,6 +240,7 @@ def estimate_memory(
     dtype: torch.dtype | None = None,
     loss_positions: int | None = None,
     positions_per_pass: int | None = None,
+    contraction_dtype: torch.dtype | None = None,
 ) -> MemoryEstimate:
     """Estimated peak memory (bytes) of one ``cd.attribute`` batch.
 
@@ -250,6 +256,8 @@ def estimate_memory(
             ``seq_len``, an upper bound; ``answer_nll`` reads the answer span only).
         positions_per_pass: the ``eap`` scorer's position window
             (``cd.scorers.get("eap", positions_per_pass=w)``); default: all positions.
+        contraction_dtype: the ``eap`` scorer's ``contraction_dtype`` (e.g.
+            ``torch.bfloat16``); default: the accumulation dtype (float32).
 
     Returns:
         :class:`MemoryEstimate` (``.total`` is the peak, weights included; ``.plain`` the
@@ -263,10 +271,15 @@ def estimate_memory(
     if positions_per_pass is not None and (method != "eap" or positions_per_pass < 1):
         raise DataError(f"positions_per_pass must be a positive integer and needs method='eap'; "
                         f"got {positions_per_pass!r} with method={method!r}.")
+    if contraction_dtype is not None and (method != "eap" or not any(
+            contraction_dtype is dtype for dtype in (torch.float32, torch.float64, *CONTRACTION_DTYPES))):
+        raise DataError(f"contraction_dtype must be torch.float32, torch.float64 or one of {CONTRACTION_DTYPES} and "
+                        f"needs method='eap'; got {contraction_dtype!r} with method={method!r}.")
     s = _shape_of(model_or_spec, dtype)
     graph = _graph_of(s, graph_or_level)
     b, p, d, e = batch_size, seq_len, s.d_model, s.element_size
     acc = max(e, 4)  # hooks.accumulation_dtype: float32, or float64 for float64 models
+    c = acc if contraction_dtype is None else contraction_dtype.itemsize  # delta and the contraction's inputs
     tokens = b * p
     norm, mlp_units, _, _ = _ARCHITECTURES[s.architecture]
     qkv_heads = s.n_heads * s.d_head  # k and v are repeated to every query head before the products
@@ -287,7 +300,7 @@ def estimate_memory(
     backward = max(attention_grad, logits_grad)
 
     window = b * min(positions_per_pass or p, p)  # tokens in one position window
-    source_buffer = graph.n_sources * window * d * acc
+    source_buffer = graph.n_sources * window * d * c
     scores = b * graph.n_sources * graph.n_receivers * acc
     n_q, n_k, n_v = graph.receivers_per_attention
     proj = (s.n_heads + 2 * s.n_kv_heads) * s.d_head  # q, k, v projection outputs per token
@@ -300,12 +313,14 @@ def estimate_memory(
         grads = window * proj * acc
         weights_fp = proj * d * acc
     receivers = u + grads + weights_fp + 2 * window * d * acc + tokens * proj * e  # + x, x_hat; stashed grads
+    if c != acc:  # the contraction's copy of u
+        receivers += (n_q + n_k + n_v if graph.level == "head" else 3) * window * d * c
     clean_logits = logits if method.startswith("eap-ig") else 0
     return MemoryEstimate(
         weights=s.parameter_bytes(), saved_activations=saved, logits=logits, objective=objective,
         source_buffer=source_buffer, scores=scores, receiver_gradients=receivers, backward_transient=backward,
         clean_logits=clean_logits, batch_size=b, seq_len=p, level=graph.level, method=method,
-        positions_per_pass=positions_per_pass,
+        positions_per_pass=positions_per_pass, contraction_dtype=contraction_dtype,
     )
 
 
@@ -329,6 +344,7 @@ def plan_batch_size(
     loss_positions: int | None = None,
     dtype: torch.dtype | None = None,
     positions_per_pass: int | None = None,
+    contraction_dtype: torch.dtype | None = None,
 ) -> int:
     """The largest batch size whose estimated peak fits ``max_memory`` bytes.
 
@@ -343,11 +359,12 @@ def plan_batch_size(
         loss_positions: as for :func:`estimate_memory`.
         dtype: as for :func:`estimate_memory`.
         positions_per_pass: as for :func:`estimate_memory`.
+        contraction_dtype: as for :func:`estimate_memory`.
 
     Raises:
         MemoryPlanError: even batch size 1 does not fit; the message gives the layer-level
             estimate, the longest sequence that fits at batch 1, the largest EAP position
-            window that fits, and other ways out.
+            window that fits, the bfloat16 contraction, and other ways out.
         ValueError: ``max_memory`` is missing for a model that is not on CUDA.
     """
     if max_memory is None:
@@ -361,12 +378,13 @@ def plan_batch_size(
     graph = _graph_of(shape, graph)
 
     def peak(batch: int, length: int = seq_len, g: AttributionGraph = graph,
-             window: int | None = positions_per_pass) -> int:
+             window: int | None = positions_per_pass, contraction: torch.dtype | None = contraction_dtype) -> int:
         return estimate_memory(shape, g, batch_size=batch, seq_len=length, method=method,
-                               loss_positions=loss_positions, positions_per_pass=window).total
+                               loss_positions=loss_positions, positions_per_pass=window,
+                               contraction_dtype=contraction).total
 
     if peak(1) > max_memory:
-        raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, method))
+        raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, method, contraction_dtype))
     low, high = 1, 2
     while peak(high) <= max_memory:  # the estimate grows linearly with the batch size
         low, high = high, high * 2
@@ -377,7 +395,7 @@ def plan_batch_size(
 
 
 def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_memory: int, peak: Any,
-                  method: str) -> str:
+                  method: str, contraction_dtype: torch.dtype | None) -> str:
     need = peak(1)
     parts = [f"even batch size 1 does not fit: {graph.level}-level attribution of {seq_len} tokens needs about "
              f"{need / GIB:.1f} GiB, but {max_memory / GIB:.1f} GiB are available. What would fit:"]
@@ -400,6 +418,12 @@ def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_
                      "backward passes per batch;")
     else:
         parts.append("- position chunking (EAP only, positions_per_pass): no window fits at this level;")
+    if method == "eap" and contraction_dtype is not torch.bfloat16:
+        half = peak(1, seq_len, graph, None, torch.bfloat16)
+        verdict = "fits" if half <= max_memory else "does not fit either"
+        parts.append(f"- a bfloat16 contraction: method=cd.scorers.get('eap', contraction_dtype=torch.bfloat16) "
+                     f"halves the source buffer: about {half / GIB:.1f} GiB at batch 1 ({verdict}; it combines "
+                     "with positions_per_pass);")
     parts.append("- a device with more memory, or a lower-precision dtype for the weights.")
     return "\n".join(parts)
 

@@ -16,6 +16,12 @@ pass per window for patching). The float32 source buffer and the per-layer recei
 gradients then scale with ``w`` instead of the sequence length; the scores are the
 same up to float32 summation order. Use it when even batch size 1 does not fit
 (``circuitdiff.plan_batch_size`` suggests a ``w``).
+
+bfloat16 contraction (``EAP(contraction_dtype=torch.bfloat16)``): the source buffer and
+the receiver gradients are rounded to bfloat16 before their product, which is summed in
+float32. The buffer takes half the memory and, on GPUs, the products run on bfloat16
+matrix units. Meant for bfloat16 models, whose own arithmetic already carries this
+relative rounding error (2^-9); see ``benchmarks/bf16_accuracy.py`` for what it adds.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import Tensor
 
 from circuitdiff.data import Batch
 from circuitdiff.errors import DataError
+from circuitdiff.hooks import CONTRACTION_DTYPES
 from circuitdiff.objectives import evaluate
 from circuitdiff.scorers.base import ScoringContext
 
@@ -39,17 +46,30 @@ class EAP:
         positions_per_pass: score each batch in windows of this many positions, one
             forward and backward per window, to bound memory (default None: all
             positions in one pass).
+        contraction_dtype: store the source buffer and contract it with the receiver
+            gradients in this dtype: ``torch.bfloat16`` halves the buffer and lets GPUs
+            run the products on bfloat16 matrix units; products are summed in float32
+            and scores stay float32.
+            Default None: the accumulation dtype (float32, float64 for float64 models).
     """
 
     name = "eap"
-    positions_per_pass: int | None = None  # also the default of subclasses that skip __init__
+    positions_per_pass: int | None = None  # these two are also the defaults of subclasses that skip __init__
+    contraction_dtype: torch.dtype | None = None
 
-    def __init__(self, positions_per_pass: int | None = None) -> None:
+    def __init__(self, positions_per_pass: int | None = None, contraction_dtype: torch.dtype | None = None) -> None:
         if positions_per_pass is not None and (
                 isinstance(positions_per_pass, bool) or not isinstance(positions_per_pass, int)
                 or positions_per_pass < 1):
             raise ValueError(f"eap: positions_per_pass must be a positive integer or None; got {positions_per_pass!r}.")
+        allowed = (None, torch.float32, torch.float64, *CONTRACTION_DTYPES)
+        if not any(contraction_dtype is dtype for dtype in allowed):
+            raise ValueError(
+                f"eap: contraction_dtype must be None (the accumulation dtype), torch.float32, torch.float64 or one "
+                f"of {CONTRACTION_DTYPES}; got {contraction_dtype!r}. (torch.float16 is not offered: its range, "
+                "6e-8 to 65504, loses small gradients and large activations.)")
         self.positions_per_pass = positions_per_pass
+        self.contraction_dtype = contraction_dtype
 
     def score_batch(
         self, context: ScoringContext, batch: Batch, batch_index: int
@@ -68,6 +88,8 @@ class EAP:
     ) -> Float[Tensor, "batch"]:
         """Add the contributions of ``positions`` to ``scores``; return the clean losses."""
         hooks = context.hooks.restricted_to(positions)
+        if self.contraction_dtype is not None:
+            hooks = hooks.contracting_in(self.contraction_dtype)
         delta = hooks.new_delta(batch)
         shape = delta.shape
         filled = context.intervention.prefill(hooks, batch, delta)

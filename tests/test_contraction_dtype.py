@@ -1,0 +1,213 @@
+"""EAP with a bfloat16 contraction (``contraction_dtype=torch.bfloat16``).
+
+The scores must be the float32-accumulated product of the *rounded* factors: checked
+element by element against ``sum(bf16(delta) * bf16(G))`` built from TransformerLens's
+own per-receiver hooks on the float64 reference bridge. On a bfloat16 model they must
+add little to the model's own bfloat16 error; the buffer must halve, as planned.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import circuitdiff as cd
+import tiny_models as tm
+from circuitdiff import hooks as hooks_module
+from test_eap_correctness import ARCHS, make_data, reference_batches_for, reference_outputs
+from test_planner import SHAPES_7B, _cpu_model, cpu_answer_batch, cpu_peak
+
+GIB = 2**30
+BF16 = torch.bfloat16
+
+
+def _scores(model, level, intervention="zero", contraction_dtype=BF16, positions_per_pass=None, batches=None):
+    graph = cd.AttributionGraph.from_model(model, level=level)
+    batches = batches or make_data(model, corrupted=intervention == "patching")
+    refs = reference_batches_for(model) if intervention.startswith("mean") else None
+    method = cd.scorers.get("eap", contraction_dtype=contraction_dtype, positions_per_pass=positions_per_pass)
+    return cd.attribute(model, graph, batches, objective="answer_nll", method=method, intervention=intervention,
+                        reference_batches=refs, progress=False)
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to bfloat16, back in float64."""
+    return x.to(BF16).double()
+
+
+def _receiver_gradients(reference, graph, batch, objective) -> dict[str, torch.Tensor]:
+    """dL_b/d(input of v) [batch, pos, d_model] for every receiver v, by autograd on the reference bridge."""
+    out = {}
+    for receiver in graph.receivers:
+        hook_name, head = tm.receiver_site(receiver)
+        add = torch.zeros(*batch.input_ids.shape, reference.cfg.d_model, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad(), reference.hooks(fwd_hooks=[(hook_name, lambda x, hook: tm.shifted(x, head, add))]):
+            logits = reference(batch.input_ids, attention_mask=batch.attention_mask)
+            objective(logits, batch).sum().backward()
+        out[receiver] = add.grad
+    return out
+
+
+@pytest.mark.parametrize("arch, level, intervention", [
+    ("llama", "head", "zero"), ("llama", "head", "patching"), ("llama", "layer", "mean-positional"),
+    ("gpt2", "head", "mean"), ("qwen2", "head", "zero"),
+])
+def test_scores_are_the_product_of_rounded_factors(get_model, get_reference, arch, level, intervention):
+    model, reference = get_model(arch, "float64"), get_reference(arch)
+    scores = _scores(model, level, intervention)
+    exact = _scores(model, level, intervention, contraction_dtype=None)
+    graph = cd.AttributionGraph.from_model(model, level=level)
+    refs = reference_batches_for(model) if intervention.startswith("mean") else None
+    objective = cd.objectives.answer_nll()
+    expected = torch.zeros_like(scores.per_sample)
+    first = 0
+    for batch in make_data(model, corrupted=intervention == "patching"):
+        replacement, clean = reference_outputs(reference, graph, batch, intervention, refs)
+        mask = batch.attention_mask.double()[:, :, None]
+        gradients = _receiver_gradients(reference, graph, batch, objective)
+        for r, source in enumerate(graph.sources):
+            # The buffer is bfloat16: the replacement and the clean output are rounded, then their difference.
+            delta = _round(_round(replacement[source]) - _round(clean[source])) * mask
+            for c, receiver in enumerate(graph.receivers):
+                if graph.edge_mask[r, c]:
+                    products = delta * _round(gradients[receiver])
+                    expected[first:first + batch.size, r, c] = products.sum((1, 2))
+        first += batch.size
+    # Exact products of the rounded factors, summed in float32.
+    tolerance = dict(rtol=1e-5, atol=1e-7 * expected.abs().max().item())
+    torch.testing.assert_close(scores.per_sample, expected, **tolerance)
+    # The test tells rounded factors from exact ones: the float64 scores miss this tolerance.
+    assert not torch.allclose(exact.per_sample, expected, **tolerance)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_on_a_bfloat16_model_it_adds_little_to_the_models_own_error(get_model, arch):
+    """Relative Frobenius distance from float32-model scores: bf16 model alone vs bf16 model + bf16 contraction.
+
+    Measured on these models: 0.9-3.3% for the model alone, at most 3.3% more with the
+    bfloat16 contraction (which alone, on the float32 model, is 0.28-0.35%).
+    """
+    batches = make_data(get_model(arch))
+    reference = _scores(get_model(arch), "head", contraction_dtype=None, batches=batches).per_sample
+
+    def distance(dtype, contraction):
+        scores = _scores(get_model(arch, dtype), "head", contraction_dtype=contraction, batches=batches)
+        assert scores.per_sample.dtype == torch.float32
+        return ((scores.per_sample - reference).norm() / reference.norm()).item()
+
+    alone = distance("float32", BF16)
+    model_only, both = distance("bfloat16", None), distance("bfloat16", BF16)
+    assert 1e-4 < alone < 1e-2, alone
+    assert both < 1.15 * model_only, (model_only, both)
+
+
+def test_buffer_is_bfloat16_and_scores_stay_float32(get_model):
+    model = get_model("llama")
+    graph = cd.AttributionGraph.from_model(model, level="head")
+    batch = make_data(model)[0]
+    context = cd.scorers.base.make_context(model, graph, "answer_nll", "zero")
+    hooks = context.hooks.contracting_in(BF16)
+    assert hooks.new_delta(batch).dtype == BF16
+    assert hooks.new_scores(batch).dtype == torch.float32
+    assert context.hooks.new_delta(batch).dtype == torch.float32  # the shared object is unchanged
+    assert hooks.contracting_in(torch.float32).new_delta(batch).dtype == torch.float32
+
+
+def test_combines_with_position_windows(get_model):
+    model = get_model("mistral")
+    one_pass = _scores(model, "head", "patching").per_sample
+    windows = _scores(model, "head", "patching", positions_per_pass=3).per_sample
+    # The same rounded factors, summed in another order.
+    torch.testing.assert_close(windows, one_pass, rtol=1e-5, atol=1e-7 * one_pass.abs().max().item())
+    assert one_pass.abs().max() > 0
+
+
+@pytest.mark.parametrize("slice_elements", [2**24, 64])  # 64: the cap on a slice's size decides
+def test_cpu_product_sums_exact_products_in_float32(monkeypatch, slice_elements):
+    monkeypatch.setattr(hooks_module, "_CPU_SLICE_ELEMENTS", slice_elements)
+    a, b = torch.randn(5, 1000).to(BF16), torch.randn(3, 1000).to(BF16).T  # b transposed, as in the hooks
+    product = hooks_module._product(a, b)
+    assert product.dtype == torch.float32
+    torch.testing.assert_close(product.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_product_of_the_shape_that_crashed_torchs_bfloat16_kernel():
+    """torch 2.13.0's CPU bfloat16 matrix product died with SIGFPE on this shape with one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.ones(3, 524288, dtype=BF16), torch.ones(524288, 3, dtype=BF16)
+        assert torch.equal(hooks_module._product(a, b), torch.full((3, 3), 524288.0))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("bad", [torch.float16, torch.int32, "bfloat16", 16])
+def test_bad_contraction_dtype_is_refused(bad):
+    with pytest.raises(ValueError, match="contraction_dtype must be None"):
+        cd.scorers.get("eap", contraction_dtype=bad)
+
+
+def test_float32_contraction_of_a_float64_model_is_refused(get_model):
+    model = get_model("gpt2", "float64")
+    with pytest.raises(ValueError, match="contraction dtype must be torch.float64"):
+        _scores(model, "layer", contraction_dtype=torch.float32)
+
+
+def test_cuda_without_float32_output_matmul_is_refused(get_model, monkeypatch):
+    model = get_model("gpt2")
+    hooks = cd.scorers.base.make_context(model, cd.AttributionGraph.from_model(model), "answer_nll", "zero").hooks
+    hooks.device = torch.device("cuda")  # only the device check reads it
+    assert hooks_module._matmul_has_out_dtype()  # this torch has it
+    monkeypatch.setattr(hooks_module, "_matmul_has_out_dtype", lambda: False)
+    with pytest.raises(ValueError, match="out_dtype.*upgrade torch"):
+        hooks.contracting_in(BF16)
+
+
+def test_resuming_with_another_contraction_dtype_is_refused(get_model, tmp_path):
+    model = get_model("gpt2")
+    graph = cd.AttributionGraph.from_model(model, level="layer")
+    batches = make_data(model)
+    run = dict(objective="answer_nll", progress=False, checkpoint_dir=tmp_path)
+    first = cd.attribute(model, graph, batches, method=cd.scorers.get("eap", contraction_dtype=BF16), **run)
+    again = cd.attribute(model, graph, batches, method=cd.scorers.get("eap", contraction_dtype=BF16), **run)
+    assert torch.equal(first.per_sample, again.per_sample)
+    with pytest.raises(cd.DataError, match="contraction_dtype"):
+        cd.attribute(model, graph, batches, method=cd.scorers.get("eap"), **run)
+
+
+# ---------------------------------------------------------------------------- memory
+def test_planner_halves_the_source_buffer_and_suggests_it():
+    shape = SHAPES_7B["deepseek-math-7b"]
+    full = cd.estimate_memory(shape, "head", batch_size=1, seq_len=2048)
+    half = cd.estimate_memory(shape, "head", batch_size=1, seq_len=2048, contraction_dtype=BF16)
+    assert half.source_buffer * 2 == full.source_buffer
+    assert half.total < full.total - 0.4 * full.source_buffer
+    assert "source buffer delta (bfloat16)" in half.to_markdown()
+    with pytest.raises(cd.MemoryPlanError, match=r"contraction_dtype=torch.bfloat16\) halves the source buffer"):
+        cd.plan_batch_size(shape, "head", seq_len=2048, max_memory=60 * GIB)
+    with pytest.raises(cd.DataError, match="contraction_dtype must be"):
+        cd.estimate_memory(shape, "head", batch_size=1, seq_len=512, contraction_dtype=torch.float16)
+    with pytest.raises(cd.DataError, match="needs method='eap'"):
+        cd.estimate_memory(shape, "head", batch_size=1, seq_len=512, method="eap-ig-inputs", contraction_dtype=BF16)
+
+
+def test_bfloat16_contraction_lowers_the_measured_peak_as_planned():
+    """CPU profiler peaks of one batch of 128 tokens at head level, float32 vs bfloat16 contraction."""
+    name, level, batch, tokens = "llama-256", "head", 1, 128
+    model = _cpu_model(name)
+    graph = cd.AttributionGraph.from_model(model, level=level)
+    data = cpu_answer_batch(name, batch, tokens)
+    peaks, estimates = {}, {}
+    for dtype in (None, BF16):
+        method = cd.scorers.get("eap", contraction_dtype=dtype)
+        peaks[dtype] = cpu_peak(model, lambda: cd.attribute(model, graph, [data], objective="answer_nll",
+                                                            method=method, progress=False))
+        estimates[dtype] = estimate = cd.estimate_memory(
+            model, graph, batch_size=batch, seq_len=tokens, loss_positions=tokens // 4, contraction_dtype=dtype)
+        print(f"{level} contraction_dtype={dtype}: estimated {estimate.total / 2**20:.2f} MiB, "
+              f"measured {peaks[dtype] / 2**20:.2f} MiB ({estimate.total / peaks[dtype] - 1:+.1%})")
+        assert abs(estimate.total / peaks[dtype] - 1) < 0.30
+    saved_estimate = estimates[None].total - estimates[BF16].total
+    saved_measured = peaks[None] - peaks[BF16]
+    assert saved_measured > 0.5 * saved_estimate > 0
