@@ -16,7 +16,8 @@ measures (1 warm-up, then the median of ``--repeats`` timed passes, each between
 
 - ``eap``: one ``cd.attribute(..., method="eap", intervention="zero")`` call
   (per-sample scores kept; ``--positions-per-pass`` and ``--contraction-dtype`` set the
-  scorer's options): seconds per sample, tokens/s, peak memory; with ``--profile``, one
+  scorer's options, and ``--contraction-dtype float32 bfloat16`` measures both side by
+  side): seconds per sample, tokens/s, peak memory; with ``--profile``, one
   more profiled pass of each kind, reporting the time under circuitdiff's profiler labels
   (per-head outputs, receiver gradients, contractions) and the operators that took longest;
 - ``plain``: a forward+backward of the same model and batch, no hooks, no parameter
@@ -329,10 +330,10 @@ class Meter:
 def profile_pass(run: Callable[[], Any], cuda: bool) -> dict[str, Any]:
     """One profiled pass: where its time goes (kernel time on CUDA, CPU time otherwise).
 
-    ``seconds``: the sum over all operators of their own time; ``labels``: the time under
-    each of circuitdiff's ``torch.profiler`` labels (``hooks.PROFILER_LABELS``, kernels
-    launched inside included); ``top``: the operators (with their input shapes) that took
-    the most time of their own.
+    ``seconds``: the total (every kernel once on CUDA; every operator's own CPU time
+    otherwise); ``labels``: the time under each of circuitdiff's ``torch.profiler`` labels
+    (``hooks.PROFILER_LABELS``, kernels launched inside included); ``top``: the operators,
+    with their input shapes, whose own kernels (CUDA) or own CPU time took longest.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -348,9 +349,14 @@ def profile_pass(run: Callable[[], Any], cuda: bool) -> dict[str, Any]:
     own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     host = [e for e in prof.events() if e.device_type == DeviceType.CPU]
     labels = {label: sum(total(e) for e in host if e.name == label) / 1e6 for label in PROFILER_LABELS}
-    ops = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key not in PROFILER_LABELS),
-                 key=own, reverse=True)
-    return {"seconds": sum(own(e) for e in ops) / 1e6, "labels": labels,
+    if cuda:  # the kernels themselves, each once (as torch's own profiler table sums them)
+        overall = sum(e.self_device_time_total for e in prof.events()
+                      if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+    else:
+        overall = sum(e.self_cpu_time_total for e in host)
+    ops = sorted((e for e in prof.key_averages(group_by_input_shape=True)
+                  if e.device_type == DeviceType.CPU and e.key not in PROFILER_LABELS), key=own, reverse=True)
+    return {"seconds": overall / 1e6, "labels": labels,
             "top": [{"op": e.key, "input_shapes": str(e.input_shapes), "calls": e.count, "seconds": own(e) / 1e6}
                     for e in ops[:12]]}
 
@@ -368,7 +374,6 @@ def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, tmp: Path) -> tuple[list[dict], dict]:
     """Every cell of one model (which the caller frees once this returns)."""
     dtype = getattr(torch, args.dtype)
-    contraction = getattr(torch, args.contraction_dtype)
     started = time.perf_counter()
     hf = build_model(shape, args.device, dtype)
     tokenizer = build_tokenizer(shape.vocab, tmp / name)
@@ -385,51 +390,54 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
           f"{size(weight_bytes)} of weights ({spec.dtype}), built in {info['build_seconds']:.1f} s", flush=True)
     objective = cd.objectives.answer_nll()
     graphs = {level: cd.AttributionGraph.from_model(model, level=level) for level in args.levels}
-    cells: dict[tuple[str, int], dict] = {}
-    kept: dict[tuple[str, int], torch.Tensor] = {}
+    cells: dict[tuple[str, int, str], dict] = {}
+    kept: dict[tuple[str, int, str], torch.Tensor] = {}
 
     for tokens in args.seq:
         batch = make_batch(shape.vocab, tokens, args.answer_fraction, args.device, batch_size=args.batch)
         key = f"{name}/plain/-/{tokens}"
         plain = meter.measure(key, lambda batch=batch: plain_pass(model, batch, objective), weight_bytes)
         print(f"  {tokens} tokens, plain: {show(plain, meter.oom_details.get(key))}", flush=True)
+        plain_profile = None
         if args.profile and isinstance(plain, dict):
             plain_profile = profile_pass(lambda batch=batch: plain_pass(model, batch, objective), meter.cuda)
             print(f"    profile: {show_profile(plain_profile)}", flush=True)
         for level in args.levels:
-            last: list[cd.EdgeScores] = []
+            for contraction_name in args.contraction_dtype:  # side by side, against the same plain pass
+                contraction = getattr(torch, contraction_name)
+                last: list[cd.EdgeScores] = []
 
-            def eap(graph: cd.AttributionGraph = graphs[level], batch: cd.Batch = batch, last: list = last) -> None:
-                last[:] = [eap_pass(model, graph, batch, objective, args.positions_per_pass, contraction)]
+                def eap(graph: cd.AttributionGraph = graphs[level], batch: cd.Batch = batch, last: list = last,
+                        contraction: torch.dtype = contraction) -> None:
+                    last[:] = [eap_pass(model, graph, batch, objective, args.positions_per_pass, contraction)]
 
-            key = f"{name}/eap/{level}/{tokens}"
-            result = meter.measure(key, eap, weight_bytes)
-            if last:
-                kept[level, tokens] = last[0].mean
-            del last
-            meter.free()
-            print(f"  {tokens} tokens, eap {level}: {show(result, meter.oom_details.get(key))}", flush=True)
-            eap_profile = None
-            if args.profile and isinstance(result, dict):
-                eap_profile = profile_pass(eap, meter.cuda)
+                key = f"{name}/eap/{level}/{tokens}/{contraction_name}"
+                result = meter.measure(key, eap, weight_bytes)
+                if last:
+                    kept[level, tokens, contraction_name] = last[0].mean
+                del last
                 meter.free()
-                print(f"    profile: {show_profile(eap_profile)}", flush=True)
-            graph = graphs[level]
-            cells[level, tokens] = {"model": name, "architecture": spec.architecture, "level": level,
-                                    "tokens": tokens, "eap": result, "plain": plain,
-                                    **({"profile": {"eap": eap_profile, "plain": plain_profile}}
-                                       if eap_profile else {}),
-                                    # circuitdiff's [batch, n_sources, window, d_model] buffer
-                                    "eap_buffer_bytes": args.batch * graph.n_sources * spec.d_model
-                                    * contraction.itemsize * min(args.positions_per_pass or tokens, tokens),
-                                    "n_sources": graph.n_sources, "n_receivers": graph.n_receivers,
-                                    "n_edges": graph.n_edges,
-                                    # circuitdiff's memory planner, for comparison with the measured peak
-                                    "estimate_bytes": cd.estimate_memory(
-                                        model, graph, batch_size=args.batch, seq_len=tokens,
-                                        loss_positions=max(1, int(tokens * args.answer_fraction)),
-                                        positions_per_pass=args.positions_per_pass,
-                                        contraction_dtype=contraction).total}
+                print(f"  {tokens} tokens, eap {level} ({contraction_name} contraction): "
+                      f"{show(result, meter.oom_details.get(key))}", flush=True)
+                eap_profile = None
+                if args.profile and isinstance(result, dict):
+                    eap_profile = profile_pass(eap, meter.cuda)
+                    meter.free()
+                    print(f"    profile: {show_profile(eap_profile)}", flush=True)
+                graph = graphs[level]
+                cells[level, tokens, contraction_name] = {
+                    "model": name, "architecture": spec.architecture, "level": level, "tokens": tokens,
+                    "contraction_dtype": contraction_name, "eap": result, "plain": plain,
+                    **({"profile": {"eap": eap_profile, "plain": plain_profile}} if eap_profile else {}),
+                    # circuitdiff's [batch, n_sources, window, d_model] buffer
+                    "eap_buffer_bytes": args.batch * graph.n_sources * spec.d_model * contraction.itemsize
+                    * min(args.positions_per_pass or tokens, tokens),
+                    "n_sources": graph.n_sources, "n_receivers": graph.n_receivers, "n_edges": graph.n_edges,
+                    # circuitdiff's memory planner, for comparison with the measured peak
+                    "estimate_bytes": cd.estimate_memory(
+                        model, graph, batch_size=args.batch, seq_len=tokens,
+                        loss_positions=max(1, int(tokens * args.answer_fraction)),
+                        positions_per_pass=args.positions_per_pass, contraction_dtype=contraction).total}
         del batch
 
     # TransformerLens's own per-head path: switch the flags on (circuitdiff refuses
@@ -453,10 +461,12 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
 
             key = f"{name}/tl/{level}/{tokens}"
             result = meter.measure(key, tl, weight_bytes)
-            cell = cells[level, tokens]
-            cell["tl_flags"] = result
-            if last_scores and (level, tokens) in kept:
-                cell["rel_diff"] = relative_difference(kept[level, tokens], last_scores[0] / args.batch)
+            for contraction_name in args.contraction_dtype:
+                cell = cells[level, tokens, contraction_name]
+                cell["tl_flags"] = result
+                if last_scores and (level, tokens, contraction_name) in kept:
+                    cell["rel_diff"] = relative_difference(kept[level, tokens, contraction_name],
+                                                           last_scores[0] / args.batch)
             del last_scores
             meter.free()
             print(f"  {tokens} tokens, tl_flags {level}: {show(result, meter.oom_details.get(key))}", flush=True)
@@ -494,7 +504,7 @@ def size(value: float) -> str:
 
 
 def table(cells: list[dict]) -> str:
-    header = ["model", "graph", "tokens", "EAP s/pass", "EAP tokens/s", "EAP peak", "planner est.", "plain fwd+bwd",
+    header = ["model", "graph", "tokens", "contraction", "EAP s/pass", "EAP tokens/s", "EAP peak", "planner est.", "plain fwd+bwd",
               "plain peak", "EAP / plain", "TL flags pass", "TL flags peak", "TL vs cd scores"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in cells:
@@ -505,7 +515,7 @@ def table(cells: list[dict]) -> str:
                 return fmt(result[key])
             return "ERROR" if str(result).startswith("ERROR") else str(result)
 
-        row = [c["model"], c["level"], str(c["tokens"]),
+        row = [c["model"], c["level"], str(c["tokens"]), c["contraction_dtype"],
                field(eap, "seconds", seconds), field(eap, "tokens_per_s", lambda v: f"{v:,.0f}"),
                field(eap, "peak_bytes", size), size(c["estimate_bytes"]),
                field(plain, "seconds", seconds), field(plain, "peak_bytes", size),
@@ -527,7 +537,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
             versions[package] = "not installed (imported from a path)"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     return {"device": device, "versions": versions, "dtype": args.dtype, "batch": args.batch, "repeats": args.repeats,
-            "positions_per_pass": args.positions_per_pass, "contraction_dtype": args.contraction_dtype,
+            "positions_per_pass": args.positions_per_pass, "contraction_dtypes": args.contraction_dtype,
             "answer_fraction": args.answer_fraction, "objective": "answer_nll", "intervention": "zero",
             "device_memory_bytes": torch.cuda.get_device_properties(0).total_memory
             if args.device.startswith("cuda") else None,
@@ -549,8 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-tl", action="store_true", help="leave out TransformerLens's flags path")
     parser.add_argument("--positions-per-pass", type=int,
                         help="EAP in position windows of this many tokens (default: one pass)")
-    parser.add_argument("--contraction-dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="EAP's source buffer and contraction dtype (scores are summed in float32)")
+    parser.add_argument("--contraction-dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
+                        help="EAP's source buffer and contraction dtype (scores are summed in float32); with both, "
+                             "each EAP cell is measured with each, side by side")
     parser.add_argument("--profile", action="store_true",
                         help="profile one more plain and EAP pass per cell: time under circuitdiff's labels, top ops")
     parser.add_argument("--answer-fraction", type=float, default=0.25,
@@ -611,8 +622,8 @@ def main(argv: list[str] | None = None) -> int:
                         if "weight_bytes" in info)
     print(f"\n{table(cells)}\n\nBatch {args.batch}; seconds are medians of {args.repeats} passes after a warm-up. "
           f"Peaks are the most memory allocated during one pass, weights included ({weights}; "
-          f"{env['peak_memory']}). EAP: one cd.attribute call (zero ablation, {args.contraction_dtype} source buffer "
-          "and contraction, float32 scores). "
+          f"{env['peak_memory']}). EAP: one cd.attribute call (zero ablation; source buffer and contraction in the "
+          "dtype of the contraction column, float32 scores). "
           "Plain: forward+backward, no hooks, no parameter gradients. TL flags: the same EAP with an EAP-IG-style "
           "buffer on TransformerLens's split-qkv / attn-result / mlp-in flags; TL vs cd: relative difference "
           "of the two passes' scores.\n"

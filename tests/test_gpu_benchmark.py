@@ -36,7 +36,8 @@ def positive(value: object) -> bool:
 
 
 def cells_by_key(report: dict) -> dict[tuple[str, str, int], dict]:
-    return {(c["model"], c["level"], c["tokens"]): c for c in report["cells"]}
+    """The float32-contraction cells (the default) by (model, level, tokens)."""
+    return {(c["model"], c["level"], c["tokens"]): c for c in report["cells"] if c["contraction_dtype"] == "float32"}
 
 
 def test_tiny_run_reports_every_cell_with_positive_numbers(tmp_path):
@@ -75,25 +76,34 @@ def test_position_windows_agree_with_transformerlens(tmp_path):
         assert cell["eap_buffer_bytes"] == cell["n_sources"] * 5 * 64 * 4  # d_model 64, float32
 
 
-def test_bfloat16_contraction_and_profile(tmp_path):
-    """--contraction-dtype bfloat16 against TL's float32 flags path: within 1% (measured 0.2-0.5%).
+def test_both_contraction_dtypes_side_by_side_and_profile(tmp_path):
+    """--contraction-dtype float32 bfloat16: each EAP cell twice, against one plain pass.
 
-    --profile: EAP's labelled work shows up in the EAP pass, none of it in the plain pass.
+    Against TL's float32 flags path: float32 to 1e-4, bfloat16 within 1% (measured
+    0.2-0.5%). --profile: EAP's labelled work shows up in the EAP passes, none of it in the
+    plain pass.
     """
     report, stdout = run(tmp_path, "--models", "tiny-llama", "--seq", "16", "--repeats", "1",
-                         "--contraction-dtype", "bfloat16", "--profile")
-    assert report["environment"]["contraction_dtype"] == "bfloat16"
-    assert "bfloat16 source buffer and contraction" in stdout
-    for cell in report["cells"]:
-        assert 1e-5 < cell["rel_diff"] < 1e-2, (cell["level"], cell["rel_diff"])
-        assert cell["eap_buffer_bytes"] == cell["n_sources"] * 16 * 64 * 2  # d_model 64, bfloat16
+                         "--contraction-dtype", "float32", "bfloat16", "--profile")
+    assert report["environment"]["contraction_dtypes"] == ["float32", "bfloat16"]
+    cells = {(c["level"], c["contraction_dtype"]): c for c in report["cells"]}
+    assert set(cells) == {(level, dtype) for level in LEVELS for dtype in ("float32", "bfloat16")}
+    rows = [line for line in stdout.splitlines() if line.startswith("| tiny-llama | head | 16 |")]
+    assert len(rows) == 2 and "| float32 |" in rows[0] and "| bfloat16 |" in rows[1]
+    for (level, dtype), cell in cells.items():
+        assert cell["plain"] == cells[level, "float32"]["plain"]  # one plain pass for both
+        if dtype == "bfloat16":
+            assert 1e-5 < cell["rel_diff"] < 1e-2, (level, cell["rel_diff"])
+            assert cell["eap_buffer_bytes"] == cell["n_sources"] * 16 * 64 * 2  # d_model 64, bfloat16
+        else:
+            assert 0 <= cell["rel_diff"] < 1e-4, (level, cell["rel_diff"])
         eap, plain = cell["profile"]["eap"], cell["profile"]["plain"]
         assert set(eap["labels"]) == {"circuitdiff.head_outputs", "circuitdiff.receiver_gradients",
                                       "circuitdiff.contract"}
         assert all(t > 0 for t in eap["labels"].values()) and not any(plain["labels"].values())
         assert 0 < sum(eap["labels"].values()) < eap["seconds"]
         assert eap["top"] and all(op["seconds"] >= 0 and op["calls"] > 0 for op in eap["top"])
-    assert stdout.count("profile:") == 3  # the plain pass once, EAP at each level
+    assert stdout.count("profile:") == 5  # the plain pass once, EAP at each level and contraction
 
 
 def test_bf16_accuracy_benchmark_prints_its_table(capsys):
