@@ -118,6 +118,23 @@ def test_interrupted_run_resumes_to_the_same_result(run_files, tmp_path, monkeyp
         json.loads((interrupted / "comparison.json").read_text())["rows"]
 
 
+def test_eap_memory_options_reach_the_scorer(run_files, tmp_path):
+    """--positions-per-pass and --contraction-dtype: recorded in run.json and the shard manifest, and in effect."""
+    runs = {"default": (), "options": ("--positions-per-pass", "4", "--contraction-dtype", "bfloat16")}
+    scores = {}
+    for name, options in runs.items():
+        out = tmp_path / name
+        write_caches(run_files, out)
+        assert main(cli_args(run_files, out, *options)) == 0
+        scores[name] = cd.EdgeScores.load(out / "base.cdiff").per_sample
+    config = json.loads((tmp_path / "options" / "run.json").read_text())["config"]
+    assert config["positions_per_pass"] == 4 and config["contraction_dtype"] == "bfloat16"
+    manifest = json.loads((tmp_path / "options" / "base.shards" / "manifest.json").read_text())
+    assert manifest["method"]["options"] == {"positions_per_pass": 4, "contraction_dtype": "torch.bfloat16"}
+    difference = (scores["options"] - scores["default"]).norm() / scores["default"].norm()
+    assert 1e-5 < difference < 1e-2  # the bfloat16 rounding, and nothing more
+
+
 def test_compare_scores_command(run_files, tmp_path, capsys):
     out = tmp_path / "run"
     write_caches(run_files, out)
@@ -133,6 +150,8 @@ def test_compare_scores_command(run_files, tmp_path, capsys):
     (("--delta", "0"), "delta"),
     (("--beta", "0.99", "--gamma", "1.0"), "length window rule removed the last"),
     (("--intervention", "mean"), "intervention='zero' only"),
+    (("--method", "exact", "--contraction-dtype", "bfloat16"), "options of the eap scorer"),
+    (("--positions-per-pass", "0"), "positions_per_pass must be >= 1"),
 ])
 def test_user_errors_exit_2_without_traceback(run_files, tmp_path, capsys, extra, message):
     out = tmp_path / "run"

@@ -92,6 +92,10 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-questions", type=int, help="read only the first N questions of the file")
     parser.add_argument("--level", choices=["layer", "head"], default="layer", help="graph level (layer)")
     parser.add_argument("--method", default="eap", help="scorer (eap)")
+    parser.add_argument("--positions-per-pass", type=int, metavar="W",
+                        help="eap only: score each batch in windows of W positions, to bound memory (one pass)")
+    parser.add_argument("--contraction-dtype", choices=["bfloat16"],
+                        help="eap only: bfloat16 source buffer and contraction, float32 sums (float32)")
     parser.add_argument("--intervention", default="zero",
                         help="zero (the only one the pipeline runs; use cd.attribute for the others)")
     parser.add_argument("--batch-size", type=int, default=8, help="(8)")

@@ -21,12 +21,13 @@ from __future__ import annotations
 import gc
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from circuitdiff import scorers
 from circuitdiff.attribution import attribute
 from circuitdiff.comparison import Comparison, compare
 from circuitdiff.data import Generation, Question, generate_answers, make_batches, read_questions, select_by_length
@@ -54,13 +55,14 @@ class PipelineConfig:
     max_questions: int | None = None  # read only the file's first N questions (quick trials)
     level: str = "layer"
     method: str = "eap"
+    positions_per_pass: int | None = None  # the eap scorer's position windows (memory)
+    contraction_dtype: str | None = None  # "bfloat16": the eap scorer's bfloat16 contraction (memory)
     intervention: str = "zero"
     batch_size: int = 8
     max_new_tokens: int = 512
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def torch_dtype(self, device: str) -> torch.dtype:
         """bfloat16 on CUDA, float32 elsewhere, unless ``dtype`` says otherwise."""
@@ -83,6 +85,14 @@ class PipelineConfig:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise DataError(f"batch size and max new tokens must be >= 1; got {self.batch_size} and "
                             f"{self.max_new_tokens}.")
+        if (self.positions_per_pass is not None or self.contraction_dtype is not None) and self.method != "eap":
+            raise DataError(f"positions_per_pass and contraction_dtype are options of the eap scorer; got "
+                            f"method={self.method!r}. Use method='eap' or leave them unset.")
+        if self.contraction_dtype not in (None, "float32", "bfloat16"):
+            raise DataError(f"unknown contraction dtype {self.contraction_dtype!r}; use bfloat16 (or leave it unset "
+                            "for float32).")
+        if self.positions_per_pass is not None and self.positions_per_pass < 1:
+            raise DataError(f"positions_per_pass must be >= 1 (or None for one pass); got {self.positions_per_pass}.")
         if self.intervention != "zero":
             raise DataError(
                 f"the pipeline scores with intervention='zero' only (the paper's); got {self.intervention!r}. "
@@ -90,6 +100,13 @@ class PipelineConfig:
                 "pipeline does not build: call cd.attribute on its generations for those."
             )
         self.torch_dtype(self.resolved_device())
+
+    def scorer(self) -> str | Scorer:
+        """The scorer to run: ``method``, with the eap options when any is set."""
+        if self.positions_per_pass is None and self.contraction_dtype is None:
+            return self.method
+        dtype = None if self.contraction_dtype is None else getattr(torch, self.contraction_dtype)
+        return scorers.get(self.method, positions_per_pass=self.positions_per_pass, contraction_dtype=dtype)
 
     def select(self, base_lengths: Sequence[int], tuned_lengths: Sequence[int],
                prompt_lengths: tuple[Sequence[int], Sequence[int]] | None = None) -> LengthSelection:
@@ -254,7 +271,7 @@ def _score(model: Any, questions: list[Question], generations: list[Generation],
     graph = AttributionGraph.from_model(model, level=config.level)
     scores = score_answers(model, graph, [questions[i].prompt for i in chosen],
                            [generations[i].answer_ids for i in chosen], t_cut=t_cut, shards=shards,
-                           method=config.method, intervention=config.intervention, batch_size=config.batch_size,
+                           method=config.scorer(), intervention=config.intervention, batch_size=config.batch_size,
                            progress=config.progress)
     scores.metadata["question_ids"] = [questions[i].id for i in chosen]
     scores.save(path)
