@@ -131,6 +131,15 @@ def test_cpu_product_sums_exact_products_in_float32(monkeypatch, slice_elements)
     torch.testing.assert_close(product.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
 
 
+def test_cuda_product_asks_for_a_float32_result(monkeypatch):
+    """The CUDA branch's call, on meta tensors (torch registers the float32-output product for them)."""
+    monkeypatch.setattr(hooks_module, "_FLOAT32_OUTPUT_DEVICES", ("meta",))
+    a = torch.empty(991, 2**21, dtype=BF16, device="meta")
+    b = torch.empty(96, 2**21, dtype=BF16, device="meta").T  # transposed, as in the hooks
+    product = hooks_module._product(a, b)
+    assert product.shape == (991, 96) and product.dtype == torch.float32
+
+
 def test_cpu_product_of_the_shape_that_crashed_torchs_bfloat16_kernel():
     """torch 2.13.0's CPU bfloat16 matrix product died with SIGFPE on this shape with one thread."""
     threads = torch.get_num_threads()

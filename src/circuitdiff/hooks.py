@@ -96,7 +96,7 @@ def _product(a: Tensor, b: Tensor) -> Tensor:
     """
     if a.dtype not in CONTRACTION_DTYPES:
         return a @ b
-    if a.is_cuda:
+    if a.device.type in _FLOAT32_OUTPUT_DEVICES:
         return torch.mm(a, b, out_dtype=torch.float32)
     (m, k), n = a.shape, b.shape[1]
     step = max(1, min(-(-k // _CPU_SLICES), _CPU_SLICE_ELEMENTS // (m + n)))
@@ -106,6 +106,8 @@ def _product(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
+# Devices whose bfloat16 matrix products can return float32 (``torch.mm(..., out_dtype=)``).
+_FLOAT32_OUTPUT_DEVICES = ("cuda",)
 # CPU bfloat16 products: at least this many slices of k, each with at most this many elements
 # in its two float32 copies (2**24 elements: 64 MiB).
 _CPU_SLICES = 8
