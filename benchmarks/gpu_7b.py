@@ -302,6 +302,16 @@ class Meter:
         self.free()  # after the except block, so the traceback's frames are gone
         return result
 
+    def profile(self, key: str, run: Callable[[], Any]) -> dict[str, Any] | str:
+        """:func:`profile_pass` of ``run``, or "OOM" / "ERROR ..." (the run goes on)."""
+        result: dict[str, Any] | str
+        try:
+            result = profile_pass(run, self.cuda)
+        except Exception as error:
+            result = OOM if is_oom(error) else failure(f"{key} (profile)", error)
+        self.free()
+        return result
+
     def peak(self, run: Callable[[], Any], baseline_bytes: int) -> int:
         """Peak bytes allocated during one more pass, including what was allocated before it.
 
@@ -361,7 +371,9 @@ def profile_pass(run: Callable[[], Any], cuda: bool) -> dict[str, Any]:
                     for e in ops[:12]]}
 
 
-def show_profile(profile: dict[str, Any]) -> str:
+def show_profile(profile: dict[str, Any] | str) -> str:
+    if not isinstance(profile, dict):
+        return profile
     labels = ", ".join(f"{name.removeprefix('circuitdiff.')} {seconds(t)}" for name, t in profile["labels"].items())
     return f"{seconds(profile['seconds'])} profiled; {labels}"
 
@@ -400,7 +412,7 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
         print(f"  {tokens} tokens, plain: {show(plain, meter.oom_details.get(key))}", flush=True)
         plain_profile = None
         if args.profile and isinstance(plain, dict):
-            plain_profile = profile_pass(lambda batch=batch: plain_pass(model, batch, objective), meter.cuda)
+            plain_profile = meter.profile(key, lambda batch=batch: plain_pass(model, batch, objective))
             print(f"    profile: {show_profile(plain_profile)}", flush=True)
         for level in args.levels:
             for contraction_name in args.contraction_dtype:  # side by side, against the same plain pass
@@ -421,8 +433,7 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
                       f"{show(result, meter.oom_details.get(key))}", flush=True)
                 eap_profile = None
                 if args.profile and isinstance(result, dict):
-                    eap_profile = profile_pass(eap, meter.cuda)
-                    meter.free()
+                    eap_profile = meter.profile(key, eap)
                     print(f"    profile: {show_profile(eap_profile)}", flush=True)
                 graph = graphs[level]
                 cells[level, tokens, contraction_name] = {
@@ -631,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = [f"{name}: {info['error']}" for name, info in models.items() if "error" in info]
     errors += [f"{c['model']} {c['level']} {c['tokens']} {kind}: {c[kind]}" for c in cells
                for kind in ("eap", "plain", "tl_flags") if str(c.get(kind)).startswith("ERROR")]
+    errors += [f"{c['model']} {c['level']} {c['tokens']} {kind} profile: {result}" for c in cells
+               for kind, result in c.get("profile", {}).items() if str(result).startswith("ERROR")]
     for line in errors:
         print(line, file=sys.stderr)
     return 1 if errors else 0

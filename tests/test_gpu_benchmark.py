@@ -137,9 +137,13 @@ def test_out_of_memory_and_failing_passes_are_reported_and_the_run_goes_on(tmp_p
         def broken(*args, **kwargs):
             raise ValueError("boom")
 
+        def no_profile(*args, **kwargs):
+            raise ValueError("no profile")
+
         monkeypatch.setattr(module, "plain_pass", broken)
+        monkeypatch.setattr(module, "profile_pass", no_profile)
         status = module.main(["--tiny", "--json", str(out), "--models", "tiny-qwen2", "--seq", "16",
-                              "--repeats", "1", "--fake-oom", "*/tl/head/*"])
+                              "--repeats", "1", "--fake-oom", "*/tl/head/*", "--profile"])
     finally:
         os.environ.clear()
         os.environ.update(environment)
@@ -158,5 +162,8 @@ def test_out_of_memory_and_failing_passes_are_reported_and_the_run_goes_on(tmp_p
     for cell in (head, layer):
         assert cell["plain"] == "ERROR ValueError: boom" and cell["ratio"] is None
         assert positive(cell["eap"]["seconds"]) and positive(cell["eap"]["peak_bytes"])
+        # a failed profile is reported in its cell, not the end of the run (no plain profile: plain failed)
+        assert cell["profile"] == {"eap": "ERROR ValueError: no profile", "plain": None}
+    assert "eap profile: ERROR ValueError: no profile" in captured.err
     rows = [line for line in captured.out.splitlines() if line.startswith("| tiny-qwen2 | head | 16 |")]
     assert len(rows) == 1 and "OOM" in rows[0] and "ERROR" in rows[0]
