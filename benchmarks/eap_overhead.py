@@ -4,7 +4,9 @@ Prints, measured side by side in one run (medians of interleaved repeats):
 
 - time ratio (one-batch ``cd.attribute`` call) / (plain forward+backward, no hooks,
   no parameter gradients) for intervention "zero" and "patching", at head and layer
-  level, and the cost of a forward pass alone (the floor patching adds);
+  level, and the cost of a forward pass alone (the floor patching adds); zero ablation
+  with EAP's bfloat16 contraction too (``contraction_dtype=torch.bfloat16``, modes
+  ``<level>:zero:bfloat16``);
 - peak memory of PyTorch tensors allocated by each pass (profiler allocation events
   on CPU, ``max_memory_allocated`` on CUDA), next to the goal "plain peak + source
   buffer + one layer's transients".
@@ -90,24 +92,26 @@ class Runner:
         with torch.no_grad():
             self.model(self.batch.input_ids)
 
-    def attribute(self, level: str, intervention: str) -> None:
+    def attribute(self, level: str, intervention: str, contraction_dtype: torch.dtype | None = None) -> None:
         cd.attribute(self.model, self.graphs[level], [self.batch], objective=self.objective,
-                     intervention=intervention, progress=False)
+                     method=cd.scorers.get("eap", contraction_dtype=contraction_dtype), intervention=intervention,
+                     progress=False)
 
     def sync(self) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
 
-MODES = ["plain", "forward"] + [f"{level}:{iv}" for level in ("head", "layer") for iv in ("zero", "patching")]
+MODES = ["plain", "forward"] + [f"{level}:{iv}" for level in ("head", "layer")
+                                 for iv in ("zero", "patching", "zero:bfloat16")]
 
 
 def run_mode(runner: Runner, mode: str) -> None:
     if mode in ("plain", "forward"):
         getattr(runner, mode)()
     else:
-        level, intervention = mode.split(":")
-        runner.attribute(level, intervention)
+        level, intervention, *contraction = mode.split(":")
+        runner.attribute(level, intervention, getattr(torch, contraction[0]) if contraction else None)
 
 
 def time_modes(runner: Runner, repeats: int) -> dict[str, float]:
@@ -151,11 +155,11 @@ def measure_peak(runner: Runner, mode: str) -> int:
     return peak
 
 
-def expected_extra(graph: cd.AttributionGraph, dtype_bytes: int = 4) -> tuple[int, int]:
-    """(source buffer bytes, one layer's receiver-gradient transient bytes)."""
-    buffer = BATCH * graph.n_sources * POS * D_MODEL * dtype_bytes
+def expected_extra(graph: cd.AttributionGraph, buffer_bytes: int = 4) -> tuple[int, int]:
+    """(source buffer bytes, one layer's float32 receiver-gradient transient bytes)."""
+    buffer = BATCH * graph.n_sources * POS * D_MODEL * buffer_bytes
     receivers = graph.group("attn", 0).columns
-    layer = BATCH * (receivers.stop - receivers.start) * POS * D_MODEL * dtype_bytes
+    layer = BATCH * (receivers.stop - receivers.start) * POS * D_MODEL * 4
     return buffer, layer
 
 
@@ -173,8 +177,8 @@ def report(name: str, checkpoint: Path, device: str, dtype: str, repeats: int) -
           "  goal = plain + buffer + 2 x one layer's receiver gradients")
     rows = {}
     for level in ("head", "layer"):
-        buffer, layer = expected_extra(runner.graphs[level])
-        for intervention, goal in (("zero", 1.25), ("patching", 1.6)):
+        for intervention, goal, buffer_bytes in (("zero", 1.25, 4), ("patching", 1.6, 4), ("zero:bfloat16", 1.25, 2)):
+            buffer, layer = expected_extra(runner.graphs[level], buffer_bytes)
             mode = f"{level}:{intervention}"
             ratio = medians[mode] / medians["plain"]
             memory_goal = peaks["plain"] + buffer + 2 * layer
