@@ -15,7 +15,7 @@ import circuitdiff as cd
 import tiny_models as tm
 from circuitdiff import hooks as hooks_module
 from test_eap_correctness import ARCHS, make_data, reference_batches_for, reference_outputs
-from test_planner import SHAPES_7B, _cpu_model, cpu_answer_batch, cpu_peak
+from test_planner import SHAPES_7B, planned_and_measured_peak
 
 GIB = 2**30
 BF16 = torch.bfloat16
@@ -203,20 +203,6 @@ def test_planner_halves_the_source_buffer_and_suggests_it():
 
 def test_bfloat16_contraction_lowers_the_measured_peak_as_planned():
     """CPU profiler peaks of one batch of 128 tokens at head level, float32 vs bfloat16 contraction."""
-    name, level, batch, tokens = "llama-256", "head", 1, 128
-    model = _cpu_model(name)
-    graph = cd.AttributionGraph.from_model(model, level=level)
-    data = cpu_answer_batch(name, batch, tokens)
-    peaks, estimates = {}, {}
-    for dtype in (None, BF16):
-        method = cd.scorers.get("eap", contraction_dtype=dtype)
-        peaks[dtype] = cpu_peak(model, lambda: cd.attribute(model, graph, [data], objective="answer_nll",
-                                                            method=method, progress=False))
-        estimates[dtype] = estimate = cd.estimate_memory(
-            model, graph, batch_size=batch, seq_len=tokens, loss_positions=tokens // 4, contraction_dtype=dtype)
-        print(f"{level} contraction_dtype={dtype}: estimated {estimate.total / 2**20:.2f} MiB, "
-              f"measured {peaks[dtype] / 2**20:.2f} MiB ({estimate.total / peaks[dtype] - 1:+.1%})")
-        assert abs(estimate.total / peaks[dtype] - 1) < 0.30
-    saved_estimate = estimates[None].total - estimates[BF16].total
-    saved_measured = peaks[None] - peaks[BF16]
-    assert saved_measured > 0.5 * saved_estimate > 0
+    planned, measured = planned_and_measured_peak("llama-256", "head", 1, 128)
+    planned_bf16, measured_bf16 = planned_and_measured_peak("llama-256", "head", 1, 128, contraction_dtype=BF16)
+    assert measured - measured_bf16 > 0.5 * (planned - planned_bf16) > 0

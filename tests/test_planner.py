@@ -141,6 +141,22 @@ def cpu_peak(model, run) -> int:
     return meter.peak(run, weights)
 
 
+def planned_and_measured_peak(name: str, level: str, batch: int, tokens: int, **eap_options) -> tuple[int, int]:
+    """(planner estimate, CPU profiler peak) of one EAP batch with ``eap_options``; they must agree within 30%."""
+    model = _cpu_model(name)
+    graph = cd.AttributionGraph.from_model(model, level=level)
+    data = cpu_answer_batch(name, batch, tokens)
+    method = cd.scorers.get("eap", **eap_options)
+    measured = cpu_peak(model, lambda: cd.attribute(model, graph, [data], objective="answer_nll", method=method,
+                                                    progress=False))
+    planned = estimate_memory(model, graph, batch_size=batch, seq_len=tokens, loss_positions=tokens // 4,
+                              **eap_options).total
+    print(f"{name} {level} b{batch} p{tokens} {eap_options}: estimated {planned / 2**20:.2f} MiB, "
+          f"measured {measured / 2**20:.2f} MiB ({planned / measured - 1:+.1%})")
+    assert abs(planned / measured - 1) < 0.30
+    return planned, measured
+
+
 @pytest.mark.parametrize("name, level, batch, tokens", [
     ("tiny-llama", "head", 2, 32),
     ("tiny-qwen2", "layer", 4, 32),
@@ -148,11 +164,4 @@ def cpu_peak(model, run) -> int:
     ("llama-256", "layer", 2, 128),
 ])
 def test_estimate_within_30_percent_of_cpu_profiler_peak(name, level, batch, tokens):
-    model = _cpu_model(name)
-    graph = cd.AttributionGraph.from_model(model, level=level)
-    data = cpu_answer_batch(name, batch, tokens)
-    measured = cpu_peak(model, lambda: cd.attribute(model, graph, [data], objective="answer_nll", progress=False))
-    est = estimate_memory(model, graph, batch_size=batch, seq_len=tokens, loss_positions=tokens // 4)
-    print(f"{name} {level} b{batch} p{tokens}: estimated {est.total / 2**20:.2f} MiB, "
-          f"measured {measured / 2**20:.2f} MiB ({est.total / measured - 1:+.1%})")
-    assert abs(est.total / measured - 1) < 0.30
+    planned_and_measured_peak(name, level, batch, tokens)

@@ -12,7 +12,7 @@ import torch
 import circuitdiff as cd
 from circuitdiff.hooks import EdgeHooks
 from test_eap_correctness import make_data, reference_batches_for
-from test_planner import _cpu_model, cpu_answer_batch, cpu_peak
+from test_planner import planned_and_measured_peak
 
 
 def _scores(model, level, intervention, positions_per_pass):
@@ -119,20 +119,6 @@ def test_resuming_with_other_windows_is_refused(get_model, tmp_path):
 
 def test_windows_lower_the_measured_peak_as_planned():
     """CPU profiler peaks of one batch of 128 tokens, head level, one pass vs windows of 16 positions."""
-    name, level, batch, tokens, window = "llama-256", "head", 1, 128, 16
-    model = _cpu_model(name)
-    graph = cd.AttributionGraph.from_model(model, level=level)
-    data = cpu_answer_batch(name, batch, tokens)
-    peaks, estimates = {}, {}
-    for per_pass in (None, window):
-        method = cd.scorers.get("eap", positions_per_pass=per_pass)
-        peaks[per_pass] = cpu_peak(model, lambda: cd.attribute(model, graph, [data], objective="answer_nll",
-                                                               method=method, progress=False))
-        estimates[per_pass] = estimate = cd.estimate_memory(
-            model, graph, batch_size=batch, seq_len=tokens, loss_positions=tokens // 4, positions_per_pass=per_pass)
-        print(f"{level} positions_per_pass={per_pass}: estimated {estimate.total / 2**20:.2f} MiB, "
-              f"measured {peaks[per_pass] / 2**20:.2f} MiB ({estimate.total / peaks[per_pass] - 1:+.1%})")
-        assert abs(estimate.total / peaks[per_pass] - 1) < 0.30
-    saved_estimate = estimates[None].total - estimates[window].total
-    saved_measured = peaks[None] - peaks[window]
-    assert saved_measured > 0.5 * saved_estimate > 0
+    planned, measured = planned_and_measured_peak("llama-256", "head", 1, 128)
+    planned_windows, measured_windows = planned_and_measured_peak("llama-256", "head", 1, 128, positions_per_pass=16)
+    assert measured - measured_windows > 0.5 * (planned - planned_windows) > 0
