@@ -14,20 +14,11 @@ import torch
 import circuitdiff as cd
 import tiny_models as tm
 from circuitdiff import hooks as hooks_module
-from test_eap_correctness import ARCHS, make_data, reference_batches_for, reference_outputs
+from test_eap_correctness import ARCHS, eap_scores, make_data, reference_batches_for, reference_outputs
 from test_planner import SHAPES_7B, planned_and_measured_peak
 
 GIB = 2**30
 BF16 = torch.bfloat16
-
-
-def _scores(model, level, intervention="zero", contraction_dtype=BF16, positions_per_pass=None, batches=None):
-    graph = cd.AttributionGraph.from_model(model, level=level)
-    batches = batches or make_data(model, corrupted=intervention == "patching")
-    refs = reference_batches_for(model) if intervention.startswith("mean") else None
-    method = cd.scorers.get("eap", contraction_dtype=contraction_dtype, positions_per_pass=positions_per_pass)
-    return cd.attribute(model, graph, batches, objective="answer_nll", method=method, intervention=intervention,
-                        reference_batches=refs, progress=False)
 
 
 def _round(x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +45,8 @@ def _receiver_gradients(reference, graph, batch, objective) -> dict[str, torch.T
 ])
 def test_scores_are_the_product_of_rounded_factors(get_model, get_reference, arch, level, intervention):
     model, reference = get_model(arch, "float64"), get_reference(arch)
-    scores = _scores(model, level, intervention)
-    exact = _scores(model, level, intervention, contraction_dtype=None)
+    scores = eap_scores(model, level, intervention, contraction_dtype=BF16)
+    exact = eap_scores(model, level, intervention)
     graph = cd.AttributionGraph.from_model(model, level=level)
     refs = reference_batches_for(model) if intervention.startswith("mean") else None
     objective = cd.objectives.answer_nll()
@@ -88,10 +79,10 @@ def test_on_a_bfloat16_model_it_adds_little_to_the_models_own_error(get_model, a
     bfloat16 contraction (which alone, on the float32 model, is 0.28-0.35%).
     """
     batches = make_data(get_model(arch))
-    reference = _scores(get_model(arch), "head", contraction_dtype=None, batches=batches).per_sample
+    reference = eap_scores(get_model(arch), "head", batches=batches).per_sample
 
     def distance(dtype, contraction):
-        scores = _scores(get_model(arch, dtype), "head", contraction_dtype=contraction, batches=batches)
+        scores = eap_scores(get_model(arch, dtype), "head", batches=batches, contraction_dtype=contraction)
         assert scores.per_sample.dtype == torch.float32
         return ((scores.per_sample - reference).norm() / reference.norm()).item()
 
@@ -115,8 +106,8 @@ def test_buffer_is_bfloat16_and_scores_stay_float32(get_model):
 
 def test_combines_with_position_windows(get_model):
     model = get_model("mistral")
-    one_pass = _scores(model, "head", "patching").per_sample
-    windows = _scores(model, "head", "patching", positions_per_pass=3).per_sample
+    one_pass = eap_scores(model, "head", "patching", contraction_dtype=BF16).per_sample
+    windows = eap_scores(model, "head", "patching", contraction_dtype=BF16, positions_per_pass=3).per_sample
     # The same rounded factors, summed in another order.
     torch.testing.assert_close(windows, one_pass, rtol=1e-5, atol=1e-7 * one_pass.abs().max().item())
     assert one_pass.abs().max() > 0
@@ -160,7 +151,7 @@ def test_bad_contraction_dtype_is_refused(bad):
 def test_float32_contraction_of_a_float64_model_is_refused(get_model):
     model = get_model("gpt2", "float64")
     with pytest.raises(ValueError, match="contraction dtype must be torch.float64"):
-        _scores(model, "layer", contraction_dtype=torch.float32)
+        eap_scores(model, "layer", contraction_dtype=torch.float32)
 
 
 def test_cuda_without_float32_output_matmul_is_refused(get_model, monkeypatch):

@@ -83,6 +83,15 @@ def reference_batches_for(model) -> list[cd.Batch]:
     return make_data(model, seed=7) + make_data(model, seed=8)
 
 
+def eap_scores(model, level: str, intervention: str = "zero", batches=None, **options) -> cd.EdgeScores:
+    """EAP with scorer ``options`` on ``make_data`` (corrupted prompts for patching, reference data for means)."""
+    graph = cd.AttributionGraph.from_model(model, level=level)
+    batches = batches or make_data(model, corrupted=intervention == "patching")  # widths 7 (padded) and 6
+    refs = reference_batches_for(model) if intervention.startswith("mean") else None
+    return cd.attribute(model, graph, batches, objective="answer_nll", method=cd.scorers.get("eap", **options),
+                        intervention=intervention, reference_batches=refs, progress=False)
+
+
 @pytest.mark.parametrize("level", ["head", "layer"])
 @pytest.mark.parametrize("intervention", ["zero", "patching", "mean", "mean-positional"])
 @pytest.mark.parametrize("arch", ARCHS)

@@ -11,24 +11,15 @@ import torch
 
 import circuitdiff as cd
 from circuitdiff.hooks import EdgeHooks
-from test_eap_correctness import make_data, reference_batches_for
+from test_eap_correctness import eap_scores, make_data
 from test_planner import planned_and_measured_peak
 
 
-def _scores(model, level, intervention, positions_per_pass):
-    graph = cd.AttributionGraph.from_model(model, level=level)
-    batches = make_data(model, corrupted=intervention == "patching")  # widths 7 (padded) and 6
-    refs = reference_batches_for(model) if intervention.startswith("mean") else None
-    method = cd.scorers.get("eap", positions_per_pass=positions_per_pass)
-    return cd.attribute(model, graph, batches, objective="answer_nll", method=method, intervention=intervention,
-                        reference_batches=refs, progress=False)
-
-
 def _assert_windows_reproduce(model, level, intervention, windows):
-    whole = _scores(model, level, intervention, None)
+    whole = eap_scores(model, level, intervention)
     assert whole.per_sample.abs().max() > 0
     for window in windows:
-        windowed = _scores(model, level, intervention, window)
+        windowed = eap_scores(model, level, intervention, positions_per_pass=window)
         torch.testing.assert_close(windowed.per_sample, whole.per_sample, rtol=1e-9, atol=1e-12,
                                    msg=lambda m: f"positions_per_pass={window}: {m}")
         torch.testing.assert_close(windowed.objective_values, whole.objective_values, rtol=0, atol=0)
@@ -47,8 +38,8 @@ def test_windows_reproduce_one_pass_for_every_intervention(get_model, interventi
 
 def test_window_wider_than_the_batch_is_one_pass(get_model):
     model = get_model("qwen2")
-    whole = _scores(model, "head", "zero", None)
-    wide = _scores(model, "head", "zero", 100)
+    whole = eap_scores(model, "head")
+    wide = eap_scores(model, "head", positions_per_pass=100)
     assert torch.equal(wide.per_sample, whole.per_sample)
 
 

@@ -48,7 +48,7 @@ from circuitdiff.data import Batch
 from circuitdiff.graph import AttributionGraph, ReceiverGroup
 from circuitdiff.models import NormParams, linear_weight, norm_params
 
-__all__ = ["EdgeHooks", "accumulation_dtype", "Record", "CONTRACTION_DTYPES", "PROFILER_LABELS"]
+__all__ = ["EdgeHooks", "accumulation_dtype", "Record", "CONTRACTION_DTYPES", "is_contraction_dtype", "PROFILER_LABELS"]
 
 HookList = list[tuple[str, Callable[..., Any]]]
 
@@ -60,6 +60,11 @@ Record = Literal["set", "negate", "subtract"]
 #: The dtypes ``delta`` may be stored in besides the accumulation dtype. float16 is left
 #: out: its range (6e-8 to 65504) loses small gradients and large activations of 7B models.
 CONTRACTION_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16,)
+
+
+def is_contraction_dtype(dtype: Any) -> bool:
+    """Whether ``dtype`` may be asked for as a contraction dtype: an accumulation dtype or one of CONTRACTION_DTYPES."""
+    return any(dtype is allowed for allowed in (torch.float32, torch.float64, *CONTRACTION_DTYPES))
 
 #: ``torch.profiler`` labels of EAP's own work: per-head source outputs (forward), the
 #: attention receivers' gradients and the ``delta . G`` contractions (backward).

@@ -46,7 +46,7 @@ import torch
 
 from circuitdiff.errors import DataError, MemoryPlanError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
-from circuitdiff.hooks import CONTRACTION_DTYPES
+from circuitdiff.hooks import CONTRACTION_DTYPES, is_contraction_dtype
 
 __all__ = ["ModelShape", "MemoryEstimate", "MemoryPlanError", "estimate_memory", "plan_batch_size", "METHODS"]
 
@@ -271,8 +271,7 @@ def estimate_memory(
     if positions_per_pass is not None and (method != "eap" or positions_per_pass < 1):
         raise DataError(f"positions_per_pass must be a positive integer and needs method='eap'; "
                         f"got {positions_per_pass!r} with method={method!r}.")
-    if contraction_dtype is not None and (method != "eap" or not any(
-            contraction_dtype is dtype for dtype in (torch.float32, torch.float64, *CONTRACTION_DTYPES))):
+    if contraction_dtype is not None and (method != "eap" or not is_contraction_dtype(contraction_dtype)):
         raise DataError(f"contraction_dtype must be torch.float32, torch.float64 or one of {CONTRACTION_DTYPES} and "
                         f"needs method='eap'; got {contraction_dtype!r} with method={method!r}.")
     s = _shape_of(model_or_spec, dtype)

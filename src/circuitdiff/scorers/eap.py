@@ -32,7 +32,7 @@ from torch import Tensor
 
 from circuitdiff.data import Batch
 from circuitdiff.errors import DataError
-from circuitdiff.hooks import CONTRACTION_DTYPES
+from circuitdiff.hooks import CONTRACTION_DTYPES, is_contraction_dtype
 from circuitdiff.objectives import evaluate
 from circuitdiff.scorers.base import ScoringContext
 
@@ -62,8 +62,7 @@ class EAP:
                 isinstance(positions_per_pass, bool) or not isinstance(positions_per_pass, int)
                 or positions_per_pass < 1):
             raise ValueError(f"eap: positions_per_pass must be a positive integer or None; got {positions_per_pass!r}.")
-        allowed = (None, torch.float32, torch.float64, *CONTRACTION_DTYPES)
-        if not any(contraction_dtype is dtype for dtype in allowed):
+        if contraction_dtype is not None and not is_contraction_dtype(contraction_dtype):
             raise ValueError(
                 f"eap: contraction_dtype must be None (the accumulation dtype), torch.float32, torch.float64 or one "
                 f"of {CONTRACTION_DTYPES}; got {contraction_dtype!r}. (torch.float16 is not offered: its range, "
