@@ -371,11 +371,15 @@ def profile_pass(run: Callable[[], Any], cuda: bool) -> dict[str, Any]:
                     for e in ops[:12]]}
 
 
-def show_profile(profile: dict[str, Any] | str) -> str:
+def show_profile(profile: dict[str, Any] | str, contraction_flop: int | None = None) -> str:
+    """The profile's total and label times; with ``contraction_flop``, the contractions' rate too."""
     if not isinstance(profile, dict):
         return profile
     labels = ", ".join(f"{name.removeprefix('circuitdiff.')} {seconds(t)}" for name, t in profile["labels"].items())
-    return f"{seconds(profile['seconds'])} profiled; {labels}"
+    contract = profile["labels"].get("circuitdiff.contract")
+    rate = (f" ({contraction_flop / contract / 1e12:.1f} TFLOP/s over {contraction_flop:.2e} FLOP)"
+            if contraction_flop and contract else "")
+    return f"{seconds(profile['seconds'])} profiled; {labels}{rate}"
 
 
 def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -431,11 +435,13 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
                 meter.free()
                 print(f"  {tokens} tokens, eap {level} ({contraction_name} contraction): "
                       f"{show(result, meter.oom_details.get(key))}", flush=True)
+                graph = graphs[level]
+                # One multiply-add per real edge, position and d_model coordinate.
+                contraction_flop = 2 * graph.n_edges * args.batch * tokens * spec.d_model
                 eap_profile = None
                 if args.profile and isinstance(result, dict):
                     eap_profile = meter.profile(key, eap)
-                    print(f"    profile: {show_profile(eap_profile)}", flush=True)
-                graph = graphs[level]
+                    print(f"    profile: {show_profile(eap_profile, contraction_flop)}", flush=True)
                 cells[level, tokens, contraction_name] = {
                     "model": name, "architecture": spec.architecture, "level": level, "tokens": tokens,
                     "contraction_dtype": contraction_name, "eap": result, "plain": plain,
@@ -444,6 +450,7 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
                     "eap_buffer_bytes": args.batch * graph.n_sources * spec.d_model * contraction.itemsize
                     * min(args.positions_per_pass or tokens, tokens),
                     "n_sources": graph.n_sources, "n_receivers": graph.n_receivers, "n_edges": graph.n_edges,
+                    "contraction_flop": contraction_flop,
                     # circuitdiff's memory planner, for comparison with the measured peak
                     "estimate_bytes": cd.estimate_memory(
                         model, graph, batch_size=args.batch, seq_len=tokens,

@@ -13,7 +13,6 @@ import torch
 
 import circuitdiff as cd
 import tiny_models as tm
-from circuitdiff import hooks as hooks_module
 from test_eap_correctness import ARCHS, eap_scores, make_data, reference_batches_for, reference_outputs
 from test_planner import SHAPES_7B, planned_and_measured_peak
 
@@ -113,35 +112,6 @@ def test_combines_with_position_windows(get_model):
     assert one_pass.abs().max() > 0
 
 
-@pytest.mark.parametrize("slice_elements", [2**24, 64])  # 64: the cap on a slice's size decides
-def test_cpu_product_sums_exact_products_in_float32(monkeypatch, slice_elements):
-    monkeypatch.setattr(hooks_module, "_CPU_SLICE_ELEMENTS", slice_elements)
-    a, b = torch.randn(5, 1000).to(BF16), torch.randn(3, 1000).to(BF16).T  # b transposed, as in the hooks
-    product = hooks_module._product(a, b)
-    assert product.dtype == torch.float32
-    torch.testing.assert_close(product.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
-
-
-def test_cuda_product_asks_for_a_float32_result(monkeypatch):
-    """The CUDA branch's call, on meta tensors (torch registers the float32-output product for them)."""
-    monkeypatch.setattr(hooks_module, "_FLOAT32_OUTPUT_DEVICES", ("meta",))
-    a = torch.empty(991, 2**21, dtype=BF16, device="meta")
-    b = torch.empty(96, 2**21, dtype=BF16, device="meta").T  # transposed, as in the hooks
-    product = hooks_module._product(a, b)
-    assert product.shape == (991, 96) and product.dtype == torch.float32
-
-
-def test_cpu_product_of_the_shape_that_crashed_torchs_bfloat16_kernel():
-    """torch 2.13.0's CPU bfloat16 matrix product died with SIGFPE on this shape with one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        a, b = torch.ones(3, 524288, dtype=BF16), torch.ones(524288, 3, dtype=BF16)
-        assert torch.equal(hooks_module._product(a, b), torch.full((3, 3), 524288.0))
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("bad", [torch.float16, torch.int32, "bfloat16", 16])
 def test_bad_contraction_dtype_is_refused(bad):
     with pytest.raises(ValueError, match="contraction_dtype must be None"):
@@ -152,16 +122,6 @@ def test_float32_contraction_of_a_float64_model_is_refused(get_model):
     model = get_model("gpt2", "float64")
     with pytest.raises(ValueError, match="contraction dtype must be torch.float64"):
         eap_scores(model, "layer", contraction_dtype=torch.float32)
-
-
-def test_cuda_without_float32_output_matmul_is_refused(get_model, monkeypatch):
-    model = get_model("gpt2")
-    hooks = cd.scorers.base.make_context(model, cd.AttributionGraph.from_model(model), "answer_nll", "zero").hooks
-    hooks.device = torch.device("cuda")  # only the device check reads it
-    assert hooks_module._matmul_has_out_dtype()  # this torch has it
-    monkeypatch.setattr(hooks_module, "_matmul_has_out_dtype", lambda: False)
-    with pytest.raises(ValueError, match="out_dtype.*upgrade torch"):
-        hooks.contracting_in(BF16)
 
 
 def test_resuming_with_another_contraction_dtype_is_refused(get_model, tmp_path):

@@ -15,7 +15,9 @@ forward keeps the plain model's activations. Per-head source outputs are compute
 the attention values ``z`` and ``W_O`` straight into ``delta``. Per-receiver gradients
 are derived inside the backward pass from the gradients at the q/k/v projection
 outputs, through the projection weights and the Jacobian of the attention norm, as
-transients of one layer. Hooks never edit model tensors in place: each returns a fresh
+transients of one layer. Products of two of the model's own bfloat16 tensors (``z``
+and ``W_O``, projection gradients and weights) are exact in float32 and are summed in
+float32 (:func:`_product`). Hooks never edit model tensors in place: each returns a fresh
 view so that a gradient hook sees exactly one path.
 
 Position windows: since a score sums over positions, a batch can be scored in several
@@ -90,31 +92,44 @@ def _matmul_has_out_dtype() -> bool:
 
 
 def _product(a: Tensor, b: Tensor) -> Tensor:
-    """``a [m, k] @ b [k, n]``; for bfloat16 factors, float32 sums and a float32 result.
+    """``a [..., m, k] @ b [..., k, n]`` (2-d or batched 3-d); bfloat16/float16 factors are summed in float32.
 
-    CUDA: ``torch.mm(..., out_dtype=torch.float32)``, so cuBLAS also sums its split-K
-    partial products in float32 (for a bfloat16 result PyTorch lets it sum them in
-    bfloat16). Elsewhere the factors are upcast to float32, where their products are exact,
-    a slice of ``k`` at a time so that the copies stay small: torch's CPU bfloat16 product
-    rounds its result to bfloat16, and one of its kernels (torch 2.13.0, one thread, a
-    ``[3, 524288] @ [524288, 3]`` product) dies with SIGFPE.
+    Products of two bfloat16 (or two float16) numbers are exact in float32, so for such
+    factors the result is the exact product up to float32 summation order, and it is float32.
+    CUDA: ``torch.mm`` / ``torch.bmm`` with ``out_dtype=torch.float32``, on the GPU's
+    low-precision matrix units; cuBLAS then also sums its split-K partial products in
+    float32 (for a bfloat16 result PyTorch lets it sum them in bfloat16). Elsewhere, and
+    with torch before 2.8 (no ``out_dtype``), the factors are upcast to float32: whole for
+    a short reduction (``k <= m + n``: the receivers' and source outputs' products), a
+    slice of ``k`` at a time for a long one (the contraction over positions x d_model), so
+    that the copies stay a fraction of the buffer they come from. torch's own CPU bfloat16
+    product rounds its result to bfloat16, and one of its kernels (torch 2.13.0, one
+    thread, a ``[3, 524288] @ [524288, 3]`` product) dies with
+    SIGFPE. Other factors: ``a @ b`` in their promoted dtype, at least float32.
     """
-    if a.dtype not in CONTRACTION_DTYPES:
-        return a @ b
-    if a.device.type in _FLOAT32_OUTPUT_DEVICES:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    (m, k), n = a.shape, b.shape[1]
-    step = max(1, min(-(-k // _CPU_SLICES), _CPU_SLICE_ELEMENTS // (m + n)))
-    out = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+    if a.dtype != b.dtype or a.dtype not in _EXACT_IN_FLOAT32:
+        dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+        return a.to(dtype) @ b.to(dtype)
+    if a.device.type in _FLOAT32_OUTPUT_DEVICES and _matmul_has_out_dtype():
+        return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
+    (m, k), n = a.shape[-2:], b.shape[-1]
+    if k <= m + n:
+        return a.float() @ b.float()
+    per_k = (a.numel() + b.numel()) // k  # float32 elements copied per unit of k
+    step = max(1, min(-(-k // _CPU_SLICES), _CPU_SLICE_ELEMENTS // per_k))
+    out = torch.zeros(*a.shape[:-1], b.shape[-1], dtype=torch.float32, device=a.device)
     for start in range(0, k, step):
-        out += a[:, start:start + step].float() @ b[start:start + step].float()
+        out += a[..., start:start + step].float() @ b[..., start:start + step, :].float()
     return out
 
 
-# Devices whose bfloat16 matrix products can return float32 (``torch.mm(..., out_dtype=)``).
+# Dtypes whose products are exact in float32 (8- and 11-bit significands).
+_EXACT_IN_FLOAT32 = (torch.bfloat16, torch.float16)
+# Devices whose bfloat16/float16 matrix products can return float32 (``torch.mm(..., out_dtype=)``).
 _FLOAT32_OUTPUT_DEVICES = ("cuda",)
-# CPU bfloat16 products: at least this many slices of k, each with at most this many elements
-# in its two float32 copies (2**24 elements: 64 MiB).
+# CPU bfloat16/float16 products with a long reduction (k > m + n: the contraction over
+# positions x d_model): at least this many slices of k, each with at most this many
+# elements in its two float32 copies (2**24 elements: 64 MiB).
 _CPU_SLICES = 8
 _CPU_SLICE_ELEMENTS = 2**24
 
@@ -184,9 +199,6 @@ class EdgeHooks:
         """
         if dtype != self.dtype and dtype not in CONTRACTION_DTYPES:
             raise ValueError(f"contraction dtype must be {self.dtype} or one of {CONTRACTION_DTYPES}; got {dtype!r}.")
-        if dtype != self.dtype and self.device.type == "cuda" and not _matmul_has_out_dtype():
-            raise ValueError(f"a {dtype} contraction on CUDA needs torch.mm(..., out_dtype=torch.float32), which "
-                             f"torch {torch.__version__} lacks; upgrade torch (2.8 or later) or keep the default.")
         copied = copy.copy(self)
         copied.delta_dtype = dtype
         return copied
@@ -308,15 +320,15 @@ class EdgeHooks:
         @torch.profiler.record_function(PROFILER_LABELS[0])
         def hook(z: Tensor, hook: Any) -> None:
             # z: [batch, pos, n_heads, d_head]; head h writes z_h @ W_O[h] (no bias).
-            z = z[:, self.positions]
+            # In the model's dtype: _product sums bfloat16/float16 products in float32.
+            z = z[:, self.positions].detach()
             b, p, h, e = z.shape
-            z, w = z.detach().to(self.dtype), w_o.to(self.dtype)
             if self.graph.level == "head":
-                w_per_head = w.view(-1, h, e).permute(1, 2, 0)  # [h, e, d]
-                per_head = torch.bmm(z.reshape(b * p, h, e).transpose(0, 1), w_per_head)  # [h, b*p, d]
+                w_per_head = w_o.view(-1, h, e).permute(1, 2, 0)  # [h, e, d]
+                per_head = _product(z.reshape(b * p, h, e).transpose(0, 1), w_per_head)  # [h, b*p, d]
                 write(rows, per_head.view(h, b, p, -1).transpose(0, 1))
             else:
-                write(rows, torch.nn.functional.linear(z.reshape(b, 1, p, h * e), w))
+                write(rows, _product(z.reshape(b * p, h * e), w_o.T).view(b, 1, p, -1))
 
         return hook
 
@@ -384,13 +396,15 @@ class EdgeHooks:
 
         The input of q head h is read through the norm: ``q_h = norm(x) @ W_Q[h]^T``,
         ``norm(x) = weight * x_hat``, ``x_hat = (x - [mean x]) / s`` (mean for LayerNorm
-        only), ``s = sqrt(mean((x - [mean x])^2) + eps)``. Its input gradient is
+        only), ``s = sqrt(mean((x - [mean x])^2) + eps)``. With ``v = W_Q[h]^T dL/dq_h``
+        and ``a = weight / s``, its input gradient is
 
-            G_h = (u - [mean u] - x_hat * mean(u * x_hat)) / s,   u = (W_Q[h] * weight)^T dL/dq_h
+            G_h = v * a - x_hat * mean(v * a * x_hat) - [mean(v * a)]
 
-        and likewise for k and v. Folding ``weight``, the centring and ``1/s`` into the
-        small tensors first leaves one matrix product, one reduction and one in-place
-        update over the ``[receivers, batch * pos, d_model]`` result.
+        and likewise for k and v. ``v`` is one product of the model's own gradients and
+        weights (:func:`_product`: for bfloat16 models, exact products summed in float32 on
+        the GPU's bfloat16 units); the rest is one reduction and two in-place updates over
+        the ``[receivers, batch * pos, d_model]`` result (three for LayerNorm).
         """
         weights = self.layers[layer]
         norm = weights.norm
@@ -401,22 +415,24 @@ class EdgeHooks:
             x = x - x.mean(-1, keepdim=True)
         scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()  # [batch, pos, 1]
         x_hat = (x / scale).reshape(b * p, d)
+        a = (norm.weight.to(x.device, self.dtype) / scale).reshape(b * p, d)
         grads, mats = [], []
         for proj, w in (("q", weights.w_q), ("k", weights.w_k), ("v", weights.w_v)):
             g = stash.pop((layer, proj), None)
             if g is None:  # the objective does not depend on this projection
-                g = torch.zeros(b, p, w.shape[0], w.shape[1], dtype=self.dtype, device=x.device)
+                g = torch.zeros(b, p, w.shape[0], w.shape[1], dtype=w.dtype, device=x.device)
             else:
                 g = g[:, window]
-            grads.append((g.to(self.dtype) / scale.unsqueeze(-1)).reshape(b * p, w.shape[0], w.shape[1]))
-            # Folded per call on purpose: caching float32 copies of every layer's q/k/v
-            # weights would cost ~6 GB on a 7B bf16 model; one layer's copy is transient.
-            w = w.to(self.dtype) * norm.weight.to(w.device, self.dtype)
-            mats.append(w if norm.rms else w - w.mean(-1, keepdim=True))
-        if self.graph.level == "head":  # u: [heads, batch*pos, d_model]
-            u = torch.bmm(torch.cat(grads, 1).transpose(0, 1), torch.cat(mats, 0))
+            grads.append(g.reshape(b * p, w.shape[0], w.shape[1]))
+            mats.append(w)
+        if self.graph.level == "head":  # v: [heads, batch*pos, d_model]
+            v = _product(torch.cat(grads, 1).transpose(0, 1), torch.cat(mats, 0))
         else:
-            u = torch.stack([g.flatten(1) @ w.flatten(0, 1) for g, w in zip(grads, mats, strict=True)])
-        along_x_hat = torch.bmm(u.transpose(0, 1), x_hat.unsqueeze(-1)).transpose(0, 1)  # [heads, b*p, 1]
-        u.addcmul_(x_hat.unsqueeze(0), along_x_hat, value=-1.0 / d)
-        return u.view(-1, b, p, d).transpose(0, 1)
+            v = torch.stack([_product(g.flatten(1), w.flatten(0, 1)) for g, w in zip(grads, mats, strict=True)])
+        basis = torch.stack([x_hat * a] if norm.rms else [x_hat * a, a], -1)  # [b*p, d_model, 1 or 2]
+        means = torch.bmm(v.transpose(0, 1), basis).transpose(0, 1) / d  # [heads, b*p, 1 or 2]
+        v.mul_(a)
+        v.addcmul_(x_hat.unsqueeze(0), means[..., :1], value=-1.0)
+        if not norm.rms:
+            v.sub_(means[..., 1:])
+        return v.view(-1, b, p, d).transpose(0, 1)

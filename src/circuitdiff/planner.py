@@ -23,10 +23,11 @@ Every number is derived from what the code allocates, per part:
   ``[batch, n_sources, n_receivers]`` score buffer.
 - **receiver gradients**: one layer's transients in ``EdgeHooks._attention_receivers``:
   ``u [receivers, batch*window, d_model]`` float32 (q+k+v heads at head level, 3 at
-  layer level, where the stack doubles it), the scaled and concatenated projection
-  gradients and ``x``, ``x_hat`` in float32 (all over the window), the folded float32
-  q/k/v weights of one layer, and the model-dtype projection gradients of every position;
-  with a bfloat16 contraction, also ``u``'s bfloat16 copy.
+  layer level, where the stack doubles it), the concatenated projection gradients (over
+  the window) and q/k/v weights of one layer in the model's dtype, ``x``, ``x_hat`` and
+  the norm's scale terms in float32 (over the window), and the model-dtype projection
+  gradients of every position; with a bfloat16 contraction, also ``u``'s bfloat16 copy.
+  (On CPU, bfloat16 models also make float32 copies of the concatenations; not counted.)
 - **backward transients** of the plain model: the attention backward's pos^2 tensors of
   one layer (gradients of probabilities and scores) or the logits' gradient, whichever
   is larger; EAP's receiver gradients replace them when larger (they do not coincide).
@@ -305,13 +306,12 @@ def estimate_memory(
     proj = (s.n_heads + 2 * s.n_kv_heads) * s.d_head  # q, k, v projection outputs per token
     if graph.level == "head":
         u = (n_q + n_k + n_v) * window * d * acc
-        grads = 2 * window * proj * acc  # scaled gradients and their concatenation
-        weights_fp = 2 * proj * d * acc  # folded weights and their concatenation
+        qkv = window * proj * e + proj * d * e  # concatenated q/k/v gradients and weights, model dtype
     else:
         u = 2 * 3 * window * d * acc  # three products, then their stack
-        grads = window * proj * acc
-        weights_fp = proj * d * acc
-    receivers = u + grads + weights_fp + 2 * window * d * acc + tokens * proj * e  # + x, x_hat; stashed grads
+        qkv = window * proj * e  # the projection gradients over the window
+    norm_terms = 4 * window * d * acc  # x, x_hat, weight / s, x_hat * weight / s
+    receivers = u + qkv + norm_terms + tokens * proj * e  # + the stashed gradients of every position
     if c != acc:  # the contraction's copy of u
         receivers += (n_q + n_k + n_v if graph.level == "head" else 3) * window * d * c
     clean_logits = logits if method.startswith("eap-ig") else 0

@@ -1,0 +1,131 @@
+"""EdgeHooks' per-layer products on the model's own tensors, against float64 references.
+
+Per-head source outputs ``z_h @ W_O[h]`` and the attention receivers' input gradients are
+computed from the model's own bfloat16 (or float32) activations, gradients and weights,
+with exact products summed in float32 (``hooks._product``). Each is compared with the same
+quantity computed in float64 from the same inputs; the receiver gradients by autograd
+through the norm rather than by the closed form the hooks use.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import circuitdiff as cd
+from circuitdiff import hooks as hooks_module
+
+BF16 = torch.bfloat16
+
+
+def _edge_hooks(model, level):
+    graph = cd.AttributionGraph.from_model(model, level=level)
+    return cd.scorers.base.make_context(model, graph, "answer_nll", "zero").hooks
+
+
+def _norm(x, norm):
+    """The bridge's norm without its bias, in float64."""
+    if not norm.rms:
+        x = x - x.mean(-1, keepdim=True)
+    return norm.weight.double() * x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])  # RMSNorm, LayerNorm, RMSNorm with GQA
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("level", ["head", "layer"])
+def test_attention_receiver_gradients_match_autograd_through_the_norm(get_model, arch, dtype, level):
+    model = get_model(arch, dtype)
+    hooks = _edge_hooks(model, level)
+    layer, (b, p) = 1, (2, 5)
+    weights = hooks.layers[layer]
+    model_dtype = weights.w_q.dtype
+    x = (3 * torch.randn(b, p, hooks.d_model)).to(model_dtype)
+    upstream = {proj: torch.randn(b, p, *getattr(weights, f"w_{proj}").shape[:2]).to(model_dtype) for proj in "qkv"}
+    stash = {(layer, "x"): x} | {(layer, proj): g for proj, g in upstream.items()}
+
+    gradients = hooks._attention_receivers(layer, stash)  # [batch, receivers, pos, d_model]
+
+    assert gradients.dtype == torch.float32 and not stash
+    expected = []
+    for proj in "qkv":
+        w, g = getattr(weights, f"w_{proj}").double(), upstream[proj].double()  # [heads, d_head, d_model]
+        for head in range(w.shape[0]) if level == "head" else [slice(None)]:
+            x64 = x.double().requires_grad_(True)
+            out = torch.einsum("bpd,hed->bphe", _norm(x64, weights.norm), w)
+            (out[:, :, head] * g[:, :, head]).sum().backward()
+            expected.append(x64.grad)
+    expected = torch.stack(expected, 1)
+    assert gradients.shape == expected.shape
+    torch.testing.assert_close(gradients.double(), expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("level", ["head", "layer"])
+def test_attention_source_outputs_are_exact_sums_of_the_models_products(get_model, dtype, level):
+    model = get_model("llama", dtype)
+    hooks = _edge_hooks(model, level)
+    layer = 2
+    w_o = hooks.layers[layer].w_o  # [d_model, heads * d_head]
+    heads, d_head = hooks.graph.n_heads, w_o.shape[1] // hooks.graph.n_heads
+    z = torch.randn(2, 5, heads, d_head).to(w_o.dtype)
+    written = {}
+    hooks._attention_source_hook(layer, lambda rows, value: written.update(rows=rows, value=value))(z, None)
+
+    per_head = torch.einsum("bphe,dhe->bhpd", z.double(), w_o.double().view(-1, heads, d_head))
+    expected = per_head if level == "head" else per_head.sum(1, keepdim=True)
+    assert written["rows"] == hooks.graph.attention_sources(layer)
+    assert written["value"].dtype == torch.float32
+    torch.testing.assert_close(written["value"].double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("slice_elements", [2**24, 64])  # 64: the factors are upcast a slice of k at a time
+@pytest.mark.parametrize("shape_a, shape_b", [  # long reductions (sliced) and a short one (copied whole)
+    ((5, 1000), (3, 1000)), ((4, 6, 40), (4, 7, 40)), ((4, 30, 8), (4, 20, 8))])
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+def test_cpu_product_sums_exact_products_in_float32(monkeypatch, slice_elements, shape_a, shape_b, dtype):
+    monkeypatch.setattr(hooks_module, "_CPU_SLICE_ELEMENTS", slice_elements)
+    a, b = torch.randn(shape_a).to(dtype), torch.randn(shape_b).to(dtype).transpose(-1, -2)  # b transposed, as in the hooks
+    product = hooks_module._product(a, b)
+    assert product.dtype == torch.float32
+    torch.testing.assert_close(product.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_product_of_the_shape_that_crashed_torchs_bfloat16_kernel():
+    """torch 2.13.0's CPU bfloat16 matrix product died with SIGFPE on this shape with one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.ones(3, 524288, dtype=BF16), torch.ones(524288, 3, dtype=BF16)
+        assert torch.equal(hooks_module._product(a, b), torch.full((3, 3), 524288.0))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_product_of_mixed_dtypes_is_taken_in_the_promoted_dtype():
+    a, b = torch.randn(4, 30).to(BF16), torch.randn(30, 2, dtype=torch.float64)
+    product = hooks_module._product(a, b)
+    assert product.dtype == torch.float64
+    torch.testing.assert_close(product, a.double() @ b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape_a, shape_b", [
+    ((991, 2**21), (2**21, 96)),  # the contraction: delta rows @ receiver gradients^T
+    ((96, 2048, 128), (96, 128, 4096)),  # the attention receivers: q/k/v gradients @ weights
+])
+def test_cuda_product_asks_for_a_float32_result(monkeypatch, shape_a, shape_b):
+    """The CUDA branch's call, on meta tensors (torch registers the float32-output products for them)."""
+    monkeypatch.setattr(hooks_module, "_FLOAT32_OUTPUT_DEVICES", ("meta",))
+    a, b = torch.empty(shape_a, dtype=BF16, device="meta"), torch.empty(shape_b, dtype=BF16, device="meta")
+    product = hooks_module._product(a, b)
+    assert product.shape == (*shape_a[:-1], shape_b[-1]) and product.dtype == torch.float32
+
+
+def test_torch_without_float32_output_matmul_falls_back_to_float32_copies(monkeypatch):
+    """torch before 2.8 has no out_dtype: the products are summed in float32 from float32 copies instead."""
+    monkeypatch.setattr(hooks_module, "_FLOAT32_OUTPUT_DEVICES", ("cpu",))  # where out_dtype would raise
+    assert hooks_module._matmul_has_out_dtype()  # this torch has it
+    monkeypatch.setattr(hooks_module, "_matmul_has_out_dtype", lambda: False)
+    a, b = torch.randn(5, 1000).to(BF16), torch.randn(1000, 3).to(BF16)
+    product = hooks_module._product(a, b)
+    assert product.dtype == torch.float32
+    torch.testing.assert_close(product.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
