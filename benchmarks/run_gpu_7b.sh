@@ -29,8 +29,9 @@ PYTHON=${PYTHON:-python3}
 
 make_wheels() {
     # Wheels for CPython 3.12 on x86_64 Linux: transformer-lens 4.3.0 and those of its
-    # requirements that a torch + transformers machine may lack (the last group is only
-    # installed where missing). Not torch, transformers, numpy, datasets, wandb.
+    # requirements that a torch + transformers machine may lack (the last groups are only
+    # installed where missing), and pytest for the GPU tests (tests/test_hook_products.py).
+    # Not torch, transformers, numpy, datasets, wandb.
     local platform=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
                     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
     mkdir -p "$WHEELS"
@@ -38,7 +39,8 @@ make_wheels() {
         transformer-lens==4.3.0 beartype==0.23.1 typeguard==4.6.1 fancy-einsum==0.0.3 \
         typing-extensions==4.16.0 \
         pandas==3.1.1 python-dateutil==4.0.0 tzdata==2026.6 \
-        rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0
+        rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0 \
+        pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4
     # Published as a source distribution only; pure Python.
     "$PYTHON" -m pip wheel --no-deps -w "$WHEELS" transformers-stream-generator==0.0.5
     local src

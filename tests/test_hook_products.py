@@ -16,11 +16,24 @@ import circuitdiff as cd
 from circuitdiff import hooks as hooks_module
 
 BF16 = torch.bfloat16
+# CUDA runs the float32-output products (torch.mm / torch.bmm with out_dtype) of bfloat16
+# models that CPU only checks on meta tensors; run this file on a GPU machine to check them.
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device: checks the GPU's float32-output products")
+DTYPES_AND_DEVICES = [("float32", "cpu"), ("bfloat16", "cpu"), pytest.param("bfloat16", "cuda", marks=NEEDS_CUDA)]
 
 
-def _edge_hooks(model, level):
-    graph = cd.AttributionGraph.from_model(model, level=level)
-    return cd.scorers.base.make_context(model, graph, "answer_nll", "zero").hooks
+@pytest.fixture
+def edge_hooks(get_model, checkpoints):
+    """``edge_hooks(arch, dtype, level, device)``: EdgeHooks of a tiny model on ``device``."""
+    def make(arch, dtype, level, device):
+        if device == "cpu":
+            model = get_model(arch, dtype)
+        else:
+            model = cd.load_model(checkpoints[arch], dtype=getattr(torch, dtype), device=device)
+        graph = cd.AttributionGraph.from_model(model, level=level)
+        return cd.scorers.base.make_context(model, graph, "answer_nll", "zero").hooks
+    return make
 
 
 def _norm(x, norm):
@@ -31,24 +44,23 @@ def _norm(x, norm):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])  # RMSNorm, LayerNorm, RMSNorm with GQA
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype, device", DTYPES_AND_DEVICES)
 @pytest.mark.parametrize("level", ["head", "layer"])
-def test_attention_receiver_gradients_match_autograd_through_the_norm(get_model, arch, dtype, level):
-    model = get_model(arch, dtype)
-    hooks = _edge_hooks(model, level)
+def test_attention_receiver_gradients_match_autograd_through_the_norm(edge_hooks, arch, dtype, level, device):
+    hooks = edge_hooks(arch, dtype, level, device)
     layer, (b, p) = 1, (2, 5)
     weights = hooks.layers[layer]
     model_dtype = weights.w_q.dtype
     x = (3 * torch.randn(b, p, hooks.d_model)).to(model_dtype)
     upstream = {proj: torch.randn(b, p, *getattr(weights, f"w_{proj}").shape[:2]).to(model_dtype) for proj in "qkv"}
-    stash = {(layer, "x"): x} | {(layer, proj): g for proj, g in upstream.items()}
+    stash = {(layer, "x"): x.to(device)} | {(layer, proj): g.to(device) for proj, g in upstream.items()}
 
     gradients = hooks._attention_receivers(layer, stash)  # [batch, receivers, pos, d_model]
 
-    assert gradients.dtype == torch.float32 and not stash
+    assert gradients.dtype == torch.float32 and gradients.device.type == device and not stash
     expected = []
     for proj in "qkv":
-        w, g = getattr(weights, f"w_{proj}").double(), upstream[proj].double()  # [heads, d_head, d_model]
+        w, g = getattr(weights, f"w_{proj}").double().cpu(), upstream[proj].double()  # [heads, d_head, d_model]
         for head in range(w.shape[0]) if level == "head" else [slice(None)]:
             x64 = x.double().requires_grad_(True)
             out = torch.einsum("bpd,hed->bphe", _norm(x64, weights.norm), w)
@@ -56,26 +68,27 @@ def test_attention_receiver_gradients_match_autograd_through_the_norm(get_model,
             expected.append(x64.grad)
     expected = torch.stack(expected, 1)
     assert gradients.shape == expected.shape
-    torch.testing.assert_close(gradients.double(), expected, rtol=2e-5, atol=2e-5 * expected.abs().max().item())
+    torch.testing.assert_close(gradients.double().cpu(), expected, rtol=2e-5,
+                               atol=2e-5 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype, device", DTYPES_AND_DEVICES)
 @pytest.mark.parametrize("level", ["head", "layer"])
-def test_attention_source_outputs_are_exact_sums_of_the_models_products(get_model, dtype, level):
-    model = get_model("llama", dtype)
-    hooks = _edge_hooks(model, level)
+def test_attention_source_outputs_are_exact_sums_of_the_models_products(edge_hooks, dtype, level, device):
+    hooks = edge_hooks("llama", dtype, level, device)
     layer = 2
     w_o = hooks.layers[layer].w_o  # [d_model, heads * d_head]
     heads, d_head = hooks.graph.n_heads, w_o.shape[1] // hooks.graph.n_heads
     z = torch.randn(2, 5, heads, d_head).to(w_o.dtype)
     written = {}
-    hooks._attention_source_hook(layer, lambda rows, value: written.update(rows=rows, value=value))(z, None)
+    hooks._attention_source_hook(layer, lambda rows, value: written.update(rows=rows, value=value))(z.to(device), None)
 
-    per_head = torch.einsum("bphe,dhe->bhpd", z.double(), w_o.double().view(-1, heads, d_head))
+    per_head = torch.einsum("bphe,dhe->bhpd", z.double(), w_o.double().cpu().view(-1, heads, d_head))
     expected = per_head if level == "head" else per_head.sum(1, keepdim=True)
     assert written["rows"] == hooks.graph.attention_sources(layer)
-    assert written["value"].dtype == torch.float32
-    torch.testing.assert_close(written["value"].double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert written["value"].dtype == torch.float32 and written["value"].device.type == device
+    torch.testing.assert_close(written["value"].double().cpu(), expected, rtol=1e-5,
+                               atol=1e-5 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("slice_elements", [2**24, 64])  # 64: the factors are upcast a slice of k at a time
@@ -88,6 +101,18 @@ def test_cpu_product_sums_exact_products_in_float32(monkeypatch, slice_elements,
     product = hooks_module._product(a, b)
     assert product.dtype == torch.float32
     torch.testing.assert_close(product.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("shape_a, shape_b", [((7, 2**20), (5, 2**20)), ((4, 300, 64), (4, 200, 64))])
+def test_cuda_product_sums_exact_products_in_float32(shape_a, shape_b):
+    """Summed in bfloat16, a 2**20-long sum of products would be off by about 1e-2 relative."""
+    a = torch.randn(shape_a).to(BF16)
+    b = torch.randn(shape_b).to(BF16).transpose(-1, -2)
+    product = hooks_module._product(a.cuda(), b.cuda())
+    assert product.dtype == torch.float32
+    expected = a.double() @ b.double()
+    torch.testing.assert_close(product.double().cpu(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_cpu_product_of_the_shape_that_crashed_torchs_bfloat16_kernel():
