@@ -102,10 +102,11 @@ def _product(a: Tensor, b: Tensor) -> Tensor:
     with torch before 2.8 (no ``out_dtype``), the factors are upcast to float32: whole for
     a short reduction (``k <= m + n``: the receivers' and source outputs' products), a
     slice of ``k`` at a time for a long one (the contraction over positions x d_model), so
-    that the copies stay a fraction of the buffer they come from. torch's own CPU bfloat16
-    product rounds its result to bfloat16, and one of its kernels (torch 2.13.0, one
-    thread, a ``[3, 524288] @ [524288, 3]`` product) dies with
-    SIGFPE. Other factors: ``a @ b`` in their promoted dtype, at least float32.
+    that the copies stay a fraction of the buffer they come from. (torch's own CPU bfloat16
+    product rounds its result to bfloat16, and one of its kernels, torch 2.13.0 with one
+    thread on a ``[3, 524288] @ [524288, 3]`` product, dies with SIGFPE.)
+
+    Other factors: ``a @ b`` in their promoted dtype, at least float32.
     """
     if a.dtype != b.dtype or a.dtype not in _EXACT_IN_FLOAT32:
         dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
