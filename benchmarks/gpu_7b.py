@@ -377,7 +377,7 @@ def show_profile(profile: dict[str, Any] | str, contraction_flop: int | None = N
         return profile
     labels = ", ".join(f"{name.removeprefix('circuitdiff.')} {seconds(t)}" for name, t in profile["labels"].items())
     contract = profile["labels"].get("circuitdiff.contract")
-    rate = (f" ({contraction_flop / contract / 1e12:.1f} TFLOP/s over {contraction_flop:.2e} FLOP)"
+    rate = (f" ({contraction_flop / contract / 1e12:.3g} TFLOP/s over {contraction_flop:.2e} FLOP)"
             if contraction_flop and contract else "")
     return f"{seconds(profile['seconds'])} profiled; {labels}{rate}"
 
