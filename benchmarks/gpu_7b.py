@@ -343,7 +343,9 @@ def profile_pass(run: Callable[[], Any], cuda: bool) -> dict[str, Any]:
     ``seconds``: the total (every kernel once on CUDA; every operator's own CPU time
     otherwise); ``labels``: the time under each of circuitdiff's ``torch.profiler`` labels
     (``hooks.PROFILER_LABELS``, kernels launched inside included); ``top``: the operators,
-    with their input shapes, whose own kernels (CUDA) or own CPU time took longest.
+    with their input shapes, whose own kernels (CUDA) or own CPU time took longest;
+    ``top_kernels`` (CUDA only, else empty): the kernels that took longest, by name (a
+    cuBLAS kernel's name says e.g. whether it splits the reduction).
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -359,16 +361,23 @@ def profile_pass(run: Callable[[], Any], cuda: bool) -> dict[str, Any]:
     own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     host = [e for e in prof.events() if e.device_type == DeviceType.CPU]
     labels = {label: sum(total(e) for e in host if e.name == label) / 1e6 for label in PROFILER_LABELS}
+    kernels: dict[str, list[float]] = {}  # name: [seconds, launches]
     if cuda:  # the kernels themselves, each once (as torch's own profiler table sums them)
-        overall = sum(e.self_device_time_total for e in prof.events()
-                      if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation:
+                kernels.setdefault(e.name, [0.0, 0])
+                kernels[e.name][0] += e.self_device_time_total / 1e6
+                kernels[e.name][1] += 1
+        overall = sum(seconds for seconds, _ in kernels.values())
     else:
-        overall = sum(e.self_cpu_time_total for e in host)
+        overall = sum(e.self_cpu_time_total for e in host) / 1e6
     ops = sorted((e for e in prof.key_averages(group_by_input_shape=True)
                   if e.device_type == DeviceType.CPU and e.key not in PROFILER_LABELS), key=own, reverse=True)
-    return {"seconds": overall / 1e6, "labels": labels,
+    return {"seconds": overall, "labels": labels,
             "top": [{"op": e.key, "input_shapes": str(e.input_shapes), "calls": e.count, "seconds": own(e) / 1e6}
-                    for e in ops[:12]]}
+                    for e in ops[:12]],
+            "top_kernels": [{"kernel": name, "launches": launches, "seconds": t} for name, (t, launches)
+                            in sorted(kernels.items(), key=lambda item: item[1][0], reverse=True)[:12]]}
 
 
 def show_profile(profile: dict[str, Any] | str, contraction_flop: int | None = None) -> str:

@@ -103,6 +103,7 @@ def test_both_contraction_dtypes_side_by_side_and_profile(tmp_path):
         assert all(t > 0 for t in eap["labels"].values()) and not any(plain["labels"].values())
         assert 0 < sum(eap["labels"].values()) < eap["seconds"]
         assert eap["top"] and all(op["seconds"] >= 0 and op["calls"] > 0 for op in eap["top"])
+        assert eap["top_kernels"] == []  # CUDA kernels only
         # tiny-llama: 2 layers, 4 heads and 4 kv heads, d_model 64, 16 tokens. Receivers x the sources
         # before them: attention 0 (12 q/k/v heads, or 3) and MLP 0, attention 1, MLP 1, logits.
         real_edges = {"head": 12 * 1 + 1 * 5 + 12 * 6 + 1 * 10 + 1 * 11,
