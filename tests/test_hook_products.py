@@ -36,6 +36,13 @@ def edge_hooks(get_model, checkpoints):
     return make
 
 
+def _assert_float32_sum_of_exact_products(product, a, b, atol=1e-5):
+    """``product`` is float32 and equals the float64 product ``a @ b`` to 1e-5 relative (and ``atol``)."""
+    assert product.dtype == torch.float32
+    expected = a.double().cpu() @ b.double().cpu()
+    torch.testing.assert_close(product.double().cpu(), expected, rtol=1e-5, atol=atol)
+
+
 def _norm(x, norm):
     """The bridge's norm without its bias, in float64."""
     if not norm.rms:
@@ -98,21 +105,17 @@ def test_attention_source_outputs_are_exact_sums_of_the_models_products(edge_hoo
 def test_cpu_product_sums_exact_products_in_float32(monkeypatch, slice_elements, shape_a, shape_b, dtype):
     monkeypatch.setattr(hooks_module, "_CPU_SLICE_ELEMENTS", slice_elements)
     a, b = torch.randn(shape_a).to(dtype), torch.randn(shape_b).to(dtype).transpose(-1, -2)  # b transposed, as in the hooks
-    product = hooks_module._product(a, b)
-    assert product.dtype == torch.float32
-    torch.testing.assert_close(product.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
+    _assert_float32_sum_of_exact_products(hooks_module._product(a, b), a, b)
 
 
 @NEEDS_CUDA
 @pytest.mark.parametrize("shape_a, shape_b", [((7, 2**20), (5, 2**20)), ((4, 300, 64), (4, 200, 64))])
 def test_cuda_product_sums_exact_products_in_float32(shape_a, shape_b):
     """Summed in bfloat16, a 2**20-long sum of products would be off by about 1e-2 relative."""
-    a = torch.randn(shape_a).to(BF16)
-    b = torch.randn(shape_b).to(BF16).transpose(-1, -2)
-    product = hooks_module._product(a.cuda(), b.cuda())
-    assert product.dtype == torch.float32
-    expected = a.double() @ b.double()
-    torch.testing.assert_close(product.double().cpu(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    a = torch.randn(shape_a).to(BF16).cuda()
+    b = torch.randn(shape_b).to(BF16).cuda().transpose(-1, -2)
+    scale = (a.double() @ b.double()).abs().max().item()  # float32 sums of 2**20 terms: relative to the largest
+    _assert_float32_sum_of_exact_products(hooks_module._product(a, b), a, b, atol=1e-5 * scale)
 
 
 def test_cpu_product_of_the_shape_that_crashed_torchs_bfloat16_kernel():
@@ -151,6 +154,4 @@ def test_torch_without_float32_output_matmul_falls_back_to_float32_copies(monkey
     assert hooks_module._matmul_has_out_dtype()  # this torch has it
     monkeypatch.setattr(hooks_module, "_matmul_has_out_dtype", lambda: False)
     a, b = torch.randn(5, 1000).to(BF16), torch.randn(1000, 3).to(BF16)
-    product = hooks_module._product(a, b)
-    assert product.dtype == torch.float32
-    torch.testing.assert_close(product.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-5)
+    _assert_float32_sum_of_exact_products(hooks_module._product(a, b), a, b)

@@ -417,15 +417,15 @@ class EdgeHooks:
         scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()  # [batch, pos, 1]
         x_hat = (x / scale).reshape(b * p, d)
         a = (norm.weight.to(x.device, self.dtype) / scale).reshape(b * p, d)
-        grads, mats = [], []
-        for proj, w in (("q", weights.w_q), ("k", weights.w_k), ("v", weights.w_v)):
+        mats = (weights.w_q, weights.w_k, weights.w_v)
+        grads = []
+        for proj, w in zip("qkv", mats, strict=True):
             g = stash.pop((layer, proj), None)
             if g is None:  # the objective does not depend on this projection
                 g = torch.zeros(b, p, w.shape[0], w.shape[1], dtype=w.dtype, device=x.device)
             else:
                 g = g[:, window]
             grads.append(g.reshape(b * p, w.shape[0], w.shape[1]))
-            mats.append(w)
         if self.graph.level == "head":  # v: [heads, batch*pos, d_model]
             v = _product(torch.cat(grads, 1).transpose(0, 1), torch.cat(mats, 0))
         else:
