@@ -236,7 +236,7 @@ def test_outputs(graph, tmp_path):
             "p_value"} <= set(records[0])
     table = result.to_markdown(groups=["all", "receiver:q"])
     assert "| intensity |" in table and "**receiver:q**" in table and "+50.0%" in table
-    with pytest.raises(KeyError, match="groups"):
+    with pytest.raises(cd.UnknownNameError, match="groups"):
         result.get("intensity", "nope")
 
 

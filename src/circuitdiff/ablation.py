@@ -35,7 +35,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from circuitdiff.data import Batch
-from circuitdiff.errors import UnsupportedModelError
+from circuitdiff.errors import ArgumentError, UnsupportedModelError
 from circuitdiff.graph import ReceiverGroup
 from circuitdiff.hooks import LOGITS_INPUT_HOOK, HookList
 from circuitdiff.models import NormParams
@@ -100,7 +100,7 @@ class EdgeAblation:
         context, hooks = self.context, self.context.hooks
         graph = context.graph
         if tuple(ablate.shape) != (rows.shape[0], graph.n_sources, graph.n_receivers):
-            raise ValueError(
+            raise ArgumentError(
                 f"ablate has shape {tuple(ablate.shape)}; expected "
                 f"{(rows.shape[0], graph.n_sources, graph.n_receivers)} (copies, sources, receivers)."
             )
@@ -109,7 +109,7 @@ class EdgeAblation:
         ablate = ablate.to(rows.device) & graph.edge_mask.to(rows.device)
         if self.one_edge_per_copy:
             if bool((ablate.flatten(1).sum(1) > 1).any()):
-                raise ValueError("this EdgeAblation was built with one_edge_per_copy=True, but a copy ablates "
+                raise ArgumentError("this EdgeAblation was built with one_edge_per_copy=True, but a copy ablates "
                                  "several edges; build it with one_edge_per_copy=False.")
             fixed = self._buffer
             recording: HookList = []

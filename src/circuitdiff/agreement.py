@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from circuitdiff.errors import DataError
+from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError
 from circuitdiff.scores import EdgeScores
 
 __all__ = ["DEFAULT_K", "Agreement", "agreement"]
@@ -85,7 +85,7 @@ def _fmt(x: float) -> str:
 
 def _edge_values(scores: EdgeScores, name: str) -> np.ndarray:
     if not isinstance(scores, EdgeScores):
-        raise TypeError(f"agreement: {name} must be an EdgeScores, got {type(scores).__name__}.")
+        raise ArgumentTypeError(f"agreement: {name} must be an EdgeScores, got {type(scores).__name__}.")
     values = scores.edge_values().detach().to("cpu").double().numpy()
     if np.isnan(values).any():
         raise DataError(
@@ -145,9 +145,9 @@ def agreement(scores: EdgeScores, reference: EdgeScores, *, k: int | None = None
     if k is None:
         k = min(DEFAULT_K, n_edges)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"agreement: k must be an int, got {type(k).__name__}.")
+        raise ArgumentTypeError(f"agreement: k must be an int, got {type(k).__name__}.")
     if not 1 <= k <= n_edges:
-        raise ValueError(f"agreement: k={k} is out of range; use 1 <= k <= {n_edges} (the number of edges).")
+        raise ArgumentError(f"agreement: k={k} is out of range; use 1 <= k <= {n_edges} (the number of edges).")
     k = int(k)
 
     top_a, top_b = _top_k(a, k), _top_k(b, k)

@@ -15,7 +15,7 @@ from circuitdiff import interventions as interventions_module
 from circuitdiff import objectives as objectives_module
 from circuitdiff import scorers
 from circuitdiff.data import Batch
-from circuitdiff.errors import DataError
+from circuitdiff.errors import ArgumentTypeError, DataError
 from circuitdiff.checkpoint import Checkpoints, run_manifest
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.models import attribution_mode, describe_model
@@ -84,7 +84,7 @@ def attribute(
     """
     scorer = scorers.get(method) if isinstance(method, str) else method
     if not callable(getattr(scorer, "score_batch", None)):
-        raise TypeError(f"method must be a scorer name or an object with score_batch(); got {method!r}.")
+        raise ArgumentTypeError(f"method must be a scorer name or an object with score_batch(); got {method!r}.")
     store = None
     if checkpoint_dir is not None:
         batches = list(batches)

@@ -46,7 +46,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from circuitdiff.errors import DataError, UnknownNameError
+from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.scores import EdgeScores
 
@@ -117,25 +117,25 @@ class Circuit:
 
     def __post_init__(self) -> None:
         if not isinstance(self.graph, AttributionGraph):
-            raise TypeError(f"graph must be an AttributionGraph, got {type(self.graph).__name__}.")
+            raise ArgumentTypeError(f"graph must be an AttributionGraph, got {type(self.graph).__name__}.")
         if not isinstance(self.edges, Tensor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"edges must be a bool torch.Tensor, got {type(self.edges).__name__}; "
                 "use Circuit.from_edge_names(graph, names) to build one from names."
             )
         shape = (self.graph.n_sources, self.graph.n_receivers)
         if tuple(self.edges.shape) != shape:
-            raise ValueError(
+            raise ArgumentError(
                 f"edges has shape {tuple(self.edges.shape)} but this graph needs {shape} "
                 f"([n_sources, n_receivers]); was the circuit built for another graph ({self.graph!r})?"
             )
         if self.edges.dtype != torch.bool:
-            raise ValueError(f"edges must have dtype torch.bool, got {self.edges.dtype}; pass e.g. `mask > 0`.")
+            raise ArgumentError(f"edges must have dtype torch.bool, got {self.edges.dtype}; pass e.g. `mask > 0`.")
         edges = self.edges.detach().to("cpu").clone()
         outside = edges & ~self.graph.edge_mask
         if outside.any():
             r, c = (int(i) for i in torch.nonzero(outside)[0])
-            raise ValueError(
+            raise ArgumentError(
                 f"edges marks {int(outside.sum())} cell(s) that are not edges of the graph, e.g. "
                 f"{self.graph.sources[r]}->{self.graph.receivers[c]}; AND it with graph.edge_mask."
             )
@@ -300,7 +300,7 @@ def _keys(scores: EdgeScores, absolute: bool, caller: str) -> Tensor:
             if isinstance(scores, Tensor)
             else ""
         )
-        raise TypeError(f"{caller} needs an EdgeScores, got {type(scores).__name__}.{hint}")
+        raise ArgumentTypeError(f"{caller} needs an EdgeScores, got {type(scores).__name__}.{hint}")
     mask = scores.graph.edge_mask
     mean = scores.mean.detach().to("cpu", torch.float64)
     if torch.isnan(mean[mask]).any():
@@ -315,9 +315,9 @@ def _keys(scores: EdgeScores, absolute: bool, caller: str) -> Tensor:
 
 def _check_count(n: object, n_edges: int, caller: str) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"{caller}: n must be an int, got {type(n).__name__}.")
+        raise ArgumentTypeError(f"{caller}: n must be an int, got {type(n).__name__}.")
     if not 0 <= int(n) <= n_edges:
-        raise ValueError(
+        raise ArgumentError(
             f"{caller}: n={int(n)} is out of range; this graph has {n_edges} edges, use 0 <= n <= {n_edges}."
         )
     return int(n)
@@ -363,7 +363,7 @@ def threshold(scores: EdgeScores, tau: float, *, absolute: bool = True, prune: b
     """
     keys = _keys(scores, absolute, "threshold")
     if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating, np.integer)) or math.isnan(tau):
-        raise ValueError(f"threshold: tau must be a real number, got {tau!r}.")
+        raise ArgumentError(f"threshold: tau must be a real number, got {tau!r}.")
     return _finish(scores.graph, keys >= float(tau), prune)
 
 
@@ -437,9 +437,9 @@ def sizes_for_curve(n_edges: int, points: int = 10) -> list[int]:
     Returns at most ``points`` sizes (fewer when ``n_edges`` is small).
     """
     if isinstance(n_edges, bool) or not isinstance(n_edges, (int, np.integer)) or n_edges < 1:
-        raise ValueError(f"n_edges must be a positive int, got {n_edges!r}.")
+        raise ArgumentError(f"n_edges must be a positive int, got {n_edges!r}.")
     if isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 1:
-        raise ValueError(f"points must be a positive int, got {points!r}.")
+        raise ArgumentError(f"points must be a positive int, got {points!r}.")
     if points == 1:
         return [int(n_edges)]
     raw = np.geomspace(1, int(n_edges), int(points))

@@ -24,7 +24,7 @@ from scipy import stats
 from torch import Tensor
 
 from circuitdiff import metrics
-from circuitdiff.errors import DataError
+from circuitdiff.errors import ArgumentTypeError, DataError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.scores import EdgeScores
 
@@ -97,7 +97,7 @@ class Comparison:
         for row in self.rows:
             if row.metric == metric and row.group == group:
                 return row
-        raise KeyError(f"no row for metric {metric!r} on group {group!r}; metrics: "
+        raise UnknownNameError(f"no row for metric {metric!r} on group {group!r}; metrics: "
                        f"{', '.join(metrics.PER_SAMPLE_METRICS)}; groups: {', '.join(self.groups)}.")
 
     @property
@@ -203,7 +203,7 @@ def compare(
     """
     for name, scores in (("base", base), ("tuned", tuned)):
         if not isinstance(scores, EdgeScores):
-            raise TypeError(f"{name} must be EdgeScores, got {type(scores).__name__}.")
+            raise ArgumentTypeError(f"{name} must be EdgeScores, got {type(scores).__name__}.")
         metrics.require_per_sample(scores, f"compare ({name})")
     metrics.check_bins(bins)
     base, tuned = _common_graph(base, tuned, coarsen)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from circuitdiff import interventions as interventions_module
 from circuitdiff.data import Batch
-from circuitdiff.errors import DataError
+from circuitdiff.errors import ArgumentError, DataError, DistributedError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.scores import EdgeScores
 
@@ -62,10 +62,10 @@ def init_process_group(device: str | torch.device | None = None) -> bool:
     if "WORLD_SIZE" not in os.environ:
         return False
     if not dist.is_available():
-        raise RuntimeError("torch.distributed is not available in this torch build; run without torchrun.")
+        raise DistributedError("torch.distributed is not available in this torch build; run without torchrun.")
     missing = [name for name in _ENV if name not in os.environ]
     if missing:
-        raise RuntimeError(f"WORLD_SIZE is set but {', '.join(missing)} are not; launch with torchrun "
+        raise DistributedError(f"WORLD_SIZE is set but {', '.join(missing)} are not; launch with torchrun "
                            "(python -m torch.distributed.run), which sets all of them.")
     device = torch.device(device) if device is not None else local_device()
     if device.type == "cuda":
@@ -84,7 +84,7 @@ def _check_environment() -> None:
     for name, actual in (("WORLD_SIZE", dist.get_world_size()), ("RANK", dist.get_rank())):
         expected = os.environ.get(name)
         if expected is not None and int(expected) != actual:
-            raise RuntimeError(
+            raise DistributedError(
                 f"the initialised process group has {name.lower()} {actual} but the environment says "
                 f"{name}={expected}; initialise the group from torchrun's variables "
                 "(dist.init_process_group() with no world_size/rank) or let circuitdiff do it."
@@ -154,7 +154,7 @@ def attribute(
     if not batches:
         raise DataError("no batches given; attribution needs at least one sample.")
     if dst is not None and not 0 <= dst < world_size:
-        raise ValueError(f"dst={dst} is not a rank of this group of {world_size} processes.")
+        raise ArgumentError(f"dst={dst} is not a rank of this group of {world_size} processes.")
     _warn_on_shared_gpu(model)
 
     kwargs = dict(attribute_kwargs)
@@ -229,7 +229,7 @@ def _agree(outcome: dict[str, Any], error: BaseException | None, rank: int, worl
     if error is not None:
         raise error
     listing = "; ".join(f"rank {r}: {o['error']}" for r, o in failures)
-    raise RuntimeError(f"distributed attribution failed while {stage} on another process ({listing}).")
+    raise DistributedError(f"distributed attribution failed while {stage} on another process ({listing}).")
 
 
 def _fingerprint(intervention: Any) -> tuple[tuple[int, ...], float, float] | None:
@@ -281,7 +281,7 @@ def _combine(parts: list[dict[str, Any] | None], batches: list[Batch], world_siz
         for i, p, v in zip(indices, per_sample, values, strict=True):
             chunks[i] = (p, v)
     if any(c is None for c in chunks):
-        raise RuntimeError("a batch's scores are missing after the gather; did every rank get the same batches?")
+        raise DistributedError("a batch's scores are missing after the gather; did every rank get the same batches?")
     objective_values = torch.cat([c[1] for c in chunks])  # type: ignore[index]
     n = int(objective_values.shape[0])
     if all(c[0] is not None for c in chunks):  # type: ignore[index]

@@ -1,16 +1,49 @@
 """Exceptions raised by circuitdiff.
 
 Every error names the cause and the fix. All of them derive from
-:class:`CircuitDiffError`, so ``except cd.CircuitDiffError`` catches any user-facing
-failure of the library; the subclasses also derive from the matching builtin
-(``ValueError``, ``TypeError``) so generic handlers keep working.
+:class:`CircuitDiffError`, so ``except cd.CircuitDiffError`` catches any failure the
+library raises on purpose; the subclasses also derive from the matching builtin
+(``ValueError``, ``TypeError``, ``RuntimeError``) so generic handlers keep working.
+
+Bad arguments raise :class:`ArgumentError` (a ``ValueError``), or
+:class:`ArgumentTypeError` (also a ``TypeError``) when the argument has the wrong type.
 """
 
 from __future__ import annotations
 
+__all__ = [
+    "CircuitDiffError",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "UnknownNameError",
+    "UnsupportedModelError",
+    "DataError",
+    "NonFiniteError",
+    "ObjectiveError",
+    "IdentityMismatchError",
+    "RunLockedError",
+    "FileFormatError",
+    "DuplicateNameError",
+    "PluginLoadError",
+    "MemoryPlanError",
+    "DistributedError",
+]
+
 
 class CircuitDiffError(Exception):
     """Base class of every error circuitdiff raises on purpose."""
+
+
+class ArgumentError(CircuitDiffError, ValueError):
+    """An argument has a value the function cannot use (out of range, inconsistent with another)."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument has the wrong type (also a ``TypeError``)."""
+
+
+class UnknownNameError(ArgumentError):
+    """A scorer, intervention, objective, graph level or other name is not known."""
 
 
 class UnsupportedModelError(CircuitDiffError, TypeError):
@@ -18,19 +51,27 @@ class UnsupportedModelError(CircuitDiffError, TypeError):
 
 
 class DataError(CircuitDiffError, ValueError):
-    """Batches, spans or prompts are malformed (empty data, length mismatch, bad span)."""
+    """Batches, spans, prompts or scores are malformed (empty data, length mismatch, bad span)."""
+
+
+class NonFiniteError(DataError):
+    """A score, loss or metric input is NaN or infinite; the message names where."""
 
 
 class ObjectiveError(CircuitDiffError, ValueError):
     """The objective returned something unusable (wrong shape, NaN or inf)."""
 
 
-class UnknownNameError(CircuitDiffError, ValueError):
-    """A method, intervention or objective name is not known."""
+class IdentityMismatchError(DataError):
+    """Stored results (shards, generations, a lock) were produced by another run; the message names what changed."""
+
+
+class RunLockedError(CircuitDiffError, RuntimeError):
+    """Another process is writing into the same run directory."""
 
 
 class FileFormatError(CircuitDiffError, ValueError):
-    """A scores file is corrupt, tampered with, or of an unsupported format version."""
+    """A scores or cache file is corrupt, tampered with, or of an unsupported format version."""
 
 
 class DuplicateNameError(CircuitDiffError, ValueError):
@@ -43,3 +84,7 @@ class PluginLoadError(CircuitDiffError, ImportError):
 
 class MemoryPlanError(DataError):
     """Even batch size 1 does not fit in the memory given; the message says what would."""
+
+
+class DistributedError(CircuitDiffError, RuntimeError):
+    """A torchrun process group is misconfigured, or another process failed."""

@@ -30,7 +30,7 @@ from circuitdiff.ablation import EdgeAblation
 from circuitdiff.attribution import checked_batches
 from circuitdiff.circuits import Circuit, greedy, sizes_for_curve, top_n
 from circuitdiff.data import Batch
-from circuitdiff.errors import DataError, UnknownNameError
+from circuitdiff.errors import ArgumentTypeError, DataError, UnknownNameError
 from circuitdiff.interventions import Intervention
 from circuitdiff.models import attribution_mode
 from circuitdiff.scorers.base import make_context
@@ -156,7 +156,7 @@ def evaluate_circuit(
         model does, 0 = no better than ablating everything).
     """
     if not isinstance(circuit, Circuit):
-        raise TypeError(f"circuit must be a circuitdiff Circuit, got {type(circuit).__name__}.")
+        raise ArgumentTypeError(f"circuit must be a circuitdiff Circuit, got {type(circuit).__name__}.")
     clean, ablated, losses = _evaluate(model, [circuit], batches, objective, intervention, reference_batches,
                                        progress)
     return CircuitEvaluation(circuit.n_edges, clean, ablated, losses[0])
@@ -194,7 +194,7 @@ def faithfulness_curve(
         :class:`FaithfulnessCurve`; ``.to_markdown()`` prints it.
     """
     if not isinstance(scores, EdgeScores):
-        raise TypeError(f"scores must be EdgeScores, got {type(scores).__name__}.")
+        raise ArgumentTypeError(f"scores must be EdgeScores, got {type(scores).__name__}.")
     n_real = int(scores.graph.edge_mask.sum())
     sizes = sizes_for_curve(n_real) if sizes is None else list(sizes)
     if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= n_real for n in sizes):

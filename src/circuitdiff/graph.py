@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from circuitdiff.errors import UnknownNameError
+from circuitdiff.errors import ArgumentError, UnknownNameError
 
 __all__ = ["AttributionGraph", "ReceiverGroup", "LEVELS"]
 
@@ -78,7 +78,7 @@ class AttributionGraph:
             raise UnknownNameError(f"unknown graph level {level!r}; use one of {LEVELS}.")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_layers < 1 or n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads:
-            raise ValueError(
+            raise ArgumentError(
                 f"invalid shape: n_layers={n_layers}, n_heads={n_heads}, "
                 f"n_kv_heads={n_kv_heads} (n_heads must be a multiple of n_kv_heads)."
             )

@@ -47,6 +47,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuitdiff.data import Batch
+from circuitdiff.errors import ArgumentError, UnsupportedModelError
 from circuitdiff.graph import AttributionGraph, ReceiverGroup
 from circuitdiff.models import NormParams, linear_weight, norm_params
 
@@ -187,7 +188,7 @@ class EdgeHooks:
         """
         if positions.step not in (None, 1) or positions.start is None or positions.start < 0 or (
                 positions.stop is not None and positions.stop <= positions.start):
-            raise ValueError(f"positions must be slice(start, stop) with 0 <= start < stop; got {positions!r}.")
+            raise ArgumentError(f"positions must be slice(start, stop) with 0 <= start < stop; got {positions!r}.")
         window = copy.copy(self)
         window.positions = positions
         return window
@@ -199,7 +200,7 @@ class EdgeHooks:
         Products are accumulated in float32 and scores stay in the accumulation dtype.
         """
         if dtype != self.dtype and dtype not in CONTRACTION_DTYPES:
-            raise ValueError(f"contraction dtype must be {self.dtype} or one of {CONTRACTION_DTYPES}; got {dtype!r}.")
+            raise ArgumentError(f"contraction dtype must be {self.dtype} or one of {CONTRACTION_DTYPES}; got {dtype!r}.")
         copied = copy.copy(self)
         copied.delta_dtype = dtype
         return copied
@@ -251,7 +252,7 @@ class EdgeHooks:
                 self.model(input_ids, attention_mask=attention_mask)
         except _SourcesRecorded:
             return
-        raise RuntimeError(f"{last} never fired; the model did not run its last MLP.")
+        raise UnsupportedModelError(f"{last} never fired; the model did not run its last MLP.")
 
     # ------------------------------------------------------------------ hooks
     def hooks(

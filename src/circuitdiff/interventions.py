@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuitdiff.data import Batch
-from circuitdiff.errors import DataError, UnknownNameError
+from circuitdiff.errors import ArgumentTypeError, DataError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.hooks import EdgeHooks
 
@@ -213,7 +213,7 @@ def resolve(
     """An intervention object from a name (``NAMES``) or an object with ``prefill``."""
     if not isinstance(intervention, str):
         if not hasattr(intervention, "prefill"):
-            raise TypeError(f"intervention must be one of {NAMES} or an object with prefill(); got {intervention!r}.")
+            raise ArgumentTypeError(f"intervention must be one of {NAMES} or an object with prefill(); got {intervention!r}.")
         return intervention
     if intervention == "zero":
         return Zero()

@@ -47,7 +47,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuitdiff.errors import DataError
+from circuitdiff.errors import ArgumentTypeError, DataError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.scores import EdgeScores
 
@@ -259,7 +259,7 @@ class _Layout:
 def require_per_sample(scores: EdgeScores, caller: str) -> None:
     """Refuse scores without per-sample matrices or with fewer than 2 samples."""
     if not isinstance(scores, EdgeScores):
-        raise TypeError(f"{caller} takes EdgeScores, got {type(scores).__name__}.")
+        raise ArgumentTypeError(f"{caller} takes EdgeScores, got {type(scores).__name__}.")
     if scores.per_sample is None:
         raise DataError(f"{caller}: these scores have no per-sample matrices; rerun cd.attribute(..., "
                         "per_sample=True) (the metrics are distributions over samples).")

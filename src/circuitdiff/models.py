@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuitdiff.errors import UnsupportedModelError
+from circuitdiff.errors import ArgumentError, UnsupportedModelError
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -104,12 +104,12 @@ def load_model(
     from transformers import PreTrainedModel
 
     if device_map is not None and device is not None:
-        raise ValueError("pass either device or device_map, not both: device_map places every layer itself.")
+        raise ArgumentError("pass either device or device_map, not both: device_map places every layer itself.")
     if (device_map is not None or max_memory is not None) and not isinstance(source, (str, os.PathLike)):
-        raise ValueError("device_map and max_memory apply to a checkpoint path; an in-memory model or bridge "
+        raise ArgumentError("device_map and max_memory apply to a checkpoint path; an in-memory model or bridge "
                          "is already placed (load it with from_pretrained(..., device_map=...) and pass it).")
     if max_memory is not None and device_map is None:
-        raise ValueError("max_memory needs device_map (e.g. device_map='auto').")
+        raise ArgumentError("max_memory needs device_map (e.g. device_map='auto').")
     if isinstance(source, TransformerBridge):
         bridge = source
     elif isinstance(source, PreTrainedModel):

@@ -29,7 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuitdiff.data import IGNORE, Batch
-from circuitdiff.errors import DataError, ObjectiveError
+from circuitdiff.errors import ArgumentTypeError, DataError, ObjectiveError
 from circuitdiff.registry import Registry
 
 __all__ = [
@@ -179,7 +179,7 @@ def resolve(objective: str | Callable[..., Tensor]) -> Callable[..., Tensor]:
     if isinstance(objective, str):
         return registry.get(objective)
     if not callable(objective):
-        raise TypeError(f"objective must be a name or a callable, got {type(objective).__name__}.")
+        raise ArgumentTypeError(f"objective must be a name or a callable, got {type(objective).__name__}.")
     return objective
 
 

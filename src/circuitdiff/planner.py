@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from circuitdiff.errors import DataError, MemoryPlanError, UnknownNameError
+from circuitdiff.errors import ArgumentError, DataError, MemoryPlanError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.hooks import CONTRACTION_DTYPES, is_contraction_dtype
 
@@ -369,7 +369,7 @@ def plan_batch_size(
     if max_memory is None:
         resident = _model_bytes_on_cuda(model)
         if resident is None:
-            raise ValueError("max_memory is required unless the model is on a CUDA device "
+            raise ArgumentError("max_memory is required unless the model is on a CUDA device "
                              "(then the default is 90% of the free memory plus the model's weights).")
         free, _ = torch.cuda.mem_get_info(resident[1])
         max_memory = int(0.9 * (free + resident[0]))

@@ -20,7 +20,7 @@ import warnings
 from importlib import metadata
 from typing import Any, Callable, TypeVar, overload
 
-from circuitdiff.errors import DuplicateNameError, PluginLoadError, UnknownNameError
+from circuitdiff.errors import ArgumentTypeError, DuplicateNameError, PluginLoadError, UnknownNameError
 
 __all__ = ["Registry"]
 
@@ -56,9 +56,9 @@ class Registry:
         if factory is None:
             return lambda f: self.register(name, f, replace=replace)
         if not isinstance(name, str) or not name.strip():
-            raise TypeError(f"a {self.kind} name must be a non-empty string; got {name!r}.")
+            raise ArgumentTypeError(f"a {self.kind} name must be a non-empty string; got {name!r}.")
         if not callable(factory):
-            raise TypeError(f"{self.kind} {name!r}: the factory must be a class or function; got {factory!r}.")
+            raise ArgumentTypeError(f"{self.kind} {name!r}: the factory must be a class or function; got {factory!r}.")
         taken = self._factories.get(name)
         if taken is not None and taken is not factory and not replace:
             raise DuplicateNameError(

@@ -10,6 +10,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from circuitdiff.data.batches import check_sample_ids
+from circuitdiff.errors import ArgumentError
 from circuitdiff.graph import AttributionGraph
 
 __all__ = ["EdgeScores"]
@@ -31,7 +33,12 @@ class EdgeScores:
         per_sample: ``[n_samples, n_sources, n_receivers]`` float32, or None when
             attribution ran with ``per_sample=False``. ``mean`` is its mean over samples.
         objective_values: ``[n_samples]`` the clean objective of each sample.
-        metadata: model id, method, intervention, objective, versions (JSON-ready).
+        metadata: model id, scorer, intervention, objective, versions, and the run's
+            ``identity`` (see :mod:`circuitdiff.identity`) (JSON-ready).
+        sample_ids: one unique name per sample, in row order (e.g. question ids);
+            :func:`circuitdiff.compare` pairs two models' samples by them. Default: the
+            row positions ``("0", "1", ...)``; ``metadata["sample_ids"]`` then says
+            ``"position"``.
     """
 
     graph: AttributionGraph
@@ -39,13 +46,20 @@ class EdgeScores:
     per_sample: Float[Tensor, "n_samples n_sources n_receivers"] | None
     objective_values: Float[Tensor, "n_samples"]
     metadata: dict[str, Any] = field(default_factory=dict)
+    sample_ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        self.metadata = dict(self.metadata)
+        if self.sample_ids is None:
+            self.sample_ids = tuple(str(i) for i in range(self.n_samples))
+            self.metadata.setdefault("sample_ids", "position")
+        else:
+            self.sample_ids = check_sample_ids(self.sample_ids, self.n_samples, "EdgeScores.sample_ids")
         shape = (self.graph.n_sources, self.graph.n_receivers)
         if tuple(self.mean.shape) != shape:
-            raise ValueError(f"mean has shape {tuple(self.mean.shape)}; the graph needs {shape}.")
+            raise ArgumentError(f"mean has shape {tuple(self.mean.shape)}; the graph needs {shape}.")
         if self.per_sample is not None and tuple(self.per_sample.shape) != (self.n_samples, *shape):
-            raise ValueError(
+            raise ArgumentError(
                 f"per_sample has shape {tuple(self.per_sample.shape)}; expected "
                 f"{(self.n_samples, *shape)} for {self.n_samples} samples."
             )
@@ -65,7 +79,7 @@ class EdgeScores:
         if not per_sample:
             return self.mean[mask]
         if self.per_sample is None:
-            raise ValueError("these scores were computed with per_sample=False; rerun with per_sample=True.")
+            raise ArgumentError("these scores were computed with per_sample=False; rerun with per_sample=True.")
         return self.per_sample[:, mask]
 
     def top(self, k: int = 10) -> list[tuple[str, float]]:
@@ -94,6 +108,7 @@ class EdgeScores:
             per_sample=None if self.per_sample is None else coarsen(self.per_sample),
             objective_values=self.objective_values.clone(),
             metadata={**self.metadata, "level": "layer", "coarsened_from": "head"},
+            sample_ids=self.sample_ids,
         )
 
     @classmethod
@@ -101,19 +116,21 @@ class EdgeScores:
         """The scores of several runs on the same graph as one, samples in order.
 
         ``mean`` is the sample-weighted mean; ``per_sample`` is kept only if every part
-        has it; the metadata is the first part's, with ``n_samples`` updated.
+        has it; the metadata is the first part's, with ``n_samples`` updated. Sample ids
+        must not repeat across parts.
         """
         if not parts:
-            raise ValueError("concatenate needs at least one EdgeScores.")
+            raise ArgumentError("concatenate needs at least one EdgeScores.")
         graph = parts[0].graph
         if any(p.graph != graph for p in parts):
-            raise ValueError("concatenate needs scores on the same graph.")
+            raise ArgumentError("concatenate needs scores on the same graph.")
         n = sum(p.n_samples for p in parts)
         mean = sum(p.mean.double() * p.n_samples for p in parts) / n
         per_sample = None if any(p.per_sample is None for p in parts) else torch.cat([p.per_sample for p in parts])
         return cls(graph=graph, mean=mean.to(parts[0].mean.dtype), per_sample=per_sample,
                    objective_values=torch.cat([p.objective_values for p in parts]),
-                   metadata={**parts[0].metadata, "n_samples": n})
+                   metadata={**parts[0].metadata, "n_samples": n},
+                   sample_ids=tuple(i for p in parts for i in p.sample_ids))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write safetensors + JSON metadata (see :mod:`circuitdiff.io`); atomic."""

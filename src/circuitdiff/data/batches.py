@@ -7,6 +7,8 @@ of the loss), the Hugging Face convention before shifting. Objectives read them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from circuitdiff.errors import DataError
 
-__all__ = ["Batch", "IGNORE", "make_batches"]
+__all__ = ["Batch", "IGNORE", "make_batches", "content_ids", "check_sample_ids"]
 
 #: Label value of positions outside the loss span.
 IGNORE = -100
@@ -36,6 +38,9 @@ class Batch:
             ``intervention="patching"`` (same length and padding as ``input_ids``).
         contrast_labels: ``[batch, pos]`` the competing token at each labelled position,
             for :func:`circuitdiff.objectives.logit_diff`.
+        sample_ids: one unique name per sample (e.g. the question id). Scores keep them,
+            and :func:`circuitdiff.compare` pairs two models' samples by them. None: the
+            samples are named by their position in the run (``"0"``, ``"1"``, ...).
     """
 
     input_ids: Int[Tensor, "batch pos"]
@@ -43,6 +48,7 @@ class Batch:
     labels: Int[Tensor, "batch pos"] | None = None
     corrupted_input_ids: Int[Tensor, "batch pos"] | None = None
     contrast_labels: Int[Tensor, "batch pos"] | None = None
+    sample_ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         ids = self.input_ids
@@ -55,6 +61,14 @@ class Batch:
             raise DataError(f"empty batch: input_ids has shape {tuple(ids.shape)}.")
         if self.attention_mask is None:
             object.__setattr__(self, "attention_mask", torch.ones_like(ids))
+        if self.sample_ids is not None:
+            object.__setattr__(self, "sample_ids", check_sample_ids(self.sample_ids, ids.shape[0], "sample_ids"))
+        if self.attention_mask.dtype.is_floating_point or bool(
+                ((self.attention_mask != 0) & (self.attention_mask != 1)).any()):
+            raise DataError(
+                f"attention_mask must hold only 0 and 1 (integers or bools); got dtype {self.attention_mask.dtype} "
+                f"with values {sorted(set(self.attention_mask.unique().tolist()))[:6]}. Pass the tokenizer's mask."
+            )
         for name in ("attention_mask", "labels", "corrupted_input_ids", "contrast_labels"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != tuple(ids.shape):
@@ -95,11 +109,17 @@ class Batch:
         return self.attention_mask.sum(1)
 
     def select(self, rows: Tensor) -> "Batch":
-        """The samples at ``rows`` (``[n]`` integer indices, repeats allowed), in that order."""
+        """The samples at ``rows`` (``[n]`` integer indices, repeats allowed), in that order.
+
+        Sample ids are dropped when a sample is repeated (ids must be unique).
+        """
         picked = {
             name: (value[rows] if isinstance(value, Tensor) else value)
             for name, value in self.__dict__.items()
         }
+        if self.sample_ids is not None:
+            chosen = [self.sample_ids[i] for i in rows.tolist()]
+            picked["sample_ids"] = tuple(chosen) if len(set(chosen)) == len(chosen) else None
         return replace(self, **picked)
 
     def to(self, device: torch.device | str) -> "Batch":
@@ -115,6 +135,40 @@ def _where(flags: Tensor) -> list[int]:
     return torch.nonzero(flags).flatten().tolist()
 
 
+def check_sample_ids(ids: Sequence[str], n: int, what: str) -> tuple[str, ...]:
+    """``ids`` as a tuple of ``n`` unique non-empty strings, or a DataError naming the problem."""
+    if isinstance(ids, str) or not isinstance(ids, Sequence):
+        raise DataError(f"{what} must be a sequence of strings, one per sample; got {type(ids).__name__}.")
+    ids = tuple(ids)
+    if len(ids) != n:
+        raise DataError(f"{what} has {len(ids)} entries for {n} samples; give one id per sample.")
+    bad = [i for i, x in enumerate(ids) if not isinstance(x, str) or not x]
+    if bad:
+        raise DataError(f"{what}: entries {bad[:5]} are not non-empty strings (e.g. {ids[bad[0]]!r}); "
+                        "use str(id).")
+    if len(set(ids)) != n:
+        seen: set[str] = set()
+        twice = sorted({x for x in ids if x in seen or seen.add(x)})
+        raise DataError(f"{what} must be unique; {len(twice)} appear more than once, e.g. {twice[:3]}.")
+    return ids
+
+
+def content_ids(prompts: Sequence[str | Sequence[int]]) -> tuple[str, ...]:
+    """Default sample ids: ``"p-"`` + the first 12 hex digits of the prompt's SHA-256.
+
+    The same prompt gets the same id in every run, whatever its position, so two models
+    scored on the same prompts pair up even in another order. A prompt that occurs again
+    gets ``"#2"``, ``"#3"``, ... appended in order of occurrence.
+    """
+    out, counts = [], {}
+    for prompt in prompts:
+        text = prompt if isinstance(prompt, str) else json.dumps([int(t) for t in prompt])
+        base = "p-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+        counts[base] = counts.get(base, 0) + 1
+        out.append(base if counts[base] == 1 else f"{base}#{counts[base]}")
+    return tuple(out)
+
+
 def make_batches(
     tokenizer: Any,
     prompts: Sequence[str | Sequence[int]],
@@ -124,6 +178,7 @@ def make_batches(
     contrast_answers: Sequence[str | Sequence[int]] | None = None,
     batch_size: int = 8,
     add_special_tokens: bool = True,
+    sample_ids: Sequence[str] | None = None,
 ) -> list[Batch]:
     """Tokenize prompts (and answers) into right-padded batches, in input order.
 
@@ -136,6 +191,11 @@ def make_batches(
     Strings are tokenized (the prompt with ``add_special_tokens``, answers without);
     lists of ints are used as given, which is how a model's own generated answer
     should be passed.
+
+    ``sample_ids`` names each sample (e.g. question ids); scores keep the names and
+    :func:`circuitdiff.compare` pairs two models' samples by them. Default: a hash of
+    each prompt (see :func:`content_ids`), so runs on the same prompts pair up whatever
+    their order.
 
     Raises:
         DataError: no prompts; mismatched list lengths; an empty answer; corrupted
@@ -151,6 +211,7 @@ def make_batches(
             raise DataError(f"{len(prompts)} prompts but {len(other)} {name}; give one per prompt.")
     if contrast_answers is not None and answers is None:
         raise DataError("contrast_answers needs answers (the tokens they compete with).")
+    names = content_ids(prompts) if sample_ids is None else check_sample_ids(sample_ids, len(prompts), "sample_ids")
 
     def encode(text: str | Sequence[int], special: bool) -> list[int]:
         if isinstance(text, str):
@@ -211,5 +272,5 @@ def make_batches(
                 labels[row, span] = torch.tensor(s["answer"])
             if contrast is not None:
                 contrast[row, span] = torch.tensor(s["contrast"])
-        batches.append(Batch(ids, mask, labels, corrupted, contrast))
+        batches.append(Batch(ids, mask, labels, corrupted, contrast, names[first:first + batch_size]))
     return batches

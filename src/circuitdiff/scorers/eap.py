@@ -31,7 +31,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuitdiff.data import Batch
-from circuitdiff.errors import DataError
+from circuitdiff.errors import ArgumentError, DataError
 from circuitdiff.hooks import CONTRACTION_DTYPES, is_contraction_dtype
 from circuitdiff.objectives import evaluate
 from circuitdiff.scorers.base import ScoringContext
@@ -61,9 +61,9 @@ class EAP:
         if positions_per_pass is not None and (
                 isinstance(positions_per_pass, bool) or not isinstance(positions_per_pass, int)
                 or positions_per_pass < 1):
-            raise ValueError(f"eap: positions_per_pass must be a positive integer or None; got {positions_per_pass!r}.")
+            raise ArgumentError(f"eap: positions_per_pass must be a positive integer or None; got {positions_per_pass!r}.")
         if contraction_dtype is not None and not is_contraction_dtype(contraction_dtype):
-            raise ValueError(
+            raise ArgumentError(
                 f"eap: contraction_dtype must be None (the accumulation dtype), torch.float32, torch.float64 or one "
                 f"of {CONTRACTION_DTYPES}; got {contraction_dtype!r}. (torch.float16 is not offered: its range, "
                 "6e-8 to 65504, loses small gradients and large activations.)")

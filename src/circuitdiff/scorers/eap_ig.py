@@ -31,6 +31,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuitdiff.data import Batch
+from circuitdiff.errors import ArgumentError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.hooks import INPUT_HOOK
 from circuitdiff.objectives import evaluate
@@ -50,7 +51,7 @@ class _IntegratedGradients:
     def __init__(self, steps: int | None = None) -> None:
         steps = self.default_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"{self.name}: steps must be a positive integer; got {steps!r}.")
+            raise ArgumentError(f"{self.name}: steps must be a positive integer; got {steps!r}.")
         self.steps = steps
 
     def paths(self, graph: AttributionGraph) -> list[tuple[str, slice, slice]]:

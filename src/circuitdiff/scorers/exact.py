@@ -18,6 +18,7 @@ from torch import Tensor
 
 from circuitdiff.ablation import EdgeAblation
 from circuitdiff.data import Batch
+from circuitdiff.errors import ArgumentError
 from circuitdiff.scorers.base import ScoringContext
 
 __all__ = ["Exact"]
@@ -37,7 +38,7 @@ class Exact:
 
     def __init__(self, edges_per_forward: int = 64) -> None:
         if isinstance(edges_per_forward, bool) or not isinstance(edges_per_forward, int) or edges_per_forward < 1:
-            raise ValueError(f"exact: edges_per_forward must be a positive integer; got {edges_per_forward!r}.")
+            raise ArgumentError(f"exact: edges_per_forward must be a positive integer; got {edges_per_forward!r}.")
         self.edges_per_forward = edges_per_forward
 
     def score_batch(

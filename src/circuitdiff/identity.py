@@ -1,0 +1,225 @@
+"""Run identity: fingerprints of everything that determines a result.
+
+Anything circuitdiff stores to reuse later (score shards of a resumable run, cached
+generations, saved ``.cdiff`` files) carries an *identity*: a JSON object naming what
+produced it, and its SHA-256 *fingerprint*. Loading compares the stored identity with the
+current one; a difference is an :class:`~circuitdiff.IdentityMismatchError` that names
+what changed, never a silent reuse. ``docs/identity.md`` lists the fields.
+
+The parts:
+
+- :func:`model_identity`: architecture, model type, dtype, the Hugging Face config, the
+  tokenizer and the weights (:func:`weights_fingerprint`, every parameter and buffer);
+- :func:`tensor_digest`: SHA-256 of one small tensor (token ids, labels);
+- :func:`fingerprint`: SHA-256 of a canonical JSON text;
+- :func:`differences`: what differs between a stored and a current identity, in words.
+
+The model's id (its path) is recorded in score metadata but is not part of the identity:
+a checkpoint moved to another folder is the same model.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "fingerprint",
+    "tensor_digest",
+    "weights_fingerprint",
+    "tokenizer_fingerprint",
+    "model_identity",
+    "library_version",
+    "differences",
+]
+
+_MASK32 = (1 << 32) - 1
+_MASK62 = (1 << 62) - 1
+# odd multipliers below 2**31: every product of a 32-bit value with one stays below 2**63
+_K_INDEX, _K_MIX, _K_FINAL = 0x5E3779B1, 0x45EBCA77, 0x42B2AE3D
+_CHUNK_CPU, _CHUNK_ACCELERATOR = 1 << 18, 1 << 26  # words hashed at a time
+
+
+def fingerprint(value: Any) -> str:
+    """SHA-256 hex digest of ``value`` as canonical JSON (sorted keys, no whitespace)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tensor_digest(t: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (copied to CPU; for small tensors such as token ids)."""
+    t = t.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _word_sums(t: Tensor) -> tuple[int, int]:
+    """Two 62-bit sums of a bijective mix of each 32-bit (or 16/8-bit) word of ``t`` with its position.
+
+    Runs on the tensor's own device in exact integer arithmetic (no product or sum
+    overflows int64), so CPU and GPU give the same numbers. Changing any one word changes
+    both sums (the mix is a bijection for a fixed position); changes of several words
+    cancel in both only by a 2^-60-scale coincidence.
+    """
+    flat = t.detach().contiguous().reshape(-1)
+    n_bytes = flat.numel() * flat.element_size()
+    if n_bytes == 0:
+        return 0, 0
+    word = torch.int32 if n_bytes % 4 == 0 else torch.int16 if n_bytes % 2 == 0 else torch.uint8
+    words = flat.view(torch.uint8).view(word) if flat.dtype == torch.bool else flat.view(word)
+    chunk = _CHUNK_CPU if words.device.type == "cpu" else _CHUNK_ACCELERATOR
+    width = min(chunk, words.numel())
+    offsets = torch.arange(width, dtype=torch.int64, device=words.device)
+    mixed = torch.empty(width, dtype=torch.int64, device=words.device)
+    scratch = torch.empty(width, dtype=torch.int64, device=words.device)
+    first = torch.zeros((), dtype=torch.int64, device=words.device)
+    second = torch.zeros((), dtype=torch.int64, device=words.device)
+    for start in range(0, words.numel(), chunk):
+        part = words[start:start + chunk]
+        m = part.numel()
+        v, s = mixed[:m], scratch[:m]
+        v.copy_(part).bitwise_and_(_MASK32)  # the word as an unsigned 32-bit value
+        torch.add(offsets[:m], start, out=s).bitwise_and_(_MASK32).mul_(_K_INDEX).bitwise_and_(_MASK32)
+        v.bitwise_xor_(s).mul_(_K_MIX).bitwise_and_(_MASK32)
+        first.add_(v.sum()).bitwise_and_(_MASK62)
+        torch.bitwise_right_shift(v, 15, out=s).bitwise_xor_(v).mul_(_K_FINAL).bitwise_and_(_MASK32)
+        second.add_(s.sum()).bitwise_and_(_MASK62)
+    return int(first), int(second)
+
+
+def weights_fingerprint(model: Any) -> str:
+    """Fingerprint of every parameter and buffer of ``model`` (names, dtypes, shapes and values).
+
+    Any change to any element of any parameter tensor changes it, including edits made
+    in place on an in-memory model. Each tensor is hashed on its own device (see
+    ``benchmarks/fingerprint_cost.py`` for the cost: well under 1% of an attribution run).
+    Tensors on the ``meta`` device (offloaded by accelerate) contribute their name, dtype
+    and shape only.
+    """
+    module = getattr(model, "original_model", model)
+    entries = []
+    seen: set[int] = set()
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        key = id(tensor)
+        if key in seen:  # tied weights: hashed once, under their first name
+            entries.append([name, "tied"])
+            continue
+        seen.add(key)
+        sums = None if tensor.device.type == "meta" else _word_sums(tensor)
+        entries.append([name, str(tensor.dtype), list(tensor.shape), sums])
+    return fingerprint(entries)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Fingerprint of what a tokenizer does: its full definition (or vocabulary), special tokens, BOS/EOS flags, chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    except Exception:  # an unusual tokenizer: fall back to its class and vocabulary size
+        definition = f"{type(tokenizer).__name__}:{len(tokenizer)}"
+    return fingerprint({
+        "class": type(tokenizer).__name__,
+        "definition": hashlib.sha256(definition.encode()).hexdigest(),
+        "special_tokens": {k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()},
+        "add_bos_token": getattr(tokenizer, "add_bos_token", None),
+        "add_eos_token": getattr(tokenizer, "add_eos_token", None),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    })
+
+
+def _config_fingerprint(model: Any) -> str:
+    """Fingerprint of the Hugging Face config, without its path, version stamp, dtype and private fields."""
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    if config is None:
+        return fingerprint(None)
+    values = {k: v for k, v in config.to_dict().items()
+              if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+    return fingerprint(values)
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """What identifies a model for reuse: architecture, model type, dtype, config, tokenizer, weights.
+
+    ``model`` is a TransformerBridge from :func:`circuitdiff.load_model`.
+    """
+    from circuitdiff.models import describe_model
+
+    spec = describe_model(model)
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    tokenizer = getattr(model, "tokenizer", None)
+    return {
+        "architecture": spec.architecture,
+        "model_type": getattr(config, "model_type", None),
+        "dtype": spec.dtype,
+        "config": _config_fingerprint(model),
+        "tokenizer": None if tokenizer is None else tokenizer_fingerprint(tokenizer),
+        "prepends_bos": bool(getattr(model.cfg, "tokenizer_prepends_bos", False)),
+        "weights": weights_fingerprint(model),
+    }
+
+
+@functools.cache
+def library_version() -> str:
+    """The installed circuitdiff version ("unknown" when running from an uninstalled source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("circuitdiff")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+#: Words for the identity fields a mismatch message names.
+_LABELS = {
+    "circuitdiff": "the circuitdiff version",
+    "model.architecture": "the model's architecture",
+    "model.model_type": "the model type",
+    "model.dtype": "the model dtype",
+    "model.config": "the model's config.json",
+    "model.tokenizer": "the tokenizer",
+    "model.prepends_bos": "whether the tokenizer prepends a BOS token",
+    "model.weights": "the model weights",
+    "graph": "the graph",
+    "scorer": "the scorer or its options",
+    "intervention": "the intervention or its reference data",
+    "objective": "the objective",
+    "data": "the data (token ids, labels or sample ids)",
+    "per_sample": "per_sample",
+    "nonfinite": "the non-finite policy",
+    "prompt": "the prompt",
+    "generation": "the generation settings",
+}
+
+
+def differences(stored: dict[str, Any], current: dict[str, Any], fields: Iterable[str] | None = None) -> list[str]:
+    """What differs between two identities, one phrase per field, e.g. ``"the model weights changed"``.
+
+    Nested dicts are compared field by field; ``fields`` limits the top-level keys compared.
+    """
+    found: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if a == b:
+            return
+        if isinstance(a, dict) and isinstance(b, dict) and path not in _LABELS:
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            return
+        label = _LABELS.get(path, path)
+        if isinstance(a, (str, int, float, bool, type(None))) and isinstance(b, (str, int, float, bool, type(None))):
+            shown = [str(v)[:12] + "…" if isinstance(v, str) and len(v) == 64 else json.dumps(v) for v in (a, b)]
+            found.append(f"{label} changed (stored {shown[0]}, now {shown[1]})")
+        else:
+            found.append(f"{label} changed")
+
+    keys = sorted(set(stored) | set(current)) if fields is None else list(fields)
+    for key in keys:
+        walk(stored.get(key), current.get(key), key)
+    return found
