@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
+from pipeline_helpers import write_run_files  # noqa: E402
 
 import circuitdiff as cd  # noqa: E402
 
@@ -64,3 +65,9 @@ def get_reference(checkpoints):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def run_files(checkpoints, tmp_path_factory):
+    """The pipeline tests' base and tuned checkpoints and questions (see pipeline_helpers.py)."""
+    return write_run_files(checkpoints, tmp_path_factory.mktemp("pipeline"))

@@ -120,7 +120,7 @@ def test_errors_reach_every_rank(launched):
         assert errors[rank]["sharded_reference"].startswith("DataError: the replacement means differ")
         assert "whole reference_batches" in errors[rank]["sharded_reference"]
     assert errors[1]["bad_batch"].startswith("DataError: batch 0")  # rank 1's own error
-    assert errors[0]["bad_batch"].startswith("RuntimeError: distributed attribution failed while scoring")
+    assert errors[0]["bad_batch"].startswith("DistributedError: distributed attribution failed while scoring")
     assert "rank 1" in errors[0]["bad_batch"] and "batches [1] of 2" in errors[0]["bad_batch"]
 
 

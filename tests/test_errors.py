@@ -91,3 +91,29 @@ def test_batches_must_be_batch_objects(setup):
 def test_errors_share_a_base_class():
     for error in (cd.DataError, cd.ObjectiveError, cd.UnknownNameError, cd.UnsupportedModelError, cd.FileFormatError):
         assert issubclass(error, cd.CircuitDiffError)
+
+
+def test_every_error_class_is_a_circuitdiff_error_and_arguments_are_value_errors():
+    classes = [getattr(cd, name) for name in cd.errors.__all__]
+    assert all(issubclass(c, cd.CircuitDiffError) for c in classes)
+    assert issubclass(cd.ArgumentError, ValueError) and issubclass(cd.ArgumentTypeError, TypeError)
+    assert issubclass(cd.UnknownNameError, cd.ArgumentError)
+    assert set(cd.errors.__all__) <= set(cd.__all__)
+
+
+def test_the_library_raises_no_bare_builtin_exceptions():
+    """Every ``raise`` in src/ names a CircuitDiffError subclass (or re-raises); abstract methods may raise NotImplementedError."""
+    import ast
+    from pathlib import Path
+
+    source = Path(cd.__file__).parent
+    builtin = {name for name in dir(__import__("builtins")) if name.endswith(("Error", "Exception"))}
+    found = []
+    for path in sorted(source.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                target = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                name = getattr(target, "id", None)
+                if name in builtin - {"NotImplementedError"}:
+                    found.append(f"{path.relative_to(source)}:{node.lineno} raises {name}")
+    assert not found, found

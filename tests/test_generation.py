@@ -1,18 +1,30 @@
-"""generate_answers: batched greedy generation equals plain Hugging Face generation; the cache resumes runs."""
+"""generate_answers: batched greedy generation equals plain Hugging Face generation; the cache resumes runs,
+never reuses answers made under another identity and survives torn writes; bad models and long prompts fail clearly."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from importlib import resources
 
 import pytest
 import torch
 
 import circuitdiff as cd
 from circuitdiff.data import Question, generate_answers
+from circuitdiff.data import generation
 from circuitdiff.data.generation import kv_cache_compat, kv_cache_is_sound
+from circuitdiff.identity import library_version, model_identity
 from circuitdiff.models import describe_model
 
 QUESTIONS = [Question("a", "w1 w2 w3", "4"), Question("b", "w5 w6", "7"), Question("c", "w9 w10 w11 w12 w13", "x")]
+
+
+def answer_identity(model, prompt, max_new_tokens):
+    """The identity a cached answer must carry (``model`` from identity.model_identity)."""
+    return {"circuitdiff": library_version(), "model": model, "prompt": hashlib.sha256(prompt.encode()).hexdigest(),
+            "generation": {"max_new_tokens": max_new_tokens, "greedy": True}}
 
 
 def plain_generation(checkpoint, question, max_new_tokens):
@@ -69,12 +81,14 @@ def test_a_broken_kv_cache_is_detected_and_avoided(get_model, checkpoints):
     assert [g.answer_ids for g in answers] == [plain_generation(checkpoints["llama"], q, 6)[0] for q in QUESTIONS]
 
 
-def test_cache_is_written_and_reused(get_model, tmp_path, monkeypatch):
-    model = get_model("llama")
+def test_cache_is_written_and_reused(checkpoints, tmp_path, monkeypatch):
+    model = cd.load_model(checkpoints["llama"], device="cpu")  # its tokenizer not used yet
+    identity = model_identity(model)
     cache = tmp_path / "gen.jsonl"
     first = generate_answers(model, QUESTIONS, cache=cache, batch_size=2, max_new_tokens=3, progress=False)
     lines = cache.read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[0])["model"] == describe_model(model).model_id
+    assert len(lines) == 3
+    assert json.loads(lines[0])["identity"] == answer_identity(identity, QUESTIONS[0].prompt, 3)
 
     def fail(*args, **kwargs):
         raise AssertionError("generate must not run: everything is cached")
@@ -85,19 +99,146 @@ def test_cache_is_written_and_reused(get_model, tmp_path, monkeypatch):
 
 def test_stub_cache_decides_correctness(get_model, tmp_path, monkeypatch):
     model = get_model("llama")
-    source = {"model": describe_model(model).model_id, "max_new_tokens": 8}
+    identity = model_identity(model)
     cache = tmp_path / "gen.jsonl"
-    records = [{"id": "a", "text": "so it is \\boxed{4}", "answer_ids": [1, 2], "prompt_length": 3, **source},
-               {"id": "b", "text": "I think 8", "answer_ids": [3], "prompt_length": 2, **source},
-               {"id": "c", "text": "it is \\boxed{X}", "answer_ids": [4], "prompt_length": 5, **source}]
-    cache.write_text("".join(json.dumps(r) + "\n" for r in records))
+    records = [{"id": "a", "text": "so it is \\boxed{4}", "answer_ids": [1, 2], "prompt_length": 3},
+               {"id": "b", "text": "I think 8", "answer_ids": [3], "prompt_length": 2},
+               {"id": "c", "text": "it is \\boxed{X}", "answer_ids": [4], "prompt_length": 5}]
+    cache.write_text("".join(json.dumps({**r, "identity": answer_identity(identity, q.prompt, 8)}) + "\n"
+                             for r, q in zip(records, QUESTIONS)))
     monkeypatch.setattr(model.original_model, "generate", lambda *a, **k: pytest.fail("cached"))
     out = generate_answers(model, QUESTIONS, cache=cache, max_new_tokens=8, progress=False)
     assert [g.correct for g in out] == [True, False, True]
     assert [g.extracted for g in out] == ["4", "8", "X"]  # string answers compare case-insensitively
 
 
-def test_torn_last_line_is_regenerated(get_model, tmp_path):
+# ------------------------------------------------------------------ stale answers are refused
+def demo_checkpoint(name, tmp_path):
+    """A copy of a bundled demo checkpoint (``base``, ``grpo``, ``dpo``) in ``tmp_path/model``."""
+    target = tmp_path / "model"
+    with resources.as_file(resources.files("circuitdiff") / "demo_data" / name) as source:
+        if target.exists():
+            shutil.copy(source / "model.safetensors", target / "model.safetensors")
+        else:
+            shutil.copytree(source, target)
+    return target
+
+
+def demo_questions(n=2):
+    lines = (resources.files("circuitdiff") / "demo_data" / "questions.jsonl").read_text().splitlines()[:n]
+    return [Question(r["id"], r["prompt"], r["answer"]) for r in map(json.loads, lines)]
+
+
+def refused(match, model, questions, cache, **options):
+    """Assert that generate_answers refuses ``cache``; return the message."""
+    with pytest.raises(cd.IdentityMismatchError, match=match) as info:
+        generate_answers(model, questions, cache=cache, progress=False, **options)
+    message = str(info.value)
+    assert str(cache) in message and "fresh=True" in message and "--fresh on the command line" in message
+    return message
+
+
+def test_an_edited_prompt_is_refused(get_model, tmp_path):
+    model = get_model("llama")
+    cache = tmp_path / "gen.jsonl"
+    generate_answers(model, QUESTIONS, cache=cache, max_new_tokens=3, progress=False)
+    edited = [QUESTIONS[0], Question("b", "Answer briefly. w5 w6", "7"), QUESTIONS[2]]  # e.g. a new template
+    refused(r"line 2: the cached answer to question 'b' .*the prompt changed", model, edited, cache,
+            max_new_tokens=3)
+
+
+def test_other_weights_at_the_same_path_are_refused(tmp_path):
+    questions, cache = demo_questions(), tmp_path / "gen.jsonl"
+    path = demo_checkpoint("base", tmp_path)
+    generate_answers(cd.load_model(path, device="cpu"), questions, cache=cache, max_new_tokens=2, progress=False)
+    demo_checkpoint("grpo", tmp_path)  # same directory, GRPO's weights
+    message = refused("the model weights changed", cd.load_model(path, device="cpu"), questions, cache,
+                      max_new_tokens=2)
+    assert "dtype" not in message
+
+
+def test_a_dtype_change_is_refused(tmp_path):
+    questions, cache = demo_questions(), tmp_path / "gen.jsonl"
+    path = demo_checkpoint("base", tmp_path)
+    generate_answers(cd.load_model(path, device="cpu"), questions, cache=cache, max_new_tokens=2, progress=False)
+    refused('the model dtype changed \\(stored "float32", now "bfloat16"\\)',
+            cd.load_model(path, device="cpu", dtype=torch.bfloat16), questions, cache, max_new_tokens=2)
+
+
+def test_an_in_memory_model_edited_in_place_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    questions, cache = demo_questions(), tmp_path / "gen.jsonl"
+    path = demo_checkpoint("base", tmp_path)
+    model = cd.load_model(AutoModelForCausalLM.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path))
+    generate_answers(model, questions, cache=cache, max_new_tokens=2, progress=False)
+    with torch.no_grad():
+        next(model.original_model.parameters())[0, 0] += 1.0
+    refused("the model weights changed", model, questions, cache, max_new_tokens=2)
+
+
+def test_fresh_regenerates_everything(get_model, tmp_path):
+    model = get_model("llama")
+    cache = tmp_path / "gen.jsonl"
+    generate_answers(model, QUESTIONS, cache=cache, max_new_tokens=3, progress=False)
+    edited = [Question(q.id, q.prompt + " w20", q.answer) for q in QUESTIONS]
+    refused("the prompt changed", model, edited, cache, max_new_tokens=3)
+    again = generate_answers(model, edited, cache=cache, fresh=True, max_new_tokens=3, progress=False)
+    assert again == generate_answers(model, edited, max_new_tokens=3, progress=False)
+    records = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [r["identity"] for r in records] == [answer_identity(model_identity(model), q.prompt, 3) for q in edited]
+
+
+def test_records_of_an_older_circuitdiff_are_refused(get_model, tmp_path):
+    model = get_model("llama")
+    cache = tmp_path / "gen.jsonl"
+    old = {"id": "a", "text": "w1", "answer_ids": [1], "prompt_length": 3, "model": describe_model(model).model_id,
+           "max_new_tokens": 3}  # what circuitdiff wrote before records carried an identity
+    cache.write_text(json.dumps(old) + "\n")
+    refused("line 1: the cached answer to question 'a' was written by an older circuitdiff", model, QUESTIONS, cache,
+            max_new_tokens=3)
+
+
+# ------------------------------------------------------------------ torn writes
+def generated_ids(monkeypatch):
+    """The question ids generate_answers generates from now on (cached ones are not)."""
+    seen = []
+    original = generation._generate
+
+    def record(hf_model, tokenizer, batch, *args):
+        seen.extend(q.id for q in batch)
+        return original(hf_model, tokenizer, batch, *args)
+
+    monkeypatch.setattr(generation, "_generate", record)
+    return seen
+
+
+def test_a_complete_record_without_its_newline_is_kept(get_model, tmp_path, monkeypatch):
+    model = get_model("llama")
+    cache = tmp_path / "gen.jsonl"
+    complete = generate_answers(model, QUESTIONS, cache=tmp_path / "complete.jsonl", max_new_tokens=3,
+                                progress=False)
+    generate_answers(model, QUESTIONS[:2], cache=cache, batch_size=1, max_new_tokens=3, progress=False)
+    cache.write_text(cache.read_text().rstrip("\n"))  # killed after the record, before its newline
+    seen = generated_ids(monkeypatch)
+    assert generate_answers(model, QUESTIONS, cache=cache, max_new_tokens=3, progress=False) == complete
+    assert seen == ["c"]  # "b" was kept
+    lines = cache.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["a", "b", "c"]  # "c" landed on its own line
+
+
+def test_glued_records_are_recovered(get_model, tmp_path, monkeypatch):
+    model = get_model("llama")
+    cache = tmp_path / "gen.jsonl"
+    complete = generate_answers(model, QUESTIONS, cache=cache, batch_size=1, max_new_tokens=3, progress=False)
+    lines = cache.read_text().splitlines()
+    cache.write_text(lines[0] + lines[1] + "\n" + lines[2] + "\n")  # damaged by an older circuitdiff
+    seen = generated_ids(monkeypatch)
+    assert generate_answers(model, QUESTIONS, cache=cache, max_new_tokens=3, progress=False) == complete
+    assert seen == []
+
+
+def test_torn_last_line_is_regenerated(get_model, tmp_path, monkeypatch):
     model = get_model("llama")
     cache = tmp_path / "gen.jsonl"
     complete = generate_answers(model, QUESTIONS, cache=cache, batch_size=1, max_new_tokens=3, progress=False)
@@ -105,20 +246,58 @@ def test_torn_last_line_is_regenerated(get_model, tmp_path):
     cache.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][: len(lines[2]) // 2])  # crash mid-write
     resumed = generate_answers(model, QUESTIONS, cache=cache, batch_size=1, max_new_tokens=3, progress=False)
     assert resumed == complete
-    assert len(cache.read_text().splitlines()) == 3
+    assert cache.read_text().splitlines() == lines
+    # a complete record with an incomplete one glued on: the complete one is kept
+    cache.write_text(lines[0] + "\n" + lines[1] + lines[2][: len(lines[2]) // 2])
+    seen = generated_ids(monkeypatch)
+    assert generate_answers(model, QUESTIONS, cache=cache, batch_size=1, max_new_tokens=3, progress=False) == complete
+    assert seen == ["c"] and cache.read_text().splitlines() == lines
 
 
 def test_bad_caches_are_refused(get_model, tmp_path):
     model = get_model("llama")
     cache = tmp_path / "gen.jsonl"
     generate_answers(model, QUESTIONS[:2], cache=cache, max_new_tokens=3, progress=False)
-    with pytest.raises(cd.DataError, match="cached for .* but this run is"):
-        generate_answers(model, QUESTIONS, cache=cache, max_new_tokens=5, progress=False)
+    refused(r"the generation settings changed", model, QUESTIONS, cache, max_new_tokens=5)
     lines = cache.read_text().splitlines()
-    cache.write_text("garbage\n" + "\n".join(lines) + "\n")
+    cache.write_text(lines[0] + "\ngarbage\n" + lines[1] + "\n")
+    with pytest.raises(cd.DataError, match="line 2: not a generation record"):
+        generate_answers(model, QUESTIONS, cache=cache, max_new_tokens=3, progress=False)
+    cache.write_text(lines[0] + "garbage\n" + lines[1] + "\n")  # not a record glued onto one
     with pytest.raises(cd.DataError, match="line 1: not a generation record"):
         generate_answers(model, QUESTIONS, cache=cache, max_new_tokens=3, progress=False)
     with pytest.raises(cd.DataError, match="ids must be unique"):
         generate_answers(model, [QUESTIONS[0], QUESTIONS[0]], progress=False)
     with pytest.raises(cd.DataError, match="max_new_tokens must be"):
         generate_answers(model, QUESTIONS, max_new_tokens=0, progress=False)
+
+
+# ------------------------------------------------------------------ bad models, long prompts
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # learned positions (IndexError before), rotary (silently wrong)
+def test_a_prompt_longer_than_the_context_is_refused_before_generating(get_model, monkeypatch, arch):
+    model = get_model(arch)
+    assert model.cfg.n_ctx == 64
+    fits = Question("fits", " ".join(f"w{i % 30}" for i in range(20)), "1")
+    long = Question("long", " ".join(f"w{i % 30}" for i in range(60)), "1")
+    n = len(model.tokenizer(long.prompt)["input_ids"])
+    monkeypatch.setattr(model.original_model, "generate", lambda *a, **k: pytest.fail("generated"))
+    with pytest.raises(cd.DataError) as info:
+        generate_answers(model, [fits, long], batch_size=1, max_new_tokens=8, progress=False)
+    message = str(info.value)
+    for part in ("question 'long'", f"{n} tokens", "max_new_tokens=8", f"{n + 8}", "context of 64",
+                 "Lower max_new_tokens or shorten the prompt"):
+        assert part in message, part
+    monkeypatch.undo()
+    exact = generate_answers(model, [long], max_new_tokens=64 - n, progress=False)[0]  # filling the context is fine
+    assert exact.prompt_length == n and len(exact.answer_ids) <= 64 - n
+
+
+def test_nan_weights_raise_naming_the_parameter(checkpoints):
+    model = cd.load_model(checkpoints["llama"], device="cpu")
+    with torch.no_grad():
+        dict(model.original_model.named_parameters())[
+            "model.layers.1._original_component.mlp._original_component.up_proj._original_component.weight"][0, 0] = \
+            float("nan")
+    with pytest.raises(cd.NonFiniteError, match=r"1 parameter\(s\) hold NaN or inf \(model\.layers\.1\.mlp\.up_proj"
+                                                r"\.weight\)\. The checkpoint is damaged"):
+        generate_answers(model, QUESTIONS, max_new_tokens=3, progress=False)

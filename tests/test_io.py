@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import circuitdiff as cd
-from circuitdiff.io import FORMAT_VERSION
+from circuitdiff.io import FORMAT_VERSION, _checksum
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,7 @@ def test_round_trip_is_bit_exact(scores, tmp_path):
     assert torch.equal(loaded.per_sample, scores.per_sample)
     assert torch.equal(loaded.objective_values, scores.objective_values)
     assert loaded.metadata == scores.metadata
+    assert loaded.sample_ids == scores.sample_ids
     assert loaded.edge_names() == scores.edge_names()
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary file is gone
 
@@ -40,6 +41,55 @@ def test_round_trip_without_per_sample(scores, tmp_path):
     mean_only.save(tmp_path / "m.cdiff")
     loaded = cd.EdgeScores.load(tmp_path / "m.cdiff")
     assert loaded.per_sample is None and torch.equal(loaded.mean, scores.mean)
+
+
+def _small(sample_ids=None, metadata=None) -> cd.EdgeScores:
+    """Three samples of random scores on a small grouped-query graph."""
+    graph = cd.AttributionGraph(2, 4, 2)
+    per_sample = torch.randn(3, graph.n_sources, graph.n_receivers) * graph.edge_mask
+    return cd.EdgeScores(graph, per_sample.mean(0), per_sample, torch.tensor([0.5, 1.5, 2.5]),
+                         metadata or {"method": "eap"}, sample_ids=sample_ids)
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
+def test_sample_ids_and_metadata_round_trip(tmp_path, mmap):
+    metadata = {"method": "eap", "nested": {"list": [1, 2.5, None, True], "text": "é\n"}, "n": 3}
+    scores = _small(sample_ids=["q-7", "q-3", "q-9"], metadata=metadata)
+    scores.save(tmp_path / "run.cdiff")
+    loaded = cd.EdgeScores.load(tmp_path / "run.cdiff", mmap=mmap)
+    assert loaded.sample_ids == ("q-7", "q-3", "q-9")
+    assert loaded.metadata == metadata == scores.metadata
+    assert torch.equal(loaded.per_sample, scores.per_sample)
+
+
+def test_positional_sample_ids_round_trip(tmp_path):
+    scores = _small()
+    scores.save(tmp_path / "run.cdiff")
+    loaded = cd.EdgeScores.load(tmp_path / "run.cdiff")
+    assert loaded.sample_ids == ("0", "1", "2")
+    assert loaded.metadata == scores.metadata == {"method": "eap", "sample_ids": "position"}
+
+
+def test_version_1_file_loads_with_positional_sample_ids(tmp_path):
+    """A file as circuitdiff wrote it before sample ids (format version 1)."""
+    graph = cd.AttributionGraph(2, 4, 2)
+    per_sample = torch.randn(3, graph.n_sources, graph.n_receivers) * graph.edge_mask
+    tensors = {"mean": per_sample.mean(0), "objective_values": torch.arange(3.0), "edge_mask": graph.edge_mask,
+               "per_sample": per_sample}
+    header = {"format_version": 1, "graph": graph.to_dict(), "metadata": {"method": "eap"}}
+    header["sha256"] = _checksum(tensors, header)
+    save_file(tensors, str(tmp_path / "v1.cdiff"), metadata={"circuitdiff": json.dumps(header)})
+    loaded = cd.EdgeScores.load(tmp_path / "v1.cdiff")
+    assert loaded.sample_ids == ("0", "1", "2")
+    assert loaded.metadata == {"method": "eap", "sample_ids": "position"}
+    assert loaded.graph == graph and torch.equal(loaded.per_sample, per_sample)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 4, 2), (3, 8, 1), (5, 6, 6), (4, 12, 4)], ids=str)
+@pytest.mark.parametrize("level", ["head", "layer"])
+def test_graph_dimensions_match_built_graph(shape, level):
+    graph = cd.AttributionGraph(*shape, level=level)
+    assert cd.AttributionGraph.dimensions(*shape, level) == (graph.n_sources, graph.n_receivers)
 
 
 def _edit_header(path, edit) -> None:

@@ -182,13 +182,14 @@ def test_detects_a_real_change_and_not_noise(graph):
     assert abs(row.percent_change) < 1.0
 
 
-def test_unpaired_when_sample_counts_differ(graph):
+def test_unpaired_on_request_and_no_guess_without_ids(graph):
     a, b = random_scores(graph, n=20, seed=1), random_scores(graph, n=30, seed=2)
-    result = compare(a, b, n_resamples=200, breakdown=False)
+    result = compare(a, b, paired=False, n_resamples=200, breakdown=False)
     assert not result.paired and result.get("intensity").test == "mann-whitney u"
-    assert result.groups == ["all"]
-    with pytest.raises(cd.DataError, match="paired=True needs the same samples"):
-        compare(a, b, paired=True)
+    assert result.groups == ["all"] and result.settings["n_base"] == 20 and result.settings["n_tuned"] == 30
+    for paired in (None, True):  # positional ids and different counts: no pairing is guessed
+        with pytest.raises(cd.DataError, match="carry no sample ids.*paired=False"):
+            compare(a, b, paired=paired)
 
 
 def test_shared_bins(graph):
@@ -218,9 +219,9 @@ def test_needs_per_sample_scores(graph):
     no_samples = cd.EdgeScores(graph=graph, mean=x.mean, per_sample=None, objective_values=x.objective_values)
     with pytest.raises(cd.DataError, match="per_sample=True"):
         compare(no_samples, x)
-    with pytest.raises(cd.DataError, match="bins must be"):
+    with pytest.raises(cd.ArgumentError, match="bins must be"):
         compare(x, x, bins=0)
-    with pytest.raises(cd.DataError, match="chunk_size must be"):
+    with pytest.raises(cd.ArgumentError, match="chunk_size must be"):
         compare(x, x, chunk_size=0)
 
 

@@ -1,9 +1,4 @@
-"""The pipeline and the CLI end to end on two tiny checkpoints, with stub generation caches.
-
-The caches make the tiny random models "answer" chosen questions correctly with answers
-of chosen lengths, which exercises the cache path of generation; everything after that
-(selection, truncation, scoring, comparison, reports) runs for real.
-"""
+"""The pipeline and the CLI end to end on two tiny checkpoints, with stub generation caches (pipeline_helpers.py)."""
 
 from __future__ import annotations
 
@@ -17,44 +12,9 @@ import torch
 import circuitdiff as cd
 import tiny_models as tm
 from circuitdiff.cli import main
-from circuitdiff.models import describe_model
 from circuitdiff.scorers.eap import EAP
 
-MAX_NEW_TOKENS = 16
-ANSWER_LENGTHS = {"base": [10, 12, 11, 13, 12, 9], "tuned": [11, 12, 12, 12, 13, 30]}
-WRONG = {"base": {4}, "tuned": set()}  # base gets q4 wrong; q5's tuned answer is too long for the window
-
-
-@pytest.fixture(scope="module")
-def run_files(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    tuned = tm.write_checkpoint("llama", root / "tuned", seed=1)
-    questions = root / "q.jsonl"
-    questions.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"w{i} w{i + 1} w{i + 2}", "answer": "4"}) + "\n"
-                                 for i in range(6)))
-    return {"base": checkpoints["llama"], "tuned": tuned, "questions": questions, "root": root}
-
-
-def write_caches(files, out):
-    """Stub generation caches: answers of the chosen lengths, boxed 4 (correct) or 5 (wrong)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for side in ("base", "tuned"):
-        model = cd.load_model(files[side], device="cpu")
-        source = {"model": describe_model(model).model_id, "max_new_tokens": MAX_NEW_TOKENS}
-        lines = []
-        for i, length in enumerate(ANSWER_LENGTHS[side]):
-            answer = "5" if i in WRONG[side] else "4"
-            ids = [(7 * i + k) % 30 for k in range(length)]
-            prompt_length = len(model.tokenizer(f"w{i} w{i + 1} w{i + 2}")["input_ids"])
-            lines.append(json.dumps({"id": f"q{i}", "text": f"so \\boxed{{{answer}}}", "answer_ids": ids,
-                                     "prompt_length": prompt_length, **source}))
-        (out / f"{side}.generations.jsonl").write_text("\n".join(lines) + "\n")
-
-
-def cli_args(files, out, *extra):
-    return ["compare", str(files["base"]), str(files["tuned"]), "--questions", str(files["questions"]),
-            "--out", str(out), "--alpha", "0.5", "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "2",
-            "--device", "cpu", "--dtype", "float32", "--quiet", *extra]
+from pipeline_helpers import ANSWER_LENGTHS, MAX_NEW_TOKENS, cli_args, write_caches
 
 
 def test_compare_end_to_end(run_files, tmp_path):
@@ -72,7 +32,7 @@ def test_compare_end_to_end(run_files, tmp_path):
     t_bar = (10.5 + 12 + 11.5 + 12.5 + (9 + 30) / 2) / 5
     assert run["selection"]["t_cut"] == int(0.5 * t_bar) and run["selection"]["rule"] == "paper"
     base = cd.EdgeScores.load(out / "base.cdiff")
-    assert base.n_samples == 4 and base.metadata["question_ids"] == ["q0", "q1", "q2", "q3"]
+    assert base.n_samples == 4 and base.sample_ids == ("q0", "q1", "q2", "q3")
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["paired"] and comparison["settings"]["n_base"] == 4
     assert {r["metric"] for r in comparison["rows"]} >= {"intensity", "diversity", "kurtosis"}
@@ -130,7 +90,7 @@ def test_eap_memory_options_reach_the_scorer(run_files, tmp_path):
     config = json.loads((tmp_path / "options" / "run.json").read_text())["config"]
     assert config["positions_per_pass"] == 4 and config["contraction_dtype"] == "bfloat16"
     manifest = json.loads((tmp_path / "options" / "base.shards" / "manifest.json").read_text())
-    assert manifest["method"]["options"] == {"positions_per_pass": 4, "contraction_dtype": "torch.bfloat16"}
+    assert manifest["identity"]["scorer"]["options"] == {"positions_per_pass": 4, "contraction_dtype": "torch.bfloat16"}
     difference = (scores["options"] - scores["default"]).norm() / scores["default"].norm()
     assert 1e-5 < difference < 1e-2  # the bfloat16 rounding, and nothing more
 

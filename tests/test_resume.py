@@ -102,10 +102,10 @@ def test_head_level_with_mean_intervention_and_callable_objective(get_model, tmp
                 plain)  # generators work too (they are read into lists)
     assert scorer._scored == []
     # the scorer's class is part of the run's identity, not only its name
-    with pytest.raises(cd.DataError, match='method: stored .*"class": "test_resume.CountingEAP"'):
+    with pytest.raises(cd.IdentityMismatchError, match='scorer or its options changed \\(class: stored "test_resume.CountingEAP"'):
         run(model, batches, ckpt, **kwargs)
     # the fingerprint covers the reference data
-    with pytest.raises(cd.DataError, match="intervention.*Delete that directory"):
+    with pytest.raises(cd.IdentityMismatchError, match="the intervention or its reference data changed.*fresh=True"):
         run(model, batches, ckpt, **{**kwargs, "reference_batches": make_batches(2, seed=51)})
 
 
@@ -118,32 +118,32 @@ def test_a_different_run_is_refused(get_model, tmp_path, change):
     other, other_batches = model, batches[:2]
     if change == "intervention":
         kwargs = dict(intervention="mean", reference_batches=batches)
-        expected = "intervention: stored"
+        expected = "the intervention or its reference data changed"
     elif change == "batches":
         other_batches = [batches[0], batches[2]]
         expected = r"batch\(es\) 1 differ"
     elif change == "fewer batches":
         other_batches = batches[:1]
-        expected = "n_batches: stored 2, now 1"
+        expected = r"the data \(token ids, labels or sample ids\) changed"
     elif change == "model":
         other = get_model("neox")
-        expected = "model: stored"
+        expected = "the model's architecture changed .*the model weights changed"
     elif change == "level":
-        kwargs, expected = dict(level="head"), "graph: stored"
+        kwargs, expected = dict(level="head"), "the graph changed"
     elif change == "per_sample":
-        kwargs, expected = dict(per_sample=False), "per_sample: stored true, now false"
+        kwargs, expected = dict(per_sample=False), "per_sample changed \\(stored true, now false\\)"
     elif change == "objective":
-        kwargs, expected = dict(objective=negated_max_logit), "objective: stored"
+        kwargs, expected = dict(objective=negated_max_logit), "the objective changed"
     else:
-        kwargs, expected = dict(method=cd.scorers.get("eap-ig-inputs", steps=2)), "method: stored"
-    with pytest.raises(cd.DataError, match=expected) as info:
+        kwargs, expected = dict(method=cd.scorers.get("eap-ig-inputs", steps=2)), "the scorer or its options changed"
+    with pytest.raises(cd.IdentityMismatchError, match=expected) as info:
         run(other, other_batches, ckpt, **kwargs)
     assert str(ckpt) in str(info.value) and "choose another checkpoint_dir" in str(info.value)
 
 
 def test_objectives_without_a_stable_name_are_refused(get_model, tmp_path):
     model = get_model("gpt2")
-    with pytest.raises(cd.DataError, match="lambda or a locally defined"):
+    with pytest.raises(cd.ArgumentError, match="lambda or a locally defined"):
         run(model, make_batches(1), tmp_path / "ckpt", objective=lambda logits, batch: logits[:, -1, 0])
     assert not (tmp_path / "ckpt").exists()  # refused before anything was written
 
@@ -155,7 +155,7 @@ def test_a_manifest_without_shards_is_taken_over(get_model, tmp_path):
         shard.unlink()
     assert_same(run(model, batches, ckpt, intervention="mean", reference_batches=batches),
                 run(model, batches, intervention="mean", reference_batches=batches))
-    with pytest.raises(cd.DataError, match="intervention: stored"):
+    with pytest.raises(cd.IdentityMismatchError, match="the intervention or its reference data changed"):
         run(model, batches, ckpt)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import os
@@ -14,15 +15,16 @@ from tqdm.auto import tqdm
 from circuitdiff import interventions as interventions_module
 from circuitdiff import objectives as objectives_module
 from circuitdiff import scorers
+from circuitdiff.checkpoint import BatchResult, Checkpoints
 from circuitdiff.data import Batch
-from circuitdiff.errors import ArgumentTypeError, DataError
-from circuitdiff.checkpoint import Checkpoints, run_manifest
+from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError, NonFiniteError
 from circuitdiff.graph import AttributionGraph
+from circuitdiff.identity import batch_fingerprint, fingerprint, run_settings
 from circuitdiff.models import attribution_mode, describe_model
 from circuitdiff.scorers.base import ScoringContext, make_context
 from circuitdiff.scores import EdgeScores
 
-__all__ = ["attribute", "checked_batches"]
+__all__ = ["attribute", "checked_batches", "NONFINITE_POLICIES"]
 
 
 def attribute(
@@ -37,6 +39,8 @@ def attribute(
     reference_batches: Iterable[Batch] | None = None,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike[str] | None = None,
+    fresh: bool = False,
+    nonfinite: str = "error",
 ) -> EdgeScores:
     """Score every edge of ``graph`` on ``batches``.
 
@@ -49,6 +53,7 @@ def attribute(
             eval mode with parameter gradients off for the run; both are restored.
         graph: ``AttributionGraph.from_model(model, level=...)``.
         batches: :class:`Batch` objects (e.g. from :func:`circuitdiff.make_batches`).
+            Their ``sample_ids`` name the samples (default: their positions).
         objective: a name (``"answer_nll"``, ``"logit_diff"``, ``"kl_to_clean"``) or a
             callable ``(logits [batch, pos, vocab], batch) -> losses [batch]``.
         method: scorer name (``circuitdiff.scorers.available()``), or a scorer
@@ -61,62 +66,77 @@ def attribute(
             sources, for ``"mean"`` and ``"mean-positional"``.
         progress: show a progress bar.
         checkpoint_dir: make the run resumable. Each batch's result (its float64 score
-            sum, clean losses and, with ``per_sample``, its per-sample scores) is written
-            atomically to ``checkpoint_dir/shard-NNNNN.safetensors`` as soon as the batch
-            finishes, next to ``manifest.json`` describing the run (model, graph, method
-            and options, intervention and its reference data, objective, a SHA-256 of
-            each batch's token ids and labels). Called again with the same arguments,
-            finished batches are read instead of scored; the result equals an
-            uninterrupted run bit for bit. ``batches`` (and ``reference_batches``) are
-            read into a list first. A callable ``objective`` must be a module-level
-            function or class instance (it is identified by its qualified name).
+            sum, clean losses, sample ids and, with ``per_sample``, its per-sample scores)
+            is written atomically to ``checkpoint_dir/shard-NNNNN.safetensors`` as soon
+            as the batch finishes, with the fingerprint of the run's identity (model
+            weights, config, tokenizer and dtype, graph, scorer and options, intervention
+            and its reference data, objective, every batch's token ids, labels and sample
+            ids, circuitdiff version; see :mod:`circuitdiff.identity`), which
+            ``manifest.json`` also holds. Called again with the same arguments, finished
+            batches are read instead of scored; the result equals an uninterrupted run
+            bit for bit. Anything else that differs is an error naming it. A lock keeps
+            two processes from writing into one directory at once. ``batches`` (and
+            ``reference_batches``) are read into a list first. A callable ``objective``
+            must be a module-level function or class instance (it is identified by its
+            qualified name).
+        fresh: with ``checkpoint_dir``: delete its manifest and shards first and start
+            over (what to do after an :class:`~circuitdiff.IdentityMismatchError`).
+        nonfinite: what a NaN or infinite score or loss does: ``"error"`` (default)
+            raises :class:`~circuitdiff.NonFiniteError` naming the batch, the sample and
+            the edges; ``"drop"`` leaves such samples out and lists them in
+            ``scores.metadata["dropped"]``.
 
     Returns:
-        :class:`EdgeScores` with float32 ``mean`` (and ``per_sample``).
+        :class:`EdgeScores` with float32 ``mean`` (and ``per_sample``), the kept
+        samples' ``sample_ids`` and ``metadata["identity"]`` (the run's identity and
+        its ``fingerprint``).
 
     Raises:
-        DataError: no batches, token ids outside the vocabulary, batches without
-            corrupted prompts under patching, bad loss spans; ``checkpoint_dir`` holds
-            shards of a different run (the message names what differs).
+        DataError: no batches, token ids outside the vocabulary, sequences longer than
+            the model's context, repeated sample ids, batches without corrupted prompts
+            under patching, bad loss spans.
+        NonFiniteError: a NaN or infinite score (with ``nonfinite="error"``).
+        IdentityMismatchError: ``checkpoint_dir`` holds shards of another run (the
+            message names what differs).
+        RunLockedError: another process is writing into ``checkpoint_dir``.
         ObjectiveError: the objective is NaN/inf (the batch is named) or misshapen.
         UnknownNameError: unknown method, intervention or objective name.
+        ArgumentError: bad options (``nonfinite``, ``fresh`` without ``checkpoint_dir``).
         UnsupportedModelError: the model cannot be attributed.
     """
     scorer = scorers.get(method) if isinstance(method, str) else method
     if not callable(getattr(scorer, "score_batch", None)):
         raise ArgumentTypeError(f"method must be a scorer name or an object with score_batch(); got {method!r}.")
-    store = None
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ArgumentError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {nonfinite!r}.")
+    if fresh and checkpoint_dir is None:
+        raise ArgumentError("fresh=True discards a checkpoint_dir's shards; it needs checkpoint_dir.")
     if checkpoint_dir is not None:
         batches = list(batches)
         reference_batches = None if reference_batches is None else list(reference_batches)
-        manifest = run_manifest(model, graph, batches, objective, scorer, intervention, reference_batches, per_sample)
     context = make_context(model, graph, objective, intervention, reference_batches, progress)
-    spec = describe_model(model)
-    if checkpoint_dir is not None:
-        store = Checkpoints(Path(checkpoint_dir), manifest)
-
-    total = torch.zeros(graph.n_sources, graph.n_receivers, dtype=torch.float64)
-    kept: list[torch.Tensor] = []
-    losses: list[torch.Tensor] = []
-    with attribution_mode(model):
+    settings = run_settings(model, graph, scorer, intervention, objective, reference_batches, per_sample, nonfinite,
+                            stable=checkpoint_dir is not None)
+    with contextlib.ExitStack() as stack:
+        store = None
+        if checkpoint_dir is not None:
+            prints = [batch_fingerprint(b) for b in batches]  # type: ignore[union-attr]
+            store = stack.enter_context(Checkpoints(Path(checkpoint_dir), {**settings, "data": fingerprint(prints)},
+                                                    prints, fresh))
+        run = _Accumulator(graph, per_sample)
+        stack.enter_context(attribution_mode(model))
         for index, batch in checked_batches(batches, context, f"{scorer.name} ({graph.level} level)"):
+            ids = run.ids_of(batch, index)
             done = store.load(index) if store is not None else None
             if done is None:
-                scores, batch_losses = scorer.score_batch(context, batch, index)
-                scores = scores.detach().to("cpu")
-                done = (scores.sum(0, dtype=torch.float64), scores.to(torch.float32) if per_sample else None,
-                        batch_losses.detach().to("cpu", torch.float32))
+                scores, losses = scorer.score_batch(context, batch, index)
+                done = _batch_result(scores.detach().to("cpu"), losses.detach().to("cpu", torch.float32), ids,
+                                     index, graph, per_sample, nonfinite)
                 if store is not None:
-                    store.save(index, *done)
-            batch_sum, batch_kept, batch_losses = done
-            total += batch_sum
-            if per_sample:
-                kept.append(batch_kept)
-            losses.append(batch_losses)
-    if not losses:
-        raise DataError("no batches given; attribution needs at least one sample.")
-    objective_values = torch.cat(losses)
-    n_samples = int(objective_values.shape[0])
+                    store.save(index, done)
+            run.add(index, batch, done)
+    identity = {**settings, "data": fingerprint(run.fingerprints)}
+    spec = describe_model(model)
     metadata = {
         "model_id": spec.model_id,
         "architecture": spec.architecture,
@@ -125,34 +145,135 @@ def attribute(
         "method": scorer.name,
         "intervention": context.intervention.name,
         "objective": objectives_module.name_of(context.objective),
-        "n_samples": n_samples,
+        "n_samples": run.n_kept,
+        "sample_ids": "given" if run.ids_given else "position",
+        "dropped": run.dropped,
         "sign": "objective(ablated) - objective(clean); positive = edge helps",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": dict(_versions()),
+        "identity": {"fingerprint": fingerprint(identity), **identity},
     }
-    return EdgeScores(
-        graph=graph,
-        mean=(total / n_samples).to(torch.float32),
-        per_sample=torch.cat(kept) if per_sample else None,
-        objective_values=objective_values,
-        metadata=metadata,
-    )
+    return run.scores(metadata)
+
+
+#: What ``attribute(nonfinite=...)`` accepts.
+NONFINITE_POLICIES = ("error", "drop")
+
+
+class _Accumulator:
+    """The kept samples of a run, batch by batch: score sum, per-sample scores, losses, ids, drops."""
+
+    def __init__(self, graph: AttributionGraph, per_sample: bool) -> None:
+        self.graph, self.per_sample = graph, per_sample
+        self.total = torch.zeros(graph.n_sources, graph.n_receivers, dtype=torch.float64)
+        self.kept: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor] = []
+        self.sample_ids: list[str] = []
+        self.seen: set[str] = set()
+        self.dropped: list[dict[str, Any]] = []
+        self.fingerprints: list[str] = []
+        self.ids_given = True
+        self.position = 0
+
+    def ids_of(self, batch: Batch, index: int) -> tuple[str, ...]:
+        """The batch's sample ids (its positions in the run when it has none); refuses repeats."""
+        ids = batch.sample_ids
+        if ids is None:
+            self.ids_given = False
+            ids = tuple(str(self.position + i) for i in range(batch.size))
+        self.position += batch.size
+        repeated = [i for i in ids if i in self.seen]
+        if repeated:
+            raise DataError(f"batch {index} repeats sample ids of earlier batches (e.g. {repeated[:3]}); every "
+                            "sample needs its own id (see make_batches(sample_ids=...)).")
+        self.seen.update(ids)
+        return ids
+
+    def add(self, index: int, batch: Batch, result: BatchResult) -> None:
+        self.fingerprints.append(batch_fingerprint(batch))
+        self.total += result.total
+        if self.per_sample:
+            self.kept.append(result.per_sample)  # type: ignore[arg-type]
+        self.losses.append(result.losses)
+        self.sample_ids.extend(result.sample_ids)
+        self.dropped.extend(result.dropped)
+
+    @property
+    def n_kept(self) -> int:
+        return len(self.sample_ids)
+
+    def scores(self, metadata: dict[str, Any]) -> EdgeScores:
+        if not self.fingerprints:
+            raise DataError("no batches given; attribution needs at least one sample.")
+        if not self.n_kept:
+            raise NonFiniteError(f"every sample was dropped for non-finite scores ({len(self.dropped)} samples; "
+                                 f"first: {self.dropped[0]['reason']}); nothing is left to return.")
+        return EdgeScores(
+            graph=self.graph,
+            mean=(self.total / self.n_kept).to(torch.float32),
+            per_sample=torch.cat(self.kept) if self.per_sample else None,
+            objective_values=torch.cat(self.losses),
+            metadata=metadata,
+            sample_ids=tuple(self.sample_ids),
+        )
+
+
+def _batch_result(scores: torch.Tensor, losses: torch.Tensor, ids: tuple[str, ...], index: int,
+                  graph: AttributionGraph, per_sample: bool, nonfinite: str) -> BatchResult:
+    """One batch's contribution; samples with a NaN or infinite score or loss raise or are dropped."""
+    finite = torch.isfinite(scores).flatten(1).all(1) & torch.isfinite(losses)
+    dropped = []
+    for row in torch.nonzero(~finite).flatten().tolist():
+        reason = _describe_nonfinite(scores[row], losses[row], graph)
+        if nonfinite == "error":
+            raise NonFiniteError(
+                f"batch {index}, sample {row} (id {ids[row]!r}): {reason}. A finite loss with non-finite scores "
+                "means the gradients overflowed or the model produced NaN inside (try dtype=torch.float32, check "
+                "the weights); pass nonfinite='drop' to leave such samples out (they are listed in "
+                "scores.metadata['dropped'])."
+            )
+        dropped.append({"id": ids[row], "batch": index, "reason": reason})
+    keep = torch.nonzero(finite).flatten()
+    scores, losses = scores[keep], losses[keep]
+    return BatchResult(scores.sum(0, dtype=torch.float64), scores.to(torch.float32) if per_sample else None,
+                       losses, tuple(ids[i] for i in keep.tolist()), dropped)
+
+
+def _describe_nonfinite(scores: torch.Tensor, loss: torch.Tensor, graph: AttributionGraph) -> str:
+    """E.g. ``"12 of 459 scores are NaN or inf, on edges into q, k receivers from attn sources (first a0.h1->a1.h0<q>)"``."""
+    bad = ~torch.isfinite(scores) & graph.edge_mask
+    if not bool(bad.any()):
+        return f"its clean loss is {float(loss)}"
+    rows, cols = torch.nonzero(bad, as_tuple=True)
+    receivers = sorted({graph.receiver_kinds[c] for c in cols.tolist()})
+    sources = sorted({graph.source_kinds[r] for r in rows.tolist()})
+    first = f"{graph.sources[int(rows[0])]}->{graph.receivers[int(cols[0])]}"
+    return (f"{int(bad.sum())} of {graph.n_edges} scores are NaN or inf, on edges into {', '.join(receivers)} "
+            f"receivers from {', '.join(sources)} sources (first {first})")
 
 
 def checked_batches(batches: Iterable[Batch], context: ScoringContext, desc: str) -> Iterator[tuple[int, Batch]]:
     """``(index, batch)`` pairs, each batch checked and moved to the model's device.
 
-    Refuses objects that are not :class:`Batch` and token ids outside the model's
-    vocabulary (both name the batch); shows a progress bar over batches unless
-    ``context.progress`` is False.
+    Refuses objects that are not :class:`Batch`, token ids outside the model's
+    vocabulary and sequences longer than its context (all name the batch); shows a
+    progress bar over batches unless ``context.progress`` is False.
     """
     d_vocab = describe_model(context.model).d_vocab
+    n_ctx = getattr(context.model.cfg, "n_ctx", None)
     n_batches = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     for index, batch in enumerate(tqdm(batches, total=n_batches, disable=not context.progress, desc=desc, unit="batch")):
         if not isinstance(batch, Batch):
             raise DataError(f"batch {index} is a {type(batch).__name__}; expected circuitdiff.Batch objects "
                             "(see circuitdiff.make_batches).")
         _check_vocab(batch, d_vocab, index)
+        if n_ctx is not None and batch.input_ids.shape[1] > n_ctx:
+            longest = int(torch.argmax(batch.lengths))
+            raise DataError(
+                f"batch {index}: sample {longest} has {int(batch.lengths[longest])} tokens but the model's context "
+                f"is {n_ctx} positions (learned position embeddings end there, rotary models were not trained "
+                "beyond it); truncate the prompts and answers (e.g. a smaller T_cut) or drop that sample."
+            )
         yield index, batch.to(context.hooks.device)
 
 

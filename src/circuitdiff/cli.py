@@ -5,19 +5,22 @@
     circuitdiff compare-scores base.cdiff tuned.cdiff [--out results/]
     circuitdiff demo            # the bundled tiny base / GRPO / DPO models, into ./circuitdiff-demo/
 
-User errors (bad files, bad parameters, nothing left after filtering) print one line to
-stderr and exit with status 2, without a traceback; Ctrl-C exits with 130 and the run
-resumes when started again.
+Every option is checked before a model is loaded or a token generated. Expected failures
+(bad files, bad options, a missing device, an unwritable output folder, a full disk,
+nothing left after filtering, results of another run in the output folder) print one line
+to stderr and exit with status 2; ``--debug`` prints the traceback too. Ctrl-C exits with
+130 and the run resumes when started again; ``--fresh`` starts it over.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
-from circuitdiff.errors import CircuitDiffError
+from circuitdiff.errors import CircuitDiffError, MissingPathError
 
 __all__ = ["main"]
 
@@ -32,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()  # its checkpoint-loading bars too
     try:
         return args.run(args)
-    except (CircuitDiffError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except (CircuitDiffError, OSError) as exc:  # OSError: missing files, permissions, a full disk
+        if args.debug:
+            traceback.print_exc()
         print(f"circuitdiff: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -42,34 +47,39 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuitdiff", description="How did post-training change a model inside?")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     compare = commands.add_parser("compare", help="generate, filter, score and compare two checkpoints",
-                                  description="The paper's pipeline on two local Hugging Face checkpoints.")
+                                  description="The paper's pipeline on two local Hugging Face checkpoints.",
+                                  parents=[common])
     compare.add_argument("base", help="base checkpoint directory")
     compare.add_argument("tuned", help="tuned checkpoint directory (same tokenizer family)")
     _pipeline_options(compare)
     compare.set_defaults(run=_compare)
 
     score = commands.add_parser("score", help="generate, filter and score one checkpoint",
-                                description="Score one model on the questions it answers correctly.")
+                                description="Score one model on the questions it answers correctly.", parents=[common])
     score.add_argument("model", help="checkpoint directory")
     _pipeline_options(score)
     score.set_defaults(run=_score)
 
     demo = commands.add_parser("demo", help="compare the bundled tiny base, GRPO and DPO models (no download)",
                                description="The compare pipeline for base vs grpo and base vs dpo on the bundled "
-                                           "demo checkpoints and questions, on CPU.")
+                                           "demo checkpoints and questions, on CPU.", parents=[common])
     demo.add_argument("--out", default="circuitdiff-demo", help="output directory (circuitdiff-demo)")
     demo.add_argument("--n", type=int, default=200, help="questions to sample (200)")
     demo.add_argument("--max-questions", type=int, help="read only the first N bundled questions (all 500)")
     demo.add_argument("--level", choices=["layer", "head"], default="layer", help="graph level (layer)")
     demo.add_argument("--method", default="eap", help="scorer (eap)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    demo.add_argument("--fresh", action="store_true", help="discard cached generations and scores in --out")
     demo.set_defaults(run=_demo)
 
     saved = commands.add_parser("compare-scores", help="compare two saved .cdiff files",
-                                description="Compare two per-sample score files on the same graph.")
+                                description="Compare two per-sample score files on the same graph; samples are "
+                                            "paired by sample id.", parents=[common])
     saved.add_argument("base", help="base scores (.cdiff)")
     saved.add_argument("tuned", help="tuned scores (.cdiff)")
     saved.add_argument("--out", help="also write comparison.json and report.md here")
@@ -103,6 +113,10 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard cached generations and score shards of an earlier run in --out")
+    parser.add_argument("--drop-nonfinite", dest="nonfinite", action="store_const", const="drop", default="error",
+                        help="leave samples with NaN/inf scores out (listed in the report) instead of stopping")
 
 
 def _config(args: argparse.Namespace):
@@ -136,26 +150,26 @@ def _demo(args: argparse.Namespace) -> int:
     from circuitdiff.demo import demo_config, run_demo
 
     config = demo_config(n=args.n, max_questions=args.max_questions, level=args.level, method=args.method,
-                         progress=not args.quiet)
+                         progress=not args.quiet, fresh=args.fresh)
     run_demo(args.out, config, log=_log(args))
     return 0
 
 
 def _compare_scores(args: argparse.Namespace) -> int:
     from circuitdiff.comparison import compare
+    from circuitdiff.pipeline import prepare_output_dir, write_text
     from circuitdiff.scores import EdgeScores
 
     for path in (args.base, args.tuned):
         if not Path(path).is_file():
-            raise FileNotFoundError(f"no scores file at {path!r}.")
+            raise MissingPathError(f"no scores file at {path!r}.")
+    out = prepare_output_dir(args.out, ("comparison.json", "report.md")) if args.out else None
     result = compare(EdgeScores.load(args.base, mmap=True), EdgeScores.load(args.tuned, mmap=True),
                      paired=False if args.unpaired else None, coarsen=args.coarsen)
     report = result.to_markdown()
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         result.to_json(str(out / "comparison.json"))
-        (out / "report.md").write_text(f"# circuitdiff compare-scores\n\n{args.base} vs {args.tuned}\n\n{report}\n")
+        write_text(out / "report.md", f"# circuitdiff compare-scores\n\n{args.base} vs {args.tuned}\n\n{report}\n")
     print(report)
     return 0
 

@@ -4,8 +4,8 @@ For each metric of :mod:`circuitdiff.metrics` and each edge group, a :class:`Com
 holds the base and tuned values, the difference (tuned - base), the % change, a
 bootstrap confidence interval of the difference over samples
 (``scipy.stats.bootstrap``, BCa) and a test over per-sample values: Wilcoxon
-signed-rank when the samples are paired (the same prompts scored on both models), else
-Mann-Whitney U. Cross-model similarities (Spearman correlation of the mean scores, top-k
+signed-rank when the samples are paired (the same prompts scored on both models, matched
+by sample id), else Mann-Whitney U. Cross-model similarities (Spearman correlation of the mean scores, top-k
 Jaccard overlap of the largest ``|mean score|`` edges, Wasserstein distance between the
 pooled ``|score|`` distributions) and the per-edge relative change come with it.
 """
@@ -16,6 +16,7 @@ import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,9 @@ from scipy import stats
 from torch import Tensor
 
 from circuitdiff import metrics
-from circuitdiff.errors import ArgumentTypeError, DataError, UnknownNameError
+from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError, NonFiniteError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
+from circuitdiff.io import write_atomically
 from circuitdiff.scores import EdgeScores
 
 __all__ = ["Comparison", "MetricComparison", "Similarity", "compare"]
@@ -76,7 +78,9 @@ class Comparison:
     ``per_sample[side][metric]`` ``[n_samples]`` arrays, ``node_entropy[side]``
     ``[n_sources]``, ``histograms[side]`` pooled counts on ``bin_edges``, and
     ``relative_change`` ``[n_sources, n_receivers]`` (NaN off the cells and where the
-    base mean is 0). ``side`` is ``"base"`` or ``"tuned"``.
+    base mean is 0). ``side`` is ``"base"`` or ``"tuned"``. ``sample_ids``: the samples
+    compared, in the order of the per-sample arrays (paired: one list for both sides).
+    ``dropped``: every sample left out and why (see :meth:`dropped_samples`).
     """
 
     graph: AttributionGraph
@@ -91,6 +95,8 @@ class Comparison:
     node_entropy: dict[str, np.ndarray]
     relative_change: Tensor
     settings: dict[str, Any] = field(default_factory=dict)
+    sample_ids: dict[str, list[str]] = field(default_factory=dict)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
 
     def get(self, metric: str, group: str = "all") -> MetricComparison:
         """The row of ``metric`` on ``group``."""
@@ -105,6 +111,15 @@ class Comparison:
         """Edge groups compared, ``"all"`` first."""
         return list(dict.fromkeys(row.group for row in self.rows))
 
+    def dropped_samples(self) -> list[dict[str, Any]]:
+        """Every sample left out of the comparison: ``{"side", "id", "reason"}``.
+
+        Reasons: no partner on the other side (pairing by id), dropped before scoring
+        for non-finite scores (``attribute(nonfinite="drop")``), or a metric undefined
+        on it (per metric; see ``MetricComparison.n_base`` / ``n_tuned``).
+        """
+        return list(self.dropped)
+
     def to_records(self) -> list[dict[str, Any]]:
         """One flat dict per row (``pandas.DataFrame(comparison.to_records())``)."""
         return [asdict(row) for row in self.rows]
@@ -116,6 +131,8 @@ class Comparison:
         return _plain({
             "settings": self.settings,
             "paired": self.paired,
+            "sample_ids": self.sample_ids,
+            "dropped": self.dropped,
             "structural_zeros": self.structural_zeros,
             "rows": self.to_records(),
             "similarity": [asdict(s) for s in self.similarity],
@@ -134,8 +151,7 @@ class Comparison:
         """:meth:`to_dict` as JSON text; also written to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
+            write_atomically(Path(path), lambda tmp: tmp.write_text(text))
         return text
 
     def to_markdown(self, groups: list[str] | None = None) -> str:
@@ -143,7 +159,8 @@ class Comparison:
         groups = groups or ["all"]
         test = "Wilcoxon signed-rank (paired)" if self.paired else "Mann-Whitney U (unpaired)"
         lines = [
-            f"Base vs tuned, {self.settings.get('n_base')} vs {self.settings.get('n_tuned')} samples; "
+            f"Base vs tuned, {self.settings.get('n_base')} vs {self.settings.get('n_tuned')} samples "
+            f"({self.settings.get('pairing', 'unpaired')}); "
             f"{self.settings.get('confidence', 0.95):.0%} bootstrap CI of tuned - base "
             f"({self.settings.get('n_resamples')} resamples); test: {test}; "
             f"{'all cells incl. structural zeros' if self.structural_zeros else 'real edges only'}; "
@@ -160,7 +177,23 @@ class Comparison:
         for s in self.similarity:
             if s.group in groups:
                 lines.append(f"| {s.group} | {s.spearman:.3f} | {s.top_k_jaccard:.3f} ({s.k}) | {s.wasserstein:.3g} |")
-        return "\n".join(lines)
+        return "\n".join(lines + self._samples_left_out(groups))
+
+    def _samples_left_out(self, groups: list[str]) -> list[str]:
+        """Markdown lines on the samples not in every row: pairing, non-finite drops, undefined metrics."""
+        lines = []
+        for reason in dict.fromkeys(d["reason"] for d in self.dropped):
+            for side in ("base", "tuned"):
+                ids = [d["id"] for d in self.dropped if d["reason"] == reason and d["side"] == side]
+                if ids:
+                    shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+                    lines.append(f"- {side}: {len(ids)} left out ({reason}): {shown}")
+        expected = (self.settings.get("n_base"), self.settings.get("n_tuned"))
+        for row in self.rows:
+            if row.group in groups and (row.n_base, row.n_tuned) != expected:
+                lines.append(f"- {row.metric} ({row.group}): undefined on some samples (all-zero or constant "
+                             f"scores); its row uses {row.n_base} base and {row.n_tuned} tuned samples")
+        return ["", "**Samples left out**", ""] + lines if lines else []
 
 
 def compare(
@@ -183,8 +216,11 @@ def compare(
     Args:
         base: per-sample :class:`EdgeScores` of the base model.
         tuned: per-sample :class:`EdgeScores` of the tuned model, on the same graph.
-        paired: the samples are the same prompts in the same order (paired tests and
-            bootstrap). Default: paired when both have the same number of samples.
+        paired: pair the samples by their ``sample_ids`` (paired tests and bootstrap).
+            Default (None): paired; samples whose id is on one side only are left out
+            and listed in the report. False: the two sides score different prompts
+            (unpaired tests on all samples). Two sides without a common id are refused
+            unless ``paired=False``.
         structural_zeros: compute on every cell of the matrix, structural zeros
             included (the paper's convention) instead of real edges only.
         breakdown: also compute every metric by receiver kind, source kind and layer.
@@ -200,37 +236,49 @@ def compare(
 
     Returns:
         :class:`Comparison`; ``print(result.to_markdown())``.
+
+    Raises:
+        DataError: no sample id in common (pass ``paired=False`` for different
+            prompts); the two sides were scored with different scorers, interventions
+            or objectives; graphs that do not correspond.
+        NonFiniteError: a NaN or infinite score (the side and sample are named).
     """
     for name, scores in (("base", base), ("tuned", tuned)):
         if not isinstance(scores, EdgeScores):
             raise ArgumentTypeError(f"{name} must be EdgeScores, got {type(scores).__name__}.")
         metrics.require_per_sample(scores, f"compare ({name})")
     metrics.check_bins(bins)
-    base, tuned = _common_graph(base, tuned, coarsen)
-    if paired is None:
-        paired = base.n_samples == tuned.n_samples
-    elif paired and base.n_samples != tuned.n_samples:
-        raise DataError(f"paired=True needs the same samples on both sides; got {base.n_samples} base and "
-                        f"{tuned.n_samples} tuned samples. Pass paired=False for different prompts.")
     if not 0 < confidence < 1:
-        raise DataError(f"confidence must be in (0, 1); got {confidence!r}.")
+        raise ArgumentError(f"confidence must be in (0, 1); got {confidence!r}.")
+    if paired not in (None, True, False):
+        raise ArgumentError(f"paired must be None, True or False; got {paired!r}.")
+    _check_same_settings(base, tuned)
+    base, tuned = _common_graph(base, tuned, coarsen)
+    pairing = _pair(base, tuned, paired is not False)
+    paired, selection = pairing.paired, pairing.rows
     graph = base.graph
     groups = metrics.edge_groups(graph, structural_zeros, breakdown)
-    top_b = metrics.largest_magnitude(base, groups, chunk_size)
-    top_t = metrics.largest_magnitude(tuned, groups, chunk_size)
-    tops = {g: max(top_b[g], top_t[g]) for g in groups}
-    profiles = {side: metrics.profile(scores, groups, tops, bins, chunk_size)
-                for side, scores in (("base", base), ("tuned", tuned))}
-    fine = {side: metrics.profile_histogram(scores, groups, tops, WASSERSTEIN_BINS, chunk_size)
-            for side, scores in (("base", base), ("tuned", tuned))}
+    sides = {"base": base, "tuned": tuned}
+    tops_by_side = {}
+    for side, scores in sides.items():
+        try:
+            tops_by_side[side] = metrics.largest_magnitude(scores, groups, chunk_size, selection[side])
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"{side} scores: {exc}") from None
+    tops = {g: max(tops_by_side["base"][g], tops_by_side["tuned"][g]) for g in groups}
+    profiles = {side: metrics.profile(scores, groups, tops, bins, chunk_size, selection[side])
+                for side, scores in sides.items()}
+    fine = {side: metrics.profile_histogram(scores, groups, tops, WASSERSTEIN_BINS, chunk_size, selection[side])
+            for side, scores in sides.items()}
+    means = {side: metrics.mean_scores(scores, selection[side], chunk_size) for side, scores in sides.items()}
     rng = np.random.default_rng(seed)
     rows, similarity = [], []
     for g, cells in groups.items():
         b, t = profiles["base"][g], profiles["tuned"][g]
         for metric in metrics.PER_SAMPLE_METRICS:
             rows.append(_row(metric, g, b, t, paired, confidence, n_resamples, rng))
-        similarity.append(_similarity(g, base.mean[cells], tuned.mean[cells], fine["base"][g], fine["tuned"][g],
-                                      tops[g], top_k))
+        similarity.append(_similarity(g, means["base"][cells], means["tuned"][cells], fine["base"][g],
+                                      fine["tuned"][g], tops[g], top_k))
     everything = profiles["base"]["all"], profiles["tuned"]["all"]
     return Comparison(
         graph=graph,
@@ -243,13 +291,84 @@ def compare(
         histograms={"base": everything[0].histograms.sum(0), "tuned": everything[1].histograms.sum(0)},
         per_sample={"base": everything[0].per_sample, "tuned": everything[1].per_sample},
         node_entropy={"base": everything[0].node_entropy, "tuned": everything[1].node_entropy},
-        relative_change=metrics.relative_change(base.mean, tuned.mean, groups["all"]),
+        relative_change=metrics.relative_change(means["base"], means["tuned"], groups["all"]),
         settings={"confidence": confidence, "n_resamples": n_resamples, "seed": seed, "bins": bins,
-                  "top_k": top_k, "level": graph.level, "n_base": base.n_samples, "n_tuned": tuned.n_samples,
+                  "top_k": top_k, "level": graph.level, "n_base": pairing.n["base"], "n_tuned": pairing.n["tuned"],
+                  "pairing": pairing.description,
                   "test": "wilcoxon signed-rank" if paired else "mann-whitney u",
                   "bootstrap": "scipy.stats.bootstrap, BCa",
                   "base": dict(base.metadata), "tuned": dict(tuned.metadata)},
+        sample_ids=pairing.ids,
+        dropped=pairing.dropped,
     )
+
+
+@dataclass(frozen=True)
+class _Pairing:
+    """Which samples of each side a comparison uses, in which order, and which it leaves out."""
+
+    paired: bool
+    rows: dict[str, Tensor | None]  # per side: row indices into its scores (None: all, in order)
+    ids: dict[str, list[str]]
+    n: dict[str, int]
+    dropped: list[dict[str, Any]]
+    description: str
+
+
+def _pair(base: EdgeScores, tuned: EdgeScores, paired: bool) -> _Pairing:
+    """Pair the samples by id (``paired``), or take every sample of both sides."""
+    sides = {"base": base, "tuned": tuned}
+    dropped = [{"side": side, "id": d.get("id"), "reason": "non-finite scores, dropped before scoring"}
+               for side, scores in sides.items() for d in scores.metadata.get("dropped", [])]
+    positional = [side for side, scores in sides.items() if scores.metadata.get("sample_ids", "position") == "position"]
+    if not paired:
+        return _Pairing(False, {"base": None, "tuned": None}, {s: list(x.sample_ids) for s, x in sides.items()},
+                        {s: x.n_samples for s, x in sides.items()}, dropped, "unpaired")
+    if positional and base.n_samples != tuned.n_samples:
+        raise DataError(
+            f"the {' and '.join(positional)} scores carry no sample ids (their ids are row positions) and the sides "
+            f"have {base.n_samples} and {tuned.n_samples} samples, so their samples cannot be matched. Pass "
+            "paired=False (command line: --unpaired) if they score different prompts, or rescore with sample ids "
+            "(make_batches(sample_ids=...))."
+        )
+    in_tuned = {sample: row for row, sample in enumerate(tuned.sample_ids)}
+    common = [sample for sample in base.sample_ids if sample in in_tuned]
+    if not common:
+        raise DataError(
+            f"base and tuned share no sample id (base e.g. {list(base.sample_ids[:3])}, tuned e.g. "
+            f"{list(tuned.sample_ids[:3])}), so no sample can be paired. If they score different prompts, pass "
+            "paired=False (command line: --unpaired); if they score the same prompts, give both runs the same "
+            "sample_ids (make_batches(sample_ids=...))."
+        )
+    if len(common) < 2:
+        raise DataError(f"base and tuned share only the sample id {common[0]!r}; a paired comparison needs at least "
+                        "2 common samples (diversity compares samples).")
+    in_base = {sample: row for row, sample in enumerate(base.sample_ids)}
+    shared = set(common)
+    for side, other, scores in (("base", "tuned", base), ("tuned", "base", tuned)):
+        dropped += [{"side": side, "id": sample, "reason": f"no sample with this id in {other}"}
+                    for sample in scores.sample_ids if sample not in shared]
+    rows = {}
+    for side, index in (("base", in_base), ("tuned", in_tuned)):
+        order = torch.tensor([index[sample] for sample in common], dtype=torch.long)
+        rows[side] = None if torch.equal(order, torch.arange(sides[side].n_samples)) else order
+    how = f"paired by sample id: {len(common)} pairs"
+    if positional:
+        how += (f"; the {' and '.join(positional)} ids are sample positions (batches without sample_ids), so this "
+                "pairs by position")
+    return _Pairing(True, rows, {"paired": common}, {"base": len(common), "tuned": len(common)}, dropped, how)
+
+
+def _check_same_settings(base: EdgeScores, tuned: EdgeScores) -> None:
+    """Refuse scores made with different scorers, interventions or objectives (they do not compare edge by edge)."""
+    for key, what in (("method", "scorer"), ("intervention", "intervention"), ("objective", "objective")):
+        b, t = base.metadata.get(key), tuned.metadata.get(key)
+        if b is not None and t is not None and b != t:
+            raise DataError(
+                f"base was scored with {what} {b!r} and tuned with {t!r}; scores of different {what}s do not "
+                "compare edge by edge. Score both models the same way (cd.agreement compares two scorers on "
+                "one model)."
+            )
 
 
 # ---------------------------------------------------------------------- helpers

@@ -14,6 +14,7 @@ tolerance). Put each process on its own GPU with :func:`local_device`.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import warnings
 from typing import Any, Iterable
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from circuitdiff import interventions as interventions_module
 from circuitdiff.data import Batch
 from circuitdiff.errors import ArgumentError, DataError, DistributedError
+from circuitdiff.identity import batch_fingerprint, fingerprint
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.scores import EdgeScores
 
@@ -140,7 +142,7 @@ def attribute(
 
     Raises:
         DataError: no batches; mean interventions whose means differ across ranks.
-        RuntimeError: a process group whose world size or rank disagrees with torchrun's
+        DistributedError: a process group whose world size or rank disagrees with torchrun's
             environment; another rank failed (the failing rank re-raises its own error,
             the others name it).
         CircuitDiffError: anything :func:`circuitdiff.attribute` raises.
@@ -156,6 +158,8 @@ def attribute(
     if dst is not None and not 0 <= dst < world_size:
         raise ArgumentError(f"dst={dst} is not a rank of this group of {world_size} processes.")
     _warn_on_shared_gpu(model)
+    data = fingerprint([batch_fingerprint(b) for b in batches])
+    named = _with_positional_ids(batches)
 
     kwargs = dict(attribute_kwargs)
     kwargs.setdefault("progress", rank == 0)
@@ -179,7 +183,7 @@ def attribute(
     scores: EdgeScores | None = None
     try:
         if mine:
-            scores = attribute_one(model, graph, [batches[i] for i in mine], intervention=intervention, **kwargs)
+            scores = attribute_one(model, graph, [named[i] for i in mine], intervention=intervention, **kwargs)
         outcome = {"part": _cpu_part(scores)}
     except Exception as exc:
         error, outcome = exc, {"error": f"{type(exc).__name__}: {exc} (rank {rank} scores batches {mine} of "
@@ -188,7 +192,19 @@ def attribute(
     parts = _gather(outcome, world_size, dst)
     if parts is None:
         return None
-    return _combine([p["part"] for p in parts], batches, world_size, graph)
+    ids_from = "position" if all(b.sample_ids is None for b in batches) else "given"
+    return _combine([p["part"] for p in parts], named, graph, data, ids_from)
+
+
+def _with_positional_ids(batches: list[Batch]) -> list[Batch]:
+    """The batches, those without sample ids named by their samples' positions in the whole run (as one process does)."""
+    named, position = [], 0
+    for batch in batches:
+        if batch.sample_ids is None:
+            batch = dataclasses.replace(batch, sample_ids=tuple(str(position + i) for i in range(batch.size)))
+        named.append(batch)
+        position += batch.size
+    return named
 
 
 def _model_device(model: Any) -> torch.device:
@@ -259,38 +275,37 @@ def _cpu_part(scores: EdgeScores | None) -> dict[str, Any] | None:
     if scores is None:
         return None
     return {
-        "mean": scores.mean.detach().cpu(),
         "per_sample": None if scores.per_sample is None else scores.per_sample.detach().cpu(),
+        "mean": scores.mean.detach().cpu(),
         "objective_values": scores.objective_values.detach().cpu(),
+        "sample_ids": scores.sample_ids,
         "metadata": scores.metadata,
     }
 
 
-def _combine(parts: list[dict[str, Any] | None], batches: list[Batch], world_size: int,
-             graph: AttributionGraph) -> EdgeScores:
-    """Put the ranks' per-batch results back in batch order and recompute the mean."""
-    sizes = [batch.size for batch in batches]
-    chunks: list[tuple[torch.Tensor | None, torch.Tensor] | None] = [None] * len(batches)
-    for rank, part in enumerate(parts):
-        if part is None:
-            continue
-        indices = shard(len(batches), rank, world_size)
-        own = [sizes[i] for i in indices]
-        values = part["objective_values"].split(own)
-        per_sample = part["per_sample"].split(own) if part["per_sample"] is not None else [None] * len(own)
-        for i, p, v in zip(indices, per_sample, values, strict=True):
-            chunks[i] = (p, v)
-    if any(c is None for c in chunks):
-        raise DistributedError("a batch's scores are missing after the gather; did every rank get the same batches?")
-    objective_values = torch.cat([c[1] for c in chunks])  # type: ignore[index]
-    n = int(objective_values.shape[0])
-    if all(c[0] is not None for c in chunks):  # type: ignore[index]
-        per_sample = torch.cat([c[0] for c in chunks])  # type: ignore[index, misc]
+def _combine(parts: list[dict[str, Any] | None], batches: list[Batch], graph: AttributionGraph, data: str,
+             ids_from: str) -> EdgeScores:
+    """Put the ranks' samples back in batch order (by sample id; dropped samples stay out) and recompute the mean."""
+    present = [p for p in parts if p is not None]
+    where = {sample: (k, row) for k, p in enumerate(present) for row, sample in enumerate(p["sample_ids"])}
+    order = [where[sample] for batch in batches for sample in batch.sample_ids if sample in where]  # type: ignore[union-attr]
+    if len(order) != len(where):
+        raise DistributedError("the ranks returned samples that are not in the batches; did every rank get the same "
+                               "batches?")
+    objective_values = torch.stack([present[k]["objective_values"][row] for k, row in order])
+    n = len(order)
+    if all(p["per_sample"] is not None for p in present):
+        per_sample = torch.stack([present[k]["per_sample"][row] for k, row in order])
         mean = per_sample.sum(0, dtype=torch.float64) / n
     else:
         per_sample = None
-        present = [p for p in parts if p is not None]
         mean = sum(p["mean"].double() * p["objective_values"].shape[0] for p in present) / n
-    metadata = {**parts[0]["metadata"], "n_samples": n, "world_size": world_size}  # type: ignore[index]
-    return EdgeScores(graph=graph, mean=mean.to(parts[0]["mean"].dtype), per_sample=per_sample,  # type: ignore[index]
-                      objective_values=objective_values, metadata=metadata)
+    first = present[0]["metadata"]
+    identity = {**first["identity"], "data": data}
+    identity.pop("fingerprint")
+    metadata = {**first, "n_samples": n, "world_size": len(parts), "sample_ids": ids_from,
+                "dropped": [d for p in present for d in p["metadata"]["dropped"]],
+                "identity": {"fingerprint": fingerprint(identity), **identity}}
+    return EdgeScores(graph=graph, mean=mean.to(present[0]["mean"].dtype), per_sample=per_sample,
+                      objective_values=objective_values, metadata=metadata,
+                      sample_ids=tuple(present[k]["sample_ids"][row] for k, row in order))

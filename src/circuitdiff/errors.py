@@ -23,8 +23,10 @@ __all__ = [
     "IdentityMismatchError",
     "RunLockedError",
     "FileFormatError",
+    "MissingPathError",
     "DuplicateNameError",
     "PluginLoadError",
+    "MissingDependencyError",
     "MemoryPlanError",
     "DistributedError",
 ]
@@ -74,12 +76,20 @@ class FileFormatError(CircuitDiffError, ValueError):
     """A scores or cache file is corrupt, tampered with, or of an unsupported format version."""
 
 
+class MissingPathError(CircuitDiffError, FileNotFoundError):
+    """A file or directory the call needs does not exist (also a ``FileNotFoundError``)."""
+
+
 class DuplicateNameError(CircuitDiffError, ValueError):
     """A scorer or objective name is registered twice (pass ``replace=True`` to override on purpose)."""
 
 
 class PluginLoadError(CircuitDiffError, ImportError):
     """A plugin's entry point could not be imported; the original exception is chained."""
+
+
+class MissingDependencyError(CircuitDiffError, ImportError):
+    """An optional dependency is not installed; the message says what to install."""
 
 
 class MemoryPlanError(DataError):

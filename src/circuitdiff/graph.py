@@ -110,6 +110,12 @@ class AttributionGraph:
             return self.n_heads, self.n_kv_heads, self.n_kv_heads
         return 1, 1, 1
 
+    @staticmethod
+    def dimensions(n_layers: int, n_heads: int, n_kv_heads: int, level: Level) -> tuple[int, int]:
+        """``(n_sources, n_receivers)`` of a graph of this shape, computed without building it."""
+        heads, n_q, n_kv = (n_heads, n_heads, n_kv_heads) if level == "head" else (1, 1, 1)
+        return 1 + n_layers * (heads + 1), 1 + n_layers * (n_q + 2 * n_kv + 1)
+
     def _build(self) -> None:
         hs = self.heads_per_source_block
         n_q, n_k, n_v = self.receivers_per_attention

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
-from typing import Any, Iterable
+from dataclasses import fields
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +33,9 @@ from torch import Tensor
 __all__ = [
     "fingerprint",
     "tensor_digest",
+    "batch_fingerprint",
+    "describe_component",
+    "run_settings",
     "weights_fingerprint",
     "tokenizer_fingerprint",
     "model_identity",
@@ -57,6 +62,101 @@ def tensor_digest(t: Tensor) -> str:
     digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def batch_fingerprint(batch: Any) -> str:
+    """SHA-256 over every field of a :class:`~circuitdiff.Batch`: token ids, masks, labels and sample ids."""
+    digest = hashlib.sha256()
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        digest.update(f"{f.name}|".encode())
+        if isinstance(value, Tensor):
+            digest.update(tensor_digest(value).encode())
+        elif value is not None:
+            digest.update(json.dumps(value).encode())
+    return digest.hexdigest()
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _qualified_name(kind: str, obj: Any, stable: bool) -> str:
+    """``module.qualname`` of a function, or of an object's class.
+
+    With ``stable``, a name that cannot be recognised when the run is started again (a
+    lambda, a local function, a ``functools.partial``) is an ArgumentError.
+    """
+    from circuitdiff.errors import ArgumentError
+
+    if isinstance(obj, functools.partial):
+        if stable:
+            raise ArgumentError(f"checkpoint_dir cannot identify the functools.partial {kind} {obj!r}; define a "
+                                "module-level function or class instead, or run without checkpoint_dir.")
+        return f"functools.partial({_qualified_name(kind, obj.func, False)})"
+    target = obj if inspect.isfunction(obj) or inspect.ismethod(obj) or inspect.isbuiltin(obj) else type(obj)
+    qualname = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
+    if stable and ("<lambda>" in qualname or "<locals>" in qualname):
+        raise ArgumentError(
+            f"checkpoint_dir needs the {kind} to have a stable name, but {qualname!r} is a lambda or a locally "
+            f"defined one, which cannot be recognised when the run is started again; define it at module "
+            f"level (or register it by name), or run without checkpoint_dir."
+        )
+    return qualname
+
+
+def describe_component(kind: str, obj: Any, stable: bool = False) -> dict[str, Any]:
+    """Identity of a scorer, intervention or objective: its name, class and public options.
+
+    Options are the public attributes holding plain values (dtypes by name, tensors by
+    SHA-256); attributes starting with ``_`` are ignored. A name given as a string stands
+    for itself. ``stable``: refuse objects whose name would not survive a restart.
+    """
+    if isinstance(obj, str):
+        return {"name": obj}
+    options: dict[str, Any] = {}
+    for key, value in sorted(getattr(obj, "__dict__", {}).items()):
+        if key.startswith("_"):
+            continue
+        if isinstance(value, _PLAIN):
+            options[key] = value
+        elif isinstance(value, torch.dtype):
+            options[key] = str(value)
+        elif isinstance(value, Tensor):
+            options[key] = f"sha256:{tensor_digest(value)}"
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value):
+            options[key] = list(value)
+    name = getattr(obj, "name", None)
+    if name is None and kind == "objective":
+        name = getattr(obj, "__name__", type(obj).__name__)
+    return {"name": name, "class": _qualified_name(kind, obj, stable), "options": options}
+
+
+def run_settings(model: Any, graph: Any, scorer: Any, intervention: Any, objective: Any,
+                 reference_batches: Sequence[Any] | None, per_sample: bool, nonfinite: str,
+                 stable: bool = False) -> dict[str, Any]:
+    """The identity of an attribution run, all but its data (see :func:`circuitdiff.attribute`).
+
+    ``intervention`` and ``objective`` are what the caller passed (a name or an object);
+    ``reference_batches`` the data of a mean intervention. Add ``"data"`` (a fingerprint
+    of the batches' fingerprints, :func:`batch_fingerprint`) for the full identity.
+    """
+    from circuitdiff import objectives
+
+    intervention_id = describe_component("intervention", intervention, stable)
+    if reference_batches is not None:
+        intervention_id["reference_batches"] = fingerprint([batch_fingerprint(b) for b in reference_batches])
+    objective_id = describe_component("objective", objective if isinstance(objective, str)
+                                      else objectives.resolve(objective), stable)
+    return {
+        "circuitdiff": library_version(),
+        "model": model_identity(model),
+        "graph": graph.to_dict(),
+        "scorer": describe_component("scorer", scorer, stable),
+        "intervention": intervention_id,
+        "objective": objective_id,
+        "per_sample": per_sample,
+        "nonfinite": nonfinite,
+    }
 
 
 def _word_sums(t: Tensor) -> tuple[int, int]:
@@ -118,15 +218,19 @@ def weights_fingerprint(model: Any) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Fingerprint of what a tokenizer does: its full definition (or vocabulary), special tokens, BOS/EOS flags, chat template."""
+    """Fingerprint of what a tokenizer does: its definition (or vocabulary), special tokens, BOS/EOS flags, chat template.
+
+    The definition leaves out the padding and truncation state, which every padded call
+    changes and which does not change how a text is tokenized.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    try:
-        definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    except Exception:  # an unusual tokenizer: fall back to its class and vocabulary size
-        definition = f"{type(tokenizer).__name__}:{len(tokenizer)}"
+    if backend is not None:
+        definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+    else:
+        definition = tokenizer.get_vocab()
     return fingerprint({
         "class": type(tokenizer).__name__,
-        "definition": hashlib.sha256(definition.encode()).hexdigest(),
+        "definition": fingerprint(definition),
         "special_tokens": {k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()},
         "add_bos_token": getattr(tokenizer, "add_bos_token", None),
         "add_eos_token": getattr(tokenizer, "add_eos_token", None),
@@ -205,6 +309,9 @@ def differences(stored: dict[str, Any], current: dict[str, Any], fields: Iterabl
     """
     found: list[str] = []
 
+    def shown(v: Any) -> str:
+        return str(v)[:12] + "…" if isinstance(v, str) and len(v) == 64 else json.dumps(v, default=str)
+
     def walk(a: Any, b: Any, path: str) -> None:
         if a == b:
             return
@@ -213,11 +320,12 @@ def differences(stored: dict[str, Any], current: dict[str, Any], fields: Iterabl
                 walk(a.get(key), b.get(key), f"{path}.{key}" if path else key)
             return
         label = _LABELS.get(path, path)
-        if isinstance(a, (str, int, float, bool, type(None))) and isinstance(b, (str, int, float, bool, type(None))):
-            shown = [str(v)[:12] + "…" if isinstance(v, str) and len(v) == 64 else json.dumps(v) for v in (a, b)]
-            found.append(f"{label} changed (stored {shown[0]}, now {shown[1]})")
+        if isinstance(a, dict) and isinstance(b, dict):  # a labelled group: name the fields inside it
+            keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            parts = [f"{k}: stored {shown(a.get(k))}, now {shown(b.get(k))}" for k in keys[:3]]
+            found.append(f"{label} changed ({'; '.join(parts)})")
         else:
-            found.append(f"{label} changed")
+            found.append(f"{label} changed (stored {shown(a)}, now {shown(b)})")
 
     keys = sorted(set(stored) | set(current)) if fields is None else list(fields)
     for key in keys:

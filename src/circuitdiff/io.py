@@ -4,34 +4,47 @@ Tensors: ``mean`` [n_sources, n_receivers], ``objective_values`` [n_samples],
 ``edge_mask`` [n_sources, n_receivers] (bool) and, when kept, ``per_sample``
 [n_samples, n_sources, n_receivers]. The safetensors header's metadata holds one key,
 ``"circuitdiff"``, a JSON object with ``format_version``, the graph description, the
-run metadata and a SHA-256 of that description and all tensor bytes, so truncated or edited files are
-rejected on load instead of giving wrong numbers.
+run metadata, the ``sample_ids`` (one string per sample; since version 2) and a SHA-256
+of all of these and all tensor bytes, so truncated or edited files are rejected on load
+instead of giving wrong numbers. Every header field is checked against the stored
+tensors before any tensor is read, so a hostile header cannot make the reader allocate
+more than the file's own size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from circuitdiff.errors import FileFormatError
-from circuitdiff.graph import AttributionGraph
+from circuitdiff.data.batches import check_sample_ids
+from circuitdiff.errors import DataError, FileFormatError, MissingPathError
+from circuitdiff.graph import LEVELS, AttributionGraph
 from circuitdiff.scores import EdgeScores
 
 __all__ = ["FORMAT_VERSION", "save_scores", "load_scores", "write_atomically"]
 
 #: Version of the file layout this library writes; it reads this and older ones.
-FORMAT_VERSION = 1
+#: 1: no sample ids. 2: ``sample_ids`` in the header.
+FORMAT_VERSION = 2
 _KEY = "circuitdiff"
 _HASH_BLOCK = 1 << 26  # bytes hashed at a time
+_MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself applies
+_DTYPES = {"BOOL": np.dtype("?"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
+_FLOATS = ("F16", "F32", "F64")
+#: The tensors a .cdiff file may hold and their allowed dtypes; all but per_sample are required.
+_TENSORS = {"mean": _FLOATS, "objective_values": _FLOATS, "edge_mask": ("BOOL",), "per_sample": _FLOATS}
+_GRAPH_KEYS = frozenset(AttributionGraph(1, 1).to_dict())
+_FIX = "The file was edited or corrupted; recompute the scores or restore the original file."
 
 
 def _checksum(tensors: dict[str, Tensor], described: dict) -> str:
@@ -49,15 +62,13 @@ def _checksum(tensors: dict[str, Tensor], described: dict) -> str:
     return digest.hexdigest()
 
 
-def _memory_mapped(path: Path, name: str) -> Tensor:
-    """Tensor ``name`` of a safetensors file as a copy-on-write memory map (read on demand)."""
-    with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        entry = json.loads(f.read(header_size))[name]
-    dtype = {"F32": np.float32, "F64": np.float64, "F16": np.float16}[entry["dtype"]]
-    begin, _ = entry["data_offsets"]
-    array = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_size + begin, shape=tuple(entry["shape"]))
-    return torch.from_numpy(array)
+def _read_tensor(path: Path, entry: dict[str, Any], data_start: int, mmap: bool) -> Tensor:
+    """One tensor of a checked header: read, or memory-mapped copy-on-write (read on demand)."""
+    dtype, shape = _DTYPES[entry["dtype"]], tuple(entry["shape"])
+    offset = data_start + entry["data_offsets"][0]
+    if mmap and math.prod(shape):  # an empty tensor cannot be mapped
+        return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape))
+    return torch.from_numpy(np.fromfile(path, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape))
 
 
 def save_scores(scores: EdgeScores, path: str | os.PathLike[str]) -> None:
@@ -69,7 +80,8 @@ def save_scores(scores: EdgeScores, path: str | os.PathLike[str]) -> None:
     }
     if scores.per_sample is not None:
         tensors["per_sample"] = scores.per_sample.detach().cpu().contiguous()
-    header = {"format_version": FORMAT_VERSION, "graph": scores.graph.to_dict(), "metadata": scores.metadata}
+    header = {"format_version": FORMAT_VERSION, "graph": scores.graph.to_dict(), "metadata": scores.metadata,
+              "sample_ids": list(scores.sample_ids)}
     header["sha256"] = _checksum(tensors, header)
     write_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={_KEY: json.dumps(header)}))
 
@@ -100,8 +112,157 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.close(fd)
 
 
+def _parse_json(text: str) -> Any:
+    """Parse JSON; ValueError (a FileFormatError for our own checks) for invalid JSON, a key given twice, or nesting too deep."""
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) < len(keys):
+            raise FileFormatError(f"a JSON object repeats a key among {_show(keys)}")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except RecursionError:
+        raise FileFormatError("JSON nested too deeply") from None
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, cut to 200 characters for error messages."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _int_list(value: Any) -> bool:
+    """Whether ``value`` is a list of ints (bools excluded)."""
+    return isinstance(value, list) and all(type(v) is int for v in value)
+
+
+def _safetensors_header(path: Path) -> tuple[str, dict[str, dict[str, Any]], int]:
+    """The circuitdiff JSON text, the tensor entries and the byte where tensor data starts.
+
+    Checks the safetensors layout without reading tensor data: an 8-byte little-endian
+    header length within the file, a JSON object padded with spaces, only circuitdiff's
+    tensors with allowed dtypes, and data offsets that match each tensor's size and tile
+    the rest of the file exactly.
+    """
+    unreadable = f"{str(path)!r} is not a readable safetensors file"
+    size = path.stat().st_size
+    if size < 8:
+        raise FileFormatError(f"{unreadable}: it has {size} bytes, fewer than the 8-byte header length; "
+                              "it may be truncated.")
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length > min(size - 8, _MAX_HEADER_BYTES):
+            raise FileFormatError(f"{unreadable}: its header length says {length} bytes, but {size - 8} follow "
+                                  f"(and at most {_MAX_HEADER_BYTES} are allowed); it may be truncated.")
+        text = f.read(length)
+    try:
+        if text[:1] != b"{" or not text.rstrip(b" ").endswith(b"}"):
+            raise FileFormatError("the header is not a JSON object padded with spaces")
+        entries = _parse_json(text.decode("utf-8"))
+    except ValueError as exc:
+        raise FileFormatError(f"{unreadable} ({exc}); it may be truncated or corrupted.") from exc
+    metadata = entries.pop("__metadata__", None)
+    raw = metadata.get(_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(raw, str):
+        raise FileFormatError(f"{str(path)!r} is a safetensors file but not one written by circuitdiff.")
+
+    bad = f"{str(path)!r} is not a valid circuitdiff file"
+    if not set(_TENSORS) - {"per_sample"} <= set(entries) <= set(_TENSORS):
+        raise FileFormatError(f"{bad}: it holds the tensors {_show(sorted(entries))}; expected mean, "
+                              f"objective_values, edge_mask and optionally per_sample. {_FIX}")
+    for name, entry in entries.items():
+        well_formed = (isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"}
+                       and entry["dtype"] in _TENSORS[name]
+                       and _int_list(entry["shape"]) and all(n >= 0 for n in entry["shape"])
+                       and _int_list(entry["data_offsets"]) and len(entry["data_offsets"]) == 2)
+        if not well_formed:
+            raise FileFormatError(f"{bad}: tensor {name!r} is described as {_show(entry)}; expected a dtype in "
+                                  f"{_TENSORS[name]}, a shape of sizes >= 0 and data_offsets [begin, end]. {_FIX}")
+        begin, end = entry["data_offsets"]
+        nbytes = _DTYPES[entry["dtype"]].itemsize * math.prod(entry["shape"])
+        if end - begin != nbytes:
+            raise FileFormatError(f"{bad}: tensor {name!r} ({entry['dtype']}, shape {_show(entry['shape'])}) needs "
+                                  f"{nbytes} bytes, but its data_offsets span {end - begin}. {_FIX}")
+    position = 0
+    for entry in sorted(entries.values(), key=lambda e: e["data_offsets"]):
+        if entry["data_offsets"][0] != position:
+            raise FileFormatError(f"{bad}: its tensors' data_offsets overlap or leave gaps. {_FIX}")
+        position = entry["data_offsets"][1]
+    if position != size - 8 - length:
+        raise FileFormatError(f"{unreadable}: its tensors take {position} bytes, but {size - 8 - length} follow "
+                              "the header; it may be truncated.")
+    return raw, entries, 8 + length
+
+
+def _circuitdiff_header(path: Path, raw: str, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The circuitdiff JSON with every field checked, the graph's size against the stored shapes.
+
+    The graph is not built: its size comes from :meth:`AttributionGraph.dimensions`, so a
+    header claiming a huge model fails here instead of allocating it.
+    """
+    bad = f"{str(path)!r} has an invalid circuitdiff header"
+    try:
+        header = _parse_json(raw)
+    except ValueError as exc:
+        raise FileFormatError(f"{str(path)!r} has an unreadable circuitdiff header ({exc}). {_FIX}") from exc
+    if not isinstance(header, dict):
+        raise FileFormatError(f"{bad}: it is {_show(header)}, not a JSON object. {_FIX}")
+    version = header.get("format_version")
+    if type(version) is not int or version < 1:
+        raise FileFormatError(f"{bad}: format_version is {_show(version)}; expected an integer from 1 to "
+                              f"{FORMAT_VERSION}. {_FIX}")
+    if version > FORMAT_VERSION:
+        raise FileFormatError(
+            f"{str(path)!r} uses scores format version {version}; this circuitdiff reads up to "
+            f"version {FORMAT_VERSION}. Upgrade circuitdiff (pip install -U circuitdiff)."
+        )
+    fields = {"format_version", "graph", "metadata", "sha256"} | ({"sample_ids"} if version >= 2 else set())
+    if set(header) != fields:
+        raise FileFormatError(f"{bad}: it has the fields {_show(sorted(header))}; format version {version} has "
+                              f"{sorted(fields)}. {_FIX}")
+
+    graph = header["graph"]
+    if not isinstance(graph, dict) or set(graph) != _GRAPH_KEYS:
+        raise FileFormatError(f"{bad}: graph is {_show(graph)}; expected an object with the keys "
+                              f"{sorted(_GRAPH_KEYS)}. {_FIX}")
+    sizes = graph["n_layers"], graph["n_heads"], graph["n_kv_heads"]
+    if (any(type(n) is not int or n < 1 for n in sizes) or sizes[1] % sizes[2]
+            or graph["level"] not in LEVELS or type(graph["parallel_blocks"]) is not bool):
+        raise FileFormatError(f"{bad}: graph {_show(graph)} is not a valid graph: n_layers, n_heads and "
+                              "n_kv_heads must be integers >= 1, n_heads a multiple of n_kv_heads, level one "
+                              f"of {LEVELS} and parallel_blocks true or false. {_FIX}")
+    n_sources, n_receivers = AttributionGraph.dimensions(*sizes, graph["level"])
+    objective_shape = entries["objective_values"]["shape"]
+    if len(objective_shape) != 1:
+        raise FileFormatError(f"{bad}: objective_values has shape {_show(objective_shape)}; expected "
+                              f"[n_samples]. {_FIX}")
+    n_samples = objective_shape[0]
+    expected = {"mean": [n_sources, n_receivers], "edge_mask": [n_sources, n_receivers],
+                "objective_values": [n_samples], "per_sample": [n_samples, n_sources, n_receivers]}
+    for name, entry in entries.items():
+        if entry["shape"] != expected[name]:
+            raise FileFormatError(f"{bad}: tensor {name!r} has shape {_show(entry['shape'])}; the graph "
+                                  f"{_show(graph)} with {n_samples} samples needs {expected[name]}. {_FIX}")
+
+    if not isinstance(header["metadata"], dict):
+        raise FileFormatError(f"{bad}: metadata is {_show(header['metadata'])}, not a JSON object. {_FIX}")
+    if not (isinstance(header["sha256"], str) and re.fullmatch("[0-9a-f]{64}", header["sha256"])):
+        raise FileFormatError(f"{bad}: sha256 is {_show(header['sha256'])}, not 64 lowercase hex digits. {_FIX}")
+    if version >= 2:
+        try:
+            check_sample_ids(header["sample_ids"], n_samples, "sample_ids")
+        except DataError as exc:
+            raise FileFormatError(f"{bad}: {exc} {_FIX}") from None
+    return header
+
+
 def load_scores(path: str | os.PathLike[str], mmap: bool = False) -> EdgeScores:
     """Read a ``.cdiff`` file.
+
+    Every header field is checked before any tensor is read; then the checksum is
+    verified. Version 1 files (no sample ids) load with positional sample ids.
 
     With ``mmap=True`` the per-sample scores are memory-mapped instead of read: the
     operating system pages them in as they are used (e.g. chunk by chunk by
@@ -110,45 +271,30 @@ def load_scores(path: str | os.PathLike[str], mmap: bool = False) -> EdgeScores:
     (one streaming read of the file).
 
     Raises:
-        FileNotFoundError: no such file.
-        FileFormatError: not a circuitdiff file, corrupt or modified (checksum
-            mismatch), or written by a newer format version.
+        MissingPathError: no such file (also a FileNotFoundError).
+        FileFormatError: not a circuitdiff file, malformed, corrupt or modified (checksum
+            mismatch), or written by a newer format version; the message says which.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no scores file at {str(path)!r}.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_KEY)
-            lazy = {"per_sample"} if mmap else set()
-            tensors = {name: _memory_mapped(path, name) if name in lazy else f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise FileFormatError(f"{str(path)!r} is not a readable safetensors file ({exc}); it may be truncated.") from exc
-    if raw is None:
-        raise FileFormatError(f"{str(path)!r} is a safetensors file but not one written by circuitdiff.")
-    try:
-        header = json.loads(raw)
-        version = int(header["format_version"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FileFormatError(f"{str(path)!r} has an unreadable circuitdiff header ({exc}).") from exc
-    if version > FORMAT_VERSION:
-        raise FileFormatError(
-            f"{str(path)!r} uses scores format version {version}; this circuitdiff reads up to "
-            f"version {FORMAT_VERSION}. Upgrade circuitdiff (pip install -U circuitdiff)."
-        )
-    described = {k: header.get(k) for k in ("format_version", "graph", "metadata")}
-    if _checksum(tensors, described) != header.get("sha256"):
+        raise MissingPathError(f"no scores file at {str(path)!r}.")
+    raw, entries, data_start = _safetensors_header(path)
+    header = _circuitdiff_header(path, raw, entries)
+    tensors = {name: _read_tensor(path, entry, data_start, mmap and name == "per_sample")
+               for name, entry in entries.items()}
+    if _checksum(tensors, {key: value for key, value in header.items() if key != "sha256"}) != header["sha256"]:
         raise FileFormatError(
             f"{str(path)!r} failed its checksum: the file was modified or corrupted after it was "
             "written. Recompute the scores or restore the original file."
         )
     graph = AttributionGraph.from_dict(header["graph"])
     if not torch.equal(tensors["edge_mask"], graph.edge_mask):
-        raise FileFormatError(f"{str(path)!r}: stored edge mask does not match its graph description.")
+        raise FileFormatError(f"{str(path)!r}: stored edge mask does not match its graph description. {_FIX}")
     return EdgeScores(
         graph=graph,
         mean=tensors["mean"],
         per_sample=tensors.get("per_sample"),
         objective_values=tensors["objective_values"],
         metadata=header["metadata"],
+        sample_ids=header.get("sample_ids"),
     )

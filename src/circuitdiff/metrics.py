@@ -47,7 +47,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuitdiff.errors import ArgumentTypeError, DataError
+from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError, NonFiniteError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.scores import EdgeScores
 
@@ -69,6 +69,7 @@ __all__ = [
     "require_per_sample",
     "check_bins",
     "largest_magnitude",
+    "mean_scores",
     "summarize",
 ]
 
@@ -243,17 +244,36 @@ class _Layout:
         position[self.flat] = torch.arange(self.flat.numel())
         self.columns = {g: position[torch.nonzero(cells.flatten()).flatten()] for g, cells in groups.items()}
 
-    def chunks(self, scores: EdgeScores, chunk_size: int | None) -> Iterator[tuple[slice, Iterator[tuple[str, Tensor]]]]:
-        """For each chunk of samples: its rows, and the pairs ``(group, [samples, cells] float64)``, one at a time."""
+    def chunks(self, scores: EdgeScores, chunk_size: int | None,
+               rows: Tensor | None = None) -> Iterator[tuple[slice, Iterator[tuple[str, Tensor]]]]:
+        """For each chunk of samples: its positions, and the pairs ``(group, [samples, cells] float64)``, one at a time.
+
+        ``rows``: the samples to read, in this order (default: all, in order); positions
+        count within ``rows``. A NaN or infinite score is a NonFiniteError naming its sample.
+        """
         if chunk_size is None:
             chunk_size = max(1, CHUNK_VALUES // max(self.flat.numel(), 1))
         elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise DataError(f"chunk_size must be a positive integer or None; got {chunk_size!r}.")
-        for start in range(0, scores.n_samples, chunk_size):
-            chunk = scores.per_sample[start:start + chunk_size]  # type: ignore[index]
+            raise ArgumentError(f"chunk_size must be a positive integer or None; got {chunk_size!r}.")
+        n = scores.n_samples if rows is None else int(rows.numel())
+        for start in range(0, n, chunk_size):
+            if rows is None:
+                chunk = scores.per_sample[start:start + chunk_size]  # type: ignore[index]
+            else:
+                chunk = scores.per_sample[rows[start:start + chunk_size]]  # type: ignore[index]
             values = chunk.reshape(chunk.shape[0], -1).index_select(1, self.flat).double()
-            rows = slice(start, start + chunk.shape[0])
-            yield rows, ((g, values.index_select(1, columns)) for g, columns in self.columns.items())
+            finite = torch.isfinite(values).all(1)
+            if not bool(finite.all()):
+                row = int(torch.nonzero(~finite)[0])
+                index = start + row if rows is None else int(rows[start + row])
+                count, name = int((~torch.isfinite(values[row])).sum()), scores.sample_ids[index]  # type: ignore[index]
+                raise NonFiniteError(
+                    f"sample {name!r} (row {index}) holds {count} NaN or infinite scores; the "
+                    "metrics need finite scores. Rescore it, or leave such samples out with "
+                    "cd.attribute(..., nonfinite='drop')."
+                )
+            yield slice(start, start + chunk.shape[0]), ((g, values.index_select(1, columns))
+                                                         for g, columns in self.columns.items())
 
 
 def require_per_sample(scores: EdgeScores, caller: str) -> None:
@@ -270,13 +290,14 @@ def require_per_sample(scores: EdgeScores, caller: str) -> None:
 def check_bins(bins: object) -> None:
     """Refuse a bin count that is not a positive integer."""
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise DataError(f"bins must be a positive integer; got {bins!r}.")
+        raise ArgumentError(f"bins must be a positive integer; got {bins!r}.")
 
 
-def largest_magnitude(scores: EdgeScores, groups: dict[str, Tensor], chunk_size: int | None = None) -> dict[str, float]:
-    """The largest ``|score|`` in each group (the top of the histogram range)."""
+def largest_magnitude(scores: EdgeScores, groups: dict[str, Tensor], chunk_size: int | None = None,
+                      rows: Tensor | None = None) -> dict[str, float]:
+    """The largest ``|score|`` in each group (the top of the histogram range), over ``rows`` (default all samples)."""
     top = {name: 0.0 for name in groups}
-    for _, chunk in _Layout(groups).chunks(scores, chunk_size):
+    for _, chunk in _Layout(groups).chunks(scores, chunk_size, rows):
         for g, v in chunk:
             if v.numel():
                 top[g] = max(top[g], float(v.abs().max()))
@@ -289,15 +310,17 @@ def profile(
     bin_tops: dict[str, float],
     bins: int = DEFAULT_BINS,
     chunk_size: int | None = None,
+    rows: Tensor | None = None,
 ) -> dict[str, Profile]:
     """Per-sample metric values of ``scores`` on each group, in two passes over chunks of samples.
 
     ``bin_tops[group]`` is the upper end of that group's histogram range (shared with
-    the model compared against; see :func:`largest_magnitude`).
+    the model compared against; see :func:`largest_magnitude`). ``rows``: the samples
+    to use, in this order (default: all); the per-sample arrays follow that order.
     """
     require_per_sample(scores, "metrics")
     check_bins(bins)
-    n = scores.n_samples
+    n = scores.n_samples if rows is None else int(rows.numel())
     # Outputs are allocated up front and filled in place: long-lived small allocations made
     # between the large per-chunk temporaries would fragment the heap and keep it growing.
     values = {g: {m: torch.full((n,), math.nan, dtype=torch.float64) for m in PER_SAMPLE_METRICS} for g in groups}
@@ -317,15 +340,15 @@ def profile(
         return torch.where(ok[:, None], (v - v.mean(-1, keepdim=True)) / std.clamp_min(1e-300), 0.0), ok
 
     # pass 1: everything per sample, and the running sums diversity needs
-    for rows, chunk in layout.chunks(scores, chunk_size):
+    for part, chunk in layout.chunks(scores, chunk_size, rows):
         for g, v in chunk:
             out = values[g]
-            out["intensity"][rows] = v.abs().mean(-1)
-            out["kurtosis"][rows] = excess_kurtosis(v)
-            out["gini"][rows] = gini(v)
-            out["effective_edges"][rows] = effective_edges(v)
+            out["intensity"][part] = v.abs().mean(-1)
+            out["kurtosis"][part] = excess_kurtosis(v)
+            out["gini"][part] = gini(v)
+            out["effective_edges"][part] = effective_edges(v)
             h = _node_entropy(v, sources[g], layout.n_sources)  # [chunk, n_sources]
-            out["node_entropy"][rows] = h.nanmean(-1)
+            out["node_entropy"][part] = h.nanmean(-1)
             defined = ~torch.isnan(h)
             nodes[g] += torch.where(defined, h, 0.0).sum(0)
             node_counts[g] += defined.sum(0)
@@ -333,17 +356,17 @@ def profile(
             z_sums[g] += z.sum(0)
             valid[g] += int(ok.sum())
     # pass 2: diversity (needs the sums) and histograms (need the shared range)
-    for rows, chunk in layout.chunks(scores, chunk_size):
+    for part, chunk in layout.chunks(scores, chunk_size, rows):
         for g, v in chunk:
             m = v.shape[1]
             z, ok = standardized(v)
             others = max(valid[g] - 1, 1)
             mean_corr = ((z @ z_sums[g]) - m) / (m * others)
             defined = ok & (valid[g] >= 2)
-            values[g]["diversity"][rows] = torch.where(defined, 1.0 - mean_corr, math.nan)
+            values[g]["diversity"][part] = torch.where(defined, 1.0 - mean_corr, math.nan)
             index = torch.bucketize(v.abs(), edges[g][1:-1], right=True)  # [chunk, m] in 0..bins-1
-            histograms[g][rows].scatter_add_(1, index, torch.ones_like(v))
-            values[g]["information_complexity"][rows] = histogram_entropy(histograms[g][rows])
+            histograms[g][part].scatter_add_(1, index, torch.ones_like(v))
+            values[g]["information_complexity"][part] = histogram_entropy(histograms[g][part])
     result = {}
     for g, cells in groups.items():
         node_values = torch.where(node_counts[g] > 0, nodes[g] / node_counts[g].clamp_min(1), math.nan)
@@ -354,16 +377,29 @@ def profile(
 
 def profile_histogram(
     scores: EdgeScores, groups: dict[str, Tensor], bin_tops: dict[str, float], bins: int,
-    chunk_size: int | None = None,
+    chunk_size: int | None = None, rows: Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """Pooled ``[bins]`` counts of ``|score|`` per group on ``bins`` equal bins from 0 to ``bin_tops[group]``."""
     counts = {g: torch.zeros(bins, dtype=torch.float64) for g in groups}
-    for _, chunk in _Layout(groups).chunks(scores, chunk_size):
+    for _, chunk in _Layout(groups).chunks(scores, chunk_size, rows):
         for g, v in chunk:
             top = bin_tops[g] if bin_tops[g] > 0 else 1.0
             index = (v.abs().flatten() / top * bins).long().clamp_(0, bins - 1)
             counts[g] += torch.bincount(index, minlength=bins).double()
     return {g: c.numpy() for g, c in counts.items()}
+
+
+def mean_scores(scores: EdgeScores, rows: Tensor | None = None,
+                chunk_size: int | None = None) -> Float[Tensor, "n_sources n_receivers"]:
+    """The mean score matrix over ``rows`` (default: the stored ``scores.mean``), read in chunks."""
+    if rows is None:
+        return scores.mean
+    everything = {"all": torch.ones(scores.graph.n_sources, scores.graph.n_receivers, dtype=torch.bool)}
+    total = torch.zeros(scores.graph.n_sources * scores.graph.n_receivers, dtype=torch.float64)
+    for _, chunk in _Layout(everything).chunks(scores, chunk_size, rows):
+        for _, v in chunk:
+            total += v.sum(0)
+    return (total / max(int(rows.numel()), 1)).to(scores.mean.dtype).reshape(scores.mean.shape)
 
 
 def summarize(

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuitdiff.errors import ArgumentError, UnsupportedModelError
+from circuitdiff.errors import ArgumentError, MissingPathError, UnsupportedModelError
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -31,15 +31,19 @@ __all__ = [
     "attribution_mode",
 ]
 
-#: Hugging Face architectures whose bridges were validated against finite differences
-#: and exact patching in the test suite (``tests/test_eap_correctness.py``).
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
-    "GPT2LMHeadModel",
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "GPTNeoXForCausalLM",
-)
+# The validated classes and the ``model_type`` of their configs.
+_MODEL_TYPES: dict[str, str] = {
+    "GPT2LMHeadModel": "gpt2",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "GPTNeoXForCausalLM": "gpt_neox",
+}
+#: Hugging Face model classes whose bridges were validated against finite differences and
+#: exact patching in the test suite (``tests/test_eap_correctness.py``). The check reads
+#: the loaded model's class and config ``model_type``, not the ``architectures`` label of
+#: config.json, which a checkpoint may get wrong.
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODEL_TYPES)
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ def load_model(
 
     Raises:
         UnsupportedModelError: the model cannot be attributed (see ``describe_model``).
-        FileNotFoundError: ``source`` is a path that does not exist.
+        MissingPathError: ``source`` is a path that does not exist (also a FileNotFoundError).
     """
     from transformer_lens import TransformerBridge
     from transformers import PreTrainedModel
@@ -113,6 +117,12 @@ def load_model(
     if isinstance(source, TransformerBridge):
         bridge = source
     elif isinstance(source, PreTrainedModel):
+        if _is_wrapped(source):
+            raise UnsupportedModelError(
+                "this Hugging Face model is already wrapped by a TransformerBridge: an earlier load_model (or "
+                "TransformerBridge.boot_transformers) call replaced its layers with bridge components in place. "
+                "Pass that bridge instead (load_model(bridge)), or load a fresh copy of the model "
+                "(from_pretrained) to wrap it again.")
         bridge = _boot_from_hf_model(source, tokenizer, dtype=dtype, device=device)
         _keep_checkpoint_bos(bridge, tokenizer)
     elif isinstance(source, (str, os.PathLike)):
@@ -129,18 +139,25 @@ def load_model(
     return bridge
 
 
+def _is_wrapped(hf_model: Any) -> bool:
+    """Whether TransformerLens bridge components already sit inside ``hf_model``."""
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    return any(isinstance(module, GeneralizedComponent) for module in hf_model.modules())
+
+
 def _boot_from_directory(path: Path, *, dtype: torch.dtype | None, device: Any, device_map: Any = None,
                          max_memory: Any = None) -> Any:
     from transformer_lens import TransformerBridge
 
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{str(path)!r} is not a local directory. circuitdiff never downloads weights: "
             "fetch the checkpoint first (e.g. `huggingface-cli download NAME --local-dir DIR`) "
             "and pass the directory."
         )
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{str(path)!r} has no config.json; pass a directory written by save_pretrained."
         )
     # An absolute path: TransformerLens maps some bare names (e.g. "neox") to Hub aliases.
@@ -227,6 +244,7 @@ def describe_model(model: Any) -> ModelSpec:
             split-qkv / attn-in mode switched on; folded layer norms; missing submodules.
     """
     from transformer_lens import TransformerBridge
+    from transformers.pytorch_utils import Conv1D
 
     if not isinstance(model, TransformerBridge):
         raise UnsupportedModelError(
@@ -236,6 +254,7 @@ def describe_model(model: Any) -> ModelSpec:
         )
     cfg = model.cfg
     architecture = str(cfg.architecture)
+    _check_loaded_architecture(model, architecture)
     if architecture == "TransformerLensNative":
         raise UnsupportedModelError(
             "this bridge was built with TransformerBridge.boot_native(...), which exposes no "
@@ -269,11 +288,17 @@ def describe_model(model: Any) -> ModelSpec:
                 )
         for proj in ("q", "k", "v", "o"):
             module = getattr(block.attn, proj, None)
-            if getattr(module, "original_component", None) is None:
+            original = getattr(module, "original_component", None)
+            if original is None:
                 raise UnsupportedModelError(
                     f"blocks.{layer}.attn has no '{proj}' projection with weights; the "
                     "bridge cannot expose per-head hooks for this model."
                 )
+            if not isinstance(original, (torch.nn.Linear, Conv1D)):
+                raise UnsupportedModelError(
+                    f"blocks.{layer}.attn.{proj} wraps a {type(original).__name__}, not a linear layer: the Hugging "
+                    "Face model was wrapped by a TransformerBridge twice (load_model on a model an earlier bridge "
+                    "already wrapped). Load a fresh copy of the model.")
     n_heads = int(cfg.n_heads)
     n_kv_heads = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
     return ModelSpec(
@@ -288,6 +313,28 @@ def describe_model(model: Any) -> ModelSpec:
         parallel_blocks=bool(getattr(cfg, "parallel_attn_mlp", False)),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
+
+
+def _check_loaded_architecture(model: Any, label: str) -> None:
+    """Refuse a bridge whose loaded Hugging Face model is not the validated class its label names.
+
+    TransformerLens picks its adapter from config.json's ``architectures`` label; a
+    checkpoint labelled ``LlamaForCausalLM`` with ``model_type: gemma`` loads Gemma layers
+    under the Llama adapter, and its scores are silently wrong.
+    """
+    hf_model = getattr(model, "original_model", None)
+    if hf_model is None or label == "TransformerLensNative":
+        return
+    loaded = type(hf_model).__name__
+    model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+    expected = _MODEL_TYPES.get(label)
+    if expected is not None and (loaded != label or model_type != expected):
+        raise UnsupportedModelError(
+            f"config.json labels this checkpoint {label!r}, but the loaded model is a {loaded} with model_type "
+            f"{model_type!r} (a {label} has model_type {expected!r}). TransformerLens chose its adapter from the "
+            "label, so the hooks would not match the layers and the scores would be wrong. Fix the "
+            "\"architectures\" entry of config.json to the model's real class; circuitdiff validates "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}.")
 
 
 @contextlib.contextmanager

@@ -13,32 +13,40 @@ and writes everything into one output directory:
 | ``run.json`` | parameters, every filter count, versions |
 
 A run interrupted at any point and started again with the same arguments reuses the
-finished generations and score shards; nothing is counted twice.
+finished generations and score shards; nothing is counted twice. Both are bound to what
+produced them (weights, tokenizer, prompts, settings; see :mod:`circuitdiff.identity`):
+started again with anything else, the run stops with an error naming what changed, and
+``fresh=True`` (``--fresh``) discards them. Two processes cannot write into one output
+directory at once. Every file is written atomically (a temporary file, then a rename).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import filelock
 import torch
 
 from circuitdiff import scorers
-from circuitdiff.attribution import attribute
+from circuitdiff.attribution import NONFINITE_POLICIES, attribute
 from circuitdiff.comparison import Comparison, compare
 from circuitdiff.data import Generation, Question, generate_answers, make_batches, read_questions, select_by_length
 from circuitdiff.data.selection import LengthSelection, check_parameters
-from circuitdiff.errors import DataError
+from circuitdiff.errors import ArgumentError, DataError, RunLockedError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
+from circuitdiff.io import write_atomically
 from circuitdiff.models import load_model
 from circuitdiff.scorers import Scorer
 from circuitdiff.scores import EdgeScores
 
-__all__ = ["PipelineConfig", "score_answers", "check_tokenizers", "run_compare", "run_score"]
+__all__ = ["PipelineConfig", "score_answers", "check_tokenizers", "check_device", "prepare_output_dir", "output_lock",
+           "run_compare", "run_score", "write_text"]
 
 
 @dataclass
@@ -63,6 +71,8 @@ class PipelineConfig:
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
+    fresh: bool = False  # discard cached generations and score shards of an earlier run in the output directory
+    nonfinite: str = "error"  # "drop": leave samples with NaN/inf scores out (listed in the report)
 
     def torch_dtype(self, device: str) -> torch.dtype:
         """bfloat16 on CUDA, float32 elsewhere, unless ``dtype`` says otherwise."""
@@ -76,10 +86,15 @@ class PipelineConfig:
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def validate(self) -> None:
-        """Refuse bad settings before any model is loaded."""
+        """Refuse bad settings before any model is loaded or any token generated."""
         check_parameters(self.alpha, self.beta, self.gamma, self.delta, self.rule, self.n)
         if self.level not in ("head", "layer"):
-            raise DataError(f"unknown graph level {self.level!r}; use 'head' or 'layer'.")
+            raise UnknownNameError(f"unknown graph level {self.level!r}; use 'head' or 'layer'.")
+        if self.method not in scorers.available():
+            raise UnknownNameError(f"unknown method {self.method!r}; available: {', '.join(scorers.available())}.")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ArgumentError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {self.nonfinite!r}.")
+        check_device(self.resolved_device())
         if self.max_questions is not None and self.max_questions < 1:
             raise DataError(f"max_questions must be >= 1 (or None for the whole file); got {self.max_questions}.")
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -137,6 +152,9 @@ def score_answers(
     intervention: str = "zero",
     batch_size: int = 8,
     progress: bool = True,
+    sample_ids: Sequence[str] | None = None,
+    fresh: bool = False,
+    nonfinite: str = "error",
 ) -> EdgeScores:
     """Per-sample scores of each model-generated answer, truncated to ``t_cut`` tokens.
 
@@ -145,14 +163,17 @@ def score_answers(
     is resumable: it is :func:`circuitdiff.attribute` with ``checkpoint_dir=DIR`` (one
     ``DIR/shard-00000.safetensors`` per batch and ``DIR/manifest.json`` naming the run;
     finished shards are reused when the same run is started again, and a directory of
-    another run is refused). ``method`` is a scorer name or object, e.g.
-    ``cd.scorers.get("eap", positions_per_pass=512)``.
+    another run is refused; ``fresh=True`` discards it). ``method`` is a scorer name or
+    object, e.g. ``cd.scorers.get("eap", positions_per_pass=512)``. ``sample_ids`` name the
+    samples (e.g. question ids; default: a hash of each prompt); ``nonfinite`` is passed
+    to :func:`circuitdiff.attribute`.
     """
     if any(len(a) < t_cut for a in answers):
         raise DataError(f"every answer must have at least t_cut={t_cut} tokens.")
-    batches = make_batches(model.tokenizer, list(prompts), [list(a)[:t_cut] for a in answers], batch_size=batch_size)
+    batches = make_batches(model.tokenizer, list(prompts), [list(a)[:t_cut] for a in answers], batch_size=batch_size,
+                           sample_ids=sample_ids)
     scores = attribute(model, graph, batches, objective="answer_nll", method=method, intervention=intervention,
-                       progress=progress, checkpoint_dir=shards)
+                       progress=progress, checkpoint_dir=shards, fresh=fresh, nonfinite=nonfinite)
     scores.metadata.update({"t_cut": t_cut, "objective": "answer_nll (self-entropy on own answer)"})
     return scores
 
@@ -166,7 +187,14 @@ def run_compare(
     log: Callable[[str], None] = print,
 ) -> Comparison:
     """The whole pipeline for two checkpoints; see the module docstring for the files written."""
-    config, questions, out, device = _start(config, questions_path, out)
+    config, questions, out, device = _start(config, questions_path, out, _COMPARE_OUTPUTS)
+    with output_lock(out):
+        return _run_compare(base_dir, tuned_dir, questions_path, out, config, questions, device, log)
+
+
+def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[str],
+                 questions_path: str | os.PathLike[str], out: Path, config: PipelineConfig,
+                 questions: list[Question], device: str, log: Callable[[str], None]) -> Comparison:
     dtype = config.torch_dtype(device)
     log(f"{len(questions)} questions from {questions_path}")
     counts: dict[str, Any] = {"questions": len(questions)}
@@ -196,10 +224,10 @@ def run_compare(
     result = compare(scores["base"], scores["tuned"], paired=True)
     result.to_json(str(out / "comparison.json"))
     report = result.to_markdown(result.groups)  # every group: all, by receiver and source kind, by layer
-    (out / "report.md").write_text(f"# circuitdiff compare\n\n{_describe(counts, selection.t_cut, config)}\n\n"
-                                   f"{report}\n")
+    write_text(out / "report.md", f"# circuitdiff compare\n\n{_describe(counts, selection.t_cut, config)}\n\n"
+                                  f"{report}\n")
     figures = _plots(result, out / "figures")
-    (out / "run.json").write_text(json.dumps({
+    write_text(out / "run.json", json.dumps({
         "base": str(base_dir), "tuned": str(tuned_dir), "questions": str(questions_path), "config": asdict(config),
         "device": device, "dtype": str(dtype).replace("torch.", ""), "counts": counts,
         "selection": _selection_record(selection), "figures": figures,
@@ -219,9 +247,15 @@ def run_score(
     """One model: generate, keep its correct answers, apply the length rules to its own
     lengths, score; writes ``model.generations.jsonl``, ``model.shards/``, ``scores.cdiff``
     and ``run.json`` into ``out``."""
+    config, questions, out, device = _start(config, questions_path, out, _SCORE_OUTPUTS)
+    with output_lock(out):
+        return _run_score(model_dir, questions_path, out, config, questions, device, log)
+
+
+def _run_score(model_dir: str | os.PathLike[str], questions_path: str | os.PathLike[str], out: Path,
+               config: PipelineConfig, questions: list[Question], device: str, log: Callable[[str], None]) -> EdgeScores:
     from circuitdiff.metrics import summarize
 
-    config, questions, out, device = _start(config, questions_path, out)
     model = _load(model_dir, device, config.torch_dtype(device))
     generations = _generate(model, questions, out / "model.generations.jsonl", config)
     correct = [i for i, g in enumerate(generations) if g.correct]
@@ -233,7 +267,7 @@ def run_score(
     scores = _score(model, questions, generations, chosen, selection.t_cut, config, out / "model.shards",
                     out / "scores.cdiff")
     summary = summarize(scores)["all"] if scores.n_samples >= 2 else {}
-    (out / "run.json").write_text(json.dumps({
+    write_text(out / "run.json", json.dumps({
         "model": str(model_dir), "questions": str(questions_path), "config": asdict(config), "device": device,
         "counts": counts, "selection": _selection_record(selection), "metrics": summary, "versions": scores.metadata.get("versions", {}),
     }, indent=2, default=float))
@@ -241,20 +275,79 @@ def run_score(
     return scores
 
 
+_COMPARE_OUTPUTS = ("comparison.json", "report.md", "run.json", "base.cdiff", "tuned.cdiff",
+                    "base.generations.jsonl", "tuned.generations.jsonl")
+_SCORE_OUTPUTS = ("scores.cdiff", "run.json", "model.generations.jsonl")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` for the run: a second process writing into ``out`` gets a RunLockedError."""
+    lock = filelock.FileLock(str(out / ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise RunLockedError(f"another circuitdiff run is writing into {str(out)!r}; wait for it to finish or choose "
+                             "another --out.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _start(config: PipelineConfig | None, questions_path: str | os.PathLike[str],
-           out: str | os.PathLike[str]) -> tuple[PipelineConfig, list[Question], Path, str]:
-    """Check the settings and read the questions (before any model loads); create ``out``."""
+           out: str | os.PathLike[str], outputs: Sequence[str] = ()) -> tuple[PipelineConfig, list[Question], Path, str]:
+    """Check the settings, the questions and the output directory (before any model loads); create ``out``."""
     config = config or PipelineConfig()
     config.validate()
     questions = read_questions(questions_path)[:config.max_questions]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out, outputs)
     return config, questions, out, config.resolved_device()
+
+
+def check_device(device: str) -> None:
+    """Refuse a device name torch does not know, or an accelerator this machine does not have."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ArgumentError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps.") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(parsed.type, False):
+        raise ArgumentError(f"device {device!r} is not available on this machine (torch sees no {parsed.type}); "
+                            "use --device cpu, or run where that device is.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ArgumentError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                            "device(s).")
+
+
+def prepare_output_dir(out: str | os.PathLike[str], outputs: Sequence[str] = ()) -> Path:
+    """Create ``out`` and check that it is writable and that none of ``outputs`` (file names in it) is a folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ArgumentError(f"the output path {str(out)!r} is a file; pass a directory (it is created if missing).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ArgumentError(f"cannot write into the output directory {str(out)!r} ({exc.strerror or exc}); choose "
+                            "another --out.") from None
+    for name in outputs:
+        if (out / name).is_dir():
+            raise ArgumentError(f"{str(out / name)!r} is a folder, but this run writes a file there; move it away "
+                                "or choose another --out.")
+    return out
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file beside it, then a rename)."""
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _generate(model: Any, questions: list[Question], cache: Path, config: PipelineConfig) -> list[Generation]:
     return generate_answers(model, questions, cache=cache, batch_size=config.batch_size,
-                            max_new_tokens=config.max_new_tokens, progress=config.progress)
+                            max_new_tokens=config.max_new_tokens, progress=config.progress, fresh=config.fresh)
 
 
 def _chosen(candidates: list[int], selection: LengthSelection, counts: dict[str, Any]) -> list[int]:
@@ -272,8 +365,8 @@ def _score(model: Any, questions: list[Question], generations: list[Generation],
     scores = score_answers(model, graph, [questions[i].prompt for i in chosen],
                            [generations[i].answer_ids for i in chosen], t_cut=t_cut, shards=shards,
                            method=config.scorer(), intervention=config.intervention, batch_size=config.batch_size,
-                           progress=config.progress)
-    scores.metadata["question_ids"] = [questions[i].id for i in chosen]
+                           progress=config.progress, sample_ids=[questions[i].id for i in chosen], fresh=config.fresh,
+                           nonfinite=config.nonfinite)
     scores.save(path)
     return scores
 

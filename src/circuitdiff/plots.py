@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from circuitdiff.comparison import Comparison
+from circuitdiff.errors import MissingDependencyError
+from circuitdiff.io import write_atomically
 
 __all__ = ["plot_comparison", "plot_relative_change", "plot_node_entropy", "plot_diversity", "plot_histograms"]
 
@@ -164,7 +166,7 @@ def _figure(size: tuple[float, float]) -> Any:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as error:
-        raise ImportError('plots need matplotlib: pip install "circuitdiff[plot]"') from error
+        raise MissingDependencyError('plots need matplotlib: pip install "circuitdiff[plot]"') from error
     figure = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
@@ -185,6 +187,8 @@ def _mean(values: np.ndarray) -> float:
 
 
 def _save(figure: Any, path: str | os.PathLike[str], dpi: int) -> Path:
+    """Save atomically, in the format of the file name's suffix (png when it has none)."""
     path = Path(path)
-    figure.savefig(path, dpi=dpi)
+    kind = path.suffix.lstrip(".") or "png"
+    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format=kind))
     return path

@@ -2,17 +2,28 @@
 
 :func:`generate_answers` runs the bridge's Hugging Face model with ``generate`` (greedy,
 batched, left-padded, at most ``max_new_tokens`` new tokens) and returns one
-:class:`Generation` per question. With ``cache=path`` every finished batch is appended to
-a JSONL file and flushed, and questions already in the file are not generated again. A
-run that is interrupted and started again therefore continues where it stopped. A torn
-last line (from a crash mid-write) is ignored and regenerated.
+:class:`Generation` per question. Prompts that do not fit the model's context together
+with ``max_new_tokens`` are refused before anything is generated.
+
+With ``cache=path`` every finished batch is appended to a JSONL file and flushed, and
+questions already in the file are not generated again. A run that is interrupted and
+started again therefore continues where it stopped. Each record carries its identity:
+the model's (:func:`circuitdiff.identity.model_identity`: weights, dtype, config,
+tokenizer), the SHA-256 of the exact prompt, the generation settings and the circuitdiff
+version. A record whose identity differs from the current one (or that has none, written
+by an older circuitdiff) is an :class:`~circuitdiff.IdentityMismatchError`, never reused;
+``fresh=True`` deletes the file and generates everything again. A crash mid-write is
+repaired on reading: a complete last record without its newline is kept, an incomplete
+one is dropped and regenerated, and records glued onto one line are split.
 
 The bridge's KV cache is checked before the first batch. TransformerLens 4.3's attention
 reads the cache from ``past_key_values``, but transformers 5.24 passes it as ``cache``:
 each step then attends only to itself and GPT-2, Llama, Qwen2 and Mistral generate wrong
 tokens. :func:`kv_cache_compat` hands the cache over under the old name during
 generation; if the logits of a short generation with the cache still differ from those
-without it, generation runs without the cache (correct, slower) and warns.
+without it, generation runs without the cache (correct, slower) and warns. NaN or
+infinite logits in that check raise :class:`~circuitdiff.NonFiniteError` naming the
+parameters that hold NaN or inf.
 
 Correctness is not cached: it is recomputed from the cached text on every call, so a
 change to the answer checking applies to old generations too.
@@ -20,8 +31,10 @@ change to the answer checking applies to old generations too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,9 +46,10 @@ from tqdm.auto import tqdm
 
 from circuitdiff.data.answers import answers_match, extract_answer
 from circuitdiff.data.questions import Question
-from circuitdiff.errors import DataError
+from circuitdiff.errors import DataError, IdentityMismatchError, NonFiniteError
+from circuitdiff.identity import differences, library_version, model_identity
 
-__all__ = ["Generation", "generate_answers", "kv_cache_compat", "kv_cache_is_sound"]
+__all__ = ["Generation", "generate_answers", "answer_identity", "kv_cache_compat", "kv_cache_is_sound"]
 
 
 @dataclass(frozen=True)
@@ -65,42 +79,42 @@ def generate_answers(
     questions: Sequence[Question],
     *,
     cache: str | os.PathLike[str] | None = None,
+    fresh: bool = False,
     batch_size: int = 8,
     max_new_tokens: int = 512,
     progress: bool = True,
 ) -> list[Generation]:
     """Greedy answers of ``model`` (a TransformerBridge from ``cd.load_model``) to ``questions``.
 
-    Returns the generations in question order. See the module docstring for the cache.
+    Returns the generations in question order. See the module docstring for the cache;
+    ``fresh=True`` deletes ``cache`` first and generates every answer again.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise DataError(f"batch_size and max_new_tokens must be >= 1; got {batch_size} and {max_new_tokens}.")
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise DataError("question ids must be unique.")
-    from circuitdiff.models import describe_model
-
-    source = {"model": describe_model(model).model_id, "max_new_tokens": max_new_tokens}
-    cached = _read_cache(Path(cache), source) if cache is not None else {}
+    if cache is not None and fresh:
+        Path(cache).unlink(missing_ok=True)
+    identity = model_identity(model) if cache is not None else {}  # once per call: hashes the weights
+    identities = {q.id: answer_identity(identity, q.prompt, max_new_tokens) for q in questions}
+    cached = _read_cache(Path(cache), identities) if cache is not None else {}
     todo = [q for q in questions if q.id not in cached]
     hf_model, tokenizer = model.original_model, model.tokenizer
+    _check_context(model, todo, max_new_tokens)
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="generating", unit="question",
                disable=not progress)
     with kv_cache_compat(hf_model):
-        use_cache = not todo or kv_cache_is_sound(hf_model, tokenizer, todo[0].prompt)
+        use_cache = not todo or kv_cache_is_sound(hf_model, tokenizer, todo[0].prompt, min(8, max_new_tokens))
         if not use_cache:
             warnings.warn("generation with the KV cache gives other logits than without it on this TransformerLens/"
                           "transformers pair; generating without the cache (correct, but slower for long answers).",
                           stacklevel=2)
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            records = [{**r, **source} for r in _generate(hf_model, tokenizer, batch, max_new_tokens, use_cache)]
+            records = _generate(hf_model, tokenizer, batch, max_new_tokens, use_cache)
             if cache is not None:
-                with open(cache, "a", encoding="utf-8") as f:
-                    for record in records:
-                        f.write(json.dumps(record) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                _append(Path(cache), [{**r, "identity": identities[r["id"]]} for r in records])
             cached.update((r["id"], r) for r in records)
             bar.update(len(batch))
     bar.close()
@@ -111,6 +125,27 @@ def generate_answers(
         out.append(Generation(q.id, r["text"], list(r["answer_ids"]), int(r["prompt_length"]), extracted,
                               answers_match(extracted, q.answer)))
     return out
+
+
+def answer_identity(model: dict[str, Any], prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    """The identity a cached answer carries: ``model`` (from ``identity.model_identity``), the
+    SHA-256 of ``prompt``, the generation settings and the circuitdiff version."""
+    return {"circuitdiff": library_version(), "model": model,
+            "prompt": hashlib.sha256(prompt.encode("utf-8")).hexdigest(),
+            "generation": {"max_new_tokens": max_new_tokens, "greedy": True}}
+
+
+def _check_context(model: Any, todo: Sequence[Question], max_new_tokens: int) -> None:
+    """Refuse prompts whose tokens plus ``max_new_tokens`` exceed the model's context."""
+    n_ctx = model.cfg.n_ctx
+    lengths = [len(ids) for ids in model.tokenizer([q.prompt for q in todo])["input_ids"]] if todo else []
+    too_long = [(q, n) for q, n in zip(todo, lengths) if n + max_new_tokens > n_ctx]
+    if too_long:
+        q, n = too_long[0]
+        raise DataError(f"question {q.id!r}: its prompt has {n} tokens, which with max_new_tokens={max_new_tokens} "
+                        f"makes {n + max_new_tokens}, more than the model's context of {n_ctx} tokens "
+                        f"({len(too_long)} of {len(todo)} questions do not fit). Lower max_new_tokens or shorten "
+                        "the prompt.")
 
 
 @contextmanager
@@ -139,6 +174,10 @@ def kv_cache_is_sound(hf_model: Any, tokenizer: Any, prompt: str, steps: int = 8
     ``steps`` tokens are generated from ``prompt`` both ways; the cache is sound when the
     largest logit difference is at most 2% of the largest logit (bfloat16 rounding stays
     well inside that; a broken cache differs by the logits' own size).
+
+    Raises:
+        NonFiniteError: the logits are NaN or infinite (the message names the parameters
+            holding NaN or inf).
     """
     logits = []
     for use_cache in (True, False):
@@ -146,6 +185,8 @@ def kv_cache_is_sound(hf_model: Any, tokenizer: Any, prompt: str, steps: int = 8
                             output_logits=True, return_dict_in_generate=True)
         logits.append(torch.stack(output.logits).float())
     cached, plain = logits
+    if not cached.isfinite().all():
+        raise NonFiniteError(_nonfinite_logits(hf_model))
     if cached.shape != plain.shape:
         return False
     return bool((cached - plain).abs().max() <= 0.02 * plain.abs().max())
@@ -187,30 +228,74 @@ def _generate(hf_model: Any, tokenizer: Any, batch: Sequence[Question], max_new_
     return records
 
 
-def _read_cache(path: Path, source: dict[str, Any]) -> dict[str, dict]:
-    """Records by id from a generation cache; a torn last line is dropped (rewritten without it).
+def _nonfinite_logits(hf_model: Any) -> str:
+    """Why the logits are not finite: the parameters that hold NaN or inf, or an overflow."""
+    bad = [name.replace("._original_component", "") for name, p in hf_model.named_parameters()
+           if p.device.type != "meta" and not p.isfinite().all()]
+    if not bad:
+        return (f"the model's logits are NaN or infinite although every parameter is finite: the activations "
+                f"overflow in {next(hf_model.parameters()).dtype}; load the model in float32 or bfloat16.")
+    return (f"the model's logits are NaN or infinite: {len(bad)} parameter(s) hold NaN or inf ("
+            + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+            + "). The checkpoint is damaged; load an intact copy of it.")
 
-    Refuses a cache written for another model or ``max_new_tokens`` (``source``).
+
+def _append(path: Path, records: list[dict]) -> None:
+    """Append ``records`` to the cache, one JSON line each, on a new line; flush and fsync."""
+    with open(path, "a+b") as f:  # writes go to the end whatever the read position
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a complete record whose newline a kill cut off
+                f.write(b"\n")
+        f.write("".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+_SPACE, _DECODER = re.compile(r"\s*"), json.JSONDecoder()
+
+
+def _read_cache(path: Path, identities: dict[str, dict]) -> dict[str, dict]:
+    """Records by id from a generation cache; records of the questions in ``identities`` must carry that identity.
+
+    Records glued onto one line are split; an incomplete last record is cut off the file.
     """
     if not path.exists():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_bytes().decode("utf-8", "surrogateescape")  # offsets below map back to bytes exactly
+    lines = text.split("\n")  # the last item is "" unless the file ends mid-line
     records: dict[str, dict] = {}
+    start = 0  # offset of the current line in text
     for number, line in enumerate(lines, start=1):
+        found, good = [], 0
         try:
-            record = json.loads(line)
-            parsed = {"id": str(record["id"]), "text": str(record["text"]),
-                      "answer_ids": [int(t) for t in record["answer_ids"]],
-                      "prompt_length": int(record["prompt_length"])}
-            written_for = {key: record[key] for key in source}
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            if number == len(lines):  # interrupted while writing: forget it, regenerate that question
-                path.write_text("".join(line + "\n" for line in lines[:-1]), encoding="utf-8")
-                break
-            raise DataError(f"{path}, line {number}: not a generation record; delete the cache file to "
-                            "regenerate.") from None
-        if written_for != source:
-            raise DataError(f"{path}, line {number}: cached for {written_for}, but this run is {source}; use "
-                            "another cache file per model and setting (or delete it to regenerate).")
-        records[parsed["id"]] = parsed
+            while (pos := _SPACE.match(line, good).end()) < len(line):
+                record, good = _DECODER.raw_decode(line, pos)
+                found.append(({"id": str(record["id"]), "text": str(record["text"]),
+                               "answer_ids": [int(t) for t in record["answer_ids"]],
+                               "prompt_length": int(record["prompt_length"])}, record.get("identity")))
+        except (KeyError, TypeError, ValueError):  # ValueError includes JSONDecodeError
+            if number < len(lines):
+                raise DataError(f"{path}, line {number}: not a generation record; delete the cache file to "
+                                "regenerate.") from None
+            # interrupted while writing: cut off the incomplete record, regenerate that question
+            os.truncate(path, len(text[:start + good].encode("utf-8", "surrogateescape")))
+        for parsed, stored in found:
+            if parsed["id"] in identities:
+                _check_identity(path, number, parsed["id"], stored, identities[parsed["id"]])
+            records[parsed["id"]] = parsed
+        start += len(line) + 1
     return records
+
+
+def _check_identity(path: Path, number: int, qid: str, stored: Any, current: dict[str, Any]) -> None:
+    """Raise IdentityMismatchError when a cached answer was made under another identity than ``current``."""
+    if not isinstance(stored, dict):
+        changes = "was written by an older circuitdiff (without an identity)"
+    elif found := differences(stored, current):
+        changes = "was generated under another identity: " + "; ".join(found)
+    else:
+        return
+    raise IdentityMismatchError(
+        f"{path}, line {number}: the cached answer to question {qid!r} {changes}. It is not reused. Generate "
+        f"again with generate_answers(..., fresh=True) (--fresh on the command line), or delete {path}.")

@@ -1,0 +1,165 @@
+"""Scenario 2 of the trust issue: a resumed run never reuses shards of another run.
+
+Before run identities, a re-run into the same checkpoint directory with other weights
+returned the old shards as the new model's scores: weights replaced on disk, an
+in-memory model edited in place, base and tuned runs sharing one directory at the same
+time, a deleted manifest. Each shard was checked only against its batch's token ids.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+import torch
+
+import circuitdiff as cd
+import tiny_models as tm
+from circuitdiff.identity import differences, model_identity, weights_fingerprint
+from circuitdiff.scorers.eap import EAP
+from test_resume import assert_same, make_batches, run
+
+
+def test_weights_replaced_on_disk_are_refused(checkpoints, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(checkpoints["llama"], path)
+    batches, ckpt = make_batches(3), tmp_path / "ckpt"
+    run(cd.load_model(path, device="cpu"), batches, ckpt)
+    other = tm.write_checkpoint("llama", tmp_path / "other", seed=5)
+    shutil.copy(other / "model.safetensors", path / "model.safetensors")  # e.g. a later training step
+    replaced = cd.load_model(path, device="cpu")
+    with pytest.raises(cd.IdentityMismatchError, match=r"the model weights changed \(stored [0-9a-f]{12}…, now") as info:
+        run(replaced, batches, ckpt)
+    assert "fresh=True" in str(info.value) and "--fresh" in str(info.value)
+    fresh = run(replaced, batches, ckpt, fresh=True)  # the flag the message names starts over
+    assert_same(fresh, run(replaced, batches))
+
+
+def test_an_in_memory_model_edited_in_place_is_refused(checkpoints, tmp_path):
+    model = cd.load_model(checkpoints["gpt2"], device="cpu")
+    batches, ckpt = make_batches(2), tmp_path / "ckpt"
+    run(model, batches, ckpt)
+    with torch.no_grad():
+        model.original_model.transformer.h[1].mlp.c_fc.weight[3, 7] += 1e-3  # one element
+    with pytest.raises(cd.IdentityMismatchError, match="the model weights changed"):
+        run(model, batches, ckpt)
+
+
+def test_a_run_on_the_model_in_another_dtype_is_refused(checkpoints, tmp_path):
+    batches, ckpt = make_batches(2), tmp_path / "ckpt"
+    run(cd.load_model(checkpoints["gpt2"], device="cpu"), batches, ckpt)
+    with pytest.raises(cd.IdentityMismatchError, match='the model dtype changed \\(stored "float32", now "float64"\\)'):
+        run(cd.load_model(checkpoints["gpt2"], device="cpu", dtype=torch.float64), batches, ckpt)
+
+
+class GatedEAP(EAP):
+    """EAP that waits for a signal before scoring (so a second run can try the directory meanwhile)."""
+
+    def __init__(self, started: threading.Event, release: threading.Event) -> None:
+        super().__init__()
+        self._started, self._release = started, release
+
+    def score_batch(self, context, batch, batch_index):
+        self._started.set()
+        self._release.wait(30)
+        return super().score_batch(context, batch, batch_index)
+
+
+def test_two_runs_in_one_directory_at_once_are_refused(checkpoints, tmp_path):
+    base, tuned = cd.load_model(checkpoints["llama"], device="cpu"), cd.load_model(checkpoints["qwen2"], device="cpu")
+    batches, ckpt = make_batches(4), tmp_path / "shared"
+    started, release, outcome = threading.Event(), threading.Event(), {}
+
+    def first():
+        outcome["base"] = run(base, batches, ckpt, method=GatedEAP(started, release))
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    try:
+        assert started.wait(30)
+        with pytest.raises(cd.RunLockedError, match="another process is writing into checkpoint_dir"):
+            run(tuned, batches, ckpt)
+    finally:
+        release.set()
+        worker.join(60)
+    assert_same(outcome["base"], run(base, batches))  # the first run was not disturbed
+    with pytest.raises(cd.IdentityMismatchError, match="the model weights changed"):  # and afterwards: refused
+        run(tuned, batches, ckpt)
+
+
+def test_shards_are_checked_even_without_the_manifest(checkpoints, tmp_path):
+    model = cd.load_model(checkpoints["llama"], device="cpu")
+    other = cd.load_model(tm.write_checkpoint("llama", tmp_path / "other", seed=3), device="cpu")
+    batches, ckpt = make_batches(3), tmp_path / "ckpt"
+    expected = run(model, batches, ckpt)
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(cd.IdentityMismatchError, match="shard-00000.safetensors' was written by a different run "
+                                                       "\\(the model weights changed"):
+        run(other, batches, ckpt)
+    (ckpt / "manifest.json").unlink()
+    assert_same(run(model, batches, ckpt), expected)  # the same run still resumes from its shards
+
+
+def test_old_checkpoint_directories_are_refused_not_reused(get_model, tmp_path):
+    model, batches, ckpt = get_model("gpt2"), make_batches(2), tmp_path / "ckpt"
+    run(model, batches, ckpt)
+    manifest = ckpt / "manifest.json"
+    manifest.write_text('{"format": "circuitdiff-checkpoint", "version": 1, "model": {}}')
+    with pytest.raises(cd.IdentityMismatchError, match="written by an older circuitdiff"):
+        run(model, batches, ckpt)
+
+
+def test_scores_carry_their_identity(get_model, tmp_path):
+    model = get_model("gpt2")
+    batches = make_batches(2)
+    scores = run(model, batches, level="head")
+    identity = scores.metadata["identity"]
+    assert set(identity) == {"fingerprint", "circuitdiff", "model", "graph", "scorer", "intervention", "objective",
+                             "per_sample", "nonfinite", "data"}
+    assert identity["model"]["weights"] == weights_fingerprint(model)
+    scores.save(tmp_path / "s.cdiff")
+    assert cd.EdgeScores.load(tmp_path / "s.cdiff").metadata["identity"] == identity
+    again = run(model, batches, level="head")
+    assert again.metadata["identity"] == identity  # deterministic
+    other = run(model, make_batches(2, seed=9), level="head")
+    assert differences(identity, other.metadata["identity"], ["data"]) == [
+        f"the data (token ids, labels or sample ids) changed (stored {identity['data'][:12]}…, "
+        f"now {other.metadata['identity']['data'][:12]}…)"]
+
+
+def test_any_change_to_any_parameter_element_changes_the_weights_fingerprint(checkpoints):
+    model = cd.load_model(checkpoints["neox"], device="cpu")
+    original = weights_fingerprint(model)
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    with torch.no_grad():
+        for name, parameter in model.original_model.named_parameters():
+            flat = parameter.view(-1)
+            index = int(torch.randint(flat.numel(), (1,), generator=generator))
+            old = flat[index].clone()
+            flat[index] = torch.nextafter(old, old + 1)  # the smallest possible change
+            changed = weights_fingerprint(model)
+            flat[index] = old
+            assert changed != original, name
+            seen.add(changed)
+    assert weights_fingerprint(model) == original and len(seen) == len(list(model.original_model.parameters()))
+    swapped = [p for _, p in model.original_model.named_parameters() if p.dim() == 2][0]
+    with torch.no_grad():
+        swapped[[0, 1]] = swapped[[1, 0]]  # same values, other places
+    assert weights_fingerprint(model) != original
+
+
+def test_the_fingerprint_covers_dtype_config_and_tokenizer(checkpoints, tmp_path):
+    base = model_identity(cd.load_model(checkpoints["llama"], device="cpu"))
+    bf16 = model_identity(cd.load_model(checkpoints["llama"], device="cpu", dtype=torch.bfloat16))
+    assert base["weights"] != bf16["weights"] and base["dtype"] != bf16["dtype"]  # same values, other bytes
+    moved = tmp_path / "moved"
+    shutil.copytree(checkpoints["llama"], moved)
+    assert model_identity(cd.load_model(moved, device="cpu")) == base  # a moved checkpoint is the same model
+    config = (moved / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05')
+    assert config != (moved / "config.json").read_text()
+    (moved / "config.json").write_text(config)
+    changed = model_identity(cd.load_model(moved, device="cpu"))
+    assert changed["config"] != base["config"] and changed["weights"] == base["weights"]
+    assert differences({"model": base}, {"model": changed})[0].startswith("the model's config.json changed")
