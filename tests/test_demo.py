@@ -86,6 +86,7 @@ def test_bundled_models_answer_as_the_manifest_says_and_score(name):
     assert torch.isfinite(scores.per_sample).all() and scores.mean.abs().max() > 0
 
 
+@pytest.mark.slow
 def test_demo_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--max-questions", "80", "--n", "12", "--quiet"]) == 0

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 HERE = Path(__file__).parent
+pytestmark = pytest.mark.slow  # launches torchrun processes
 
 
 def _data(tokenizer, n: int, seed: int, bad_sample: int | None = None, contrast: bool = False):

@@ -144,6 +144,7 @@ def built_site(strict_build) -> Path:
     return site
 
 
+@pytest.mark.slow
 def test_docs_build_strict(strict_build):
     result, site = strict_build
     output = result.stdout + result.stderr

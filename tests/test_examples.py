@@ -67,6 +67,7 @@ def test_notebook_is_stored_without_outputs():
         assert not set(cell.metadata) & {"execution", "collapsed", "scrolled"}, f"cell {i} stores run metadata"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path):
     """Runs the notebook in a fresh kernel of *this* interpreter.
 
@@ -112,6 +113,7 @@ def test_quickstart_notebook_runs(tmp_path):
     assert list(work.iterdir()) == [], "the notebook wrote into its working directory"
 
 
+@pytest.mark.slow
 def test_quickstart_script_runs(tmp_path):
     result = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py"), "--out", str(tmp_path / "out")],
                             cwd=tmp_path, env=_environment(), capture_output=True, text=True, timeout=600)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_7b.py"
@@ -40,6 +41,7 @@ def cells_by_key(report: dict) -> dict[tuple[str, str, int], dict]:
     return {(c["model"], c["level"], c["tokens"]): c for c in report["cells"] if c["contraction_dtype"] == "float32"}
 
 
+@pytest.mark.slow
 def test_tiny_run_reports_every_cell_with_positive_numbers(tmp_path):
     report, stdout = run(tmp_path)
     cells = cells_by_key(report)
@@ -67,6 +69,7 @@ def test_tiny_run_reports_every_cell_with_positive_numbers(tmp_path):
     assert len(table) == len(cells)
 
 
+@pytest.mark.slow
 def test_position_windows_agree_with_transformerlens(tmp_path):
     """--positions-per-pass 5: three windows of 16 tokens, still TL's scores; the buffer shrinks to 5 positions."""
     report, _ = run(tmp_path, "--models", "tiny-qwen2", "--seq", "16", "--repeats", "1", "--positions-per-pass", "5")
@@ -76,6 +79,7 @@ def test_position_windows_agree_with_transformerlens(tmp_path):
         assert cell["eap_buffer_bytes"] == cell["n_sources"] * 5 * 64 * 4  # d_model 64, float32
 
 
+@pytest.mark.slow
 def test_both_contraction_dtypes_side_by_side_and_profile(tmp_path):
     """--contraction-dtype float32 bfloat16: each EAP cell twice, against one plain pass.
 

@@ -58,7 +58,7 @@ def test_sample_ids_and_metadata_round_trip(tmp_path, mmap):
     scores.save(tmp_path / "run.cdiff")
     loaded = cd.EdgeScores.load(tmp_path / "run.cdiff", mmap=mmap)
     assert loaded.sample_ids == ("q-7", "q-3", "q-9")
-    assert loaded.metadata == metadata == scores.metadata
+    assert loaded.metadata == {**metadata, "sample_ids": "given"} == scores.metadata
     assert torch.equal(loaded.per_sample, scores.per_sample)
 
 

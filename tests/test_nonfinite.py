@@ -29,6 +29,13 @@ def nll_with_nan_gradient(logits, batch):
     return loss + poisoned
 
 
+def nll_with_nan_gradient_unless_x(logits, batch):
+    """:func:`nll_with_nan_gradient`, except in the batch whose first sample is "x" (module level: resumable)."""
+    if batch.sample_ids[0] == "x":
+        return cd.objectives.answer_nll()(logits, batch)
+    return nll_with_nan_gradient(logits, batch)
+
+
 @pytest.fixture(scope="module")
 def setup(get_model):
     model = get_model("llama")
@@ -67,12 +74,38 @@ def test_dropped_samples_are_left_out_and_listed(setup, tmp_path):
         assert f"- {side}: 2 left out (non-finite scores, dropped before scoring): b, d" in report
 
 
-def test_the_policy_is_part_of_the_run_identity(setup, tmp_path):
+class CountingEAP(cd.scorers.EAP):
+    """EAP that records which batches it scored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._scored: list[int] = []
+
+    def score_batch(self, context, batch, batch_index):
+        self._scored.append(batch_index)
+        return super().score_batch(context, batch, batch_index)
+
+
+def test_a_run_stopped_by_non_finite_scores_resumes_with_drop(setup, tmp_path):
     model, graph, batches = setup
-    cd.attribute(model, graph, batches, objective="answer_nll", progress=False, checkpoint_dir=tmp_path / "c")
-    with pytest.raises(cd.IdentityMismatchError, match="the non-finite policy changed"):
-        cd.attribute(model, graph, batches, objective="answer_nll", progress=False, checkpoint_dir=tmp_path / "c",
-                     nonfinite="drop")
+    ckpt, scorer = tmp_path / "ckpt", CountingEAP()
+    finite_first = [batches[1], batches[0]]  # fine on batch 0, NaN gradients in batch 1
+    finite_first[0] = cd.make_batches(model.tokenizer, [[1, 2, 3], [4, 5, 6]], [[13, 14]] * 2,
+                                      sample_ids=["x", "y"])[0]
+
+    with pytest.raises(cd.NonFiniteError, match="batch 1"):
+        cd.attribute(model, graph, finite_first, objective=nll_with_nan_gradient_unless_x, method=scorer,
+                     progress=False, checkpoint_dir=ckpt)
+    assert scorer._scored == [0, 1] and (ckpt / "shard-00000.safetensors").is_file()
+    scorer._scored.clear()
+    dropped = cd.attribute(model, graph, finite_first, objective=nll_with_nan_gradient_unless_x, method=scorer,
+                           progress=False, checkpoint_dir=ckpt, nonfinite="drop")
+    assert scorer._scored == [1]  # batch 0 came from its shard
+    assert dropped.sample_ids == ("x", "y", "a") and [d["id"] for d in dropped.metadata["dropped"]] == ["b"]
+    # a shard that dropped samples is refused by a run that must not drop any
+    with pytest.raises(cd.NonFiniteError, match="batch 1's stored shard left out 1 sample.*nonfinite='drop'"):
+        cd.attribute(model, graph, finite_first, objective=nll_with_nan_gradient_unless_x, method=CountingEAP(),
+                     progress=False, checkpoint_dir=ckpt)
     with pytest.raises(cd.ArgumentError, match="nonfinite must be one of"):
         cd.attribute(model, graph, batches, objective="answer_nll", progress=False, nonfinite="ignore")
 

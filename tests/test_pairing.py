@@ -65,6 +65,20 @@ def test_partial_overlap_pairs_the_common_ids_and_reports_the_rest():
     assert result.to_dict()["dropped"] == dropped
 
 
+def test_ids_given_to_edge_scores_pair_by_id_after_a_round_trip(tmp_path):
+    base, tuned_values, ids = paired_models(n=12)
+    per_sample = base.per_sample
+    plain = cd.EdgeScores(GRAPH, per_sample.mean(0), per_sample, torch.zeros(12), sample_ids=ids)
+    tuned = cd.EdgeScores(GRAPH, tuned_values[2:].mean(0), tuned_values[2:], torch.zeros(10), sample_ids=ids[2:])
+    assert plain.metadata["sample_ids"] == "given"
+    plain.save(tmp_path / "b.cdiff")
+    tuned.save(tmp_path / "t.cdiff")
+    result = cd.compare(cd.EdgeScores.load(tmp_path / "b.cdiff"), cd.EdgeScores.load(tmp_path / "t.cdiff"),
+                        n_resamples=100, breakdown=False)
+    assert result.settings["pairing"] == "paired by sample id: 10 pairs"
+    assert [d["id"] for d in result.dropped_samples()] == ["q0", "q1"]
+
+
 def test_disjoint_ids_are_refused_unless_unpaired():
     base, tuned_values, _ = paired_models(n=12)
     other = scores(tuned_values, [f"other{i}" for i in range(12)])

@@ -176,6 +176,7 @@ def test_real_generation_with_no_correct_answer(run_files, tmp_path, capsys):
     assert len(lines) == 6 and all(len(json.loads(line)["answer_ids"]) <= 3 for line in lines)
 
 
+@pytest.mark.slow
 def test_killed_process_resumes(run_files, tmp_path):
     """A hard kill (SIGKILL, no cleanup) in the middle of scoring; the rerun equals an uninterrupted run."""
     reference, killed = tmp_path / "reference", tmp_path / "killed"

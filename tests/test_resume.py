@@ -204,6 +204,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_killed_process_resumes_to_the_uninterrupted_result(checkpoints, get_model, tmp_path):
     script = tmp_path / "long_run.py"
     script.write_text(textwrap.dedent(SCRIPT.format(src=str(SRC), tests=str(TESTS))))

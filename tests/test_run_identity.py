@@ -116,7 +116,7 @@ def test_scores_carry_their_identity(get_model, tmp_path):
     scores = run(model, batches, level="head")
     identity = scores.metadata["identity"]
     assert set(identity) == {"fingerprint", "circuitdiff", "model", "graph", "scorer", "intervention", "objective",
-                             "per_sample", "nonfinite", "data"}
+                             "per_sample", "data"}
     assert identity["model"]["weights"] == weights_fingerprint(model)
     scores.save(tmp_path / "s.cdiff")
     assert cd.EdgeScores.load(tmp_path / "s.cdiff").metadata["identity"] == identity
@@ -163,3 +163,24 @@ def test_the_fingerprint_covers_dtype_config_and_tokenizer(checkpoints, tmp_path
     changed = model_identity(cd.load_model(moved, device="cpu"))
     assert changed["config"] != base["config"] and changed["weights"] == base["weights"]
     assert differences({"model": base}, {"model": changed})[0].startswith("the model's config.json changed")
+
+
+def test_the_weights_fingerprint_does_not_depend_on_chunks_devices_or_implementation(get_model, monkeypatch):
+    from circuitdiff import identity
+
+    model = get_model("qwen2")
+    expected = weights_fingerprint(model)
+    monkeypatch.setattr(identity, "_CHUNK_CPU", 1000)  # chunk boundaries inside tensors
+    assert weights_fingerprint(model) == expected
+    # the accelerators' int64 torch path, run on CPU, gives the numpy uint32 path's numbers
+    monkeypatch.setattr(identity, "_CpuWordStream", lambda: identity._WordStream(torch.device("cpu")))
+    assert weights_fingerprint(model) == expected
+    # tensors on two devices: the streams' sums add up to one stream's (positions are global)
+    words = [identity._words(torch.randn(3001)), identity._words(torch.randn(77).bfloat16())]
+    one, first, second = identity._WordStream(torch.device("cpu")), identity._CpuWordStream(), identity._CpuWordStream()
+    one.add(words[0], 0)
+    one.add(words[1], 3001)
+    first.add(words[0], 0)
+    second.add(words[1], 3001)
+    split = [(a + b) & ((1 << 62) - 1) for a, b in zip(first.result(), second.result())]
+    assert split == one.result()

@@ -84,7 +84,8 @@ def attribute(
         nonfinite: what a NaN or infinite score or loss does: ``"error"`` (default)
             raises :class:`~circuitdiff.NonFiniteError` naming the batch, the sample and
             the edges; ``"drop"`` leaves such samples out and lists them in
-            ``scores.metadata["dropped"]``.
+            ``scores.metadata["dropped"]``. Not part of the run's identity: a run stopped
+            by a NonFiniteError resumes with ``"drop"`` from its finished shards.
 
     Returns:
         :class:`EdgeScores` with float32 ``mean`` (and ``per_sample``), the kept
@@ -115,7 +116,7 @@ def attribute(
         batches = list(batches)
         reference_batches = None if reference_batches is None else list(reference_batches)
     context = make_context(model, graph, objective, intervention, reference_batches, progress)
-    settings = run_settings(model, graph, scorer, intervention, objective, reference_batches, per_sample, nonfinite,
+    settings = run_settings(model, graph, scorer, intervention, objective, reference_batches, per_sample,
                             stable=checkpoint_dir is not None)
     with contextlib.ExitStack() as stack:
         store = None
@@ -128,6 +129,11 @@ def attribute(
         for index, batch in checked_batches(batches, context, f"{scorer.name} ({graph.level} level)"):
             ids = run.ids_of(batch, index)
             done = store.load(index) if store is not None else None
+            if done is not None and done.dropped and nonfinite == "error":
+                raise NonFiniteError(
+                    f"batch {index}'s stored shard left out {len(done.dropped)} sample(s) for non-finite scores (a "
+                    f"run with nonfinite='drop'; first: id {done.dropped[0]['id']!r}, {done.dropped[0]['reason']}). "
+                    "Pass nonfinite='drop' to resume it, or fresh=True to score again.")
             if done is None:
                 scores, losses = scorer.score_batch(context, batch, index)
                 done = _batch_result(scores.detach().to("cpu"), losses.detach().to("cpu", torch.float32), ids,
@@ -147,6 +153,7 @@ def attribute(
         "objective": objectives_module.name_of(context.objective),
         "n_samples": run.n_kept,
         "sample_ids": "given" if run.ids_given else "position",
+        "nonfinite": nonfinite,
         "dropped": run.dropped,
         "sign": "objective(ablated) - objective(clean); positive = edge helps",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

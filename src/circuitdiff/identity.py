@@ -27,6 +27,7 @@ import json
 from dataclasses import fields
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,7 +48,7 @@ _MASK32 = (1 << 32) - 1
 _MASK62 = (1 << 62) - 1
 # odd multipliers below 2**31: every product of a 32-bit value with one stays below 2**63
 _K_INDEX, _K_MIX, _K_FINAL = 0x5E3779B1, 0x45EBCA77, 0x42B2AE3D
-_CHUNK_CPU, _CHUNK_ACCELERATOR = 1 << 18, 1 << 26  # words hashed at a time
+_CHUNK_CPU, _CHUNK_ACCELERATOR = 1 << 15, 1 << 24  # words mixed at a time (CPU: in cache)
 
 
 def fingerprint(value: Any) -> str:
@@ -132,13 +133,14 @@ def describe_component(kind: str, obj: Any, stable: bool = False) -> dict[str, A
 
 
 def run_settings(model: Any, graph: Any, scorer: Any, intervention: Any, objective: Any,
-                 reference_batches: Sequence[Any] | None, per_sample: bool, nonfinite: str,
-                 stable: bool = False) -> dict[str, Any]:
+                 reference_batches: Sequence[Any] | None, per_sample: bool, stable: bool = False) -> dict[str, Any]:
     """The identity of an attribution run, all but its data (see :func:`circuitdiff.attribute`).
 
     ``intervention`` and ``objective`` are what the caller passed (a name or an object);
     ``reference_batches`` the data of a mean intervention. Add ``"data"`` (a fingerprint
     of the batches' fingerprints, :func:`batch_fingerprint`) for the full identity.
+    The non-finite policy is not part of it: a shard holds the samples it kept and the
+    ones it dropped, and ``attribute`` checks those against the policy.
     """
     from circuitdiff import objectives
 
@@ -155,66 +157,151 @@ def run_settings(model: Any, graph: Any, scorer: Any, intervention: Any, objecti
         "intervention": intervention_id,
         "objective": objective_id,
         "per_sample": per_sample,
-        "nonfinite": nonfinite,
     }
 
 
-def _word_sums(t: Tensor) -> tuple[int, int]:
-    """Two 62-bit sums of a bijective mix of each 32-bit (or 16/8-bit) word of ``t`` with its position.
+class _WordStream:
+    """Two running 62-bit sums over words on one accelerator: a bijective mix of each word with its position.
 
-    Runs on the tensor's own device in exact integer arithmetic (no product or sum
-    overflows int64), so CPU and GPU give the same numbers. Changing any one word changes
-    both sums (the mix is a bijection for a fixed position); changes of several words
-    cancel in both only by a 2^-60-scale coincidence.
+    Words (the raw bits of each tensor added, as 32-, 16- or 8-bit integers) are copied
+    into a fixed int64 buffer and mixed a chunk at a time, so many small tensors cost one
+    copy each and a large one never needs a temporary of its own size. Positions are
+    global across devices and the sums are additive, so the devices' sums add up to the
+    sums of one stream: the result does not depend on where the tensors are. The
+    arithmetic is exact integer arithmetic (no product or sum overflows int64), so CPU
+    and GPU give the same numbers. Changing any one word changes both sums (the mix is a
+    bijection for a fixed position); changes of several words cancel in both only by a
+    2^-60-scale coincidence.
     """
-    flat = t.detach().contiguous().reshape(-1)
-    n_bytes = flat.numel() * flat.element_size()
-    if n_bytes == 0:
-        return 0, 0
-    word = torch.int32 if n_bytes % 4 == 0 else torch.int16 if n_bytes % 2 == 0 else torch.uint8
-    words = flat.view(torch.uint8).view(word) if flat.dtype == torch.bool else flat.view(word)
-    chunk = _CHUNK_CPU if words.device.type == "cpu" else _CHUNK_ACCELERATOR
-    width = min(chunk, words.numel())
-    offsets = torch.arange(width, dtype=torch.int64, device=words.device)
-    mixed = torch.empty(width, dtype=torch.int64, device=words.device)
-    scratch = torch.empty(width, dtype=torch.int64, device=words.device)
-    first = torch.zeros((), dtype=torch.int64, device=words.device)
-    second = torch.zeros((), dtype=torch.int64, device=words.device)
-    for start in range(0, words.numel(), chunk):
-        part = words[start:start + chunk]
-        m = part.numel()
-        v, s = mixed[:m], scratch[:m]
-        v.copy_(part).bitwise_and_(_MASK32)  # the word as an unsigned 32-bit value
-        torch.add(offsets[:m], start, out=s).bitwise_and_(_MASK32).mul_(_K_INDEX).bitwise_and_(_MASK32)
+
+    def __init__(self, device: torch.device) -> None:
+        self.chunk = _CHUNK_CPU if device.type == "cpu" else _CHUNK_ACCELERATOR
+        self.words = torch.empty(self.chunk, dtype=torch.int64, device=device)
+        self.scratch = torch.empty(self.chunk, dtype=torch.int64, device=device)
+        self.offsets = _mixed_offsets(self.chunk, device)
+        self.sums = torch.zeros(2, dtype=torch.int64, device=device)
+        self.filled = self.position = 0
+
+    def add(self, words: Tensor, position: int) -> None:
+        """Mix ``words`` (1-d integers) in at global positions ``position, position + 1, ...``."""
+        if self.filled and self.position + self.filled != position:
+            self._mix()
+        if not self.filled:
+            self.position = position
+        done = 0
+        while done < words.numel():
+            take = min(self.chunk - self.filled, words.numel() - done)
+            self.words[self.filled:self.filled + take].copy_(words[done:done + take])
+            self.filled, done = self.filled + take, done + take
+            if self.filled == self.chunk:
+                self._mix()
+
+    def _mix(self) -> None:
+        n, v, s = self.filled, self.words[:self.filled], self.scratch[:self.filled]
+        v.bitwise_and_(_MASK32)  # the word as an unsigned value
+        torch.add(self.offsets[:n], (self.position * _K_INDEX) & _MASK32, out=s).bitwise_and_(_MASK32)
         v.bitwise_xor_(s).mul_(_K_MIX).bitwise_and_(_MASK32)
-        first.add_(v.sum()).bitwise_and_(_MASK62)
+        self.sums[0].add_(v.sum()).bitwise_and_(_MASK62)
         torch.bitwise_right_shift(v, 15, out=s).bitwise_xor_(v).mul_(_K_FINAL).bitwise_and_(_MASK32)
-        second.add_(s.sum()).bitwise_and_(_MASK62)
-    return int(first), int(second)
+        self.sums[1].add_(s.sum()).bitwise_and_(_MASK62)
+        self.position, self.filled = self.position + n, 0
+
+    def result(self) -> list[int]:
+        """The two sums (after mixing what is left)."""
+        if self.filled:
+            self._mix()
+        return self.sums.tolist()
+
+
+class _CpuWordStream:
+    """:class:`_WordStream` for CPU tensors, in numpy's uint32 arithmetic (which wraps modulo 2^32 by definition).
+
+    The same numbers as the int64 path with its masks, in half the memory traffic.
+    """
+
+    def __init__(self) -> None:
+        self.words = np.empty(_CHUNK_CPU, dtype=np.uint32)
+        self.scratch = np.empty(_CHUNK_CPU, dtype=np.uint32)
+        self.offsets = _mixed_offsets(_CHUNK_CPU, torch.device("cpu")).numpy().astype(np.uint32)
+        self.sums = [0, 0]
+        self.filled = self.position = 0
+
+    def add(self, words: Tensor, position: int) -> None:
+        """Mix ``words`` (1-d integers) in at global positions ``position, position + 1, ...``."""
+        if self.filled and self.position + self.filled != position:
+            self._mix()
+        if not self.filled:
+            self.position = position
+        values = words.numpy()
+        if values.dtype != np.uint8:  # sign-extend 16- and 32-bit words as the int64 path does
+            values = values.astype(np.int32, copy=False).view(np.uint32)
+        done = 0
+        while done < values.size:
+            take = min(_CHUNK_CPU - self.filled, values.size - done)
+            self.words[self.filled:self.filled + take] = values[done:done + take]
+            self.filled, done = self.filled + take, done + take
+            if self.filled == _CHUNK_CPU:
+                self._mix()
+
+    def _mix(self) -> None:
+        n, v, s = self.filled, self.words[:self.filled], self.scratch[:self.filled]
+        np.add(self.offsets[:n], np.uint32((self.position * _K_INDEX) & _MASK32), out=s)
+        np.bitwise_xor(v, s, out=v)
+        np.multiply(v, np.uint32(_K_MIX), out=v)
+        self.sums[0] = (self.sums[0] + int(v.sum(dtype=np.uint64))) & _MASK62
+        np.right_shift(v, 15, out=s)
+        np.bitwise_xor(s, v, out=s)
+        np.multiply(s, np.uint32(_K_FINAL), out=s)
+        self.sums[1] = (self.sums[1] + int(s.sum(dtype=np.uint64))) & _MASK62
+        self.position, self.filled = self.position + n, 0
+
+    def result(self) -> list[int]:
+        """The two sums (after mixing what is left)."""
+        if self.filled:
+            self._mix()
+        return self.sums
+
+
+@functools.lru_cache(maxsize=4)
+def _mixed_offsets(n: int, device: torch.device) -> Tensor:
+    """``(i * K) mod 2^32`` for ``i < n``: the position term of a chunk, computed once per device."""
+    return torch.arange(n, dtype=torch.int64, device=device).mul_(_K_INDEX).bitwise_and_(_MASK32)
+
+
+def _words(t: Tensor) -> Tensor:
+    """The raw bits of ``t`` as a 1-d tensor of 32-bit words (16- or 8-bit when its size is not a multiple of 4 bytes)."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    n_bytes = flat.numel() * flat.element_size()
+    return flat.view(torch.int32 if n_bytes % 4 == 0 else torch.int16 if n_bytes % 2 == 0 else torch.uint8)
 
 
 def weights_fingerprint(model: Any) -> str:
     """Fingerprint of every parameter and buffer of ``model`` (names, dtypes, shapes and values).
 
     Any change to any element of any parameter tensor changes it, including edits made
-    in place on an in-memory model. Each tensor is hashed on its own device (see
-    ``benchmarks/fingerprint_cost.py`` for the cost: well under 1% of an attribution run).
+    in place on an in-memory model. Each tensor is hashed on its own device, and the result
+    does not depend on the devices (see ``benchmarks/fingerprint_cost.py`` for the cost).
     Tensors on the ``meta`` device (offloaded by accelerate) contribute their name, dtype
     and shape only.
     """
     module = getattr(model, "original_model", model)
-    entries = []
-    seen: set[int] = set()
-    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    entries: list[list[Any]] = []
+    streams: dict[torch.device, _WordStream | _CpuWordStream] = {}
+    position = 0
+    named = [*module.named_parameters(), *module.named_buffers()]  # each tensor once (tied weights under one name)
     for name, tensor in sorted(named, key=lambda item: item[0]):
-        key = id(tensor)
-        if key in seen:  # tied weights: hashed once, under their first name
-            entries.append([name, "tied"])
+        entries.append([name, str(tensor.dtype), list(tensor.shape)])
+        if tensor.device.type == "meta":
             continue
-        seen.add(key)
-        sums = None if tensor.device.type == "meta" else _word_sums(tensor)
-        entries.append([name, str(tensor.dtype), list(tensor.shape), sums])
-    return fingerprint(entries)
+        words = _words(tensor)
+        if tensor.device not in streams:
+            streams[tensor.device] = _CpuWordStream() if tensor.device.type == "cpu" else _WordStream(tensor.device)
+        streams[tensor.device].add(words, position)
+        position += words.numel()
+    sums = [sum(column) & _MASK62 for column in zip(*(s.result() for s in streams.values()))]
+    return fingerprint({"tensors": entries, "words": [*sums, position]})
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -296,7 +383,6 @@ _LABELS = {
     "objective": "the objective",
     "data": "the data (token ids, labels or sample ids)",
     "per_sample": "per_sample",
-    "nonfinite": "the non-finite policy",
     "prompt": "the prompt",
     "generation": "the generation settings",
 }

@@ -37,8 +37,8 @@ class EdgeScores:
             ``identity`` (see :mod:`circuitdiff.identity`) (JSON-ready).
         sample_ids: one unique name per sample, in row order (e.g. question ids);
             :func:`circuitdiff.compare` pairs two models' samples by them. Default: the
-            row positions ``("0", "1", ...)``; ``metadata["sample_ids"]`` then says
-            ``"position"``.
+            row positions ``("0", "1", ...)``; ``metadata["sample_ids"]`` says
+            ``"position"`` then, ``"given"`` otherwise (unless the metadata says already).
     """
 
     graph: AttributionGraph
@@ -55,6 +55,7 @@ class EdgeScores:
             self.metadata.setdefault("sample_ids", "position")
         else:
             self.sample_ids = check_sample_ids(self.sample_ids, self.n_samples, "EdgeScores.sample_ids")
+            self.metadata.setdefault("sample_ids", "given")
         shape = (self.graph.n_sources, self.graph.n_receivers)
         if tuple(self.mean.shape) != shape:
             raise ArgumentError(f"mean has shape {tuple(self.mean.shape)}; the graph needs {shape}.")
