@@ -12,7 +12,7 @@ import json
 
 import circuitdiff as cd
 import tiny_models as tm
-from circuitdiff.data.generation import answer_identity
+from circuitdiff.data.generation import answer_identity, generation_settings
 from circuitdiff.identity import model_identity
 
 MAX_NEW_TOKENS = 16
@@ -43,7 +43,8 @@ def write_caches(files, out):
             prompt_length = len(model.tokenizer(prompt)["input_ids"])
             lines.append(json.dumps({"id": f"q{i}", "text": f"so \\boxed{{{answer}}}", "answer_ids": ids,
                                      "prompt_length": prompt_length,
-                                     "identity": answer_identity(produced_by, prompt, MAX_NEW_TOKENS)}))
+                                     "identity": answer_identity(produced_by, prompt,
+                                                                 generation_settings(model, MAX_NEW_TOKENS))}))
         (out / f"{side}.generations.jsonl").write_text("\n".join(lines) + "\n")
 
 

@@ -107,6 +107,8 @@ def test_two_processes_equal_one(launched, get_model, name):
     gathered = cd.EdgeScores.load(launched / f"{name}.cdiff")
     assert gathered.metadata["world_size"] == 2 and gathered.metadata["n_samples"] == n
     assert gathered.metadata["intervention"] == single.metadata["intervention"]
+    assert gathered.sample_ids == single.sample_ids and gathered.metadata["sample_ids"] == "given"
+    assert gathered.metadata["identity"] == single.metadata["identity"]  # the same run, whatever the processes
     scale = float(single.mean.abs().max())
     torch.testing.assert_close(gathered.objective_values, single.objective_values, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(gathered.mean, single.mean, rtol=1e-6, atol=1e-7 * scale)

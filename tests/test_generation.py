@@ -12,19 +12,23 @@ import pytest
 import torch
 
 import circuitdiff as cd
+import tiny_models as tm
 from circuitdiff.data import Question, generate_answers
 from circuitdiff.data import generation
 from circuitdiff.data.generation import kv_cache_compat, kv_cache_is_sound
-from circuitdiff.identity import library_version, model_identity
+from circuitdiff.identity import fingerprint, library_version, model_identity
 from circuitdiff.models import describe_model
 
 QUESTIONS = [Question("a", "w1 w2 w3", "4"), Question("b", "w5 w6", "7"), Question("c", "w9 w10 w11 w12 w13", "x")]
 
 
 def answer_identity(model, prompt, max_new_tokens):
-    """The identity a cached answer must carry (``model`` from identity.model_identity)."""
-    return {"circuitdiff": library_version(), "model": model, "prompt": hashlib.sha256(prompt.encode()).hexdigest(),
-            "generation": {"max_new_tokens": max_new_tokens, "greedy": True}}
+    """The identity a cached answer of ``model`` (a bridge) must carry."""
+    config = {k: v for k, v in model.original_model.generation_config.to_dict().items()
+              if not k.startswith("_") and k != "transformers_version"}
+    return {"circuitdiff": library_version(), "model": model_identity(model),
+            "prompt": hashlib.sha256(prompt.encode()).hexdigest(),
+            "generation": {"max_new_tokens": max_new_tokens, "greedy": True, "config": fingerprint(config)}}
 
 
 def plain_generation(checkpoint, question, max_new_tokens):
@@ -83,12 +87,11 @@ def test_a_broken_kv_cache_is_detected_and_avoided(get_model, checkpoints):
 
 def test_cache_is_written_and_reused(checkpoints, tmp_path, monkeypatch):
     model = cd.load_model(checkpoints["llama"], device="cpu")  # its tokenizer not used yet
-    identity = model_identity(model)
     cache = tmp_path / "gen.jsonl"
     first = generate_answers(model, QUESTIONS, cache=cache, batch_size=2, max_new_tokens=3, progress=False)
     lines = cache.read_text().splitlines()
     assert len(lines) == 3
-    assert json.loads(lines[0])["identity"] == answer_identity(identity, QUESTIONS[0].prompt, 3)
+    assert json.loads(lines[0])["identity"] == answer_identity(model, QUESTIONS[0].prompt, 3)
 
     def fail(*args, **kwargs):
         raise AssertionError("generate must not run: everything is cached")
@@ -99,12 +102,11 @@ def test_cache_is_written_and_reused(checkpoints, tmp_path, monkeypatch):
 
 def test_stub_cache_decides_correctness(get_model, tmp_path, monkeypatch):
     model = get_model("llama")
-    identity = model_identity(model)
     cache = tmp_path / "gen.jsonl"
     records = [{"id": "a", "text": "so it is \\boxed{4}", "answer_ids": [1, 2], "prompt_length": 3},
                {"id": "b", "text": "I think 8", "answer_ids": [3], "prompt_length": 2},
                {"id": "c", "text": "it is \\boxed{X}", "answer_ids": [4], "prompt_length": 5}]
-    cache.write_text("".join(json.dumps({**r, "identity": answer_identity(identity, q.prompt, 8)}) + "\n"
+    cache.write_text("".join(json.dumps({**r, "identity": answer_identity(model, q.prompt, 8)}) + "\n"
                              for r, q in zip(records, QUESTIONS)))
     monkeypatch.setattr(model.original_model, "generate", lambda *a, **k: pytest.fail("cached"))
     out = generate_answers(model, QUESTIONS, cache=cache, max_new_tokens=8, progress=False)
@@ -186,7 +188,22 @@ def test_fresh_regenerates_everything(get_model, tmp_path):
     again = generate_answers(model, edited, cache=cache, fresh=True, max_new_tokens=3, progress=False)
     assert again == generate_answers(model, edited, max_new_tokens=3, progress=False)
     records = [json.loads(line) for line in cache.read_text().splitlines()]
-    assert [r["identity"] for r in records] == [answer_identity(model_identity(model), q.prompt, 3) for q in edited]
+    assert [r["identity"] for r in records] == [answer_identity(model, q.prompt, 3) for q in edited]
+
+
+def test_a_cache_in_a_missing_folder_fails_before_generating(get_model, tmp_path, monkeypatch):
+    model = get_model("llama")
+    monkeypatch.setattr(model.original_model, "generate", lambda *a, **k: pytest.fail("generated"))
+    with pytest.raises(cd.MissingPathError, match="folder that does not exist"):
+        generate_answers(model, QUESTIONS, cache=tmp_path / "missing" / "gen.jsonl", progress=False)
+
+
+def test_another_generation_config_is_refused(checkpoints, tmp_path):
+    model = cd.load_model(checkpoints["llama"], device="cpu")
+    cache = tmp_path / "gen.jsonl"
+    generate_answers(model, QUESTIONS, cache=cache, max_new_tokens=3, progress=False)
+    model.original_model.generation_config.eos_token_id = [tm.VOCAB - 1, 5]  # another stop token: other answers
+    refused("the generation settings changed", model, QUESTIONS, cache, max_new_tokens=3)
 
 
 def test_records_of_an_older_circuitdiff_are_refused(get_model, tmp_path):

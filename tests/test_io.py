@@ -62,6 +62,11 @@ def test_sample_ids_and_metadata_round_trip(tmp_path, mmap):
     assert torch.equal(loaded.per_sample, scores.per_sample)
 
 
+def test_saving_into_a_missing_folder_says_so(tmp_path):
+    with pytest.raises(cd.MissingPathError, match="does not exist; create it first"):
+        _small().save(tmp_path / "no-such-folder" / "run.cdiff")
+
+
 def test_positional_sample_ids_round_trip(tmp_path):
     scores = _small()
     scores.save(tmp_path / "run.cdiff")

@@ -225,6 +225,15 @@ def test_needs_per_sample_scores(graph):
         compare(x, x, chunk_size=0)
 
 
+@pytest.mark.parametrize("options", [dict(top_k=-5), dict(top_k="a"), dict(seed="x"), dict(n_resamples=0),
+                                     dict(n_resamples=1.5), dict(confidence="x"), dict(paired="yes")],
+                         ids=["top_k", "top_k-type", "seed", "n_resamples", "n_resamples-type", "confidence", "paired"])
+def test_compare_refuses_bad_arguments(graph, options):
+    x = random_scores(graph)
+    with pytest.raises(cd.ArgumentError, match=next(iter(options))):
+        compare(x, x, **options)
+
+
 def test_outputs(graph, tmp_path):
     x = random_scores(graph)
     result = compare(x, scores_from(graph, 1.5 * x.per_sample), n_resamples=200)

@@ -132,3 +132,34 @@ def test_compare_scores_command_pairs_by_id(tmp_path, capsys):
     assert main(["compare-scores", str(tmp_path / "base.cdiff"), str(tmp_path / "tuned.cdiff")]) == 0
     report = capsys.readouterr().out
     assert "paired by sample id: 40 pairs" in report and "| intensity |" in report and "+5.0%" in report
+
+
+def test_concatenate_keeps_ids_and_renumbers_positions():
+    per_sample = torch.randn(5, GRAPH.n_sources, GRAPH.n_receivers, generator=torch.Generator().manual_seed(3))
+    per_sample = per_sample * GRAPH.edge_mask
+
+    def part(rows, ids=None, dropped=()):
+        values = per_sample[rows]
+        return cd.EdgeScores(GRAPH, values.mean(0), values, torch.zeros(len(rows)), sample_ids=ids,
+                             metadata={"dropped": [{"id": d, "reason": "non-finite"} for d in dropped],
+                                       "identity": {"fingerprint": f"f{rows[0]}"}})
+
+    joined = cd.EdgeScores.concatenate([part([0, 1], ["a", "b"], ["x"]), part([2, 3, 4], ["c", "d", "e"], ["y"])])
+    assert joined.sample_ids == ("a", "b", "c", "d", "e") and torch.equal(joined.per_sample, per_sample)
+    torch.testing.assert_close(joined.mean, per_sample.mean(0))
+    assert [d["id"] for d in joined.metadata["dropped"]] == ["x", "y"]
+    assert joined.metadata["identity"] == {"parts": ["f0", "f2"]} and joined.metadata["n_samples"] == 5
+    positional = cd.EdgeScores.concatenate([part([0, 1]), part([2, 3, 4])])
+    assert positional.sample_ids == ("0", "1", "2", "3", "4") and positional.metadata["sample_ids"] == "position"
+    with pytest.raises(cd.ArgumentError, match="parts with sample ids and parts named by row position"):
+        cd.EdgeScores.concatenate([part([0, 1], ["a", "b"]), part([2, 3])])
+    with pytest.raises(cd.DataError, match="must be unique"):
+        cd.EdgeScores.concatenate([part([0, 1], ["a", "b"]), part([2, 3], ["b", "c"])])
+
+
+def test_scores_of_different_scorers_are_refused():
+    base, tuned_values, ids = paired_models(n=8)
+    for key, other in (("method", "exact"), ("intervention", "patching"), ("objective", "logit_diff")):
+        tuned = scores(tuned_values, ids, **{key: other})
+        with pytest.raises(cd.DataError, match=f"tuned with '{other}'.*do not compare edge by edge"):
+            cd.compare(scores(base.per_sample, ids, method="eap", intervention="zero", objective="answer_nll"), tuned)

@@ -90,7 +90,7 @@ def test_eap_memory_options_reach_the_scorer(run_files, tmp_path):
     config = json.loads((tmp_path / "options" / "run.json").read_text())["config"]
     assert config["positions_per_pass"] == 4 and config["contraction_dtype"] == "bfloat16"
     manifest = json.loads((tmp_path / "options" / "base.shards" / "manifest.json").read_text())
-    assert manifest["identity"]["scorer"]["options"] == {"positions_per_pass": 4, "contraction_dtype": "torch.bfloat16"}
+    assert manifest["identity"]["scorer"]["options"] == {"contraction_dtype": "torch.bfloat16"}  # windows: memory only
     difference = (scores["options"] - scores["default"]).norm() / scores["default"].norm()
     assert 1e-5 < difference < 1e-2  # the bfloat16 rounding, and nothing more
 

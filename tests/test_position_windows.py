@@ -97,15 +97,19 @@ def test_intervention_that_ignores_the_window_is_refused(get_model):
                      method=cd.scorers.get("eap", positions_per_pass=2), progress=False)
 
 
-def test_resuming_with_other_windows_is_refused(get_model, tmp_path):
+def test_resuming_with_other_windows_reuses_the_shards(get_model, tmp_path):
+    """Windows change memory, not the scores: a run resumed with another window size reads its shards."""
     model = get_model("gpt2")
     graph = cd.AttributionGraph.from_model(model, level="layer")
     batches = make_data(model)
-    cd.attribute(model, graph, batches, objective="answer_nll", progress=False, checkpoint_dir=tmp_path,
-                 method=cd.scorers.get("eap", positions_per_pass=2))
-    with pytest.raises(cd.DataError, match="positions_per_pass"):
+    first = cd.attribute(model, graph, batches, objective="answer_nll", progress=False, checkpoint_dir=tmp_path,
+                         method=cd.scorers.get("eap", positions_per_pass=2))
+    again = cd.attribute(model, graph, batches, objective="answer_nll", progress=False, checkpoint_dir=tmp_path,
+                         method=cd.scorers.get("eap", positions_per_pass=3))
+    assert torch.equal(first.per_sample, again.per_sample)  # read from the shards, not rescored
+    with pytest.raises(cd.IdentityMismatchError, match="contraction_dtype"):  # this one changes the scores
         cd.attribute(model, graph, batches, objective="answer_nll", progress=False, checkpoint_dir=tmp_path,
-                     method=cd.scorers.get("eap", positions_per_pass=3))
+                     method=cd.scorers.get("eap", positions_per_pass=2, contraction_dtype=torch.bfloat16))
 
 
 def test_windows_lower_the_measured_peak_as_planned():

@@ -168,6 +168,7 @@ def test_crash_leftovers_are_ignored_and_damaged_shards_scored_again(get_model, 
     scorer._scored.clear()
     assert_same(run(model, batches, ckpt, method=scorer), plain)
     assert scorer._scored == [1]
+    assert not list(ckpt.glob(".*.tmp-*"))  # the killed writer's temporary file is gone
 
     path = ckpt / "shard-00003.safetensors"
     data = bytearray(path.read_bytes())

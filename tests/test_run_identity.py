@@ -18,7 +18,7 @@ import circuitdiff as cd
 import tiny_models as tm
 from circuitdiff.identity import differences, model_identity, weights_fingerprint
 from circuitdiff.scorers.eap import EAP
-from test_resume import assert_same, make_batches, run
+from test_resume import CountingEAP, assert_same, make_batches, run
 
 
 def test_weights_replaced_on_disk_are_refused(checkpoints, tmp_path):
@@ -184,3 +184,60 @@ def test_the_weights_fingerprint_does_not_depend_on_chunks_devices_or_implementa
     second.add(words[1], 3001)
     split = [(a + b) & ((1 << 62) - 1) for a, b in zip(first.result(), second.result())]
     assert split == one.result()
+
+
+def test_sign_flips_and_swaps_change_the_weights_fingerprint():
+    """The edits a weak mix misses: flipping the top bit of two words (negating two weights) or of a whole bias."""
+    import random
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64)
+    original = weights_fingerprint(layer)
+    flat, rng = layer.weight.data.view(-1), random.Random(0)
+    with torch.no_grad():
+        for _ in range(300):
+            i, j = rng.sample(range(flat.numel()), 2)
+            for edit in ("negate", "swap"):
+                before = flat[[i, j]].clone()
+                if edit == "negate":
+                    flat[[i, j]] = -before
+                else:
+                    flat[[i, j]] = before.flip(0)
+                assert weights_fingerprint(layer) != original, (edit, i, j)
+                flat[[i, j]] = before
+        layer.bias.neg_()
+        assert weights_fingerprint(layer) != original
+        layer.bias.neg_()
+    assert weights_fingerprint(layer) == original
+
+
+class WeightedNLL:
+    """A module-level objective class with options (identified by its class and public attributes)."""
+
+    def __init__(self, weights, settings=None) -> None:
+        self.weights, self.settings = weights, settings or {"scale": 1.0}
+
+    def __call__(self, logits, batch):
+        return cd.objectives.answer_nll()(logits, batch) * float(self.weights.sum()) * self.settings["scale"]
+
+
+def test_component_options_are_in_the_identity_or_refused(get_model, tmp_path):
+    import numpy as np
+
+    model, batches = get_model("gpt2"), make_batches(2)
+    run(model, batches, tmp_path / "a", objective=WeightedNLL(np.ones(3)))
+    with pytest.raises(cd.IdentityMismatchError, match="the objective changed \\(options"):
+        run(model, batches, tmp_path / "a", objective=WeightedNLL(np.full(3, 2.0)))  # arrays by content
+    with pytest.raises(cd.IdentityMismatchError, match="the objective changed"):
+        run(model, batches, tmp_path / "a", objective=WeightedNLL(np.ones(3), {"scale": 2.0}))  # dicts too
+    with pytest.raises(cd.ArgumentError, match="cannot identify the objective option settings=dict"):
+        run(model, batches, tmp_path / "b", objective=WeightedNLL(np.ones(3), {"scale": object()}))
+
+
+def test_another_position_window_resumes_from_the_same_shards(get_model, tmp_path):
+    model, batches, ckpt = get_model("llama"), make_batches(3, pos=8), tmp_path / "ckpt"
+    windowed = CountingEAP()
+    windowed.positions_per_pass = 3
+    whole = run(model, batches, ckpt, level="head", method=CountingEAP())
+    assert_same(run(model, batches, ckpt, level="head", method=windowed), whole)
+    assert windowed._scored == []  # every batch came from its shard

@@ -248,8 +248,13 @@ def compare(
             raise ArgumentTypeError(f"{name} must be EdgeScores, got {type(scores).__name__}.")
         metrics.require_per_sample(scores, f"compare ({name})")
     metrics.check_bins(bins)
-    if not 0 < confidence < 1:
+    if not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
         raise ArgumentError(f"confidence must be in (0, 1); got {confidence!r}.")
+    for name, value, least in (("top_k", top_k, 1), ("n_resamples", n_resamples, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ArgumentError(f"{name} must be an integer >= {least}; got {value!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ArgumentError(f"seed must be an integer or None; got {seed!r}.")
     if paired not in (None, True, False):
         raise ArgumentError(f"paired must be None, True or False; got {paired!r}.")
     _check_same_settings(base, tuned)

@@ -25,7 +25,7 @@ from typing import Callable
 
 from circuitdiff.comparison import Comparison
 from circuitdiff.errors import DataError
-from circuitdiff.pipeline import PipelineConfig, run_compare
+from circuitdiff.pipeline import PipelineConfig, run_compare, write_text
 
 __all__ = ["DEMO_DATA", "TUNED_MODELS", "demo_config", "check_demo_files", "file_sha256", "run_demo", "side_by_side"]
 
@@ -109,11 +109,11 @@ def run_demo(
         results[name] = run_compare(data_dir / "base", data_dir / name, data_dir / "questions.jsonl",
                                     out / f"base-vs-{name}", config, log=log)
     table = side_by_side(results)
-    (out / "report.md").write_text(
+    write_text(out / "report.md", (
         "# circuitdiff demo\n\nTiny Llama checkpoints trained on synthetic arithmetic (see "
         "circuitdiff/demo_data/manifest.json); each tuned model is compared with base on the questions both "
         f"answer correctly. Full reports: {', '.join(f'base-vs-{n}/report.md' for n in TUNED_MODELS)}.\n\n"
-        f"{table}\n")
+        f"{table}\n"))
     log(table)
     log(f"Reports, scores and figures are in {out}/")
     return results

@@ -23,10 +23,12 @@ import torch
 import torch.distributed as dist
 
 from circuitdiff import interventions as interventions_module
+from circuitdiff import scorers
 from circuitdiff.data import Batch
+from circuitdiff.data.batches import check_sample_ids
 from circuitdiff.errors import ArgumentError, DataError, DistributedError
-from circuitdiff.identity import batch_fingerprint, fingerprint
 from circuitdiff.graph import AttributionGraph
+from circuitdiff.identity import batch_fingerprint, fingerprint, run_settings
 from circuitdiff.scores import EdgeScores
 
 __all__ = ["attribute", "local_device", "init_process_group", "shard"]
@@ -158,8 +160,14 @@ def attribute(
     if dst is not None and not 0 <= dst < world_size:
         raise ArgumentError(f"dst={dst} is not a rank of this group of {world_size} processes.")
     _warn_on_shared_gpu(model)
-    data = fingerprint([batch_fingerprint(b) for b in batches])
     named = _with_positional_ids(batches)
+    ids = [sample for batch in named for sample in batch.sample_ids]  # type: ignore[union-attr]
+    check_sample_ids(ids, len(ids), "the batches' sample ids")  # before sharding: each rank sees only its own
+    scorer = attribute_kwargs.get("method", "eap")
+    identity = {**run_settings(model, graph, scorers.get(scorer) if isinstance(scorer, str) else scorer,
+                               attribute_kwargs.get("intervention", "zero"), attribute_kwargs.get("objective"),
+                               attribute_kwargs.get("reference_batches"), attribute_kwargs.get("per_sample", True)),
+                "data": fingerprint([batch_fingerprint(b) for b in batches])}
 
     kwargs = dict(attribute_kwargs)
     kwargs.setdefault("progress", rank == 0)
@@ -192,8 +200,8 @@ def attribute(
     parts = _gather(outcome, world_size, dst)
     if parts is None:
         return None
-    ids_from = "position" if all(b.sample_ids is None for b in batches) else "given"
-    return _combine([p["part"] for p in parts], named, graph, data, ids_from)
+    ids_from = "position" if any(b.sample_ids is None for b in batches) else "given"
+    return _combine([p["part"] for p in parts], named, graph, identity, ids_from)
 
 
 def _with_positional_ids(batches: list[Batch]) -> list[Batch]:
@@ -283,9 +291,12 @@ def _cpu_part(scores: EdgeScores | None) -> dict[str, Any] | None:
     }
 
 
-def _combine(parts: list[dict[str, Any] | None], batches: list[Batch], graph: AttributionGraph, data: str,
-             ids_from: str) -> EdgeScores:
-    """Put the ranks' samples back in batch order (by sample id; dropped samples stay out) and recompute the mean."""
+def _combine(parts: list[dict[str, Any] | None], batches: list[Batch], graph: AttributionGraph,
+             identity: dict[str, Any], ids_from: str) -> EdgeScores:
+    """Put the ranks' samples back in batch order (by sample id; dropped samples stay out) and recompute the mean.
+
+    ``identity``: the whole run's (what one process computes for the same call), in place of the ranks' own.
+    """
     present = [p for p in parts if p is not None]
     where = {sample: (k, row) for k, p in enumerate(present) for row, sample in enumerate(p["sample_ids"])}
     order = [where[sample] for batch in batches for sample in batch.sample_ids if sample in where]  # type: ignore[union-attr]
@@ -301,8 +312,6 @@ def _combine(parts: list[dict[str, Any] | None], batches: list[Batch], graph: At
         per_sample = None
         mean = sum(p["mean"].double() * p["objective_values"].shape[0] for p in present) / n
     first = present[0]["metadata"]
-    identity = {**first["identity"], "data": data}
-    identity.pop("fingerprint")
     metadata = {**first, "n_samples": n, "world_size": len(parts), "sample_ids": ids_from,
                 "dropped": [d for p in present for d in p["metadata"]["dropped"]],
                 "identity": {"fingerprint": fingerprint(identity), **identity}}

@@ -46,8 +46,9 @@ __all__ = [
 
 _MASK32 = (1 << 32) - 1
 _MASK62 = (1 << 62) - 1
-# odd multipliers below 2**31: every product of a 32-bit value with one stays below 2**63
-_K_INDEX, _K_MIX, _K_FINAL = 0x5E3779B1, 0x45EBCA77, 0x42B2AE3D
+# odd multipliers below 2**31, so every product of a 32-bit value with one stays below 2**63 (exact in int64):
+# the position term, the two multipliers of the murmur-style finaliser, and the second sum's multiplier
+_K_INDEX, _K_MIX1, _K_MIX2, _K_SECOND = 0x5E3779B1, 0x5BD1E995, 0x27D4EB2D, 0x45EBCA77
 _CHUNK_CPU, _CHUNK_ACCELERATOR = 1 << 15, 1 << 24  # words mixed at a time (CPU: in cache)
 
 
@@ -105,27 +106,55 @@ def _qualified_name(kind: str, obj: Any, stable: bool) -> str:
     return qualname
 
 
+def _option_value(value: Any) -> Any:
+    """An option as JSON: plain values and lists/dicts of them as they are, dtypes by name, arrays by SHA-256.
+
+    Anything else has no identity here: ``None`` is returned for it.
+    """
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, Tensor):
+        return f"sha256:{tensor_digest(value)}"
+    if isinstance(value, np.ndarray):
+        return f"sha256:{tensor_digest(torch.from_numpy(np.ascontiguousarray(value)))}"
+    if isinstance(value, (list, tuple)):
+        items = [_option_value(v) for v in value]
+        return None if any(i is None and v is not None for i, v in zip(items, value)) else items
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _option_value(v) for k, v in value.items()}
+        return None if any(items[k] is None and v is not None for k, v in value.items()) else items
+    return None
+
+
 def describe_component(kind: str, obj: Any, stable: bool = False) -> dict[str, Any]:
     """Identity of a scorer, intervention or objective: its name, class and public options.
 
-    Options are the public attributes holding plain values (dtypes by name, tensors by
-    SHA-256); attributes starting with ``_`` are ignored. A name given as a string stands
-    for itself. ``stable``: refuse objects whose name would not survive a restart.
+    Options are the public attributes (plain values, lists and dicts of them, dtypes by
+    name, tensors and arrays by SHA-256); attributes starting with ``_`` and those named
+    in the class's ``not_in_identity`` (options that change memory or speed, not the
+    scores) are left out. The code of a callable is not part of it, only its qualified
+    name. A name given as a string stands for itself. ``stable``: refuse objects whose
+    name or options would not be recognised when the run is started again.
     """
     if isinstance(obj, str):
         return {"name": obj}
     options: dict[str, Any] = {}
+    skipped = set(getattr(obj, "not_in_identity", ()))
     for key, value in sorted(getattr(obj, "__dict__", {}).items()):
-        if key.startswith("_"):
+        if key.startswith("_") or key in skipped:
             continue
-        if isinstance(value, _PLAIN):
-            options[key] = value
-        elif isinstance(value, torch.dtype):
-            options[key] = str(value)
-        elif isinstance(value, Tensor):
-            options[key] = f"sha256:{tensor_digest(value)}"
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value):
-            options[key] = list(value)
+        options[key] = _option_value(value)
+        if options[key] is None and value is not None:
+            if stable:
+                from circuitdiff.errors import ArgumentError
+
+                raise ArgumentError(
+                    f"checkpoint_dir cannot identify the {kind} option {key}={type(value).__name__}(...): only numbers, "
+                    "strings, dtypes, tensors, arrays and lists or dicts of them are recorded. Make it private "
+                    f"(_{key}) if it does not change the scores, or run without checkpoint_dir.")
+            options[key] = f"<{type(value).__name__}>"
     name = getattr(obj, "name", None)
     if name is None and kind == "objective":
         name = getattr(obj, "__name__", type(obj).__name__)
@@ -163,6 +192,11 @@ def run_settings(model: Any, graph: Any, scorer: Any, intervention: Any, objecti
 class _WordStream:
     """Two running 62-bit sums over words on one accelerator: a bijective mix of each word with its position.
 
+    Each word ``w`` at position ``i`` becomes ``h = fmix(w ^ (i * K) mod 2^32)``, where
+    ``fmix`` is a murmur-style finaliser (``x ^= x >> 16; x *= M1; x ^= x >> 15; x *= M2;
+    x ^= x >> 16``, modulo 2^32): a bijection in which every input bit moves about half the
+    output bits. The first sum adds ``h``, the second ``(h ^ (h >> 13)) * M3``.
+
     Words (the raw bits of each tensor added, as 32-, 16- or 8-bit integers) are copied
     into a fixed int64 buffer and mixed a chunk at a time, so many small tensors cost one
     copy each and a large one never needs a temporary of its own size. Positions are
@@ -171,7 +205,7 @@ class _WordStream:
     arithmetic is exact integer arithmetic (no product or sum overflows int64), so CPU
     and GPU give the same numbers. Changing any one word changes both sums (the mix is a
     bijection for a fixed position); changes of several words cancel in both only by a
-    2^-60-scale coincidence.
+    coincidence of about 2^-60 (tested with pairs of sign flips, the edit a weaker mix misses).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -200,9 +234,12 @@ class _WordStream:
         n, v, s = self.filled, self.words[:self.filled], self.scratch[:self.filled]
         v.bitwise_and_(_MASK32)  # the word as an unsigned value
         torch.add(self.offsets[:n], (self.position * _K_INDEX) & _MASK32, out=s).bitwise_and_(_MASK32)
-        v.bitwise_xor_(s).mul_(_K_MIX).bitwise_and_(_MASK32)
+        v.bitwise_xor_(s)
+        for shift, multiplier in ((16, _K_MIX1), (15, _K_MIX2)):
+            v.bitwise_xor_(torch.bitwise_right_shift(v, shift, out=s)).mul_(multiplier).bitwise_and_(_MASK32)
+        v.bitwise_xor_(torch.bitwise_right_shift(v, 16, out=s))
         self.sums[0].add_(v.sum()).bitwise_and_(_MASK62)
-        torch.bitwise_right_shift(v, 15, out=s).bitwise_xor_(v).mul_(_K_FINAL).bitwise_and_(_MASK32)
+        torch.bitwise_right_shift(v, 13, out=s).bitwise_xor_(v).mul_(_K_SECOND).bitwise_and_(_MASK32)
         self.sums[1].add_(s.sum()).bitwise_and_(_MASK62)
         self.position, self.filled = self.position + n, 0
 
@@ -247,11 +284,14 @@ class _CpuWordStream:
         n, v, s = self.filled, self.words[:self.filled], self.scratch[:self.filled]
         np.add(self.offsets[:n], np.uint32((self.position * _K_INDEX) & _MASK32), out=s)
         np.bitwise_xor(v, s, out=v)
-        np.multiply(v, np.uint32(_K_MIX), out=v)
+        for shift, multiplier in ((16, _K_MIX1), (15, _K_MIX2)):
+            np.bitwise_xor(v, np.right_shift(v, shift, out=s), out=v)
+            np.multiply(v, np.uint32(multiplier), out=v)
+        np.bitwise_xor(v, np.right_shift(v, 16, out=s), out=v)
         self.sums[0] = (self.sums[0] + int(v.sum(dtype=np.uint64))) & _MASK62
-        np.right_shift(v, 15, out=s)
+        np.right_shift(v, 13, out=s)
         np.bitwise_xor(s, v, out=s)
-        np.multiply(s, np.uint32(_K_FINAL), out=s)
+        np.multiply(s, np.uint32(_K_SECOND), out=s)
         self.sums[1] = (self.sums[1] + int(s.sum(dtype=np.uint64))) & _MASK62
         self.position, self.filled = self.position + n, 0
 

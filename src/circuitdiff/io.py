@@ -29,7 +29,7 @@ from torch import Tensor
 from circuitdiff.data.batches import check_sample_ids
 from circuitdiff.errors import DataError, FileFormatError, MissingPathError
 from circuitdiff.graph import LEVELS, AttributionGraph
-from circuitdiff.scores import EdgeScores
+from circuitdiff.scores import EdgeScores, check_metadata
 
 __all__ = ["FORMAT_VERSION", "save_scores", "load_scores", "write_atomically"]
 
@@ -72,7 +72,14 @@ def _read_tensor(path: Path, entry: dict[str, Any], data_start: int, mmap: bool)
 
 
 def save_scores(scores: EdgeScores, path: str | os.PathLike[str]) -> None:
-    """Write ``scores`` to ``path`` atomically (see :func:`write_atomically`)."""
+    """Write ``scores`` to ``path`` atomically (see :func:`write_atomically`).
+
+    Raises:
+        MissingPathError: the folder of ``path`` does not exist.
+    """
+    if not Path(path).parent.is_dir():
+        raise MissingPathError(f"cannot save scores to {str(path)!r}: the folder {str(Path(path).parent)!r} does not "
+                               "exist; create it first.")
     tensors = {
         "mean": scores.mean.detach().cpu().contiguous(),
         "objective_values": scores.objective_values.detach().cpu().contiguous(),
@@ -246,8 +253,10 @@ def _circuitdiff_header(path: Path, raw: str, entries: dict[str, dict[str, Any]]
             raise FileFormatError(f"{bad}: tensor {name!r} has shape {_show(entry['shape'])}; the graph "
                                   f"{_show(graph)} with {n_samples} samples needs {expected[name]}. {_FIX}")
 
-    if not isinstance(header["metadata"], dict):
-        raise FileFormatError(f"{bad}: metadata is {_show(header['metadata'])}, not a JSON object. {_FIX}")
+    try:
+        check_metadata(header["metadata"])
+    except DataError as exc:
+        raise FileFormatError(f"{bad}: {exc} {_FIX}") from None
     if not (isinstance(header["sha256"], str) and re.fullmatch("[0-9a-f]{64}", header["sha256"])):
         raise FileFormatError(f"{bad}: sha256 is {_show(header['sha256'])}, not 64 lowercase hex digits. {_FIX}")
     if version >= 2:

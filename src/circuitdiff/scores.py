@@ -11,10 +11,29 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuitdiff.data.batches import check_sample_ids
-from circuitdiff.errors import ArgumentError
+from circuitdiff.errors import ArgumentError, DataError
 from circuitdiff.graph import AttributionGraph
 
-__all__ = ["EdgeScores"]
+__all__ = ["EdgeScores", "check_metadata"]
+
+
+def check_metadata(metadata: Any) -> None:
+    """Refuse metadata whose keys circuitdiff reads back have the wrong form (DataError naming the key).
+
+    ``sample_ids``: ``"given"`` or ``"position"``; ``dropped``: a list of objects with a
+    string ``id`` and ``reason``; ``identity``: an object.
+    """
+    if not isinstance(metadata, dict):
+        raise DataError(f"metadata must be a dict, got {type(metadata).__name__}.")
+    if metadata.get("sample_ids", "given") not in ("given", "position"):
+        raise DataError(f"metadata['sample_ids'] must be 'given' or 'position'; got {metadata['sample_ids']!r}.")
+    dropped = metadata.get("dropped", [])
+    if not isinstance(dropped, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("id"), str) and isinstance(d.get("reason"), str) for d in dropped):
+        raise DataError("metadata['dropped'] must be a list of {'id': str, 'reason': str, ...} records; got "
+                        f"{str(dropped)[:120]}.")
+    if not isinstance(metadata.get("identity", {}), dict):
+        raise DataError(f"metadata['identity'] must be a dict; got {type(metadata['identity']).__name__}.")
 
 
 @dataclass
@@ -49,6 +68,7 @@ class EdgeScores:
     sample_ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        check_metadata(self.metadata)
         self.metadata = dict(self.metadata)
         if self.sample_ids is None:
             self.sample_ids = tuple(str(i) for i in range(self.n_samples))
@@ -117,21 +137,28 @@ class EdgeScores:
         """The scores of several runs on the same graph as one, samples in order.
 
         ``mean`` is the sample-weighted mean; ``per_sample`` is kept only if every part
-        has it; the metadata is the first part's, with ``n_samples`` updated. Sample ids
-        must not repeat across parts.
+        has it. Sample ids must not repeat across parts; parts whose ids are row positions
+        are numbered again (all parts must be of that kind, or none). The metadata is the
+        first part's, with ``n_samples``, every part's ``dropped`` samples and, as
+        ``identity``, the parts' identity fingerprints (``{"parts": [...]}``).
         """
         if not parts:
             raise ArgumentError("concatenate needs at least one EdgeScores.")
         graph = parts[0].graph
         if any(p.graph != graph for p in parts):
             raise ArgumentError("concatenate needs scores on the same graph.")
+        positional = [p.metadata.get("sample_ids") == "position" for p in parts]
+        if any(positional) and not all(positional):
+            raise ArgumentError("concatenate got parts with sample ids and parts named by row position; give every "
+                                "part sample ids (make_batches(sample_ids=...)) so the samples stay distinct.")
         n = sum(p.n_samples for p in parts)
         mean = sum(p.mean.double() * p.n_samples for p in parts) / n
         per_sample = None if any(p.per_sample is None for p in parts) else torch.cat([p.per_sample for p in parts])
+        metadata = {**parts[0].metadata, "n_samples": n, "dropped": [d for p in parts for d in p.metadata.get("dropped", [])],
+                    "identity": {"parts": [p.metadata.get("identity", {}).get("fingerprint") for p in parts]}}
         return cls(graph=graph, mean=mean.to(parts[0].mean.dtype), per_sample=per_sample,
-                   objective_values=torch.cat([p.objective_values for p in parts]),
-                   metadata={**parts[0].metadata, "n_samples": n},
-                   sample_ids=tuple(i for p in parts for i in p.sample_ids))
+                   objective_values=torch.cat([p.objective_values for p in parts]), metadata=metadata,
+                   sample_ids=None if all(positional) else tuple(i for p in parts for i in p.sample_ids))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write safetensors + JSON metadata (see :mod:`circuitdiff.io`); atomic."""

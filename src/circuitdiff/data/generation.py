@@ -46,10 +46,11 @@ from tqdm.auto import tqdm
 
 from circuitdiff.data.answers import answers_match, extract_answer
 from circuitdiff.data.questions import Question
-from circuitdiff.errors import DataError, IdentityMismatchError, NonFiniteError
-from circuitdiff.identity import differences, library_version, model_identity
+from circuitdiff.errors import DataError, IdentityMismatchError, MissingPathError, NonFiniteError
+from circuitdiff.identity import differences, fingerprint, library_version, model_identity
 
-__all__ = ["Generation", "generate_answers", "answer_identity", "kv_cache_compat", "kv_cache_is_sound"]
+__all__ = ["Generation", "generate_answers", "answer_identity", "generation_settings", "kv_cache_compat",
+           "kv_cache_is_sound"]
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,14 @@ def generate_answers(
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise DataError("question ids must be unique.")
+    if cache is not None and not Path(cache).parent.is_dir():
+        raise MissingPathError(f"the generation cache {str(cache)!r} is in a folder that does not exist; create "
+                               f"{str(Path(cache).parent)!r} first.")
     if cache is not None and fresh:
         Path(cache).unlink(missing_ok=True)
     identity = model_identity(model) if cache is not None else {}  # once per call: hashes the weights
-    identities = {q.id: answer_identity(identity, q.prompt, max_new_tokens) for q in questions}
+    settings = generation_settings(model, max_new_tokens)
+    identities = {q.id: answer_identity(identity, q.prompt, settings) for q in questions}
     cached = _read_cache(Path(cache), identities) if cache is not None else {}
     todo = [q for q in questions if q.id not in cached]
     hf_model, tokenizer = model.original_model, model.tokenizer
@@ -127,12 +132,19 @@ def generate_answers(
     return out
 
 
-def answer_identity(model: dict[str, Any], prompt: str, max_new_tokens: int) -> dict[str, Any]:
-    """The identity a cached answer carries: ``model`` (from ``identity.model_identity``), the
-    SHA-256 of ``prompt``, the generation settings and the circuitdiff version."""
+def generation_settings(model: Any, max_new_tokens: int) -> dict[str, Any]:
+    """What decides how answers are generated besides the weights: ``max_new_tokens``, greedy decoding, and a
+    fingerprint of the model's ``generation_config`` (stop tokens, penalties; without its version stamp)."""
+    config = {k: v for k, v in model.original_model.generation_config.to_dict().items()
+              if not k.startswith("_") and k != "transformers_version"}
+    return {"max_new_tokens": max_new_tokens, "greedy": True, "config": fingerprint(config)}
+
+
+def answer_identity(model: dict[str, Any], prompt: str, generation: dict[str, Any]) -> dict[str, Any]:
+    """The identity a cached answer carries: ``model`` (from ``identity.model_identity``), the SHA-256 of
+    ``prompt``, the ``generation`` settings (:func:`generation_settings`) and the circuitdiff version."""
     return {"circuitdiff": library_version(), "model": model,
-            "prompt": hashlib.sha256(prompt.encode("utf-8")).hexdigest(),
-            "generation": {"max_new_tokens": max_new_tokens, "greedy": True}}
+            "prompt": hashlib.sha256(prompt.encode("utf-8")).hexdigest(), "generation": generation}
 
 
 def _check_context(model: Any, todo: Sequence[Question], max_new_tokens: int) -> None:

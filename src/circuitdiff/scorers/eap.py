@@ -56,6 +56,9 @@ class EAP:
     name = "eap"
     positions_per_pass: int | None = None  # these two are also the defaults of subclasses that skip __init__
     contraction_dtype: torch.dtype | None = None
+    #: Options that change memory and speed, not the scores (beyond float32 summation order): a run
+    #: resumed with another window size reuses its shards (see :mod:`circuitdiff.identity`).
+    not_in_identity = ("positions_per_pass",)
 
     def __init__(self, positions_per_pass: int | None = None, contraction_dtype: torch.dtype | None = None) -> None:
         if positions_per_pass is not None and (
