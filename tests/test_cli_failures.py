@@ -69,7 +69,11 @@ def test_output_paths_that_cannot_be_written_fail_first(run_files, tmp_path, cap
     (out / "comparison.json").mkdir(parents=True)
     assert main(cli_args(run_files, out)) == 2
     assert "comparison.json' is a folder" in one_line_error(capsys)
-    assert main(["compare-scores", str(file), str(file), "--out", str(file)]) == 2
+    graph = cd.AttributionGraph(2, 2, level="layer")
+    cd.EdgeScores(graph, torch.zeros(graph.n_sources, graph.n_receivers),
+                  torch.randn(3, graph.n_sources, graph.n_receivers) * graph.edge_mask, torch.zeros(3)).save(
+        tmp_path / "s.cdiff")
+    assert main(["compare-scores", str(tmp_path / "s.cdiff"), str(tmp_path / "s.cdiff"), "--out", str(file)]) == 2
     assert "is a file; pass a directory" in one_line_error(capsys)
 
 

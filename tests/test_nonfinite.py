@@ -12,6 +12,7 @@ import torch
 
 import circuitdiff as cd
 from circuitdiff.cli import main
+from test_resume import CountingEAP
 
 NAN_GRADIENT_SAMPLE = 1
 
@@ -72,18 +73,6 @@ def test_dropped_samples_are_left_out_and_listed(setup, tmp_path):
     report = cd.compare(first, scores, n_resamples=100, breakdown=False).to_markdown()
     for side in ("base", "tuned"):
         assert f"- {side}: 2 left out (non-finite scores, dropped before scoring): b, d" in report
-
-
-class CountingEAP(cd.scorers.EAP):
-    """EAP that records which batches it scored."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._scored: list[int] = []
-
-    def score_batch(self, context, batch, batch_index):
-        self._scored.append(batch_index)
-        return super().score_batch(context, batch, batch_index)
 
 
 def test_a_run_stopped_by_non_finite_scores_resumes_with_drop(setup, tmp_path):

@@ -119,7 +119,7 @@ def attribute(
     settings = run_settings(model, graph, scorer, intervention, objective, reference_batches, per_sample,
                             stable=checkpoint_dir is not None)
     with contextlib.ExitStack() as stack:
-        store = None
+        store, prints = None, None
         if checkpoint_dir is not None:
             prints = [batch_fingerprint(b) for b in batches]  # type: ignore[union-attr]
             store = stack.enter_context(Checkpoints(Path(checkpoint_dir), {**settings, "data": fingerprint(prints)},
@@ -140,7 +140,7 @@ def attribute(
                                      index, graph, per_sample, nonfinite)
                 if store is not None:
                     store.save(index, done)
-            run.add(index, batch, done)
+            run.add(prints[index] if prints is not None else batch_fingerprint(batch), done)
     identity = {**settings, "data": fingerprint(run.fingerprints)}
     spec = describe_model(model)
     metadata = {
@@ -196,8 +196,8 @@ class _Accumulator:
         self.seen.update(ids)
         return ids
 
-    def add(self, index: int, batch: Batch, result: BatchResult) -> None:
-        self.fingerprints.append(batch_fingerprint(batch))
+    def add(self, batch_print: str, result: BatchResult) -> None:
+        self.fingerprints.append(batch_print)
         self.total += result.total
         if self.per_sample:
             self.kept.append(result.per_sample)  # type: ignore[arg-type]
@@ -240,10 +240,11 @@ def _batch_result(scores: torch.Tensor, losses: torch.Tensor, ids: tuple[str, ..
                 "scores.metadata['dropped'])."
             )
         dropped.append({"id": ids[row], "batch": index, "reason": reason})
-    keep = torch.nonzero(finite).flatten()
-    scores, losses = scores[keep], losses[keep]
+    if dropped:  # otherwise no copy of the batch's scores
+        keep = torch.nonzero(finite).flatten()
+        scores, losses, ids = scores[keep], losses[keep], tuple(ids[i] for i in keep.tolist())
     return BatchResult(scores.sum(0, dtype=torch.float64), scores.to(torch.float32) if per_sample else None,
-                       losses, tuple(ids[i] for i in keep.tolist()), dropped)
+                       losses, ids, dropped)
 
 
 def _describe_nonfinite(scores: torch.Tensor, loss: torch.Tensor, graph: AttributionGraph) -> str:

@@ -18,9 +18,8 @@ import argparse
 import sys
 import traceback
 from dataclasses import fields
-from pathlib import Path
 
-from circuitdiff.errors import CircuitDiffError, MissingPathError
+from circuitdiff.errors import CircuitDiffError
 
 __all__ = ["main"]
 
@@ -160,12 +159,9 @@ def _compare_scores(args: argparse.Namespace) -> int:
     from circuitdiff.pipeline import prepare_output_dir, write_text
     from circuitdiff.scores import EdgeScores
 
-    for path in (args.base, args.tuned):
-        if not Path(path).is_file():
-            raise MissingPathError(f"no scores file at {path!r}.")
+    base, tuned = EdgeScores.load(args.base, mmap=True), EdgeScores.load(args.tuned, mmap=True)  # checks both files
     out = prepare_output_dir(args.out, ("comparison.json", "report.md")) if args.out else None
-    result = compare(EdgeScores.load(args.base, mmap=True), EdgeScores.load(args.tuned, mmap=True),
-                     paired=False if args.unpaired else None, coarsen=args.coarsen)
+    result = compare(base, tuned, paired=False if args.unpaired else None, coarsen=args.coarsen)
     report = result.to_markdown()
     if out is not None:
         result.to_json(str(out / "comparison.json"))

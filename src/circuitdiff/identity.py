@@ -189,8 +189,8 @@ def run_settings(model: Any, graph: Any, scorer: Any, intervention: Any, objecti
     }
 
 
-class _WordStream:
-    """Two running 62-bit sums over words on one accelerator: a bijective mix of each word with its position.
+class _Stream:
+    """Two running 62-bit sums over words on one device: a bijective mix of each word with its position.
 
     Each word ``w`` at position ``i`` becomes ``h = fmix(w ^ (i * K) mod 2^32)``, where
     ``fmix`` is a murmur-style finaliser (``x ^= x >> 16; x *= M1; x ^= x >> 15; x *= M2;
@@ -198,7 +198,7 @@ class _WordStream:
     output bits. The first sum adds ``h``, the second ``(h ^ (h >> 13)) * M3``.
 
     Words (the raw bits of each tensor added, as 32-, 16- or 8-bit integers) are copied
-    into a fixed int64 buffer and mixed a chunk at a time, so many small tensors cost one
+    into a fixed buffer and mixed a chunk at a time, so many small tensors cost one
     copy each and a large one never needs a temporary of its own size. Positions are
     global across devices and the sums are additive, so the devices' sums add up to the
     sums of one stream: the result does not depend on where the tensors are. The
@@ -208,13 +208,8 @@ class _WordStream:
     coincidence of about 2^-60 (tested with pairs of sign flips, the edit a weaker mix misses).
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.chunk = _CHUNK_CPU if device.type == "cpu" else _CHUNK_ACCELERATOR
-        self.words = torch.empty(self.chunk, dtype=torch.int64, device=device)
-        self.scratch = torch.empty(self.chunk, dtype=torch.int64, device=device)
-        self.offsets = _mixed_offsets(self.chunk, device)
-        self.sums = torch.zeros(2, dtype=torch.int64, device=device)
-        self.filled = self.position = 0
+    chunk: int
+    words: Any  # the buffer of ``chunk`` words, filled up to ``filled``, starting at global ``position``
 
     def add(self, words: Tensor, position: int) -> None:
         """Mix ``words`` (1-d integers) in at global positions ``position, position + 1, ...``."""
@@ -222,13 +217,38 @@ class _WordStream:
             self._mix()
         if not self.filled:
             self.position = position
+        words = self._prepare(words)
         done = 0
-        while done < words.numel():
-            take = min(self.chunk - self.filled, words.numel() - done)
-            self.words[self.filled:self.filled + take].copy_(words[done:done + take])
+        while done < len(words):
+            take = min(self.chunk - self.filled, len(words) - done)
+            self.words[self.filled:self.filled + take] = words[done:done + take]
             self.filled, done = self.filled + take, done + take
             if self.filled == self.chunk:
                 self._mix()
+
+    def result(self) -> list[int]:
+        """The two sums (after mixing what is left)."""
+        if self.filled:
+            self._mix()
+        return [int(v) for v in self.sums]
+
+    def _prepare(self, words: Tensor) -> Any:
+        return words
+
+    def _mix(self) -> None:
+        raise NotImplementedError
+
+
+class _WordStream(_Stream):
+    """The stream on an accelerator (any torch device): int64 arithmetic with masks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.chunk = _CHUNK_CPU if device.type == "cpu" else _CHUNK_ACCELERATOR
+        self.words = torch.empty(self.chunk, dtype=torch.int64, device=device)
+        self.scratch = torch.empty(self.chunk, dtype=torch.int64, device=device)
+        self.offsets = _mixed_offsets(self.chunk, device)
+        self.sums = torch.zeros(2, dtype=torch.int64, device=device)
+        self.filled = self.position = 0
 
     def _mix(self) -> None:
         n, v, s = self.filled, self.words[:self.filled], self.scratch[:self.filled]
@@ -243,42 +263,26 @@ class _WordStream:
         self.sums[1].add_(s.sum()).bitwise_and_(_MASK62)
         self.position, self.filled = self.position + n, 0
 
-    def result(self) -> list[int]:
-        """The two sums (after mixing what is left)."""
-        if self.filled:
-            self._mix()
-        return self.sums.tolist()
 
-
-class _CpuWordStream:
-    """:class:`_WordStream` for CPU tensors, in numpy's uint32 arithmetic (which wraps modulo 2^32 by definition).
+class _CpuWordStream(_Stream):
+    """The stream for CPU tensors, in numpy's uint32 arithmetic (which wraps modulo 2^32 by definition).
 
     The same numbers as the int64 path with its masks, in half the memory traffic.
     """
 
     def __init__(self) -> None:
-        self.words = np.empty(_CHUNK_CPU, dtype=np.uint32)
-        self.scratch = np.empty(_CHUNK_CPU, dtype=np.uint32)
-        self.offsets = _mixed_offsets(_CHUNK_CPU, torch.device("cpu")).numpy().astype(np.uint32)
+        self.chunk = _CHUNK_CPU
+        self.words = np.empty(self.chunk, dtype=np.uint32)
+        self.scratch = np.empty(self.chunk, dtype=np.uint32)
+        self.offsets = _mixed_offsets(self.chunk, torch.device("cpu")).numpy().astype(np.uint32)
         self.sums = [0, 0]
         self.filled = self.position = 0
 
-    def add(self, words: Tensor, position: int) -> None:
-        """Mix ``words`` (1-d integers) in at global positions ``position, position + 1, ...``."""
-        if self.filled and self.position + self.filled != position:
-            self._mix()
-        if not self.filled:
-            self.position = position
+    def _prepare(self, words: Tensor) -> Any:
         values = words.numpy()
         if values.dtype != np.uint8:  # sign-extend 16- and 32-bit words as the int64 path does
             values = values.astype(np.int32, copy=False).view(np.uint32)
-        done = 0
-        while done < values.size:
-            take = min(_CHUNK_CPU - self.filled, values.size - done)
-            self.words[self.filled:self.filled + take] = values[done:done + take]
-            self.filled, done = self.filled + take, done + take
-            if self.filled == _CHUNK_CPU:
-                self._mix()
+        return values
 
     def _mix(self) -> None:
         n, v, s = self.filled, self.words[:self.filled], self.scratch[:self.filled]
@@ -294,12 +298,6 @@ class _CpuWordStream:
         np.multiply(s, np.uint32(_K_SECOND), out=s)
         self.sums[1] = (self.sums[1] + int(s.sum(dtype=np.uint64))) & _MASK62
         self.position, self.filled = self.position + n, 0
-
-    def result(self) -> list[int]:
-        """The two sums (after mixing what is left)."""
-        if self.filled:
-            self._mix()
-        return self.sums
 
 
 @functools.lru_cache(maxsize=4)
@@ -328,7 +326,7 @@ def weights_fingerprint(model: Any) -> str:
     """
     module = getattr(model, "original_model", model)
     entries: list[list[Any]] = []
-    streams: dict[torch.device, _WordStream | _CpuWordStream] = {}
+    streams: dict[torch.device, _Stream] = {}
     position = 0
     named = [*module.named_parameters(), *module.named_buffers()]  # each tensor once (tied weights under one name)
     for name, tensor in sorted(named, key=lambda item: item[0]):
