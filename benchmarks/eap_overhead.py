@@ -13,16 +13,25 @@ Prints, measured side by side in one run (medians of interleaved repeats):
 
 Goals (issue 2): <= 1.25x time for zero, <= 1.6x for patching; memory within the goal.
 
+Old against new (``--baseline REF``): the same passes with circuitdiff as of git
+commit ``REF`` and with this checkout, each side in its own worker process (model loaded
+once), the repeats interleaved pass by pass between the two sides; prints both medians and
+new / old.
+
     python benchmarks/eap_overhead.py                    # both CPU configurations
     python benchmarks/eap_overhead.py --config gpt2-50k --repeats 15
+    python benchmarks/eap_overhead.py --baseline eedab3c --repeats 15   # old vs new
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,9 +102,11 @@ class Runner:
             self.model(self.batch.input_ids)
 
     def attribute(self, level: str, intervention: str, contraction_dtype: torch.dtype | None = None) -> None:
+        eap = cd.scorers.get("eap", contraction_dtype=contraction_dtype)
+        # ``scorer=`` since issue 19; a --baseline checkout may predate it
+        chosen = {"scorer" if "scorer" in inspect.signature(cd.attribute).parameters else "method": eap}
         cd.attribute(self.model, self.graphs[level], [self.batch], objective=self.objective,
-                     method=cd.scorers.get("eap", contraction_dtype=contraction_dtype), intervention=intervention,
-                     progress=False)
+                     intervention=intervention, progress=False, **chosen)
 
     def sync(self) -> None:
         if self.device.startswith("cuda"):
@@ -189,6 +200,63 @@ def report(name: str, checkpoint: Path, device: str, dtype: str, repeats: int) -
     return {"plain_ms": medians["plain"] * 1e3, "plain_peak_bytes": peaks["plain"], "passes": rows}
 
 
+def worker(checkpoint: Path, device: str, dtype: str) -> None:
+    """Load the model once, then time one pass per mode name read from stdin (prints seconds)."""
+    runner = Runner(checkpoint, device, getattr(torch, dtype))
+    for mode in MODES:  # warm up
+        run_mode(runner, mode)
+    print("ready", Path(cd.__file__).resolve().parents[1], flush=True)
+    for line in sys.stdin:
+        runner.sync()
+        start = time.perf_counter()
+        run_mode(runner, line.strip())
+        runner.sync()
+        print(time.perf_counter() - start, flush=True)
+
+
+def compare_with_baseline(ref: str, name: str, checkpoint: Path, device: str, dtype: str, repeats: int,
+                          tmp: Path) -> dict:
+    """Medians of every mode with circuitdiff at git ``ref`` (old) and this checkout (new), interleaved."""
+    root = Path(__file__).resolve().parents[1]
+    old_src = tmp / "baseline"
+    if not old_src.exists():
+        old_src.mkdir()
+        archive = subprocess.run(["git", "-C", str(root), "archive", ref, "src/circuitdiff"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive, check=True)
+    sides = {}
+    for side, src in (("old", old_src / "src"), ("new", root / "src")):
+        env = {**os.environ, "PYTHONPATH": str(src)}
+        sides[side] = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(checkpoint), "--device", device, "--dtype", dtype,
+             "--threads", str(torch.get_num_threads())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    for (side, process), src in zip(sides.items(), (old_src / "src", root / "src"), strict=True):
+        ready = process.stdout.readline().split()  # type: ignore[union-attr]
+        if ready != ["ready", str(src.resolve())]:
+            raise RuntimeError(f"the {side} worker did not start with circuitdiff from {src}: {ready}")
+    times = {(side, mode): [] for side in sides for mode in MODES}
+    for _ in range(repeats):  # interleaved: drift hits both sides and every mode alike
+        for mode in MODES:
+            for side, process in sides.items():
+                process.stdin.write(mode + "\n")  # type: ignore[union-attr]
+                process.stdin.flush()  # type: ignore[union-attr]
+                times[side, mode].append(float(process.stdout.readline()))  # type: ignore[union-attr]
+    for process in sides.values():
+        process.stdin.close()  # type: ignore[union-attr]
+        process.wait()
+    medians = {key: statistics.median(ts) for key, ts in times.items()}
+    print(f"\n== {name}: circuitdiff at {ref} (old) against this checkout (new), {device}, {dtype}, "
+          f"median of {repeats} interleaved repeats")
+    print(f"{'pass':<20}{'old ms':>9}{'new ms':>9}{'new/old':>9}")
+    rows = {}
+    for mode in MODES:
+        old, new = medians["old", mode], medians["new", mode]
+        print(f"{mode:<20}{old * 1e3:9.1f}{new * 1e3:9.1f}{new / old:8.2f}x")
+        rows[mode] = {"old_ms": old * 1e3, "new_ms": new * 1e3, "new_over_old": new / old}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), action="append")
@@ -196,12 +264,24 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--baseline", metavar="REF", help="compare with circuitdiff at this git commit instead")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: one side of --baseline
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(args.worker, args.device, args.dtype)
+        return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.config or sorted(CONFIGS):
             checkpoint = build_checkpoint(name, Path(tmp) / name)
-            results[name] = report(name, checkpoint, args.device, args.dtype, args.repeats)
+            if args.baseline:
+                results[name] = compare_with_baseline(args.baseline, name, checkpoint, args.device, args.dtype,
+                                                      args.repeats, Path(tmp))
+            else:
+                results[name] = report(name, checkpoint, args.device, args.dtype, args.repeats)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

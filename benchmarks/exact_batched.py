@@ -1,11 +1,11 @@
 """Batched exact ablation against one forward pass per edge, side by side in one run.
 
 Both measure the same thing, the objective of every sample of one batch with one edge
-ablated, with the same hooks (:class:`circuitdiff.ablation.EdgeAblation`):
+ablated, with the same hooks (:class:`circuitdiff.engine.ablation.EdgeAblation`):
 
 - one forward per edge: a forward over the batch with that edge ablated in every
   sample (what a hand-written loop over edges does);
-- batched: ``method=Exact(edges_per_forward=N)``, whose forward passes hold
+- batched: ``scorer=Exact(edges_per_forward=N)``, whose forward passes hold
   ``N`` (sample, edge) copies, so ``N / batch`` edges share a pass.
 
 Prints the median time per edge of each (for the whole batch) and their ratio, per
@@ -33,9 +33,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import circuitdiff as cd  # noqa: E402
-from circuitdiff.ablation import EdgeAblation  # noqa: E402
-from circuitdiff.models import attribution_mode  # noqa: E402
-from circuitdiff.scorers.base import make_context  # noqa: E402
+from circuitdiff.engine.ablation import EdgeAblation  # noqa: E402
 from circuitdiff.scorers.exact import Exact  # noqa: E402
 
 CONFIGS = {
@@ -78,7 +76,7 @@ def make_batch(vocab: int, size: int, device: str) -> cd.Batch:
 def measure(model, batch: cd.Batch, args: argparse.Namespace) -> tuple[dict[str, float], int]:
     """Median seconds per edge (whole batch) of each way; the number of edges."""
     graph = cd.AttributionGraph.from_model(model, level=args.level)
-    context = make_context(model, graph, "answer_nll", args.intervention, progress=False)
+    run = graph.bind(model, objective="answer_nll", intervention=args.intervention, progress=False)
     sources, receivers = torch.nonzero(graph.edge_mask, as_tuple=True)
     n_edges, size = int(sources.shape[0]), batch.size
     rows = torch.arange(size)
@@ -89,7 +87,7 @@ def measure(model, batch: cd.Batch, args: argparse.Namespace) -> tuple[dict[str,
 
     def naive_per_edge() -> float:
         """Median seconds of one forward over the batch with one edge ablated."""
-        ablation = EdgeAblation(context, batch, 0, one_edge_per_copy=True)
+        ablation = EdgeAblation(run, batch, 0, one_edge_per_copy=True)
         times = []
         for i in torch.linspace(0, n_edges - 1, NAIVE_EDGES).long().tolist():
             ablate = torch.zeros(size, graph.n_sources, graph.n_receivers, dtype=torch.bool)
@@ -104,14 +102,14 @@ def measure(model, batch: cd.Batch, args: argparse.Namespace) -> tuple[dict[str,
     def batched_per_edge(edges_per_forward: int) -> float:
         sync()
         start = time.perf_counter()
-        cd.attribute(model, graph, [batch], objective="answer_nll", method=Exact(edges_per_forward),
+        cd.attribute(model, graph, [batch], objective="answer_nll", scorer=Exact(edges_per_forward),
                      intervention=args.intervention, progress=False)
         sync()
         return (time.perf_counter() - start) / n_edges
 
     results: dict[str, list[float]] = {"one forward per edge": []}
     results |= {f"batched, {n} copies/forward": [] for n in EDGES_PER_FORWARD}
-    with attribution_mode(model):
+    with run:
         naive_per_edge()  # warm-up
         for _ in range(args.repeats):  # interleaved, so drifting machine load hits all alike
             results["one forward per edge"].append(naive_per_edge())

@@ -14,7 +14,7 @@ random token ids, objective ``answer_nll`` on the last quarter of the tokens, it
 measures (1 warm-up, then the median of ``--repeats`` timed passes, each between
 ``torch.cuda.synchronize()`` calls; then one more pass for the peak):
 
-- ``eap``: one ``cd.attribute(..., method="eap", intervention="zero")`` call
+- ``eap``: one ``cd.attribute(..., scorer="eap", intervention="zero")`` call
   (per-sample scores kept; ``--positions-per-pass`` and ``--contraction-dtype`` set the
   scorer's options, and ``--contraction-dtype float32 bfloat16`` measures both side by
   side): seconds per sample, tokens/s, peak memory; with ``--profile``, one
@@ -191,8 +191,8 @@ def plain_pass(model: Any, batch: cd.Batch, objective: Callable[..., torch.Tenso
 
 def eap_pass(model: Any, graph: cd.AttributionGraph, batch: cd.Batch, objective: Callable[..., torch.Tensor],
              positions_per_pass: int | None = None, contraction_dtype: torch.dtype | None = None) -> cd.EdgeScores:
-    method = cd.scorers.get("eap", positions_per_pass=positions_per_pass, contraction_dtype=contraction_dtype)
-    return cd.attribute(model, graph, [batch], objective=objective, method=method, intervention="zero",
+    eap = cd.scorers.get("eap", positions_per_pass=positions_per_pass, contraction_dtype=contraction_dtype)
+    return cd.attribute(model, graph, [batch], objective=objective, scorer=eap, intervention="zero",
                         per_sample=True, progress=False)
 
 
@@ -342,7 +342,7 @@ def profile_pass(run: Callable[[], Any], cuda: bool) -> dict[str, Any]:
 
     ``seconds``: the total (every kernel once on CUDA; every operator's own CPU time
     otherwise); ``labels``: the time under each of circuitdiff's ``torch.profiler`` labels
-    (``hooks.PROFILER_LABELS``, kernels launched inside included); ``top``: the operators,
+    (``engine.products.PROFILER_LABELS``, kernels launched inside included); ``top``: the operators,
     with their input shapes, whose own kernels (CUDA) or own CPU time took longest;
     ``top_kernels`` (CUDA only, else empty): the kernels that took longest, by name (a
     cuBLAS kernel's name says e.g. whether it splits the reduction).
@@ -350,7 +350,7 @@ def profile_pass(run: Callable[[], Any], cuda: bool) -> dict[str, Any]:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from circuitdiff.hooks import PROFILER_LABELS
+    from circuitdiff.engine.products import PROFILER_LABELS
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, record_shapes=True) as prof:

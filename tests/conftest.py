@@ -14,6 +14,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CIRCUITDIFF_TYPECHECK", "1")  # shape-check annotated calls (circuitdiff.typecheck)
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402

@@ -224,6 +224,17 @@ def test_receiver_owners():
     assert circuits.receiver_owners(layer)[layer.receiver_index("a1<k>")] == (layer.source_index("a1"),)
 
 
+def test_node_structure_lives_in_circuit_nodes_and_stays_exported_from_circuits():
+    from circuitdiff import circuit_nodes
+
+    assert circuits.receiver_owners is circuit_nodes.receiver_owners
+    assert set(circuits.__all__) == {"Circuit", "greedy", "receiver_owners", "sizes_for_curve", "threshold", "top_n"}
+    graph = gqa_graph()
+    edges = Circuit.from_edge_names(graph, ["input->a0.kv0<k>", "a0.h1->m0", "m0->m1"]).edges  # m1 reaches nothing
+    assert circuit_nodes.connected_edges(graph, edges).sum() == 0
+    assert circuit_nodes.touched_nodes(graph, edges) == Circuit(graph, edges).nodes()
+
+
 # ------------------------------------------------------------------ Circuit
 def test_circuit_validation():
     graph = layer_graph()

@@ -1,6 +1,6 @@
 """Scenario 7 of the trust issue: the command line fails early, in one line, and never leaves half-written files.
 
-Before: ``--method eapp`` loaded both models and generated answers, then failed with a
+Before: ``--method eapp`` (now ``--scorer eapp``) loaded both models and generated answers, then failed with a
 message that never named ``eapp``; ``--device cuda`` (or ``gpu``) without one, an output
 path that is a file, ``comparison.json`` that is a folder, a full disk and crafted files
 gave Python tracebacks; ``comparison.json`` and ``report.md`` were written in place.
@@ -39,11 +39,11 @@ def one_line_error(capsys) -> str:
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (("--method", "eapp"), "unknown method 'eapp'; available: eap"),
+    (("--scorer", "eapp"), "unknown scorer 'eapp'; available: eap"),
     (("--device", "gpu"), "unknown device 'gpu'"),
     (("--level", "neuron"), None),  # argparse's own choices check (exit 2, usage line)
     (("--dtype", "float8"), "unknown dtype 'float8'"),
-], ids=["method", "device-name", "level", "dtype"])
+], ids=["scorer", "device-name", "level", "dtype"])
 def test_bad_options_fail_before_any_model_loads(run_files, tmp_path, capsys, no_model_loading, extra, message):
     if message is None:
         with pytest.raises(SystemExit) as info:
@@ -52,6 +52,22 @@ def test_bad_options_fail_before_any_model_loads(run_files, tmp_path, capsys, no
         return
     assert main(cli_args(run_files, tmp_path / "out", *extra)) == 2
     assert message in one_line_error(capsys)
+
+
+def test_method_is_a_deprecated_alias_of_scorer(run_files, tmp_path, capsys, no_model_loading):
+    """``--method`` still works for one release: it sets --scorer and prints one warning line on stderr."""
+    from circuitdiff.cli import _parser
+
+    args = _parser().parse_args(cli_args(run_files, tmp_path / "out", "--method", "exact", "--method", "eap-ig-inputs"))
+    assert args.scorer == "eap-ig-inputs"  # like any repeated option, the last one wins
+    warning = "circuitdiff: warning: --method is deprecated and will be removed in the next release; use --scorer.\n"
+    assert capsys.readouterr().err == warning  # once
+    assert _parser().parse_args(cli_args(run_files, tmp_path / "out", "--scorer", "exact")).scorer == "exact"
+    assert capsys.readouterr().err == ""
+    assert main(cli_args(run_files, tmp_path / "out", "--method", "eapp")) == 2
+    assert capsys.readouterr().err.splitlines() == [warning.strip(),
+                                                    "circuitdiff: error: unknown scorer 'eapp'; available: " +
+                                                    ", ".join(cd.scorers.available()) + "."]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -109,9 +125,9 @@ def test_crafted_score_files_are_one_line(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(run_files, tmp_path, capsys):
-    assert main(cli_args(run_files, tmp_path / "out", "--method", "eapp", "--debug")) == 2
+    assert main(cli_args(run_files, tmp_path / "out", "--scorer", "eapp", "--debug")) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("circuitdiff: error: unknown method")
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("circuitdiff: error: unknown scorer")
 
 
 def test_fresh_discards_cached_generations(run_files, tmp_path, capsys):

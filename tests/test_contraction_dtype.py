@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import circuitdiff as cd
+from circuitdiff.engine import Window
 import tiny_models as tm
 from test_eap_correctness import ARCHS, eap_scores, make_data, reference_batches_for, reference_outputs
 from test_planner import SHAPES_7B, planned_and_measured_peak
@@ -40,7 +41,8 @@ def _receiver_gradients(reference, graph, batch, objective) -> dict[str, torch.T
 
 @pytest.mark.parametrize("arch, level, intervention", [
     ("llama", "head", "zero"), ("llama", "head", "patching"), ("llama", "layer", "mean-positional"),
-    ("gpt2", "head", "mean"), ("qwen2", "head", "zero"),
+    pytest.param("gpt2", "head", "mean", marks=pytest.mark.slow),
+    pytest.param("qwen2", "head", "zero", marks=pytest.mark.slow),
 ])
 def test_scores_are_the_product_of_rounded_factors(get_model, get_reference, arch, level, intervention):
     model, reference = get_model(arch, "float64"), get_reference(arch)
@@ -70,7 +72,8 @@ def test_scores_are_the_product_of_rounded_factors(get_model, get_reference, arc
     assert not torch.allclose(exact.per_sample, expected, **tolerance)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [a if a == "llama" else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in ARCHS])  # -m "not slow": llama only
 def test_on_a_bfloat16_model_it_adds_little_to_the_models_own_error(get_model, arch):
     """Relative Frobenius distance from float32-model scores: bf16 model alone vs bf16 model + bf16 contraction.
 
@@ -95,12 +98,13 @@ def test_buffer_is_bfloat16_and_scores_stay_float32(get_model):
     model = get_model("llama")
     graph = cd.AttributionGraph.from_model(model, level="head")
     batch = make_data(model)[0]
-    context = cd.scorers.base.make_context(model, graph, "answer_nll", "zero")
-    hooks = context.hooks.contracting_in(BF16)
-    assert hooks.new_delta(batch).dtype == BF16
-    assert hooks.new_scores(batch).dtype == torch.float32
-    assert context.hooks.new_delta(batch).dtype == torch.float32  # the shared object is unchanged
-    assert hooks.contracting_in(torch.float32).new_delta(batch).dtype == torch.float32
+    run = graph.bind(model, objective="answer_nll")
+    assert run.new_delta(batch, Window(dtype=BF16)).dtype == BF16
+    assert run.new_scores(batch).dtype == torch.float32
+    assert run.new_delta(batch).dtype == torch.float32
+    assert run.new_delta(batch, Window(dtype=torch.float32)).dtype == torch.float32
+    with pytest.raises(ValueError, match="contraction dtype must be"):
+        run.new_delta(batch, Window(dtype=torch.float16))
 
 
 def test_combines_with_position_windows(get_model):
@@ -146,10 +150,12 @@ def test_planner_halves_the_source_buffer_and_suggests_it():
     assert "source buffer delta (bfloat16)" in half.to_markdown()
     with pytest.raises(cd.MemoryPlanError, match=r"contraction_dtype=torch.bfloat16\) halves the source buffer"):
         cd.plan_batch_size(shape, "head", seq_len=2048, max_memory=60 * GIB)
-    with pytest.raises(cd.DataError, match="contraction_dtype must be"):
+    with pytest.raises(cd.ArgumentError, match="contraction_dtype must be"):
         cd.estimate_memory(shape, "head", batch_size=1, seq_len=512, contraction_dtype=torch.float16)
-    with pytest.raises(cd.DataError, match="needs method='eap'"):
-        cd.estimate_memory(shape, "head", batch_size=1, seq_len=512, method="eap-ig-inputs", contraction_dtype=BF16)
+    with pytest.raises(cd.ArgumentError, match="options of scorer='eap'"):
+        cd.estimate_memory(shape, "head", batch_size=1, seq_len=512, scorer="eap-ig-inputs", contraction_dtype=BF16)
+    bf16_eap = cd.scorers.EAP(contraction_dtype=BF16)  # the scorer object carries its options
+    assert cd.estimate_memory(shape, "head", batch_size=1, seq_len=2048, scorer=bf16_eap) == half
 
 
 def test_bfloat16_contraction_lowers_the_measured_peak_as_planned():

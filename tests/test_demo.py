@@ -65,7 +65,7 @@ def test_changed_missing_or_extra_files_are_refused(tmp_path):
         check_demo_files(tmp_path)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [m if m == "base" else pytest.param(m, marks=pytest.mark.slow) for m in MODELS])
 def test_bundled_models_answer_as_the_manifest_says_and_score(name):
     manifest = check_demo_files()
     model = cd.load_model(DEMO_DATA / name, device="cpu")

@@ -110,11 +110,11 @@ def test_ablation_refuses_a_model_spread_over_devices():
     """exact / faithfulness / ACDC are not device-map aware: a clear refusal, not a device mismatch deep inside."""
     import types
 
-    from circuitdiff.ablation import EdgeAblation
+    from circuitdiff.engine.ablation import EdgeAblation
 
     spread = [torch.zeros(1), torch.zeros(1, device="meta")]
     context = types.SimpleNamespace(model=types.SimpleNamespace(parameters=lambda: iter(spread)))
-    with pytest.raises(cd.UnsupportedModelError, match="spread over cpu, meta .*method='eap'"):
+    with pytest.raises(cd.UnsupportedModelError, match="spread over cpu, meta .*scorer='eap'"):
         EdgeAblation(context, None, 0)
 
 

@@ -160,6 +160,7 @@ def test_docs_build_strict(strict_build):
     assert headings and all(heading.strip() in changelog for heading in headings[:3])
 
 
+@pytest.mark.slow  # needs the docs build (built_site)
 def test_api_reference_renders_every_public_name(built_site):
     """Every name of ``circuitdiff.__all__`` has an entry (an anchor) in the built reference."""
     anchors: set[str] = set()

@@ -94,7 +94,8 @@ def eap_scores(model, level: str, intervention: str = "zero", batches=None, **op
 
 @pytest.mark.parametrize("level", ["head", "layer"])
 @pytest.mark.parametrize("intervention", ["zero", "patching", "mean", "mean-positional"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [a if a == "llama" else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in ARCHS])  # -m "not slow": llama only
 def test_eap_equals_directional_derivative(get_model, get_reference, arch, intervention, level):
     """score(u -> v) = d/de objective(input of v += e * (replacement(u) - a_u)) at e = 0."""
     model, reference = get_model(arch, "float64"), get_reference(arch)

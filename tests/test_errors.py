@@ -49,7 +49,7 @@ def test_misshapen_objective(setup):
 
 def test_unknown_names_list_the_valid_ones(setup):
     model, graph, batches = setup
-    with pytest.raises(cd.UnknownNameError, match=r"unknown method 'eap-ig'; available: eap"):
+    with pytest.raises(cd.UnknownNameError, match=r"unknown scorer 'eap-ig'; available: eap"):
         cd.attribute(model, graph, batches, objective="answer_nll", method="eap-ig", progress=False)
     with pytest.raises(cd.UnknownNameError, match="valid: zero, patching, mean, mean-positional"):
         cd.attribute(model, graph, batches, objective="answer_nll", intervention="resample", progress=False)

@@ -123,6 +123,7 @@ def test_quickstart_script_runs(tmp_path):
     assert (tmp_path / "out" / "quickstart.cdiff").is_file()
 
 
+@pytest.mark.slow  # a subprocess
 def test_train_demo_models_help_runs_without_training(tmp_path):
     result = subprocess.run([sys.executable, str(EXAMPLES / "train_demo_models.py"), "--help"], cwd=tmp_path,
                             env=_environment(), capture_output=True, text=True, timeout=300)

@@ -6,16 +6,15 @@ out-of-memory path are exercised here on tiny shapes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_7b.py"
 MODELS = ("tiny-llama", "tiny-qwen2")
@@ -117,16 +116,14 @@ def test_both_contraction_dtypes_side_by_side_and_profile(tmp_path):
     assert stdout.count("TFLOP/s over") == 4  # each EAP profile gives the contractions' rate
 
 
-def test_bf16_accuracy_benchmark_prints_its_table(capsys):
-    spec = importlib.util.spec_from_file_location("bf16_accuracy", SCRIPT.with_name("bf16_accuracy.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    try:
-        module.main(["--layers", "2", "--d-model", "64", "--tokens", "16"])
-    finally:
-        torch.set_num_threads(threads)  # the script runs on one thread
-    rows = [line.split("|")[3:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| llama")
+@pytest.mark.slow
+def test_bf16_accuracy_benchmark_prints_its_table():
+    # A subprocess: tests never import benchmark modules (the script puts benchmarks/ on sys.path).
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("bf16_accuracy.py")),
+                           "--layers", "2", "--d-model", "64", "--tokens", "16"],
+                          capture_output=True, text=True, timeout=240, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line.split("|")[3:-1] for line in done.stdout.splitlines() if line.startswith("| llama")
             or line.startswith("| qwen2")]
     assert len(rows) == 4
     for row in rows:  # bf16 runs differ from float32 by ~1e-2; TL in float32 matches circuitdiff to ~1e-6
@@ -135,31 +132,37 @@ def test_bf16_accuracy_benchmark_prints_its_table(capsys):
         assert max(bf16_model, with_contraction, tl_bf16) < 0.1
 
 
-def test_out_of_memory_and_failing_passes_are_reported_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
-    # In-process (the first test covers the command line): skips a second interpreter start.
-    spec = importlib.util.spec_from_file_location("gpu_7b", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_7b", module)  # dataclasses look their module up there
-    environment, threads = os.environ.copy(), torch.get_num_threads()
+# Runs the script in a child process with its plain and profiled passes replaced by failing ones
+# (tests never import benchmark modules; the first test covers the plain command line).
+FAILING_PASSES = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("gpu_7b", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules["gpu_7b"] = module  # dataclasses look their module up there
+spec.loader.exec_module(module)
+
+
+def broken(*args, **kwargs):
+    raise ValueError("boom")
+
+
+def no_profile(*args, **kwargs):
+    raise ValueError("no profile")
+
+
+module.plain_pass, module.profile_pass = broken, no_profile
+sys.exit(module.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_out_of_memory_and_failing_passes_are_reported_and_the_run_goes_on(tmp_path):
     out = tmp_path / "oom.json"
-    try:
-        spec.loader.exec_module(module)  # sets a few environment defaults
-
-        def broken(*args, **kwargs):
-            raise ValueError("boom")
-
-        def no_profile(*args, **kwargs):
-            raise ValueError("no profile")
-
-        monkeypatch.setattr(module, "plain_pass", broken)
-        monkeypatch.setattr(module, "profile_pass", no_profile)
-        status = module.main(["--tiny", "--json", str(out), "--models", "tiny-qwen2", "--seq", "16",
-                              "--repeats", "1", "--fake-oom", "*/tl/head/*", "--profile"])
-    finally:
-        os.environ.clear()
-        os.environ.update(environment)
-        torch.set_num_threads(threads)
-    captured = capsys.readouterr()
+    done = subprocess.run([sys.executable, "-c", FAILING_PASSES, str(SCRIPT),
+                           "--tiny", "--json", str(out), "--models", "tiny-qwen2", "--seq", "16",
+                           "--repeats", "1", "--fake-oom", "*/tl/head/*", "--profile"],
+                          capture_output=True, text=True, timeout=240, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    status, captured = done.returncode, SimpleNamespace(out=done.stdout, err=done.stderr)
     assert status == 1  # a failed pass fails the run, after every other cell was measured
     assert "ValueError: boom" in captured.err
     report = json.loads(out.read_text())

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import circuitdiff as cd
 import tiny_models as tm
+from circuitdiff.choices import GroupKind, Level, ReceiverKind, SourceKind
+from circuitdiff.graph import LEVELS
 
 
 def head_level_edges(n_layers: int, n_heads: int, n_kv: int, parallel: bool) -> int:
@@ -128,3 +132,28 @@ def test_round_trip_and_equality():
     assert graph != graph.layer_level()
     graph.edge_mask[0, 0] = False  # a copy: the graph is unchanged
     assert graph.edge_mask[0, 0]
+
+
+def test_level_is_a_level_enum_that_reads_and_writes_as_its_string(get_model):
+    for level in ("head", Level.HEAD):
+        graph = cd.AttributionGraph(2, 4, level=level)
+        assert graph.level is Level.HEAD and graph.level == "head" and f"{graph.level}" == "head"
+    model = get_model("gpt2")
+    assert cd.AttributionGraph.from_model(model, level=Level.LAYER) == cd.AttributionGraph.from_model(model, "layer")
+    graph = cd.AttributionGraph(2, 4, 2, level="layer")
+    assert type(graph.to_dict()["level"]) is str and json.dumps(graph.to_dict()).endswith('"level": "layer"}')
+    assert repr(graph).startswith("AttributionGraph(level='layer', ")
+    assert cd.AttributionGraph.from_dict(json.loads(json.dumps(graph.to_dict()))).level is Level.LAYER
+    assert LEVELS == ("head", "layer") and all(type(level) is str for level in LEVELS)
+
+
+def test_kinds_are_enums_equal_to_their_strings():
+    graph = cd.AttributionGraph(1, 2, level="head")
+    assert graph.source_kinds == ("input", "attn", "attn", "mlp")
+    assert all(isinstance(kind, SourceKind) for kind in graph.source_kinds)
+    assert graph.receiver_kinds == ("q", "q", "k", "k", "v", "v", "mlp", "logits")
+    assert all(isinstance(kind, ReceiverKind) for kind in graph.receiver_kinds)
+    assert [group.kind for group in graph.receiver_groups] == [GroupKind.ATTN, GroupKind.MLP, GroupKind.LOGITS]
+    assert graph.group(GroupKind.MLP, 0) == graph.group("mlp", 0)
+    with pytest.raises(cd.UnknownNameError, match="unknown receiver group kind 'q'; valid: attn, mlp, logits"):
+        graph.group("q", 0)

@@ -1,4 +1,4 @@
-"""EdgeHooks' per-layer products on the model's own tensors, against float64 references.
+"""The engine's per-layer products on the model's own tensors, against float64 references.
 
 Per-head source outputs ``z_h @ W_O[h]`` and the attention receivers' input gradients are
 computed from the model's own bfloat16 (or float32) activations, gradients and weights,
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import circuitdiff as cd
-from circuitdiff import hooks as hooks_module
+from circuitdiff.engine import Window
+from circuitdiff.engine import products as hooks_module
 
 BF16 = torch.bfloat16
 # CUDA runs the float32-output products (torch.mm / torch.bmm with out_dtype) of bfloat16
@@ -25,14 +26,14 @@ DTYPES_AND_DEVICES = [("float32", "cpu"), ("bfloat16", "cpu"), pytest.param("bfl
 
 @pytest.fixture
 def edge_hooks(get_model, checkpoints):
-    """``edge_hooks(arch, dtype, level, device)``: EdgeHooks of a tiny model on ``device``."""
+    """``edge_hooks(arch, dtype, level, device)``: the bound run of a tiny model on ``device``."""
     def make(arch, dtype, level, device):
         if device == "cpu":
             model = get_model(arch, dtype)
         else:
             model = cd.load_model(checkpoints[arch], dtype=getattr(torch, dtype), device=device)
         graph = cd.AttributionGraph.from_model(model, level=level)
-        return cd.scorers.base.make_context(model, graph, "answer_nll", "zero").hooks
+        return graph.bind(model, objective="answer_nll")
     return make
 
 
@@ -56,13 +57,13 @@ def _norm(x, norm):
 def test_attention_receiver_gradients_match_autograd_through_the_norm(edge_hooks, arch, dtype, level, device):
     hooks = edge_hooks(arch, dtype, level, device)
     layer, (b, p) = 1, (2, 5)
-    weights = hooks.layers[layer]
+    weights = hooks.bridge.layers[layer]
     model_dtype = weights.w_q.dtype
-    x = (3 * torch.randn(b, p, hooks.d_model)).to(model_dtype)
+    x = (3 * torch.randn(b, p, hooks.spec.d_model)).to(model_dtype)
     upstream = {proj: torch.randn(b, p, *getattr(weights, f"w_{proj}").shape[:2]).to(model_dtype) for proj in "qkv"}
     stash = {(layer, "x"): x.to(device)} | {(layer, proj): g.to(device) for proj, g in upstream.items()}
 
-    gradients = hooks._attention_receivers(layer, stash)  # [batch, receivers, pos, d_model]
+    gradients = hooks.receivers.attention_gradients(layer, stash)  # [batch, receivers, pos, d_model]
 
     assert gradients.dtype == torch.float32 and gradients.device.type == device and not stash
     expected = []
@@ -84,11 +85,12 @@ def test_attention_receiver_gradients_match_autograd_through_the_norm(edge_hooks
 def test_attention_source_outputs_are_exact_sums_of_the_models_products(edge_hooks, dtype, level, device):
     hooks = edge_hooks("llama", dtype, level, device)
     layer = 2
-    w_o = hooks.layers[layer].w_o  # [d_model, heads * d_head]
+    w_o = hooks.bridge.layers[layer].w_o  # [d_model, heads * d_head]
     heads, d_head = hooks.graph.n_heads, w_o.shape[1] // hooks.graph.n_heads
     z = torch.randn(2, 5, heads, d_head).to(w_o.dtype)
     written = {}
-    hooks._attention_source_hook(layer, lambda rows, value: written.update(rows=rows, value=value))(z.to(device), None)
+    hooks.sources.attention_hook(layer, lambda rows, value: written.update(rows=rows, value=value),
+                                 Window())(z.to(device), None)
 
     per_head = torch.einsum("bphe,dhe->bhpd", z.double(), w_o.double().cpu().view(-1, heads, d_head))
     expected = per_head if level == "head" else per_head.sum(1, keepdim=True)
@@ -105,7 +107,7 @@ def test_attention_source_outputs_are_exact_sums_of_the_models_products(edge_hoo
 def test_cpu_product_sums_exact_products_in_float32(monkeypatch, slice_elements, shape_a, shape_b, dtype):
     monkeypatch.setattr(hooks_module, "_CPU_SLICE_ELEMENTS", slice_elements)
     a, b = torch.randn(shape_a).to(dtype), torch.randn(shape_b).to(dtype).transpose(-1, -2)  # b transposed, as in the hooks
-    _assert_float32_sum_of_exact_products(hooks_module._product(a, b), a, b)
+    _assert_float32_sum_of_exact_products(hooks_module.product(a, b), a, b)
 
 
 @NEEDS_CUDA
@@ -115,7 +117,7 @@ def test_cuda_product_sums_exact_products_in_float32(shape_a, shape_b):
     a = torch.randn(shape_a).to(BF16).cuda()
     b = torch.randn(shape_b).to(BF16).cuda().transpose(-1, -2)
     scale = (a.double() @ b.double()).abs().max().item()  # float32 sums of 2**20 terms: relative to the largest
-    _assert_float32_sum_of_exact_products(hooks_module._product(a, b), a, b, atol=1e-5 * scale)
+    _assert_float32_sum_of_exact_products(hooks_module.product(a, b), a, b, atol=1e-5 * scale)
 
 
 def test_cpu_product_of_the_shape_that_crashed_torchs_bfloat16_kernel():
@@ -124,14 +126,14 @@ def test_cpu_product_of_the_shape_that_crashed_torchs_bfloat16_kernel():
     torch.set_num_threads(1)
     try:
         a, b = torch.ones(3, 524288, dtype=BF16), torch.ones(524288, 3, dtype=BF16)
-        assert torch.equal(hooks_module._product(a, b), torch.full((3, 3), 524288.0))
+        assert torch.equal(hooks_module.product(a, b), torch.full((3, 3), 524288.0))
     finally:
         torch.set_num_threads(threads)
 
 
 def test_product_of_mixed_dtypes_is_taken_in_the_promoted_dtype():
     a, b = torch.randn(4, 30).to(BF16), torch.randn(30, 2, dtype=torch.float64)
-    product = hooks_module._product(a, b)
+    product = hooks_module.product(a, b)
     assert product.dtype == torch.float64
     torch.testing.assert_close(product, a.double() @ b, rtol=1e-12, atol=1e-12)
 
@@ -144,7 +146,7 @@ def test_cuda_product_asks_for_a_float32_result(monkeypatch, shape_a, shape_b):
     """The CUDA branch's call, on meta tensors (torch registers the float32-output products for them)."""
     monkeypatch.setattr(hooks_module, "_FLOAT32_OUTPUT_DEVICES", ("meta",))
     a, b = torch.empty(shape_a, dtype=BF16, device="meta"), torch.empty(shape_b, dtype=BF16, device="meta")
-    product = hooks_module._product(a, b)
+    product = hooks_module.product(a, b)
     assert product.shape == (*shape_a[:-1], shape_b[-1]) and product.dtype == torch.float32
 
 
@@ -154,4 +156,4 @@ def test_torch_without_float32_output_matmul_falls_back_to_float32_copies(monkey
     assert hooks_module._matmul_has_out_dtype()  # this torch has it
     monkeypatch.setattr(hooks_module, "_matmul_has_out_dtype", lambda: False)
     a, b = torch.randn(5, 1000).to(BF16), torch.randn(1000, 3).to(BF16)
-    _assert_float32_sum_of_exact_products(hooks_module._product(a, b), a, b)
+    _assert_float32_sum_of_exact_products(hooks_module.product(a, b), a, b)

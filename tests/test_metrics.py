@@ -109,7 +109,7 @@ def test_streaming_equals_in_memory(graph):
     one = metrics.profile(x, groups, tops, chunk_size=1)
     whole = metrics.profile(x, groups, tops, chunk_size=1000)
     for g in groups:
-        for m in metrics.PER_SAMPLE_METRICS:
+        for m in metrics.available():
             np.testing.assert_allclose(one[g].per_sample[m], whole[g].per_sample[m], rtol=1e-10, err_msg=f"{g} {m}")
         np.testing.assert_array_equal(one[g].histograms, whole[g].histograms)
     values = x.per_sample[:, graph.edge_mask]
@@ -241,7 +241,7 @@ def test_outputs(graph, tmp_path):
     assert json.loads((tmp_path / "c.json").read_text()) == data
     assert data["settings"]["test"] == "wilcoxon signed-rank" and data["histogram"]["bins"] == 100
     records = result.to_records()
-    assert len(records) == len(result.groups) * len(metrics.PER_SAMPLE_METRICS)
+    assert len(records) == len(result.groups) * len(metrics.available())
     assert {"metric", "group", "base", "tuned", "difference", "percent_change", "ci_low", "ci_high", "test",
             "p_value"} <= set(records[0])
     table = result.to_markdown(groups=["all", "receiver:q"])
@@ -251,7 +251,7 @@ def test_outputs(graph, tmp_path):
 
 
 def test_resampled_histogram_sums_equal_indexing():
-    from circuitdiff.comparison import _resampled_sum
+    from circuitdiff.metrics.builtin import _resampled_sum
 
     rng = np.random.default_rng(0)
     histograms = rng.integers(0, 9, size=(7, 5)).astype(float)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 import circuitdiff as cd
 import tiny_models as tm
 from circuitdiff.cli import main
+from circuitdiff.pipeline import PipelineConfig
 from circuitdiff.scorers.eap import EAP
 
 from pipeline_helpers import ANSWER_LENGTHS, MAX_NEW_TOKENS, cli_args, write_caches
@@ -89,12 +92,48 @@ def test_eap_memory_options_reach_the_scorer(run_files, tmp_path):
         scores[name] = cd.EdgeScores.load(out / "base.cdiff").per_sample
     config = json.loads((tmp_path / "options" / "run.json").read_text())["config"]
     assert config["positions_per_pass"] == 4 and config["contraction_dtype"] == "bfloat16"
+    assert config["scorer"] == "eap" and "method" not in config and config["level"] == "layer"
+    assert PipelineConfig.from_dict(config) == PipelineConfig(**config)
     manifest = json.loads((tmp_path / "options" / "base.shards" / "manifest.json").read_text())
     assert manifest["identity"]["scorer"]["options"] == {"contraction_dtype": "torch.bfloat16"}  # windows: memory only
     difference = (scores["options"] - scores["default"]).norm() / scores["default"].norm()
     assert 1e-5 < difference < 1e-2  # the bfloat16 rounding, and nothing more
 
 
+def test_method_is_a_deprecated_alias_of_scorer_in_the_config():
+    with pytest.deprecated_call(match="method= is deprecated .* pass scorer= instead"):
+        config = PipelineConfig(method="exact")
+    assert config.scorer == "exact" and config.make_scorer() == "exact"
+    with pytest.deprecated_call(match="method= is deprecated"):  # an old run.json's "config"
+        assert PipelineConfig.from_dict({"alpha": 0.5, "method": "exact"}) == PipelineConfig(alpha=0.5, scorer="exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert PipelineConfig(scorer="exact").scorer == "exact"  # no warning for the new name
+    with pytest.raises(cd.ArgumentError, match=r"unknown pipeline settings \['scorerr'\]"):
+        PipelineConfig.from_dict({"scorerr": "eap"})
+    eap = PipelineConfig(positions_per_pass=4).make_scorer()
+    assert isinstance(eap, EAP) and eap.positions_per_pass == 4
+
+
+def test_score_answers_method_is_a_deprecated_alias(monkeypatch):
+    from circuitdiff import pipeline
+
+    seen = []
+
+    def attribute(*args, **kwargs):  # records the scorer passed on (as scorer= or, until attribute switches, method=)
+        seen.append(kwargs.get("scorer", kwargs.get("method")))
+        return SimpleNamespace(metadata={})
+
+    monkeypatch.setattr(pipeline, "attribute", attribute)
+    monkeypatch.setattr(pipeline, "make_batches", lambda *args, **kwargs: [])
+    model = SimpleNamespace(tokenizer=None)
+    pipeline.score_answers(model, None, ["p"], [[1]], t_cut=1, scorer="exact")
+    with pytest.deprecated_call(match="method= is deprecated"):
+        pipeline.score_answers(model, None, ["p"], [[1]], t_cut=1, method="eap-ig-inputs")
+    assert seen == ["exact", "eap-ig-inputs"]
+
+
+@pytest.mark.slow  # a full run first; -m "not slow" has compare-scores in test_pairing, the run above
 def test_compare_scores_command(run_files, tmp_path, capsys):
     out = tmp_path / "run"
     write_caches(run_files, out)
@@ -110,8 +149,8 @@ def test_compare_scores_command(run_files, tmp_path, capsys):
     (("--delta", "0"), "delta"),
     (("--beta", "0.99", "--gamma", "1.0"), "length window rule removed the last"),
     (("--intervention", "mean"), "intervention='zero' only"),
-    (("--method", "exact", "--contraction-dtype", "bfloat16"), "options of the eap scorer"),
-    (("--positions-per-pass", "0"), "positions_per_pass must be >= 1"),
+    (("--scorer", "exact", "--contraction-dtype", "bfloat16"), "options of the eap scorer"),
+    (("--positions-per-pass", "0"), "positions_per_pass must be a positive integer"),
 ])
 def test_user_errors_exit_2_without_traceback(run_files, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
@@ -144,6 +183,7 @@ def test_disagreeing_tokenizers_are_refused(run_files, tmp_path, capsys):
     assert "tokenizers disagree" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two subprocesses
 def test_cli_subprocess_exit_code(tmp_path):
     result = subprocess.run([sys.executable, "-m", "circuitdiff.cli", "compare-scores", str(tmp_path / "a.cdiff"),
                              str(tmp_path / "b.cdiff")], capture_output=True, text=True)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import circuitdiff as cd
-from circuitdiff.planner import MemoryPlanError, ModelShape, estimate_memory, plan_batch_size
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import gpu_7b  # noqa: E402  (the benchmark's own model builder and CPU peak meter)
+from circuitdiff.planner import MemoryPlanError, ModelShape, estimate_memory, measure_peak, plan_batch_size
+from tiny_models import TINY_SHAPES, Shape, build_model, build_tokenizer
 
 GIB = 2**30
 
@@ -108,9 +105,9 @@ def test_batch_one_does_not_fit_names_the_alternatives():
 # ---------------------------------------------------------------------------- CPU peaks
 _MODELS: dict[str, object] = {}
 CPU_SHAPES = {
-    "tiny-llama": gpu_7b.TINY_MODELS["tiny-llama"],
-    "tiny-qwen2": gpu_7b.TINY_MODELS["tiny-qwen2"],
-    "llama-256": gpu_7b.Shape("llama", 4, 256, 8, 4, 512, 512),
+    "tiny-llama": TINY_SHAPES["tiny-llama"],
+    "tiny-qwen2": TINY_SHAPES["tiny-qwen2"],
+    "llama-256": Shape("llama", 4, 256, 8, 4, 512, 512),
 }
 
 
@@ -119,8 +116,8 @@ def _cpu_model(name: str):
         import tempfile
 
         shape = CPU_SHAPES[name]
-        hf = gpu_7b.build_model(shape, "cpu", torch.float32)
-        tokenizer = gpu_7b.build_tokenizer(shape.vocab, Path(tempfile.mkdtemp(prefix="cd-planner-")))
+        hf = build_model(shape, "cpu", torch.float32)
+        tokenizer = build_tokenizer(shape.vocab, Path(tempfile.mkdtemp(prefix="cd-planner-")))
         _MODELS[name] = cd.load_model(hf, tokenizer=tokenizer, device="cpu")
     return _MODELS[name]
 
@@ -136,9 +133,8 @@ def cpu_answer_batch(name: str, batch: int, tokens: int) -> cd.Batch:
 def cpu_peak(model, run) -> int:
     """Parameter bytes + the CPU profiler's allocation peak of ``run()``, after one warm-up call."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    meter = gpu_7b.Meter("cpu", repeats=0, fake_oom=[])
     run()  # warm-up
-    return meter.peak(run, weights)
+    return measure_peak(run, "cpu", baseline_bytes=weights)
 
 
 def planned_and_measured_peak(name: str, level: str, batch: int, tokens: int, **eap_options) -> tuple[int, int]:

@@ -95,3 +95,15 @@ def test_missing_matplotlib_says_what_to_install(tmp_path, monkeypatch):
             plot(comparison, tmp_path / "figure.png")
         assert str(error.value) == 'plots need matplotlib: pip install "circuitdiff[plot]"'
     assert not [path for path in tmp_path.rglob("*") if path.is_file()]
+
+
+def test_per_sample_figure_of_any_compared_metric(tmp_path):
+    comparison = make_comparison(cd.AttributionGraph(2, 4, level="head"))
+    for metric in comparison.metrics:
+        assert_png(plots.plot_per_sample(comparison, metric, tmp_path / f"{metric}.png"))
+    assert plots._metric_label(comparison, "intensity") == ("per-sample intensity: Mean |score| over the cells "
+                                                           "(the paper's activation intensity) [score units]")
+    assert plots._metric_label(comparison, "gini").startswith("per-sample gini: Gini coefficient of |score|")
+    assert not plots._metric_label(comparison, "gini").endswith("]")  # dimensionless: no units
+    with pytest.raises(cd.UnknownNameError, match="no per-sample values of metric 'nope'; compared: intensity"):
+        plots.plot_per_sample(comparison, "nope", tmp_path / "nope.png")

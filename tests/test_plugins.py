@@ -87,8 +87,8 @@ def test_decorated_scorer_runs_through_attribute(setup, scratch):
         def __init__(self, factor: float = 2.0) -> None:
             self.factor = factor
 
-        def score_batch(self, context, batch, batch_index):
-            scores, losses = cd.scorers.EAP().score_batch(context, batch, batch_index)
+        def score_batch(self, run, batch, batch_index):
+            scores, losses = cd.scorers.EAP().score_batch(run, batch, batch_index)
             return self.factor * scores, losses
 
     scratch.append((cd.scorers.registry, "test-eap-scaled"))
@@ -139,7 +139,7 @@ def test_duplicate_names(scratch):
 
 def test_unknown_names_list_the_available_ones(setup):
     model, graph, batches, _ = setup
-    with pytest.raises(cd.UnknownNameError, match=r"unknown method 'nope'; available: eap\b.*scorer object"):
+    with pytest.raises(cd.UnknownNameError, match=r"unknown scorer 'nope'; available: eap\b.*scorer object"):
         cd.scorers.get("nope")
     with pytest.raises(cd.UnknownNameError, match=r"unknown objective 'nope'; available: answer_nll, "):
         cd.attribute(model, graph, batches, objective="nope", progress=False)

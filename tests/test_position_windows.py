@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import circuitdiff as cd
-from circuitdiff.hooks import EdgeHooks
+from circuitdiff.engine import Window
 from test_eap_correctness import eap_scores, make_data
 from test_planner import planned_and_measured_peak
 
@@ -48,15 +48,14 @@ def test_each_window_scores_only_its_positions(get_model):
     model = get_model("llama", "float64")
     graph = cd.AttributionGraph.from_model(model, level="head")
     batch = make_data(model)[0]
-    context = cd.scorers.base.make_context(model, graph, "answer_nll", "zero")
     scorer = cd.scorers.get("eap")
     parts = []
-    with cd.models.attribution_mode(model):
+    with graph.bind(model, objective="answer_nll", intervention="zero") as run:
         for window in (slice(0, 4), slice(4, 7)):
-            scores = context.hooks.new_scores(batch)
-            scorer._add_window(context, batch, 0, window, scores)
+            scores = run.new_scores(batch)
+            scorer._add_window(run, batch, 0, Window.over(window), scores)
             parts.append(scores)
-        whole, _ = scorer.score_batch(context, batch, 0)
+        whole, _ = scorer.score_batch(run, batch, 0)
     assert parts[0].abs().max() > 0 and parts[1].abs().max() > 0
     torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-9, atol=1e-12)
 
@@ -68,11 +67,9 @@ def test_bad_positions_per_pass_is_refused(bad):
 
 
 @pytest.mark.parametrize("bad", [slice(None), slice(3, 3), slice(0, 8, 2), slice(-1, 4)])
-def test_bad_window_is_refused(get_model, bad):
-    model = get_model("gpt2")
-    hooks = EdgeHooks(model, cd.AttributionGraph.from_model(model, level="layer"))
+def test_bad_window_is_refused(bad):
     with pytest.raises(ValueError, match="slice\\(start, stop\\)"):
-        hooks.restricted_to(bad)
+        Window.over(bad)
 
 
 class _FullLengthMean:
@@ -80,11 +77,9 @@ class _FullLengthMean:
 
     name = "full-length-mean"
 
-    def prefill(self, hooks, batch, delta):
-        mask = batch.attention_mask.to(delta.dtype)[:, None, :, None]
-        torch.mul(torch.ones(hooks.graph.n_sources, hooks.d_model, dtype=delta.dtype)[None, :, None, :], mask,
-                  out=delta)
-        return True
+    def replacement(self, run, batch, window):
+        mask = batch.attention_mask.to(run.dtype)[:, None, :, None]
+        return torch.ones(run.graph.n_sources, run.spec.d_model, dtype=run.dtype)[None, :, None, :] * mask
 
 
 def test_intervention_that_ignores_the_window_is_refused(get_model):
@@ -92,7 +87,7 @@ def test_intervention_that_ignores_the_window_is_refused(get_model):
     graph = cd.AttributionGraph.from_model(model, level="layer")
     batches = make_data(model)
     cd.attribute(model, graph, batches, objective="answer_nll", intervention=_FullLengthMean(), progress=False)
-    with pytest.raises(cd.DataError, match="hooks.window\\(batch\\)"), pytest.warns(UserWarning):
+    with pytest.raises(cd.DataError, match="window.of\\(batch\\)"):
         cd.attribute(model, graph, batches, objective="answer_nll", intervention=_FullLengthMean(),
                      method=cd.scorers.get("eap", positions_per_pass=2), progress=False)
 

@@ -7,6 +7,8 @@ with SIGKILL and started again ends with the uninterrupted result.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import signal
 import subprocess
@@ -27,16 +29,15 @@ TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"
 
 
+@dataclasses.dataclass(frozen=True)
 class CountingEAP(EAP):
-    """EAP that records which batches it scored (private attribute: not an option)."""
+    """EAP that records which batches it scored (private field: not an option)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._scored: list[int] = []
+    _scored: list[int] = dataclasses.field(default_factory=list, compare=False)
 
-    def score_batch(self, context, batch, batch_index):
+    def score_batch(self, run, batch, batch_index):
         self._scored.append(batch_index)
-        return super().score_batch(context, batch, batch_index)
+        return super().score_batch(run, batch, batch_index)
 
 
 def negated_max_logit(logits, batch):

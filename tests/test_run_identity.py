@@ -166,18 +166,19 @@ def test_the_fingerprint_covers_dtype_config_and_tokenizer(checkpoints, tmp_path
 
 
 def test_the_weights_fingerprint_does_not_depend_on_chunks_devices_or_implementation(get_model, monkeypatch):
-    from circuitdiff import identity
+    from circuitdiff import fingerprints
 
     model = get_model("qwen2")
     expected = weights_fingerprint(model)
-    monkeypatch.setattr(identity, "_CHUNK_CPU", 1000)  # chunk boundaries inside tensors
+    monkeypatch.setattr(fingerprints, "_CHUNK_CPU", 1000)  # chunk boundaries inside tensors
     assert weights_fingerprint(model) == expected
     # the accelerators' int64 torch path, run on CPU, gives the numpy uint32 path's numbers
-    monkeypatch.setattr(identity, "_CpuWordStream", lambda: identity._WordStream(torch.device("cpu")))
+    monkeypatch.setattr(fingerprints, "_CpuWordStream", lambda: fingerprints._WordStream(torch.device("cpu")))
     assert weights_fingerprint(model) == expected
     # tensors on two devices: the streams' sums add up to one stream's (positions are global)
-    words = [identity._words(torch.randn(3001)), identity._words(torch.randn(77).bfloat16())]
-    one, first, second = identity._WordStream(torch.device("cpu")), identity._CpuWordStream(), identity._CpuWordStream()
+    words = [fingerprints._words(torch.randn(3001)), fingerprints._words(torch.randn(77).bfloat16())]
+    one = fingerprints._WordStream(torch.device("cpu"))
+    first, second = fingerprints._CpuWordStream(), fingerprints._CpuWordStream()
     one.add(words[0], 0)
     one.add(words[1], 3001)
     first.add(words[0], 0)
@@ -236,8 +237,27 @@ def test_component_options_are_in_the_identity_or_refused(get_model, tmp_path):
 
 def test_another_position_window_resumes_from_the_same_shards(get_model, tmp_path):
     model, batches, ckpt = get_model("llama"), make_batches(3, pos=8), tmp_path / "ckpt"
-    windowed = CountingEAP()
-    windowed.positions_per_pass = 3
+    windowed = CountingEAP(positions_per_pass=3)
     whole = run(model, batches, ckpt, level="head", method=CountingEAP())
     assert_same(run(model, batches, ckpt, level="head", method=windowed), whole)
     assert windowed._scored == []  # every batch came from its shard
+
+
+def test_the_fingerprints_stay_importable_from_identity():
+    """The digests moved to circuitdiff.fingerprints; circuitdiff.identity still exports them (the same objects)."""
+    from circuitdiff import fingerprints, identity
+
+    for name in fingerprints.__all__:
+        assert getattr(identity, name) is getattr(fingerprints, name) and name in identity.__all__
+
+
+def test_run_settings_refuses_an_objective_that_is_neither_a_name_nor_a_callable(get_model):
+    from circuitdiff.choices import InterventionName
+    from circuitdiff.identity import run_settings
+
+    model = get_model("gpt2")
+    graph = cd.AttributionGraph.from_model(model, level="layer")
+    with pytest.raises(cd.ArgumentTypeError, match="objective must be a name or a callable, got NoneType"):
+        run_settings(model, graph, "eap", "zero", None, None, True)
+    settings = run_settings(model, graph, "eap", InterventionName.ZERO, "answer_nll", None, True)
+    assert settings["intervention"] == {"name": "zero"} and type(settings["intervention"]["name"]) is str

@@ -38,7 +38,8 @@ def brute_force(reference, graph, batch, objective, deltas, edges) -> dict[tuple
 # ---------------------------------------------------------------------------- exact
 @pytest.mark.parametrize("level", ["head", "layer"])
 @pytest.mark.parametrize("intervention", INTERVENTIONS)
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "neox"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gpt2", marks=pytest.mark.slow),
+                                  pytest.param("neox", marks=pytest.mark.slow)])  # -m "not slow": llama only
 def test_exact_equals_one_edge_at_a_time(get_model, get_reference, arch, intervention, level):
     model, graph, batches, refs = setup(get_model, arch, level, intervention)
     reference = get_reference(arch)
@@ -71,7 +72,7 @@ def test_exact_every_edge_of_a_gqa_model(get_model, get_reference):
     assert torch.allclose(got, torch.stack([expected[e] for e in edges]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("intervention", ["zero", "patching"])
+@pytest.mark.parametrize("intervention", ["zero", pytest.param("patching", marks=pytest.mark.slow)])
 def test_exact_does_not_depend_on_batching(get_model, intervention):
     """Copies per forward 1 vs 64, and batches of 3 vs one sample per batch."""
     model = get_model("qwen2")
@@ -134,8 +135,8 @@ def block_ablated_losses(reference, batch, objective, hook_name: str, add: torch
         return objective(reference(batch.input_ids, attention_mask=batch.attention_mask), batch)
 
 
-@pytest.mark.parametrize("intervention", ["patching", "mean"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("intervention", ["patching", pytest.param("mean", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])  # fast: llama-patching
 def test_eap_ig_completeness_approaches_exact_block_ablation(get_model, get_reference, arch, intervention):
     """The sum of a block's outgoing scores tends to L(block replaced) - L(clean) as steps grow.
 
@@ -167,6 +168,7 @@ def test_eap_ig_completeness_approaches_exact_block_ablation(get_model, get_refe
     assert errors["ig-64"] < 0.05 * errors["eap"], errors
 
 
+@pytest.mark.slow  # -m "not slow" checks EAP-IG-activations' convergence to exact ablation by completeness
 def test_eap_ig_activations_beats_eap_on_single_edges_it_integrates_exactly(get_model):
     """Edges m{last} -> logits: the last MLP's output reaches the loss only through that edge,
     so EAP-IG-activations' path is that edge's ablation and converges to the exact score."""
@@ -198,18 +200,16 @@ def test_default_steps_are_set():
 
 def test_one_edge_per_copy_refuses_several_edges(get_model):
     """The fast path's fixed delta is only exact for single edges; it must not be misused silently."""
-    from circuitdiff.ablation import EdgeAblation
-    from circuitdiff.models import attribution_mode
-    from circuitdiff.scorers.base import make_context
+    from circuitdiff.engine.ablation import EdgeAblation
 
     model = get_model("gpt2")
     graph = cd.AttributionGraph.from_model(model, level="layer")
     batch = make_data(model)[1]
-    context = make_context(model, graph, "answer_nll", "zero", progress=False)
+    run = graph.bind(model, objective="answer_nll", intervention="zero", progress=False)
     ablate = graph.edge_mask.expand(batch.size, -1, -1)
-    with attribution_mode(model):
-        general = EdgeAblation(context, batch, 0).losses(torch.arange(batch.size), ablate)
-        fast = EdgeAblation(context, batch, 0, one_edge_per_copy=True)
+    with run:
+        general = EdgeAblation(run, batch, 0).losses(torch.arange(batch.size), ablate)
+        fast = EdgeAblation(run, batch, 0, one_edge_per_copy=True)
         with pytest.raises(ValueError, match="one_edge_per_copy=False"):
             fast.losses(torch.arange(batch.size), ablate)
     assert torch.isfinite(general).all()

@@ -8,6 +8,7 @@ tensor to one hook. It shares no code with circuitdiff's hook machinery.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -216,3 +217,59 @@ def float64_throughout(bridge) -> None:
         if "RMSNorm" in type(hf).__name__:
             eps = hf.variance_epsilon
             hf.forward = lambda x, hf=hf, eps=eps: hf.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+# ------------------------------------------------------------ shaped random models (the planner's CPU checks)
+@dataclass(frozen=True)
+class Shape:
+    """A Llama or Qwen2 shape, as in benchmarks/gpu_7b.py (tests do not import benchmarks)."""
+
+    arch: str  # "llama" | "qwen2"
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_mlp: int
+    vocab: int
+
+
+TINY_SHAPES = {  # benchmarks/gpu_7b.py's TINY_MODELS
+    "tiny-llama": Shape("llama", 2, 64, 4, 4, 128, 128),
+    "tiny-qwen2": Shape("qwen2", 2, 64, 4, 2, 128, 128),
+}
+
+
+def build_model(shape: Shape, device: str, dtype: torch.dtype, seed: int = 0):
+    """A random-weight HF model of ``shape``, created on ``device`` in ``dtype`` (as benchmarks/gpu_7b.py builds it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=shape.vocab, hidden_size=shape.d_model, intermediate_size=shape.d_mlp,
+                  num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
+                  num_key_value_heads=shape.n_kv_heads, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    config, cls = (LlamaConfig(**common), LlamaForCausalLM) if shape.arch == "llama" else \
+        (Qwen2Config(**common), Qwen2ForCausalLM)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as from_pretrained(dtype=...) does; rotary inv_freq stays float32
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    wrong = {str(p.dtype) for p in model.parameters() if p.dtype != dtype}
+    if wrong:
+        raise RuntimeError(f"parameters built in {wrong}, not {dtype}")
+    return model.eval()
+
+
+def build_tokenizer(vocab: int, directory: Path):
+    """A word-level tokenizer with ``vocab`` entries, saved and reloaded (TransformerLens needs a path)."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab - 1)} | {"[UNK]": vocab - 1}
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="[UNK]")),
+                                   unk_token="[UNK]")
+    fast.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)

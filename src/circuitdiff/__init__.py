@@ -15,13 +15,25 @@ oriented as losses: positive means the edge helps.
 
 from importlib import metadata as _metadata
 
-from circuitdiff import circuits, distributed, faithfulness, interventions, metrics, objectives, planner, scorers
+from circuitdiff import (
+    choices,
+    circuits,
+    distributed,
+    engine,
+    faithfulness,
+    metrics,
+    objectives,
+    planner,
+    report,
+    scorers,
+)
 from circuitdiff.acdc import ACDCResult, acdc
 from circuitdiff.agreement import Agreement, agreement
 from circuitdiff.attribution import attribute
 from circuitdiff.circuits import Circuit
 from circuitdiff.comparison import Comparison, compare
 from circuitdiff.data import IGNORE, Batch, make_batches
+from circuitdiff.engine import AttributionRun, interventions
 from circuitdiff.errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -39,10 +51,12 @@ from circuitdiff.errors import (
     PluginLoadError,
     RunLockedError,
     UnknownNameError,
+    ShapeError,
     UnsupportedModelError,
 )
 from circuitdiff.faithfulness import evaluate_circuit, faithfulness_curve
 from circuitdiff.graph import AttributionGraph
+from circuitdiff.metrics import register_metric
 from circuitdiff.models import SUPPORTED_ARCHITECTURES, ModelSpec, describe_model, load_model
 from circuitdiff.planner import MemoryEstimate, ModelShape, estimate_memory, plan_batch_size
 from circuitdiff.scores import EdgeScores
@@ -58,6 +72,7 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "AttributionGraph",
+    "AttributionRun",
     "Batch",
     "Circuit",
     "CircuitDiffError",
@@ -79,16 +94,19 @@ __all__ = [
     "ObjectiveError",
     "PluginLoadError",
     "RunLockedError",
+    "ShapeError",
     "SUPPORTED_ARCHITECTURES",
     "UnknownNameError",
     "UnsupportedModelError",
     "acdc",
     "agreement",
     "attribute",
+    "choices",
     "circuits",
     "compare",
     "describe_model",
     "distributed",
+    "engine",
     "estimate_memory",
     "evaluate_circuit",
     "faithfulness",
@@ -100,5 +118,7 @@ __all__ = [
     "objectives",
     "plan_batch_size",
     "planner",
+    "register_metric",
+    "report",
     "scorers",
 ]

@@ -9,7 +9,7 @@ on top of the edges removed so far and measure the dataset's mean objective. If
 
 the edge stays removed and the current value moves to the new one. Every
 measurement is one forward pass per batch with exact ablation
-(:mod:`circuitdiff.ablation`), with the same interventions as ``attribute``.
+(:mod:`circuitdiff.engine.ablation`), with the same interventions as ``attribute``.
 
 A receiver whose owner (the head or MLP that reads it) has lost every outgoing edge
 cannot affect the output any more: its incoming edges are removed without a forward
@@ -31,19 +31,19 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuitdiff.ablation import EdgeAblation
-from circuitdiff.attribution import checked_batches
 from circuitdiff.circuits import Circuit, receiver_owners
 from circuitdiff.data import Batch
+from circuitdiff.engine.ablation import EdgeAblation
+from circuitdiff.engine.interventions import Intervention
+from circuitdiff.engine.run import AttributionRun
 from circuitdiff.errors import DataError
 from circuitdiff.graph import AttributionGraph
-from circuitdiff.interventions import Intervention
-from circuitdiff.models import attribution_mode
-from circuitdiff.scorers.base import make_context
+from circuitdiff.typecheck import shape_checked
 
 __all__ = ["ACDCResult", "acdc", "visiting_order"]
 
 
+@shape_checked
 @dataclass(frozen=True)
 class ACDCResult:
     """What :func:`acdc` kept and measured.
@@ -104,10 +104,10 @@ def acdc(
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
         raise DataError(f"acdc: threshold must be a number (the largest objective increase an edge may cost "
                         f"and still be removed); got {threshold!r}.")
-    context = make_context(model, graph, objective, intervention, reference_batches, progress)
-    with attribution_mode(model):
-        ablations = [EdgeAblation(context, batch, index)
-                     for index, batch in checked_batches(batches, context, "acdc: clean passes")]
+    run = AttributionRun(model, graph, objective=objective, intervention=intervention,
+                         reference_batches=reference_batches, progress=progress)
+    with run:
+        ablations = [EdgeAblation(run, batch, index) for index, batch in run.batches(batches, "acdc: clean passes")]
         if not ablations:
             raise DataError("no batches given; acdc needs at least one sample.")
 
@@ -121,7 +121,7 @@ def acdc(
         changes = torch.full(kept.shape, math.nan, dtype=torch.float64)
         owners = receiver_owners(graph)
         current = clean_loss
-        bar = context.progress_bar(int(kept.sum()), "acdc: edges tried")
+        bar = run.progress_bar(int(kept.sum()), "acdc: edges tried")
         for column in visiting_order(graph):
             sources = torch.nonzero(kept[:, column]).flatten().flip(0).tolist()
             if owners[column] and not any(bool(kept[row].any()) for row in owners[column]):

@@ -10,7 +10,6 @@ Only the real edges (``graph.edge_mask``) of the two ``.mean`` matrices are comp
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 from scipy import stats
 
 from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError
+from circuitdiff.report import agreement_markdown
 from circuitdiff.scores import EdgeScores
 
 __all__ = ["DEFAULT_K", "Agreement", "agreement"]
@@ -60,27 +60,15 @@ class Agreement:
         return asdict(self)
 
     def to_markdown(self) -> str:
-        """A two-column Markdown table of the numbers."""
-        rows = [
-            ("Pearson r", _fmt(self.pearson)),
-            ("Spearman ρ", _fmt(self.spearman)),
-            (f"top-{self.k} overlap", _fmt(self.top_k_overlap)),
-            ("sign agreement", _fmt(self.sign_agreement)),
-            (f"top-{self.k} sign agreement", _fmt(self.top_k_sign_agreement)),
-            ("edges compared", str(self.n_edges)),
-        ]
-        return "\n".join(["| metric | value |", "|---|---|", *(f"| {m} | {v} |" for m, v in rows)])
+        """A two-column Markdown table of the numbers (see :func:`circuitdiff.report.agreement_markdown`)."""
+        return agreement_markdown(self)
 
     def __str__(self) -> str:
         return (
-            f"Agreement over {self.n_edges} edges: pearson={_fmt(self.pearson)}, spearman={_fmt(self.spearman)}, "
-            f"top-{self.k} overlap={_fmt(self.top_k_overlap)}, sign agreement={_fmt(self.sign_agreement)} "
-            f"(top-{self.k}: {_fmt(self.top_k_sign_agreement)})"
+            f"Agreement over {self.n_edges} edges: pearson={self.pearson:.3f}, spearman={self.spearman:.3f}, "
+            f"top-{self.k} overlap={self.top_k_overlap:.3f}, sign agreement={self.sign_agreement:.3f} "
+            f"(top-{self.k}: {self.top_k_sign_agreement:.3f})"
         )
-
-
-def _fmt(x: float) -> str:
-    return "nan" if math.isnan(x) else f"{x:.3f}"
 
 
 def _edge_values(scores: EdgeScores, name: str) -> np.ndarray:
@@ -130,7 +118,7 @@ def agreement(scores: EdgeScores, reference: EdgeScores, *, k: int | None = None
     Raises:
         DataError: the graphs differ (different models, or one head-level and one
             layer-level: call ``.to_layer_level()`` on the head-level one), or a score is NaN.
-        ValueError: ``k`` out of range.
+        ArgumentError: ``k`` out of range (ArgumentTypeError: not an integer).
     """
     a = _edge_values(scores, "scores")
     b = _edge_values(reference, "reference")

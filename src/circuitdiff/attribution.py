@@ -7,24 +7,24 @@ import datetime
 import functools
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
-from circuitdiff import interventions as interventions_module
 from circuitdiff import objectives as objectives_module
 from circuitdiff import scorers
 from circuitdiff.checkpoint import BatchResult, Checkpoints
+from circuitdiff.choices import NonFinitePolicy
 from circuitdiff.data import Batch
+from circuitdiff.engine.interventions import Intervention
+from circuitdiff.engine.run import AttributionRun
 from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError, NonFiniteError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.identity import batch_fingerprint, fingerprint, run_settings
-from circuitdiff.models import attribution_mode, describe_model
-from circuitdiff.scorers.base import ScoringContext, make_context
+from circuitdiff.scorers.base import renamed_method
 from circuitdiff.scores import EdgeScores
 
-__all__ = ["attribute", "checked_batches", "NONFINITE_POLICIES"]
+__all__ = ["attribute", "resolve_scorer", "NONFINITE_POLICIES"]
 
 
 def attribute(
@@ -33,14 +33,15 @@ def attribute(
     batches: Iterable[Batch],
     *,
     objective: str | Callable[..., torch.Tensor],
-    method: str | scorers.Scorer = "eap",
-    intervention: str | interventions_module.Intervention = "zero",
+    scorer: str | scorers.Scorer = "eap",
+    intervention: str | Intervention = "zero",
     per_sample: bool = True,
     reference_batches: Iterable[Batch] | None = None,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     fresh: bool = False,
     nonfinite: str = "error",
+    method: str | scorers.Scorer | None = None,
 ) -> EdgeScores:
     """Score every edge of ``graph`` on ``batches``.
 
@@ -56,10 +57,10 @@ def attribute(
             Their ``sample_ids`` name the samples (default: their positions).
         objective: a name (``"answer_nll"``, ``"logit_diff"``, ``"kl_to_clean"``) or a
             callable ``(logits [batch, pos, vocab], batch) -> losses [batch]``.
-        method: scorer name (``circuitdiff.scorers.available()``), or a scorer
+        scorer: scorer name (``circuitdiff.scorers.available()``), or a scorer
             object, e.g. ``circuitdiff.scorers.get("eap-ig-inputs", steps=50)``.
         intervention: ``"zero"``, ``"patching"``, ``"mean"``, ``"mean-positional"``
-            or an intervention object (see :mod:`circuitdiff.interventions`).
+            or an intervention object (see :mod:`circuitdiff.engine.interventions`).
         per_sample: keep the ``[n_samples, n_sources, n_receivers]`` scores (on CPU).
             The mean is the same either way.
         reference_batches: the data whose average activations replace ablated
@@ -86,6 +87,7 @@ def attribute(
             the edges; ``"drop"`` leaves such samples out and lists them in
             ``scores.metadata["dropped"]``. Not part of the run's identity: a run stopped
             by a NonFiniteError resumes with ``"drop"`` from its finished shards.
+        method: deprecated alias of ``scorer`` (one release; warns).
 
     Returns:
         :class:`EdgeScores` with float32 ``mean`` (and ``per_sample``), the kept
@@ -101,33 +103,31 @@ def attribute(
             message names what differs).
         RunLockedError: another process is writing into ``checkpoint_dir``.
         ObjectiveError: the objective is NaN/inf (the batch is named) or misshapen.
-        UnknownNameError: unknown method, intervention or objective name.
+        UnknownNameError: unknown scorer, intervention or objective name.
         ArgumentError: bad options (``nonfinite``, ``fresh`` without ``checkpoint_dir``).
         UnsupportedModelError: the model cannot be attributed.
     """
-    scorer = scorers.get(method) if isinstance(method, str) else method
-    if not callable(getattr(scorer, "score_batch", None)):
-        raise ArgumentTypeError(f"method must be a scorer name or an object with score_batch(); got {method!r}.")
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ArgumentError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {nonfinite!r}.")
+    scorer = resolve_scorer(scorer, method)
+    nonfinite = NonFinitePolicy.parse(nonfinite)
     if fresh and checkpoint_dir is None:
         raise ArgumentError("fresh=True discards a checkpoint_dir's shards; it needs checkpoint_dir.")
     if checkpoint_dir is not None:
         batches = list(batches)
         reference_batches = None if reference_batches is None else list(reference_batches)
-    context = make_context(model, graph, objective, intervention, reference_batches, progress)
+    run = AttributionRun(model, graph, objective=objective, intervention=intervention,
+                         reference_batches=reference_batches, progress=progress)
     settings = run_settings(model, graph, scorer, intervention, objective, reference_batches, per_sample,
-                            stable=checkpoint_dir is not None)
+                            stable=checkpoint_dir is not None, spec=run.spec)
     with contextlib.ExitStack() as stack:
         store, prints = None, None
         if checkpoint_dir is not None:
             prints = [batch_fingerprint(b) for b in batches]  # type: ignore[union-attr]
             store = stack.enter_context(Checkpoints(Path(checkpoint_dir), {**settings, "data": fingerprint(prints)},
                                                     prints, fresh))
-        run = _Accumulator(graph, per_sample)
-        stack.enter_context(attribution_mode(model))
-        for index, batch in checked_batches(batches, context, f"{scorer.name} ({graph.level} level)"):
-            ids = run.ids_of(batch, index)
+        kept = _Accumulator(graph, per_sample)
+        stack.enter_context(run)
+        for index, batch in run.batches(batches, f"{scorer.name} ({graph.level} level)"):
+            ids = kept.ids_of(batch, index)
             done = store.load(index) if store is not None else None
             if done is not None and done.dropped and nonfinite == "error":
                 raise NonFiniteError(
@@ -135,36 +135,45 @@ def attribute(
                     f"run with nonfinite='drop'; first: id {done.dropped[0]['id']!r}, {done.dropped[0]['reason']}). "
                     "Pass nonfinite='drop' to resume it, or fresh=True to score again.")
             if done is None:
-                scores, losses = scorer.score_batch(context, batch, index)
+                scores, losses = scorer.score_batch(run, batch, index)
                 done = _batch_result(scores.detach().to("cpu"), losses.detach().to("cpu", torch.float32), ids,
                                      index, graph, per_sample, nonfinite)
                 if store is not None:
                     store.save(index, done)
-            run.add(prints[index] if prints is not None else batch_fingerprint(batch), done)
-    identity = {**settings, "data": fingerprint(run.fingerprints)}
-    spec = describe_model(model)
+            kept.add(prints[index] if prints is not None else batch_fingerprint(batch), done)
+    identity = {**settings, "data": fingerprint(kept.fingerprints)}
+    spec = run.spec
     metadata = {
         "model_id": spec.model_id,
         "architecture": spec.architecture,
         "model_dtype": spec.dtype,
         "level": graph.level,
         "method": scorer.name,
-        "intervention": context.intervention.name,
-        "objective": objectives_module.name_of(context.objective),
-        "n_samples": run.n_kept,
-        "sample_ids": "given" if run.ids_given else "position",
-        "nonfinite": nonfinite,
-        "dropped": run.dropped,
+        "intervention": run.intervention.name,
+        "objective": objectives_module.name_of(run.objective),
+        "n_samples": kept.n_kept,
+        "sample_ids": "given" if kept.ids_given else "position",
+        "nonfinite": nonfinite.value,
+        "dropped": kept.dropped,
         "sign": "objective(ablated) - objective(clean); positive = edge helps",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": dict(_versions()),
         "identity": {"fingerprint": fingerprint(identity), **identity},
     }
-    return run.scores(metadata)
+    return kept.scores(metadata)
 
 
 #: What ``attribute(nonfinite=...)`` accepts.
-NONFINITE_POLICIES = ("error", "drop")
+NONFINITE_POLICIES: tuple[str, ...] = tuple(policy.value for policy in NonFinitePolicy)
+
+
+def resolve_scorer(scorer: str | scorers.Scorer, method: str | scorers.Scorer | None = None) -> scorers.Scorer:
+    """A scorer object from a name or an object; ``method`` is the deprecated alias of ``scorer`` (warns)."""
+    scorer = renamed_method(scorer, method, stacklevel=3)
+    found = scorers.get(scorer) if isinstance(scorer, str) else scorer
+    if not callable(getattr(found, "score_batch", None)):
+        raise ArgumentTypeError(f"scorer must be a scorer name or an object with score_batch(); got {scorer!r}.")
+    return found
 
 
 class _Accumulator:
@@ -258,41 +267,6 @@ def _describe_nonfinite(scores: torch.Tensor, loss: torch.Tensor, graph: Attribu
     first = f"{graph.sources[int(rows[0])]}->{graph.receivers[int(cols[0])]}"
     return (f"{int(bad.sum())} of {graph.n_edges} scores are NaN or inf, on edges into {', '.join(receivers)} "
             f"receivers from {', '.join(sources)} sources (first {first})")
-
-
-def checked_batches(batches: Iterable[Batch], context: ScoringContext, desc: str) -> Iterator[tuple[int, Batch]]:
-    """``(index, batch)`` pairs, each batch checked and moved to the model's device.
-
-    Refuses objects that are not :class:`Batch`, token ids outside the model's
-    vocabulary and sequences longer than its context (all name the batch); shows a
-    progress bar over batches unless ``context.progress`` is False.
-    """
-    d_vocab = describe_model(context.model).d_vocab
-    n_ctx = getattr(context.model.cfg, "n_ctx", None)
-    n_batches = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-    for index, batch in enumerate(tqdm(batches, total=n_batches, disable=not context.progress, desc=desc, unit="batch")):
-        if not isinstance(batch, Batch):
-            raise DataError(f"batch {index} is a {type(batch).__name__}; expected circuitdiff.Batch objects "
-                            "(see circuitdiff.make_batches).")
-        _check_vocab(batch, d_vocab, index)
-        if n_ctx is not None and batch.input_ids.shape[1] > n_ctx:
-            longest = int(torch.argmax(batch.lengths))
-            raise DataError(
-                f"batch {index}: sample {longest} has {int(batch.lengths[longest])} tokens but the model's context "
-                f"is {n_ctx} positions (learned position embeddings end there, rotary models were not trained "
-                "beyond it); truncate the prompts and answers (e.g. a smaller T_cut) or drop that sample."
-            )
-        yield index, batch.to(context.hooks.device)
-
-
-def _check_vocab(batch: Batch, d_vocab: int, index: int) -> None:
-    for name in ("input_ids", "corrupted_input_ids"):
-        ids = getattr(batch, name)
-        if ids is not None and (bool((ids < 0).any()) or bool((ids >= d_vocab).any())):
-            raise DataError(
-                f"batch {index}: {name} holds token ids in [{int(ids.min())}, {int(ids.max())}] but the "
-                f"model's vocabulary has {d_vocab} entries; was it tokenized with another tokenizer?"
-            )
 
 
 @functools.cache

@@ -12,11 +12,12 @@ process out while a run writes (:class:`~circuitdiff.RunLockedError`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import filelock
 from safetensors import SafetensorError, safe_open
@@ -27,13 +28,27 @@ from circuitdiff.errors import ArgumentError, IdentityMismatchError, RunLockedEr
 from circuitdiff.identity import differences, fingerprint
 from circuitdiff.io import _checksum, write_atomically
 
-__all__ = ["CHECKPOINT_VERSION", "BatchResult", "Checkpoints"]
+__all__ = ["CHECKPOINT_VERSION", "BatchResult", "Checkpoints", "directory_lock"]
 
 #: Version of the checkpoint directory layout (manifest.json + shard-NNNNN.safetensors).
 CHECKPOINT_VERSION = 2
 _SHARD_KEY = "circuitdiff-checkpoint"
 _FRESH = ("Pass fresh=True (on the command line: --fresh) to discard them and start over, or choose another "
           "checkpoint_dir.")
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path, busy: str) -> Iterator[None]:
+    """Hold ``directory/.lock`` while the block runs; a lock held by another process is a RunLockedError(``busy``)."""
+    lock = filelock.FileLock(str(directory / ".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise RunLockedError(busy) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @dataclass
@@ -73,27 +88,21 @@ class Checkpoints:
             raise ArgumentError(f"checkpoint_dir {str(directory)!r} is a file; pass a directory.")
         self.directory, self.identity, self.batches, self.fresh = directory, identity, batches, fresh
         self.fingerprint = fingerprint(identity)
-        self._lock = filelock.FileLock(str(directory / ".lock"), timeout=0)
+        self._held = contextlib.ExitStack()
 
     def __enter__(self) -> "Checkpoints":
         self.directory.mkdir(parents=True, exist_ok=True)
-        try:
-            self._lock.acquire()
-        except filelock.Timeout:
-            raise RunLockedError(
+        with contextlib.ExitStack() as held:
+            held.enter_context(directory_lock(self.directory, (
                 f"another process is writing into checkpoint_dir {str(self.directory)!r} (it holds "
                 f"{str(self.directory / '.lock')!r}); wait for it to finish, or give this run its own "
-                "checkpoint_dir (e.g. one per model)."
-            ) from None
-        try:
+                "checkpoint_dir (e.g. one per model).")))
             self._open()
-        except BaseException:
-            self._lock.release()
-            raise
+            self._held = held.pop_all()  # opened: keep the lock until __exit__
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._lock.release()
+        self._held.close()
 
     def _open(self) -> None:
         manifest = self.directory / "manifest.json"

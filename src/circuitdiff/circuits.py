@@ -15,23 +15,9 @@ of the graph's real edges. Three ways to select one from :class:`EdgeScores`
 ``absolute=False`` by the signed score (edges that help). Ties are broken by the
 row-major order of the score matrix, the order of ``graph.edge_names()``.
 
-**Nodes.** Every receiver is an input of some source node: ``a{l}.h{h}<q>`` belongs
-to head ``a{l}.h{h}``; a key/value receiver of key/value head ``g`` (``a{l}.kv{g}<k>``
-with grouped-query attention, ``a{l}.h{g}<k>`` otherwise) belongs to every query head
-``h`` with ``h // (n_heads // n_kv_heads) == g``; at layer level ``a{l}<q|k|v>``
-belongs to ``a{l}``; ``m{l}`` (receiver) belongs to ``m{l}`` (source); ``logits``
-belongs to the terminal ``logits`` node, which writes nothing.
-
-**Pruning** (``prune=True``, :meth:`Circuit.pruned`) keeps an edge ``u -> v`` only if
-``u`` is reachable from ``input`` and ``v`` reaches ``logits`` through circuit edges:
-
-- forward: ``input`` is reachable; a circuit edge from a reachable source makes its
-  receiver reachable; a reachable receiver makes its owner source(s) reachable;
-- backward: ``logits`` reaches the logits; a source reaches the logits if one of its
-  circuit edges goes into a receiver that does; a receiver reaches the logits if one
-  of its owner sources does.
-
-Pruning can therefore return fewer edges than were asked for. It is idempotent.
+**Nodes and pruning** (``prune=True``, :meth:`Circuit.pruned`: keep only edges on an
+``input -> ... -> logits`` path) follow the rules in :mod:`circuitdiff.circuit_nodes`;
+pruning can return fewer edges than were asked for.
 """
 
 from __future__ import annotations
@@ -46,9 +32,11 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from circuitdiff.circuit_nodes import connected_edges, receiver_owners, source_inputs, touched_nodes
 from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.scores import EdgeScores
+from circuitdiff.typecheck import shape_checked
 
 __all__ = ["Circuit", "greedy", "receiver_owners", "sizes_for_curve", "threshold", "top_n"]
 
@@ -56,49 +44,36 @@ _FORMAT = "circuitdiff.circuit"
 _FORMAT_VERSION = 1
 
 
-# ---------------------------------------------------------------------- node structure
-def receiver_owners(graph: AttributionGraph) -> list[tuple[int, ...]]:
-    """For each receiver column, the source rows whose computation reads it.
-
-    ``q`` receivers belong to their head (or to the layer's attention source at layer
-    level), key/value receivers of kv head ``g`` to every query head ``h`` with
-    ``h // (n_heads // n_kv_heads) == g``, ``m{l}`` to source ``m{l}``. The ``logits``
-    receiver belongs to the terminal logits node, which is not a source: its entry is
-    the empty tuple.
-    """
-    owners: list[tuple[int, ...]] = []
-    for column, kind in enumerate(graph.receiver_kinds):
-        layer = graph.receiver_layers[column]
-        if kind == "logits":
-            owners.append(())
-        elif kind == "mlp":
-            owners.append((graph.mlp_source(layer),))
-        else:
-            heads = graph.attention_sources(layer)
-            if graph.level == "layer":
-                owners.append((heads.start,))
-                continue
-            n_q, n_k, _ = graph.receivers_per_attention
-            offset = column - graph.group("attn", layer).columns.start
-            if kind == "q":
-                owners.append((heads.start + offset,))
-            else:
-                g = offset - n_q if kind == "k" else offset - n_q - n_k
-                per_group = graph.n_heads // graph.n_kv_heads
-                owners.append(tuple(range(heads.start + g * per_group, heads.start + (g + 1) * per_group)))
-    return owners
-
-
-def _source_inputs(graph: AttributionGraph, owners: list[tuple[int, ...]]) -> list[list[int]]:
-    """For each source row, the receiver columns it owns (its inputs)."""
-    inputs: list[list[int]] = [[] for _ in range(graph.n_sources)]
-    for column, rows in enumerate(owners):
-        for row in rows:
-            inputs[row].append(column)
-    return inputs
-
-
 # ---------------------------------------------------------------------- Circuit
+def _checked_edges(graph: AttributionGraph, edges: Tensor) -> Tensor:
+    """A CPU copy of ``edges`` after checking it against ``graph`` (type, shape, dtype, only real edges)."""
+    if not isinstance(graph, AttributionGraph):
+        raise ArgumentTypeError(f"graph must be an AttributionGraph, got {type(graph).__name__}.")
+    if not isinstance(edges, Tensor):
+        raise ArgumentTypeError(
+            f"edges must be a bool torch.Tensor, got {type(edges).__name__}; "
+            "use Circuit.from_edge_names(graph, names) to build one from names."
+        )
+    shape = (graph.n_sources, graph.n_receivers)
+    if tuple(edges.shape) != shape:
+        raise ArgumentError(
+            f"edges has shape {tuple(edges.shape)} but this graph needs {shape} "
+            f"([n_sources, n_receivers]); was the circuit built for another graph ({graph!r})?"
+        )
+    if edges.dtype != torch.bool:
+        raise ArgumentError(f"edges must have dtype torch.bool, got {edges.dtype}; pass e.g. `mask > 0`.")
+    edges = edges.detach().to("cpu").clone()
+    outside = edges & ~graph.edge_mask
+    if outside.any():
+        r, c = (int(i) for i in torch.nonzero(outside)[0])
+        raise ArgumentError(
+            f"edges marks {int(outside.sum())} cell(s) that are not edges of the graph, e.g. "
+            f"{graph.sources[r]}->{graph.receivers[c]}; AND it with graph.edge_mask."
+        )
+    return edges
+
+
+@shape_checked
 @dataclass(frozen=True, eq=False)
 class Circuit:
     """A set of real edges of ``graph``.
@@ -116,30 +91,7 @@ class Circuit:
     edges: Bool[Tensor, "n_sources n_receivers"]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.graph, AttributionGraph):
-            raise ArgumentTypeError(f"graph must be an AttributionGraph, got {type(self.graph).__name__}.")
-        if not isinstance(self.edges, Tensor):
-            raise ArgumentTypeError(
-                f"edges must be a bool torch.Tensor, got {type(self.edges).__name__}; "
-                "use Circuit.from_edge_names(graph, names) to build one from names."
-            )
-        shape = (self.graph.n_sources, self.graph.n_receivers)
-        if tuple(self.edges.shape) != shape:
-            raise ArgumentError(
-                f"edges has shape {tuple(self.edges.shape)} but this graph needs {shape} "
-                f"([n_sources, n_receivers]); was the circuit built for another graph ({self.graph!r})?"
-            )
-        if self.edges.dtype != torch.bool:
-            raise ArgumentError(f"edges must have dtype torch.bool, got {self.edges.dtype}; pass e.g. `mask > 0`.")
-        edges = self.edges.detach().to("cpu").clone()
-        outside = edges & ~self.graph.edge_mask
-        if outside.any():
-            r, c = (int(i) for i in torch.nonzero(outside)[0])
-            raise ArgumentError(
-                f"edges marks {int(outside.sum())} cell(s) that are not edges of the graph, e.g. "
-                f"{self.graph.sources[r]}->{self.graph.receivers[c]}; AND it with graph.edge_mask."
-            )
-        object.__setattr__(self, "edges", edges)
+        object.__setattr__(self, "edges", _checked_edges(self.graph, self.edges))
 
     # ------------------------------------------------------------ constructors
     @classmethod
@@ -189,16 +141,7 @@ class Circuit:
         with an incoming one (a key/value receiver in a grouped-query model brings in all
         heads of its group); ``"logits"`` is last if any edge goes into the logits.
         """
-        owners = receiver_owners(self.graph)
-        used = self.edges.any(dim=1).tolist()
-        into_logits = False
-        for column in torch.nonzero(self.edges.any(dim=0)).flatten().tolist():
-            if not owners[column]:
-                into_logits = True
-            for row in owners[column]:
-                used[row] = True
-        names = [name for name, keep in zip(self.graph.sources, used, strict=True) if keep]
-        return names + (["logits"] if into_logits else [])
+        return touched_nodes(self.graph, self.edges)
 
     def __contains__(self, name: object) -> bool:
         """Edge (``"a0->m0"``) or node (``"a0.h1"``, ``"logits"``) membership."""
@@ -218,41 +161,10 @@ class Circuit:
     def pruned(self) -> Circuit:
         """Drop edges whose source is unreachable from ``input`` or whose receiver cannot reach ``logits``.
 
-        See the module docstring for the reachability rules. Returns a new circuit
-        (possibly this one's equal); idempotent.
+        See :mod:`circuitdiff.circuit_nodes` for the reachability rules. Returns a new
+        circuit (possibly this one's equal); idempotent.
         """
-        graph, edges = self.graph, self.edges
-        owners = receiver_owners(graph)
-        groups = graph.receiver_groups  # in computation order: attn l, mlp l, ..., logits
-
-        # forward: which sources are reachable from input (via their receivers)
-        src_fwd = torch.zeros(graph.n_sources, dtype=torch.bool)
-        src_fwd[0] = True
-        for group in groups:
-            cols = group.columns
-            reached = (edges[:, cols] & src_fwd[:, None]).any(dim=0)
-            for offset, hit in enumerate(reached.tolist()):
-                if hit:
-                    for row in owners[cols.start + offset]:
-                        src_fwd[row] = True
-
-        # backward: which receivers / sources reach the logits
-        recv_bwd = torch.zeros(graph.n_receivers, dtype=torch.bool)
-        src_bwd = torch.zeros(graph.n_sources, dtype=torch.bool)
-        for group in reversed(groups):
-            cols = group.columns
-            if group.kind == "logits":
-                recv_bwd[cols] = True
-                continue
-            # the owners of this group only write to later groups, already settled
-            group_owners = sorted({row for c in range(cols.start, cols.stop) for row in owners[c]})
-            for row in group_owners:
-                src_bwd[row] = bool((edges[row] & recv_bwd).any())
-            for c in range(cols.start, cols.stop):
-                recv_bwd[c] = any(bool(src_bwd[row]) for row in owners[c])
-
-        keep = edges & src_fwd[:, None] & recv_bwd[None, :]
-        return Circuit(graph, keep)
+        return Circuit(self.graph, connected_edges(self.graph, self.edges))
 
     # ------------------------------------------------------------ identity / io
     def to_dict(self) -> dict[str, Any]:
@@ -388,7 +300,7 @@ def greedy(scores: EdgeScores, n: int, *, absolute: bool = True, prune: bool = T
     graph = scores.graph
     n = _check_count(n, graph.n_edges, "greedy")
     owners = receiver_owners(graph)
-    inputs = _source_inputs(graph, owners)
+    inputs = source_inputs(graph, owners)
     mask = graph.edge_mask
     n_receivers = graph.n_receivers
     keys_np = keys.numpy()

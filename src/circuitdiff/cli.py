@@ -19,9 +19,12 @@ import sys
 import traceback
 from dataclasses import fields
 
+from circuitdiff.choices import Level
 from circuitdiff.errors import CircuitDiffError
 
 __all__ = ["main"]
+
+_LEVELS = [level.value for level in Level]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="circuitdiff-demo", help="output directory (circuitdiff-demo)")
     demo.add_argument("--n", type=int, default=200, help="questions to sample (200)")
     demo.add_argument("--max-questions", type=int, help="read only the first N bundled questions (all 500)")
-    demo.add_argument("--level", choices=["layer", "head"], default="layer", help="graph level (layer)")
-    demo.add_argument("--method", default="eap", help="scorer (eap)")
+    demo.add_argument("--level", choices=_LEVELS, default="layer", help="graph level (layer)")
+    _scorer_options(demo)
     demo.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     demo.add_argument("--fresh", action="store_true", help="discard cached generations and scores in --out")
     demo.set_defaults(run=_demo)
@@ -99,8 +102,8 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=100, help="questions to sample (100)")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (42)")
     parser.add_argument("--max-questions", type=int, help="read only the first N questions of the file")
-    parser.add_argument("--level", choices=["layer", "head"], default="layer", help="graph level (layer)")
-    parser.add_argument("--method", default="eap", help="scorer (eap)")
+    parser.add_argument("--level", choices=_LEVELS, default="layer", help="graph level (layer)")
+    _scorer_options(parser)
     parser.add_argument("--positions-per-pass", type=int, metavar="W",
                         help="eap only: score each batch in windows of W positions, to bound memory (one pass)")
     parser.add_argument("--contraction-dtype", choices=["bfloat16"],
@@ -116,6 +119,24 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
                         help="discard cached generations and score shards of an earlier run in --out")
     parser.add_argument("--drop-nonfinite", dest="nonfinite", action="store_const", const="drop", default="error",
                         help="leave samples with NaN/inf scores out (listed in the report) instead of stopping")
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old option name: sets the new option's value and prints a deprecation warning on stderr (once)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        if not getattr(namespace, "deprecation_warned", False):
+            print(f"circuitdiff: warning: {option_string} is deprecated and will be removed in the next release; use "
+                  f"--{self.dest}.", file=sys.stderr)
+            namespace.deprecation_warned = True
+        setattr(namespace, self.dest, values)
+
+
+def _scorer_options(parser: argparse.ArgumentParser) -> None:
+    """``--scorer`` and its deprecated alias ``--method``."""
+    parser.add_argument("--scorer", default="eap", help="scorer (eap)")
+    parser.add_argument("--method", dest="scorer", action=_DeprecatedAlias, help="deprecated alias of --scorer")
 
 
 def _config(args: argparse.Namespace):
@@ -148,7 +169,7 @@ def _score(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from circuitdiff.demo import demo_config, run_demo
 
-    config = demo_config(n=args.n, max_questions=args.max_questions, level=args.level, method=args.method,
+    config = demo_config(n=args.n, max_questions=args.max_questions, level=args.level, scorer=args.scorer,
                          progress=not args.quiet, fresh=args.fresh)
     run_demo(args.out, config, log=_log(args))
     return 0

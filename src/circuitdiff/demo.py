@@ -26,6 +26,7 @@ from typing import Callable
 from circuitdiff.comparison import Comparison
 from circuitdiff.errors import DataError
 from circuitdiff.pipeline import PipelineConfig, run_compare, write_text
+from circuitdiff.report import markdown_table
 
 __all__ = ["DEMO_DATA", "TUNED_MODELS", "demo_config", "check_demo_files", "file_sha256", "run_demo", "side_by_side"]
 
@@ -139,8 +140,7 @@ def side_by_side(results: dict[str, Comparison], group: str = "all") -> str:
     names = list(results)
     first = results[names[0]]
     metrics = [row.metric for row in first.rows if row.group == group]
-    lines = [f"| metric ({group} edges) | " + " | ".join(f"base -> {n}" for n in names) + " |",
-             "|---|" + "---|" * len(names)]
+    rows = []
     for metric in metrics:
         cells = []
         for name in names:
@@ -148,9 +148,8 @@ def side_by_side(results: dict[str, Comparison], group: str = "all") -> str:
             scale = 100 / abs(row.base) if row.base else float("nan")
             cells.append(f"{row.percent_change:+.1f}% [{row.ci_low * scale:+.1f}, {row.ci_high * scale:+.1f}] "
                          f"p={row.p_value:.2g}")
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+        rows.append([metric, *cells])
     spearman = [next(s.spearman for s in results[n].similarity if s.group == group) for n in names]
-    lines.append("| Spearman(base, tuned) | " + " | ".join(f"{s:.3f}" for s in spearman) + " |")
-    samples = [f"{results[n].settings.get('n_base')}" for n in names]
-    lines.append("| samples (paired) | " + " | ".join(samples) + " |")
-    return "\n".join(lines)
+    rows.append(["Spearman(base, tuned)", *(f"{s:.3f}" for s in spearman)])
+    rows.append(["samples (paired)", *(f"{results[n].settings.get('n_base')}" for n in names)])
+    return markdown_table([f"metric ({group} edges)", *(f"base -> {n}" for n in names)], rows)

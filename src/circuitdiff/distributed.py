@@ -22,8 +22,8 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from circuitdiff import interventions as interventions_module
-from circuitdiff import scorers
+from circuitdiff.attribution import attribute as attribute_one, resolve_scorer
+from circuitdiff.engine import interventions as interventions_module
 from circuitdiff.data import Batch
 from circuitdiff.data.batches import check_sample_ids
 from circuitdiff.errors import ArgumentError, DataError, DistributedError
@@ -138,7 +138,7 @@ def attribute(
             known on every rank).
         dst: None (default) returns the scores on every rank; a rank number gathers them
             on that rank only and returns None on the others (less memory).
-        **attribute_kwargs: ``objective``, ``method``, ``intervention``, ``per_sample``,
+        **attribute_kwargs: ``objective``, ``scorer``, ``intervention``, ``per_sample``,
             ``reference_batches``, ``progress`` (default: rank 0 only), ... as for
             :func:`circuitdiff.attribute`.
 
@@ -149,7 +149,6 @@ def attribute(
             the others name it).
         CircuitDiffError: anything :func:`circuitdiff.attribute` raises.
     """
-    from circuitdiff.attribution import attribute as attribute_one
 
     batches = list(batches)
     if not init_process_group(_model_device(model)):
@@ -163,13 +162,12 @@ def attribute(
     named = _with_positional_ids(batches)
     ids = [sample for batch in named for sample in batch.sample_ids]  # type: ignore[union-attr]
     check_sample_ids(ids, len(ids), "the batches' sample ids")  # before sharding: each rank sees only its own
-    scorer = attribute_kwargs.get("method", "eap")
-    identity = {**run_settings(model, graph, scorers.get(scorer) if isinstance(scorer, str) else scorer,
-                               attribute_kwargs.get("intervention", "zero"), attribute_kwargs.get("objective"),
+    kwargs = dict(attribute_kwargs)
+    kwargs["scorer"] = resolve_scorer(kwargs.get("scorer", "eap"), kwargs.pop("method", None))
+    identity = {**run_settings(model, graph, kwargs["scorer"], attribute_kwargs.get("intervention", "zero"), attribute_kwargs.get("objective"),
                                attribute_kwargs.get("reference_batches"), attribute_kwargs.get("per_sample", True)),
                 "data": fingerprint([batch_fingerprint(b) for b in batches])}
 
-    kwargs = dict(attribute_kwargs)
     kwargs.setdefault("progress", rank == 0)
     if kwargs.get("checkpoint_dir") is not None:  # one directory per rank: shards never collide
         kwargs["checkpoint_dir"] = os.path.join(os.fspath(kwargs["checkpoint_dir"]), f"rank{rank}-of-{world_size}")

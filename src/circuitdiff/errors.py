@@ -29,6 +29,7 @@ __all__ = [
     "MissingDependencyError",
     "MemoryPlanError",
     "DistributedError",
+    "ShapeError",
 ]
 
 
@@ -98,3 +99,7 @@ class MemoryPlanError(DataError):
 
 class DistributedError(CircuitDiffError, RuntimeError):
     """A torchrun process group is misconfigured, or another process failed."""
+
+
+class ShapeError(ArgumentError):
+    """An array's shape or dtype contradicts its annotation (see :mod:`circuitdiff.typecheck`); the message names both."""

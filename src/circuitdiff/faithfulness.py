@@ -11,7 +11,7 @@ circuit) and ``circuit``. The faithfulness of the circuit is
 so the full graph scores 1 and the empty circuit 0 (method.md, section 4). With
 ``intervention="patching"`` the empty circuit is the corrupted run.
 
-Each circuit costs ONE forward pass per batch (see :mod:`circuitdiff.ablation`); the
+Each circuit costs ONE forward pass per batch (see :mod:`circuitdiff.engine.ablation`); the
 clean and the all-ablated pass are run once per batch and shared by every circuit of
 a curve.
 """
@@ -26,15 +26,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuitdiff.ablation import EdgeAblation
-from circuitdiff.attribution import checked_batches
 from circuitdiff.circuits import Circuit, greedy, sizes_for_curve, top_n
 from circuitdiff.data import Batch
+from circuitdiff.engine.ablation import EdgeAblation
+from circuitdiff.engine.interventions import Intervention
+from circuitdiff.engine.run import AttributionRun
 from circuitdiff.errors import ArgumentTypeError, DataError, UnknownNameError
-from circuitdiff.interventions import Intervention
-from circuitdiff.models import attribution_mode
-from circuitdiff.scorers.base import make_context
+from circuitdiff.report import markdown_table
 from circuitdiff.scores import EdgeScores
+from circuitdiff.typecheck import shape_checked
 
 __all__ = ["CircuitEvaluation", "FaithfulnessCurve", "evaluate_circuit", "faithfulness_curve"]
 
@@ -47,6 +47,7 @@ def normalized(circuit: float, clean: float, ablated: float) -> float:
     return (circuit - ablated) / gap if gap != 0 else math.nan
 
 
+@shape_checked
 @dataclass(frozen=True)
 class CircuitEvaluation:
     """One circuit's objective values on a dataset (float64 ``[n_samples]`` tensors on CPU).
@@ -81,6 +82,7 @@ class CircuitEvaluation:
         }
 
 
+@shape_checked
 @dataclass(frozen=True)
 class FaithfulnessCurve:
     """Faithfulness of circuits of growing size selected from one set of scores.
@@ -122,12 +124,11 @@ class FaithfulnessCurve:
 
     def to_markdown(self) -> str:
         """A table: edges, mean objective, faithfulness."""
-        lines = [f"clean {self.clean_losses.mean().item():.4g}, all edges ablated "
-                 f"{self.ablated_losses.mean().item():.4g} ({self.selection} circuits)", "",
-                 "| edges | objective | faithfulness |", "|---:|---:|---:|"]
-        for n, loss, f in zip(self.n_edges, self.circuit_losses.mean(1).tolist(), self.faithfulness):
-            lines.append(f"| {n} | {loss:.4g} | {f:.3f} |")
-        return "\n".join(lines)
+        rows = [[str(n), f"{loss:.4g}", f"{f:.3f}"]
+                for n, loss, f in zip(self.n_edges, self.circuit_losses.mean(1).tolist(), self.faithfulness)]
+        return (f"clean {self.clean_losses.mean().item():.4g}, all edges ablated "
+                f"{self.ablated_losses.mean().item():.4g} ({self.selection} circuits)\n\n"
+                + markdown_table(["edges", "objective", "faithfulness"], rows, align="rrr"))
 
 
 def evaluate_circuit(
@@ -227,11 +228,12 @@ def _evaluate(
     for circuit in circuits:
         if circuit.graph != graph:
             raise DataError("all circuits must belong to the same graph.")
-    context = make_context(model, graph, objective, intervention, reference_batches, progress)
+    run = AttributionRun(model, graph, objective=objective, intervention=intervention,
+                         reference_batches=reference_batches, progress=progress)
     clean, ablated, kept = [], [], []
-    with attribution_mode(model):
-        for index, batch in checked_batches(batches, context, f"faithfulness ({len(circuits)} circuits)"):
-            ablation = EdgeAblation(context, batch, index)
+    with run:
+        for index, batch in run.batches(batches, f"faithfulness ({len(circuits)} circuits)"):
+            ablation = EdgeAblation(run, batch, index)
             rows = torch.arange(batch.size)
             everything = graph.edge_mask.expand(batch.size, -1, -1)
             clean.append(ablation.clean_losses.double().cpu())

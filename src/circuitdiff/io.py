@@ -9,6 +9,10 @@ of all of these and all tensor bytes, so truncated or edited files are rejected 
 instead of giving wrong numbers. Every header field is checked against the stored
 tensors before any tensor is read, so a hostile header cannot make the reader allocate
 more than the file's own size.
+
+This module knows the fields of :class:`~circuitdiff.scores.EdgeScores` but not the
+class: ``EdgeScores.save`` and ``EdgeScores.load`` call :func:`write_scores_file` and
+:func:`read_scores_file`, so imports run one way, from scores to io.
 """
 
 from __future__ import annotations
@@ -19,19 +23,20 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from safetensors.torch import save_file
 from torch import Tensor
 
 from circuitdiff.data.batches import check_sample_ids
 from circuitdiff.errors import DataError, FileFormatError, MissingPathError
 from circuitdiff.graph import LEVELS, AttributionGraph
-from circuitdiff.scores import EdgeScores, check_metadata
+from circuitdiff.typecheck import shape_checked
 
-__all__ = ["FORMAT_VERSION", "save_scores", "load_scores", "write_atomically"]
+__all__ = ["FORMAT_VERSION", "write_scores_file", "read_scores_file", "check_metadata", "write_atomically"]
 
 #: Version of the file layout this library writes; it reads this and older ones.
 #: 1: no sample ids. 2: ``sample_ids`` in the header.
@@ -71,8 +76,39 @@ def _read_tensor(path: Path, entry: dict[str, Any], data_start: int, mmap: bool)
     return torch.from_numpy(np.fromfile(path, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape))
 
 
-def save_scores(scores: EdgeScores, path: str | os.PathLike[str]) -> None:
-    """Write ``scores`` to ``path`` atomically (see :func:`write_atomically`).
+def check_metadata(metadata: Any) -> None:
+    """Refuse metadata whose keys circuitdiff reads back have the wrong form (DataError naming the key).
+
+    ``sample_ids``: ``"given"`` or ``"position"``; ``dropped``: a list of objects with a
+    string ``id`` and ``reason``; ``identity``: an object.
+    """
+    if not isinstance(metadata, dict):
+        raise DataError(f"metadata must be a dict, got {type(metadata).__name__}.")
+    if metadata.get("sample_ids", "given") not in ("given", "position"):
+        raise DataError(f"metadata['sample_ids'] must be 'given' or 'position'; got {metadata['sample_ids']!r}.")
+    dropped = metadata.get("dropped", [])
+    if not isinstance(dropped, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("id"), str) and isinstance(d.get("reason"), str) for d in dropped):
+        raise DataError("metadata['dropped'] must be a list of {'id': str, 'reason': str, ...} records; got "
+                        f"{str(dropped)[:120]}.")
+    if not isinstance(metadata.get("identity", {}), dict):
+        raise DataError(f"metadata['identity'] must be a dict; got {type(metadata['identity']).__name__}.")
+
+
+@shape_checked
+def write_scores_file(
+    path: str | os.PathLike[str],
+    *,
+    graph: AttributionGraph,
+    mean: Float[Tensor, "n_sources n_receivers"],
+    per_sample: Float[Tensor, "n_samples n_sources n_receivers"] | None,
+    objective_values: Float[Tensor, "n_samples"],
+    metadata: dict[str, Any],
+    sample_ids: Sequence[str],
+) -> None:
+    """Write the fields of an :class:`~circuitdiff.scores.EdgeScores` to ``path`` as a ``.cdiff`` file.
+
+    Atomic (see :func:`write_atomically`). :meth:`~circuitdiff.scores.EdgeScores.save` calls this.
 
     Raises:
         MissingPathError: the folder of ``path`` does not exist.
@@ -81,14 +117,14 @@ def save_scores(scores: EdgeScores, path: str | os.PathLike[str]) -> None:
         raise MissingPathError(f"cannot save scores to {str(path)!r}: the folder {str(Path(path).parent)!r} does not "
                                "exist; create it first.")
     tensors = {
-        "mean": scores.mean.detach().cpu().contiguous(),
-        "objective_values": scores.objective_values.detach().cpu().contiguous(),
-        "edge_mask": scores.graph.edge_mask,
+        "mean": mean.detach().cpu().contiguous(),
+        "objective_values": objective_values.detach().cpu().contiguous(),
+        "edge_mask": graph.edge_mask,
     }
-    if scores.per_sample is not None:
-        tensors["per_sample"] = scores.per_sample.detach().cpu().contiguous()
-    header = {"format_version": FORMAT_VERSION, "graph": scores.graph.to_dict(), "metadata": scores.metadata,
-              "sample_ids": list(scores.sample_ids)}
+    if per_sample is not None:
+        tensors["per_sample"] = per_sample.detach().cpu().contiguous()
+    header = {"format_version": FORMAT_VERSION, "graph": graph.to_dict(), "metadata": metadata,
+              "sample_ids": list(sample_ids)}
     header["sha256"] = _checksum(tensors, header)
     write_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={_KEY: json.dumps(header)}))
 
@@ -267,11 +303,15 @@ def _circuitdiff_header(path: Path, raw: str, entries: dict[str, dict[str, Any]]
     return header
 
 
-def load_scores(path: str | os.PathLike[str], mmap: bool = False) -> EdgeScores:
-    """Read a ``.cdiff`` file.
+def read_scores_file(path: str | os.PathLike[str], mmap: bool = False) -> dict[str, Any]:
+    """Read a ``.cdiff`` file: the fields of an :class:`~circuitdiff.scores.EdgeScores`, by name.
+
+    Returns ``graph``, ``mean``, ``per_sample`` (None when not stored),
+    ``objective_values``, ``metadata`` and ``sample_ids`` (None in version 1 files);
+    :meth:`~circuitdiff.scores.EdgeScores.load` builds the scores from them.
 
     Every header field is checked before any tensor is read; then the checksum is
-    verified. Version 1 files (no sample ids) load with positional sample ids.
+    verified.
 
     With ``mmap=True`` the per-sample scores are memory-mapped instead of read: the
     operating system pages them in as they are used (e.g. chunk by chunk by
@@ -299,11 +339,6 @@ def load_scores(path: str | os.PathLike[str], mmap: bool = False) -> EdgeScores:
     graph = AttributionGraph.from_dict(header["graph"])
     if not torch.equal(tensors["edge_mask"], graph.edge_mask):
         raise FileFormatError(f"{str(path)!r}: stored edge mask does not match its graph description. {_FIX}")
-    return EdgeScores(
-        graph=graph,
-        mean=tensors["mean"],
-        per_sample=tensors.get("per_sample"),
-        objective_values=tensors["objective_values"],
-        metadata=header["metadata"],
-        sample_ids=header.get("sample_ids"),
-    )
+    return {"graph": graph, "mean": tensors["mean"], "per_sample": tensors.get("per_sample"),
+            "objective_values": tensors["objective_values"], "metadata": header["metadata"],
+            "sample_ids": header.get("sample_ids")}

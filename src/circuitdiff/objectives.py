@@ -31,6 +31,7 @@ from torch import Tensor
 from circuitdiff.data import IGNORE, Batch
 from circuitdiff.errors import ArgumentTypeError, DataError, ObjectiveError
 from circuitdiff.registry import Registry
+from circuitdiff.typecheck import shape_checked
 
 __all__ = [
     "Objective", "answer_nll", "logit_diff", "kl_to_clean", "register", "resolve", "available", "registry",
@@ -85,6 +86,7 @@ class AnswerNLL:
 
     name = "answer_nll"
 
+    @shape_checked
     def __call__(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, "batch"]:
         selected, rows, counts = _span(logits, batch, "answer_nll")
         log_probs = torch.log_softmax(logits[selected].to(_accumulation_dtype(logits)), dim=-1)
@@ -100,6 +102,7 @@ class LogitDiff:
 
     name = "logit_diff"
 
+    @shape_checked
     def __call__(self, logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, "batch"]:
         selected, rows, counts = _span(logits, batch, "logit_diff")
         if batch.contrast_labels is None:
@@ -123,6 +126,7 @@ class KLToClean:
     name = "kl_to_clean"
     needs_clean_logits = True
 
+    @shape_checked
     def __call__(
         self,
         logits: Float[Tensor, "batch pos vocab"],
@@ -188,6 +192,7 @@ def name_of(objective: Callable[..., Tensor]) -> str:
     return getattr(objective, "name", getattr(objective, "__name__", type(objective).__name__))
 
 
+@shape_checked
 def evaluate(
     objective: Callable[..., Tensor],
     logits: Float[Tensor, "batch pos vocab"],

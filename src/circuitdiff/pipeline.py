@@ -26,23 +26,25 @@ import contextlib
 import gc
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import InitVar, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import filelock
 import torch
 
 from circuitdiff import scorers
-from circuitdiff.attribution import NONFINITE_POLICIES, attribute
+from circuitdiff.attribution import attribute
+from circuitdiff.checkpoint import directory_lock
+from circuitdiff.choices import Level, NonFinitePolicy
 from circuitdiff.comparison import Comparison, compare
 from circuitdiff.data import Generation, Question, generate_answers, make_batches, read_questions, select_by_length
 from circuitdiff.data.selection import LengthSelection, check_parameters
-from circuitdiff.errors import ArgumentError, DataError, RunLockedError, UnknownNameError
+from circuitdiff.errors import ArgumentError, DataError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.io import write_atomically
 from circuitdiff.models import load_model
 from circuitdiff.scorers import Scorer
+from circuitdiff.scorers.base import renamed_method
 from circuitdiff.scores import EdgeScores
 
 __all__ = ["PipelineConfig", "score_answers", "check_tokenizers", "check_device", "prepare_output_dir", "output_lock",
@@ -51,7 +53,11 @@ __all__ = ["PipelineConfig", "score_answers", "check_tokenizers", "check_device"
 
 @dataclass
 class PipelineConfig:
-    """Every setting of a run (the defaults are the paper's, section 4)."""
+    """Every setting of a run (the defaults are the paper's, section 4).
+
+    ``scorer`` names the scorer (:func:`circuitdiff.scorers.available`); ``method`` is its
+    deprecated alias, still accepted by the constructor and :meth:`from_dict` (with a DeprecationWarning).
+    """
 
     alpha: float = 0.1
     beta: float = 0.5
@@ -62,7 +68,7 @@ class PipelineConfig:
     seed: int = 42
     max_questions: int | None = None  # read only the file's first N questions (quick trials)
     level: str = "layer"
-    method: str = "eap"
+    scorer: str = "eap"
     positions_per_pass: int | None = None  # the eap scorer's position windows (memory)
     contraction_dtype: str | None = None  # "bfloat16": the eap scorer's bfloat16 contraction (memory)
     intervention: str = "zero"
@@ -73,6 +79,18 @@ class PipelineConfig:
     progress: bool = True
     fresh: bool = False  # discard cached generations and score shards of an earlier run in the output directory
     nonfinite: str = "error"  # "drop": leave samples with NaN/inf scores out (listed in the report)
+    method: InitVar[str | None] = None  # deprecated alias of scorer
+
+    def __post_init__(self, method: str | None) -> None:
+        self.scorer = renamed_method(self.scorer, method, stacklevel=3)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PipelineConfig":
+        """A config from its JSON form, ``run.json``'s ``"config"`` (an old ``"method"`` key: see ``scorer``)."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)} - {"method"})
+        if unknown:
+            raise ArgumentError(f"unknown pipeline settings {unknown}; see PipelineConfig for the valid ones.")
+        return cls(**data)
 
     def torch_dtype(self, device: str) -> torch.dtype:
         """bfloat16 on CUDA, float32 elsewhere, unless ``dtype`` says otherwise."""
@@ -88,26 +106,23 @@ class PipelineConfig:
     def validate(self) -> None:
         """Refuse bad settings before any model is loaded or any token generated."""
         check_parameters(self.alpha, self.beta, self.gamma, self.delta, self.rule, self.n)
-        if self.level not in ("head", "layer"):
-            raise UnknownNameError(f"unknown graph level {self.level!r}; use 'head' or 'layer'.")
-        if self.method not in scorers.available():
-            raise UnknownNameError(f"unknown method {self.method!r}; available: {', '.join(scorers.available())}.")
-        if self.nonfinite not in NONFINITE_POLICIES:
-            raise ArgumentError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {self.nonfinite!r}.")
+        Level.parse(self.level)
+        NonFinitePolicy.parse(self.nonfinite)
+        if self.scorer not in scorers.available():
+            raise UnknownNameError(f"unknown scorer {self.scorer!r}; available: {', '.join(scorers.available())}.")
         check_device(self.resolved_device())
         if self.max_questions is not None and self.max_questions < 1:
             raise DataError(f"max_questions must be >= 1 (or None for the whole file); got {self.max_questions}.")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise DataError(f"batch size and max new tokens must be >= 1; got {self.batch_size} and "
                             f"{self.max_new_tokens}.")
-        if (self.positions_per_pass is not None or self.contraction_dtype is not None) and self.method != "eap":
+        if (self.positions_per_pass is not None or self.contraction_dtype is not None) and self.scorer != "eap":
             raise DataError(f"positions_per_pass and contraction_dtype are options of the eap scorer; got "
-                            f"method={self.method!r}. Use method='eap' or leave them unset.")
+                            f"scorer={self.scorer!r}. Use scorer='eap' or leave them unset.")
         if self.contraction_dtype not in (None, "float32", "bfloat16"):
             raise DataError(f"unknown contraction dtype {self.contraction_dtype!r}; use bfloat16 (or leave it unset "
                             "for float32).")
-        if self.positions_per_pass is not None and self.positions_per_pass < 1:
-            raise DataError(f"positions_per_pass must be >= 1 (or None for one pass); got {self.positions_per_pass}.")
+        self.make_scorer()  # the scorer validates its own options
         if self.intervention != "zero":
             raise DataError(
                 f"the pipeline scores with intervention='zero' only (the paper's); got {self.intervention!r}. "
@@ -116,12 +131,12 @@ class PipelineConfig:
             )
         self.torch_dtype(self.resolved_device())
 
-    def scorer(self) -> str | Scorer:
-        """The scorer to run: ``method``, with the eap options when any is set."""
+    def make_scorer(self) -> str | Scorer:
+        """The scorer to run: the name ``scorer``, or a scorer object with the eap options when any is set."""
         if self.positions_per_pass is None and self.contraction_dtype is None:
-            return self.method
+            return self.scorer
         dtype = None if self.contraction_dtype is None else getattr(torch, self.contraction_dtype)
-        return scorers.get(self.method, positions_per_pass=self.positions_per_pass, contraction_dtype=dtype)
+        return scorers.get(self.scorer, positions_per_pass=self.positions_per_pass, contraction_dtype=dtype)
 
     def select(self, base_lengths: Sequence[int], tuned_lengths: Sequence[int],
                prompt_lengths: tuple[Sequence[int], Sequence[int]] | None = None) -> LengthSelection:
@@ -140,22 +155,11 @@ def check_tokenizers(base: Any, tuned: Any, prompts: Sequence[str]) -> None:
                             f"tokens, e.g. {prompt[:60]!r}); compare models of the same tokenizer family.")
 
 
-def score_answers(
-    model: Any,
-    graph: AttributionGraph,
-    prompts: Sequence[str],
-    answers: Sequence[Sequence[int]],
-    *,
-    t_cut: int,
-    shards: str | os.PathLike[str] | None = None,
-    method: str | Scorer = "eap",
-    intervention: str = "zero",
-    batch_size: int = 8,
-    progress: bool = True,
-    sample_ids: Sequence[str] | None = None,
-    fresh: bool = False,
-    nonfinite: str = "error",
-) -> EdgeScores:
+def score_answers(model: Any, graph: AttributionGraph, prompts: Sequence[str], answers: Sequence[Sequence[int]], *,
+                  t_cut: int, shards: str | os.PathLike[str] | None = None, scorer: str | Scorer = "eap",
+                  intervention: str = "zero", batch_size: int = 8, progress: bool = True,
+                  sample_ids: Sequence[str] | None = None, fresh: bool = False, nonfinite: str = "error",
+                  method: str | Scorer | None = None) -> EdgeScores:
     """Per-sample scores of each model-generated answer, truncated to ``t_cut`` tokens.
 
     The objective is ``answer_nll`` (the paper's self-entropy): ``prompt + answer[:t_cut - 1]``
@@ -163,29 +167,25 @@ def score_answers(
     is resumable: it is :func:`circuitdiff.attribute` with ``checkpoint_dir=DIR`` (one
     ``DIR/shard-00000.safetensors`` per batch and ``DIR/manifest.json`` naming the run;
     finished shards are reused when the same run is started again, and a directory of
-    another run is refused; ``fresh=True`` discards it). ``method`` is a scorer name or
-    object, e.g. ``cd.scorers.get("eap", positions_per_pass=512)``. ``sample_ids`` name the
-    samples (e.g. question ids; default: a hash of each prompt); ``nonfinite`` is passed
-    to :func:`circuitdiff.attribute`.
+    another run is refused; ``fresh=True`` discards it). ``scorer`` is a scorer name or
+    object, e.g. ``cd.scorers.get("eap", positions_per_pass=512)`` (``method`` is its
+    deprecated alias). ``sample_ids`` name the samples (e.g. question ids; default: a hash
+    of each prompt); ``nonfinite`` is passed to :func:`circuitdiff.attribute`.
     """
+    scorer = renamed_method(scorer, method, stacklevel=2)
     if any(len(a) < t_cut for a in answers):
         raise DataError(f"every answer must have at least t_cut={t_cut} tokens.")
     batches = make_batches(model.tokenizer, list(prompts), [list(a)[:t_cut] for a in answers], batch_size=batch_size,
                            sample_ids=sample_ids)
-    scores = attribute(model, graph, batches, objective="answer_nll", method=method, intervention=intervention,
+    scores = attribute(model, graph, batches, objective="answer_nll", scorer=scorer, intervention=intervention,
                        progress=progress, checkpoint_dir=shards, fresh=fresh, nonfinite=nonfinite)
     scores.metadata.update({"t_cut": t_cut, "objective": "answer_nll (self-entropy on own answer)"})
     return scores
 
 
-def run_compare(
-    base_dir: str | os.PathLike[str],
-    tuned_dir: str | os.PathLike[str],
-    questions_path: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    config: PipelineConfig | None = None,
-    log: Callable[[str], None] = print,
-) -> Comparison:
+def run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[str],
+                questions_path: str | os.PathLike[str], out: str | os.PathLike[str],
+                config: PipelineConfig | None = None, log: Callable[[str], None] = print) -> Comparison:
     """The whole pipeline for two checkpoints; see the module docstring for the files written."""
     config, questions, out, device = _start(config, questions_path, out, _COMPARE_OUTPUTS)
     with output_lock(out):
@@ -237,13 +237,8 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
     return result
 
 
-def run_score(
-    model_dir: str | os.PathLike[str],
-    questions_path: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    config: PipelineConfig | None = None,
-    log: Callable[[str], None] = print,
-) -> EdgeScores:
+def run_score(model_dir: str | os.PathLike[str], questions_path: str | os.PathLike[str], out: str | os.PathLike[str],
+              config: PipelineConfig | None = None, log: Callable[[str], None] = print) -> EdgeScores:
     """One model: generate, keep its correct answers, apply the length rules to its own
     lengths, score; writes ``model.generations.jsonl``, ``model.shards/``, ``scores.cdiff``
     and ``run.json`` into ``out``."""
@@ -269,7 +264,8 @@ def _run_score(model_dir: str | os.PathLike[str], questions_path: str | os.PathL
     summary = summarize(scores)["all"] if scores.n_samples >= 2 else {}
     write_text(out / "run.json", json.dumps({
         "model": str(model_dir), "questions": str(questions_path), "config": asdict(config), "device": device,
-        "counts": counts, "selection": _selection_record(selection), "metrics": summary, "versions": scores.metadata.get("versions", {}),
+        "counts": counts, "selection": _selection_record(selection), "metrics": summary,
+        "versions": scores.metadata.get("versions", {}),
     }, indent=2, default=float))
     log("\n".join(f"{name}: {value:.4g}" for name, value in summary.items()))
     return scores
@@ -280,19 +276,10 @@ _COMPARE_OUTPUTS = ("comparison.json", "report.md", "run.json", "base.cdiff", "t
 _SCORE_OUTPUTS = ("scores.cdiff", "run.json", "model.generations.jsonl")
 
 
-@contextlib.contextmanager
-def output_lock(out: Path) -> Iterator[None]:
+def output_lock(out: Path) -> contextlib.AbstractContextManager[None]:
     """Hold ``out/.lock`` for the run: a second process writing into ``out`` gets a RunLockedError."""
-    lock = filelock.FileLock(str(out / ".lock"), timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise RunLockedError(f"another circuitdiff run is writing into {str(out)!r}; wait for it to finish or choose "
-                             "another --out.") from None
-    try:
-        yield
-    finally:
-        lock.release()
+    return directory_lock(out, f"another circuitdiff run is writing into {str(out)!r}; wait for it to finish or "
+                               "choose another --out.")
 
 
 def _start(config: PipelineConfig | None, questions_path: str | os.PathLike[str],
@@ -364,7 +351,7 @@ def _score(model: Any, questions: list[Question], generations: list[Generation],
     graph = AttributionGraph.from_model(model, level=config.level)
     scores = score_answers(model, graph, [questions[i].prompt for i in chosen],
                            [generations[i].answer_ids for i in chosen], t_cut=t_cut, shards=shards,
-                           method=config.scorer(), intervention=config.intervention, batch_size=config.batch_size,
+                           scorer=config.make_scorer(), intervention=config.intervention, batch_size=config.batch_size,
                            progress=config.progress, sample_ids=[questions[i].id for i in chosen], fresh=config.fresh,
                            nonfinite=config.nonfinite)
     scores.save(path)
@@ -387,7 +374,7 @@ def _describe(counts: dict[str, Any], t_cut: int, config: PipelineConfig) -> str
     lines = ["| step | questions |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in counts.items()]
     settings = (f"alpha {config.alpha}, beta {config.beta}, gamma {config.gamma}, delta {config.delta}, "
                 f"length rule {config.rule}, n {config.n}, seed {config.seed}; T_cut {t_cut} tokens; "
-                f"{config.level}-level graph, {config.method}, {config.intervention} ablation, answer_nll")
+                f"{config.level}-level graph, {config.scorer}, {config.intervention} ablation, answer_nll")
     return "\n".join(lines) + f"\n\nSettings: {settings}."
 
 

@@ -18,16 +18,11 @@ Every number is derived from what the code allocates, per part:
   default every position: an upper bound).
 - **source buffer**: ``delta [batch, n_sources, window, d_model]`` in float32 (float64
   for float64 models) or the EAP scorer's ``contraction_dtype`` (bfloat16: half),
-  ``hooks.EdgeHooks.new_delta``, where the window is every position or
+  ``engine.sources.delta_shape``, where the window is every position or
   ``positions_per_pass`` of them (``EAP(positions_per_pass=...)``); plus the
   ``[batch, n_sources, n_receivers]`` score buffer.
-- **receiver gradients**: one layer's transients in ``EdgeHooks._attention_receivers``:
-  ``u [receivers, batch*window, d_model]`` float32 (q+k+v heads at head level, 3 at
-  layer level, where the stack doubles it), the concatenated projection gradients (over
-  the window) and q/k/v weights of one layer in the model's dtype, ``x``, ``x_hat`` and
-  the norm's scale terms in float32 (over the window), and the model-dtype projection
-  gradients of every position; with a bfloat16 contraction, also ``u``'s bfloat16 copy.
-  (On CPU, bfloat16 models also make float32 copies of the concatenations; not counted.)
+- **receiver gradients**: one layer's transients in ``ReceiverGradients.attention_gradients``,
+  as :func:`circuitdiff.engine.receivers.transient_bytes` lists them next to that code.
 - **backward transients** of the plain model: the attention backward's pos^2 tensors of
   one layer (gradients of probabilities and scores) or the logits' gradient, whichever
   is larger; EAP's receiver gradients replace them when larger (they do not coincide).
@@ -40,116 +35,30 @@ Validated against CPU profiler peaks and the H200 measurements of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from circuitdiff.engine.architectures import FAMILIES, ModelShape
+from circuitdiff.engine.products import accumulation_dtype
+from circuitdiff.engine.receivers import transient_bytes
+from circuitdiff.engine.run import scores_shape
+from circuitdiff.engine.sources import delta_shape
 from circuitdiff.errors import ArgumentError, DataError, MemoryPlanError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
-from circuitdiff.hooks import CONTRACTION_DTYPES, is_contraction_dtype
+from circuitdiff.report import markdown_table
+from circuitdiff.scorers.base import renamed_method
+from circuitdiff.scorers.eap import EAP
 
-__all__ = ["ModelShape", "MemoryEstimate", "MemoryPlanError", "estimate_memory", "plan_batch_size", "METHODS"]
+__all__ = ["ModelShape", "MemoryEstimate", "MemoryPlanError", "estimate_memory", "plan_batch_size", "measure_peak",
+           "METHODS"]
 
 #: Methods the planner knows: EAP, and EAP-IG (EAP's peak plus the clean logits kept across steps).
 METHODS: tuple[str, ...] = ("eap", "eap-ig-inputs", "eap-ig-activations")
 
-# Per architecture: norm kind, MLP hidden activations saved per token (in units of d_mlp),
-# gated MLP (3 weight matrices), learned position embeddings.
-_ARCHITECTURES: dict[str, tuple[str, int, bool, bool]] = {
-    "LlamaForCausalLM": ("rms", 3, True, False),
-    "MistralForCausalLM": ("rms", 3, True, False),
-    "Qwen2ForCausalLM": ("rms", 3, True, False),
-    "GPT2LMHeadModel": ("layer", 4, False, True),
-    "GPTNeoXForCausalLM": ("layer", 1, False, False),
-}
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The shape facts the planner needs; build one from a config, no weights needed.
-
-    ``weight_bytes`` None means: computed from the shape (untied embeddings unless
-    ``tied_embeddings``).
-    """
-
-    architecture: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_model: int
-    d_head: int
-    d_mlp: int
-    d_vocab: int
-    dtype: torch.dtype = torch.float32
-    parallel_blocks: bool = False
-    tied_embeddings: bool = False
-    qkv_bias: bool = False
-    n_positions: int = 0
-    weight_bytes: int | None = None
-
-    @classmethod
-    def from_model(cls, model: Any) -> "ModelShape":
-        """The shape of a TransformerBridge, with its exact parameter bytes."""
-        from circuitdiff.models import describe_model
-
-        spec = describe_model(model)
-        params = list(model.parameters())
-        return cls(
-            architecture=spec.architecture, n_layers=spec.n_layers, n_heads=spec.n_heads,
-            n_kv_heads=spec.n_kv_heads, d_model=spec.d_model, d_head=spec.d_head,
-            d_mlp=int(model.cfg.d_mlp), d_vocab=spec.d_vocab, dtype=params[0].dtype,
-            parallel_blocks=spec.parallel_blocks,
-            weight_bytes=sum(p.numel() * p.element_size() for p in params),
-        )
-
-    @classmethod
-    def from_config(cls, config: Any, dtype: torch.dtype | None = None) -> "ModelShape":
-        """The shape of a Hugging Face config (``PretrainedConfig`` or its ``to_dict()``)."""
-        c = config if isinstance(config, dict) else config.to_dict()
-        architecture = (c.get("architectures") or [""])[0] or {
-            "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}.get(c.get("model_type", ""), "")
-        if architecture not in _ARCHITECTURES:
-            raise UnknownNameError(f"no memory model for architecture {architecture!r}; "
-                                   f"known: {', '.join(_ARCHITECTURES)}.")
-        if dtype is None:
-            name = c.get("torch_dtype") or c.get("dtype") or "float32"
-            dtype = name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."))
-        if architecture == "GPT2LMHeadModel":
-            d, heads = c["n_embd"], c["n_head"]
-            return cls(architecture, c["n_layer"], heads, heads, d, d // heads, c.get("n_inner") or 4 * d,
-                       c["vocab_size"], dtype, tied_embeddings=c.get("tie_word_embeddings", True),
-                       qkv_bias=True, n_positions=c.get("n_positions", 1024))
-        d, heads = c["hidden_size"], c["num_attention_heads"]
-        return cls(
-            architecture, c["num_hidden_layers"], heads, c.get("num_key_value_heads") or heads, d,
-            c.get("head_dim") or d // heads, c["intermediate_size"], c["vocab_size"], dtype,
-            parallel_blocks=architecture == "GPTNeoXForCausalLM" and c.get("use_parallel_residual", True),
-            tied_embeddings=c.get("tie_word_embeddings", False),
-            qkv_bias=architecture in ("Qwen2ForCausalLM", "GPTNeoXForCausalLM") or c.get("attention_bias", False),
-        )
-
-    @property
-    def element_size(self) -> int:
-        """Bytes per parameter element of ``dtype``."""
-        return torch.empty((), dtype=self.dtype).element_size()
-
-    def parameter_bytes(self) -> int:
-        """``weight_bytes`` if known, else the parameter count of the shape times the element size."""
-        if self.weight_bytes is not None:
-            return self.weight_bytes
-        norm, _, gated, learned_positions = _ARCHITECTURES[self.architecture]
-        d, qkv = self.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.d_head
-        layered = norm == "layer"  # LayerNorm has a bias; these models also bias o and the MLP
-        per_layer = (d * qkv + (qkv if self.qkv_bias else 0) + self.n_heads * self.d_head * d
-                     + (3 if gated else 2) * d * self.d_mlp + 2 * d * (2 if layered else 1))
-        if layered:
-            per_layer += d + self.d_mlp + d
-        total = self.n_layers * per_layer + d * (2 if layered else 1)
-        total += self.d_vocab * d * (1 if self.tied_embeddings else 2) + self.n_positions * d
-        return total * self.element_size
 
 
 @dataclass(frozen=True)
@@ -200,11 +109,10 @@ class MemoryEstimate:
             rows.append(("clean logits (EAP-IG)", self.clean_logits))
         total = self.total
         windows = "" if self.positions_per_pass is None else f", {self.positions_per_pass} positions per pass"
-        lines = [f"{self.method}, {self.level} level, batch {self.batch_size} x {self.seq_len} tokens{windows}",
-                 "", "| part | GiB | share |", "|---|---|---|"]
-        lines += [f"| {name} | {value / GIB:.2f} | {value / total:.0%} |" for name, value in rows]
-        lines.append(f"| **peak** (transients counted once, the larger) | **{total / GIB:.2f}** | |")
-        return "\n".join(lines)
+        cells = [[name, f"{value / GIB:.2f}", f"{value / total:.0%}"] for name, value in rows]
+        cells.append(["**peak** (transients counted once, the larger)", f"**{total / GIB:.2f}**", ""])
+        return (f"{self.method}, {self.level} level, batch {self.batch_size} x {self.seq_len} tokens{windows}\n\n"
+                + markdown_table(["part", "GiB", "share"], cells))
 
     __str__ = to_markdown
 
@@ -237,11 +145,12 @@ def estimate_memory(
     *,
     batch_size: int,
     seq_len: int,
-    method: str = "eap",
+    scorer: str | Any = "eap",
     dtype: torch.dtype | None = None,
     loss_positions: int | None = None,
     positions_per_pass: int | None = None,
     contraction_dtype: torch.dtype | None = None,
+    method: str | None = None,
 ) -> MemoryEstimate:
     """Estimated peak memory (bytes) of one ``cd.attribute`` batch.
 
@@ -251,7 +160,8 @@ def estimate_memory(
         graph_or_level: an :class:`AttributionGraph` or ``"head"`` / ``"layer"``.
         batch_size: the batch's first dimension (``[batch_size, seq_len]``).
         seq_len: the batch's padded length (tokens).
-        method: one of :data:`METHODS`.
+        scorer: one of :data:`METHODS`, or a scorer object (e.g.
+            ``cd.scorers.EAP(positions_per_pass=256)``, whose options are then used).
         dtype: the model's dtype if it differs from the spec's (default: the spec's).
         loss_positions: token positions per sample that the objective reads (default
             ``seq_len``, an upper bound; ``answer_nll`` reads the answer span only).
@@ -259,29 +169,25 @@ def estimate_memory(
             (``cd.scorers.get("eap", positions_per_pass=w)``); default: all positions.
         contraction_dtype: the ``eap`` scorer's ``contraction_dtype`` (e.g.
             ``torch.bfloat16``); default: the accumulation dtype (float32).
+        method: deprecated alias of ``scorer`` (warns).
 
     Returns:
         :class:`MemoryEstimate` (``.total`` is the peak, weights included; ``.plain`` the
         plain forward+backward peak). Intervention passes other than the scored one run
         without gradients and stay below the peak.
     """
-    if method not in METHODS:
-        raise UnknownNameError(f"the memory planner knows methods {METHODS}; got {method!r}.")
+    method, positions_per_pass, contraction_dtype = _scorer_options(scorer, method, positions_per_pass,
+                                                                    contraction_dtype)
     if batch_size < 1 or seq_len < 1:
         raise DataError(f"batch_size and seq_len must be positive; got {batch_size} and {seq_len}.")
-    if positions_per_pass is not None and (method != "eap" or positions_per_pass < 1):
-        raise DataError(f"positions_per_pass must be a positive integer and needs method='eap'; "
-                        f"got {positions_per_pass!r} with method={method!r}.")
-    if contraction_dtype is not None and (method != "eap" or not is_contraction_dtype(contraction_dtype)):
-        raise DataError(f"contraction_dtype must be torch.float32, torch.float64 or one of {CONTRACTION_DTYPES} and "
-                        f"needs method='eap'; got {contraction_dtype!r} with method={method!r}.")
     s = _shape_of(model_or_spec, dtype)
     graph = _graph_of(s, graph_or_level)
     b, p, d, e = batch_size, seq_len, s.d_model, s.element_size
-    acc = max(e, 4)  # hooks.accumulation_dtype: float32, or float64 for float64 models
+    acc = accumulation_dtype(s.dtype).itemsize  # float32, or float64 for float64 models
     c = acc if contraction_dtype is None else contraction_dtype.itemsize  # delta and the contraction's inputs
     tokens = b * p
-    norm, mlp_units, _, _ = _ARCHITECTURES[s.architecture]
+    family = FAMILIES[s.architecture]
+    norm, mlp_units = family.norm, family.mlp_saved_units
     qkv_heads = s.n_heads * s.d_head  # k and v are repeated to every query head before the products
 
     # Saved for backward, per token and layer (bytes).
@@ -299,21 +205,12 @@ def estimate_memory(
     logits_grad = logits + loss_tokens * s.d_vocab * 4
     backward = max(attention_grad, logits_grad)
 
-    window = b * min(positions_per_pass or p, p)  # tokens in one position window
-    source_buffer = graph.n_sources * window * d * c
-    scores = b * graph.n_sources * graph.n_receivers * acc
-    n_q, n_k, n_v = graph.receivers_per_attention
-    proj = (s.n_heads + 2 * s.n_kv_heads) * s.d_head  # q, k, v projection outputs per token
-    if graph.level == "head":
-        u = (n_q + n_k + n_v) * window * d * acc
-        qkv = window * proj * e + proj * d * e  # concatenated q/k/v gradients and weights, model dtype
-    else:
-        u = 2 * 3 * window * d * acc  # three products, then their stack
-        qkv = window * proj * e  # the projection gradients over the window
-    norm_terms = 4 * window * d * acc  # x, x_hat, weight / s, x_hat * weight / s
-    receivers = u + qkv + norm_terms + tokens * proj * e  # + the stashed gradients of every position
-    if c != acc:  # the contraction's copy of u
-        receivers += (n_q + n_k + n_v if graph.level == "head" else 3) * window * d * c
+    # The engine's own buffers and transients (circuitdiff.engine): one description, here and there.
+    width = min(positions_per_pass or p, p)  # positions in one window
+    source_buffer = math.prod(delta_shape(graph, b, width, d)) * c
+    scores = math.prod(scores_shape(graph, b)) * acc
+    receivers = transient_bytes(graph, s.n_heads, s.n_kv_heads, s.d_head, d, window_tokens=b * width, tokens=tokens,
+                                model_bytes=e, accumulation_bytes=acc, contraction_bytes=c)
     clean_logits = logits if method.startswith("eap-ig") else 0
     return MemoryEstimate(
         weights=s.parameter_bytes(), saved_activations=saved, logits=logits, objective=objective,
@@ -339,11 +236,12 @@ def plan_batch_size(
     *,
     seq_len: int,
     max_memory: int | None = None,
-    method: str = "eap",
+    scorer: str | Any = "eap",
     loss_positions: int | None = None,
     dtype: torch.dtype | None = None,
     positions_per_pass: int | None = None,
     contraction_dtype: torch.dtype | None = None,
+    method: str | None = None,
 ) -> int:
     """The largest batch size whose estimated peak fits ``max_memory`` bytes.
 
@@ -354,11 +252,12 @@ def plan_batch_size(
         max_memory: bytes available for the whole run, weights included. Default, for
             a model on CUDA: 90% of (free device memory + the model's parameter bytes,
             already resident); required otherwise.
-        method: as for :func:`estimate_memory`.
+        scorer: as for :func:`estimate_memory`.
         loss_positions: as for :func:`estimate_memory`.
         dtype: as for :func:`estimate_memory`.
         positions_per_pass: as for :func:`estimate_memory`.
         contraction_dtype: as for :func:`estimate_memory`.
+        method: deprecated alias of ``scorer`` (warns).
 
     Raises:
         MemoryPlanError: even batch size 1 does not fit; the message gives the layer-level
@@ -366,6 +265,8 @@ def plan_batch_size(
             window that fits, the bfloat16 contraction, and other ways out.
         ValueError: ``max_memory`` is missing for a model that is not on CUDA.
     """
+    method, positions_per_pass, contraction_dtype = _scorer_options(scorer, method, positions_per_pass,
+                                                                    contraction_dtype)
     if max_memory is None:
         resident = _model_bytes_on_cuda(model)
         if resident is None:
@@ -378,7 +279,7 @@ def plan_batch_size(
 
     def peak(batch: int, length: int = seq_len, g: AttributionGraph = graph,
              window: int | None = positions_per_pass, contraction: torch.dtype | None = contraction_dtype) -> int:
-        return estimate_memory(shape, g, batch_size=batch, seq_len=length, method=method,
+        return estimate_memory(shape, g, batch_size=batch, seq_len=length, scorer=method,
                                loss_positions=loss_positions, positions_per_pass=window,
                                contraction_dtype=contraction).total
 
@@ -391,6 +292,28 @@ def plan_batch_size(
         mid = (low + high) // 2
         low, high = (mid, high) if peak(mid) <= max_memory else (low, mid)
     return low
+
+
+def _scorer_options(scorer: Any, method: str | None, positions_per_pass: int | None,
+                    contraction_dtype: torch.dtype | None) -> tuple[str, int | None, torch.dtype | None]:
+    """``(scorer name, positions_per_pass, contraction_dtype)``, validated by the scorer's own options class."""
+    scorer = renamed_method(scorer, method, stacklevel=3)
+    if not isinstance(scorer, str):
+        if positions_per_pass is not None or contraction_dtype is not None:
+            raise ArgumentError("pass positions_per_pass and contraction_dtype through the scorer object "
+                                f"({scorer!r}), not beside it.")
+        name = getattr(scorer, "name", None)
+        positions_per_pass = getattr(scorer, "positions_per_pass", None)
+        contraction_dtype = getattr(scorer, "contraction_dtype", None)
+    else:
+        name = scorer
+    if name not in METHODS:
+        raise UnknownNameError(f"the memory planner knows scorers {METHODS}; got {name!r}.")
+    if (positions_per_pass is not None or contraction_dtype is not None) and name != "eap":
+        raise ArgumentError(f"positions_per_pass and contraction_dtype are options of scorer='eap'; got them with "
+                            f"scorer={name!r}.")
+    EAP(positions_per_pass, contraction_dtype)  # validates them
+    return name, positions_per_pass, contraction_dtype
 
 
 def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_memory: int, peak: Any,
@@ -412,7 +335,7 @@ def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_
     window = _largest_fitting(seq_len, lambda w: peak(1, seq_len, graph, w) <= max_memory) if method == "eap" else 0
     if window:
         passes = -(-seq_len // window)
-        parts.append(f"- position chunking: method=cd.scorers.get('eap', positions_per_pass={window}) fits at batch 1 "
+        parts.append(f"- position chunking: scorer=cd.scorers.EAP(positions_per_pass={window}) fits at batch 1 "
                      f"(about {peak(1, seq_len, graph, window) / GIB:.1f} GiB), at the cost of {passes} forward and "
                      "backward passes per batch;")
     else:
@@ -420,7 +343,7 @@ def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_
     if method == "eap" and contraction_dtype is not torch.bfloat16:
         half = peak(1, seq_len, graph, None, torch.bfloat16)
         verdict = "fits" if half <= max_memory else "does not fit either"
-        parts.append(f"- a bfloat16 contraction: method=cd.scorers.get('eap', contraction_dtype=torch.bfloat16) "
+        parts.append(f"- a bfloat16 contraction: scorer=cd.scorers.EAP(contraction_dtype=torch.bfloat16) "
                      f"halves the source buffer: about {half / GIB:.1f} GiB at batch 1 ({verdict}; it combines "
                      "with positions_per_pass);")
     parts.append("- a device with more memory, or a lower-precision dtype for the weights.")
@@ -434,3 +357,31 @@ def _largest_fitting(limit: int, fits: Any) -> int:
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
     return low
+
+
+def measure_peak(run: Any, device: str | torch.device = "cpu", baseline_bytes: int = 0) -> int:
+    """Measured peak memory (bytes) of one call of ``run()``, to set against :func:`estimate_memory`.
+
+    CUDA: ``torch.cuda.max_memory_allocated()`` over the call, after
+    ``reset_peak_memory_stats()`` (absolute: it includes what was allocated before, such as
+    the weights; ``baseline_bytes`` is not added). CPU: ``baseline_bytes`` (pass the
+    parameters' bytes) plus the peak of the running sum of the PyTorch profiler's allocation
+    and free events, in time order; exact for tensors, blind to the C allocator's caching.
+    Run ``run()`` once before to leave one-time allocations (caches, lazy init) out.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return baseline_bytes + peak

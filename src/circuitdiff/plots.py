@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from circuitdiff.comparison import Comparison
-from circuitdiff.errors import MissingDependencyError
+from circuitdiff.errors import MissingDependencyError, UnknownNameError
 from circuitdiff.io import write_atomically
 
-__all__ = ["plot_comparison", "plot_relative_change", "plot_node_entropy", "plot_diversity", "plot_histograms"]
+__all__ = ["plot_comparison", "plot_relative_change", "plot_node_entropy", "plot_diversity", "plot_per_sample",
+           "plot_histograms"]
 
 #: Axes with more nodes than this are labelled by node index instead of node name.
 MAX_TICK_LABELS = 60
@@ -121,7 +122,23 @@ def plot_diversity(comparison: Comparison, path: str | os.PathLike[str], *, dpi:
     score matrices: how different the edges it uses are from the rest. Samples where it
     is undefined (constant scores) are left out; the legend gives the count and mean.
     """
-    values = {side: comparison.per_sample[side]["diversity"] for side in COLORS}
+    return plot_per_sample(comparison, "diversity", path, dpi=dpi)
+
+
+def plot_per_sample(comparison: Comparison, metric: str, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
+    """Histograms of any compared metric's per-sample values, both models on shared bins, means dashed.
+
+    The x axis is labelled with the metric's description and units (its definition in
+    the metric registry, :mod:`circuitdiff.metrics`). Samples where the metric is undefined are left out; the
+    legend gives the count and mean.
+
+    Raises:
+        UnknownNameError: ``metric`` was not compared (the message lists those that were).
+    """
+    if metric not in comparison.per_sample["base"]:
+        raise UnknownNameError(f"no per-sample values of metric {metric!r}; compared: "
+                               f"{', '.join(comparison.per_sample['base'])}.")
+    values = {side: comparison.per_sample[side][metric] for side in COLORS}
     values = {side: v[np.isfinite(v)] for side, v in values.items()}
     bins = np.histogram_bin_edges(np.concatenate(list(values.values())), bins="auto")
     figure = _figure((6.5, 4.5))
@@ -132,10 +149,10 @@ def plot_diversity(comparison: Comparison, path: str | os.PathLike[str], *, dpi:
                 label=f"{side} (n={v.size}, mean {mean:.3g})")
         if v.size:
             ax.axvline(mean, color=COLORS[side], linestyle="--")
-    ax.set_xlabel("per-sample diversity (1 - mean correlation)")
+    ax.set_xlabel(_metric_label(comparison, metric))
     ax.set_ylabel("samples")
     ax.legend()
-    ax.set_title(_title(comparison, "Per-sample diversity"))
+    ax.set_title(_title(comparison, f"Per-sample {metric}"))
     return _save(figure, path, dpi)
 
 
@@ -178,6 +195,14 @@ def _title(comparison: Comparison, what: str) -> str:
     if base or tuned:
         return f"{what}\nbase: {base or 'unnamed'}  vs  tuned: {tuned or 'unnamed'}"
     return what
+
+
+def _metric_label(comparison: Comparison, metric: str) -> str:
+    """``per-sample {metric}: {description} [{units}]`` from the metric's definition (units left out if "1")."""
+    definition = comparison.definitions.get(metric, {})
+    label = f"per-sample {metric}" + (f": {definition['description']}" if definition.get("description") else "")
+    units = definition.get("units", "1")
+    return label if units in ("", "1") else f"{label} [{units}]"
 
 
 def _mean(values: np.ndarray) -> float:

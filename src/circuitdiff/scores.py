@@ -11,31 +11,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuitdiff.data.batches import check_sample_ids
-from circuitdiff.errors import ArgumentError, DataError
+from circuitdiff.errors import ArgumentError
 from circuitdiff.graph import AttributionGraph
+from circuitdiff.io import check_metadata, read_scores_file, write_scores_file
+from circuitdiff.typecheck import shape_checked
 
-__all__ = ["EdgeScores", "check_metadata"]
-
-
-def check_metadata(metadata: Any) -> None:
-    """Refuse metadata whose keys circuitdiff reads back have the wrong form (DataError naming the key).
-
-    ``sample_ids``: ``"given"`` or ``"position"``; ``dropped``: a list of objects with a
-    string ``id`` and ``reason``; ``identity``: an object.
-    """
-    if not isinstance(metadata, dict):
-        raise DataError(f"metadata must be a dict, got {type(metadata).__name__}.")
-    if metadata.get("sample_ids", "given") not in ("given", "position"):
-        raise DataError(f"metadata['sample_ids'] must be 'given' or 'position'; got {metadata['sample_ids']!r}.")
-    dropped = metadata.get("dropped", [])
-    if not isinstance(dropped, list) or not all(
-            isinstance(d, dict) and isinstance(d.get("id"), str) and isinstance(d.get("reason"), str) for d in dropped):
-        raise DataError("metadata['dropped'] must be a list of {'id': str, 'reason': str, ...} records; got "
-                        f"{str(dropped)[:120]}.")
-    if not isinstance(metadata.get("identity", {}), dict):
-        raise DataError(f"metadata['identity'] must be a dict; got {type(metadata['identity']).__name__}.")
+__all__ = ["EdgeScores", "save_scores", "load_scores"]
 
 
+@shape_checked
 @dataclass
 class EdgeScores:
     """Edge scores of one model on one dataset.
@@ -94,6 +78,7 @@ class EdgeScores:
         """Names of the real edges, e.g. ``"a0.h1->a3.h2<k>"``, in :meth:`edge_values` order."""
         return self.graph.edge_names()
 
+    @shape_checked
     def edge_values(self, per_sample: bool = False) -> Float[Tensor, "... n_edges"]:
         """Scores of the real edges only: ``[n_edges]`` (mean) or ``[n_samples, n_edges]``."""
         mask = self.graph.edge_mask
@@ -162,20 +147,18 @@ class EdgeScores:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write safetensors + JSON metadata (see :mod:`circuitdiff.io`); atomic."""
-        from circuitdiff.io import save_scores
-
-        save_scores(self, path)
+        write_scores_file(path, graph=self.graph, mean=self.mean, per_sample=self.per_sample,
+                          objective_values=self.objective_values, metadata=self.metadata, sample_ids=self.sample_ids)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], mmap: bool = False) -> "EdgeScores":
         """Read a file written by :meth:`save`; verifies format version and checksum.
 
         ``mmap=True`` memory-maps the per-sample scores instead of reading them (for
-        files larger than RAM; see :func:`circuitdiff.io.load_scores`).
+        files larger than RAM; see :func:`circuitdiff.io.read_scores_file`). Files of
+        format version 1 hold no sample ids; they load with positional ones.
         """
-        from circuitdiff.io import load_scores
-
-        return load_scores(path, mmap=mmap)
+        return cls(**read_scores_file(path, mmap=mmap))
 
     def __repr__(self) -> str:
         kind = "per-sample" if self.per_sample is not None else "mean only"
@@ -183,3 +166,13 @@ class EdgeScores:
             f"EdgeScores({self.metadata.get('method', '?')}, {self.metadata.get('intervention', '?')}, "
             f"{self.graph.level} level, {self.graph.n_edges} edges, {self.n_samples} samples, {kind})"
         )
+
+
+def save_scores(scores: EdgeScores, path: str | os.PathLike[str]) -> None:
+    """``scores.save(path)``: write the scores to a ``.cdiff`` file, atomically."""
+    scores.save(path)
+
+
+def load_scores(path: str | os.PathLike[str], mmap: bool = False) -> EdgeScores:
+    """``EdgeScores.load(path, mmap)``: read a ``.cdiff`` file (see :meth:`EdgeScores.load`)."""
+    return EdgeScores.load(path, mmap=mmap)

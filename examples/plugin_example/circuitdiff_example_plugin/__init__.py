@@ -1,21 +1,26 @@
 """An example circuitdiff plugin: one scorer and one objective.
 
 Installed (``pip install examples/plugin_example``), it makes
-``cd.attribute(..., method="eap-abs", objective="answer_prob")`` work without any
+``cd.attribute(..., scorer="eap-abs", objective="answer_prob")`` work without any
 import: circuitdiff finds both through the entry points in ``pyproject.toml``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 import circuitdiff as cd
-from circuitdiff.scorers import EAP, ScoringContext
+from circuitdiff.engine import AttributionRun
+from circuitdiff.scorers import EAP
 
 __all__ = ["AbsEAP", "AnswerProb"]
 
 
+@dataclass(frozen=True)
 class AbsEAP:
     """EAP magnitudes: ``|EAP score|`` per sample and edge.
 
@@ -25,14 +30,11 @@ class AbsEAP:
     ``objective(ablated) - objective(clean)``; files record ``method = "eap-abs"``.
     """
 
-    name = "eap-abs"
+    name: ClassVar[str] = "eap-abs"
 
-    def __init__(self) -> None:
-        self.eap = EAP()
-
-    def score_batch(self, context: ScoringContext, batch: cd.Batch, batch_index: int) -> tuple[Tensor, Tensor]:
+    def score_batch(self, run: AttributionRun, batch: cd.Batch, batch_index: int) -> tuple[Tensor, Tensor]:
         """EAP's per-sample scores, made absolute; the clean losses unchanged."""
-        scores, losses = self.eap.score_batch(context, batch, batch_index)
+        scores, losses = EAP().score_batch(run, batch, batch_index)
         return scores.abs(), losses  # |0| = 0: structural zeros stay zero
 
 

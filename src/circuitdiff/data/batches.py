@@ -13,10 +13,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int, Integer
 from torch import Tensor
 
 from circuitdiff.errors import DataError
+from circuitdiff.typecheck import shape_checked
 
 __all__ = ["Batch", "IGNORE", "make_batches", "content_ids", "check_sample_ids"]
 
@@ -24,6 +25,7 @@ __all__ = ["Batch", "IGNORE", "make_batches", "content_ids", "check_sample_ids"]
 IGNORE = -100
 
 
+@shape_checked
 @dataclass(frozen=True)
 class Batch:
     """One right-padded batch.
@@ -44,7 +46,7 @@ class Batch:
     """
 
     input_ids: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"] | None = None
+    attention_mask: Integer[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None
     labels: Int[Tensor, "batch pos"] | None = None
     corrupted_input_ids: Int[Tensor, "batch pos"] | None = None
     contrast_labels: Int[Tensor, "batch pos"] | None = None
@@ -104,6 +106,7 @@ class Batch:
         return int(self.input_ids.shape[0])
 
     @property
+    @shape_checked
     def lengths(self) -> Int[Tensor, "batch"]:
         """Real (unpadded) length of each sample."""
         return self.attention_mask.sum(1)

@@ -2,13 +2,15 @@
 
 A scorer has a ``name`` and a method
 
-    score_batch(context: ScoringContext, batch: Batch, batch_index: int)
+    score_batch(run: AttributionRun, batch: Batch, batch_index: int)
         -> (scores [batch, n_sources, n_receivers], losses [batch])
 
 returning float32 per-sample scores (structural zeros outside ``graph.edge_mask``),
 each estimating ``objective(edge ablated) - objective(clean)`` for its sample, and
-the clean per-sample objective values. ``docs/plugins.md`` describes the protocol in
-full, with an example plugin.
+the clean per-sample objective values. ``run`` is the bound
+:class:`~circuitdiff.engine.run.AttributionRun` (``graph.bind(model, ...)``). Each
+built-in scorer is a frozen dataclass of its options, validated at construction.
+``docs/plugins.md`` describes the protocol in full, with an example plugin.
 
 Scorers are looked up by name: :func:`get` (``get("eap")``, options go to the
 constructor), :func:`available`. Names come from the built-ins below, from
@@ -20,14 +22,14 @@ packages declaring an entry point in the group ``circuitdiff.scorers``
 from __future__ import annotations
 
 from circuitdiff.registry import Registry
-from circuitdiff.scorers.base import Scorer, ScoringContext
+from circuitdiff.scorers.base import Scorer, ScoresAndLosses
 from circuitdiff.scorers.eap import EAP
 from circuitdiff.scorers.eap_ig import EAPIGActivations, EAPIGInputs
 from circuitdiff.scorers.exact import Exact
 
 __all__ = [
     "Scorer",
-    "ScoringContext",
+    "ScoresAndLosses",
     "EAP",
     "EAPIGInputs",
     "EAPIGActivations",
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 #: The scorer registry; ``register``, ``get`` and ``available`` are its methods.
-registry = Registry("method", "circuitdiff.scorers", hint=", or pass a scorer object (see circuitdiff.scorers)")
+registry = Registry("scorer", "circuitdiff.scorers", hint=", or pass a scorer object (see circuitdiff.scorers)")
 register = registry.register
 get = registry.get
 available = registry.available

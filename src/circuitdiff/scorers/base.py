@@ -2,89 +2,56 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+import warnings
+from typing import TYPE_CHECKING, Any, Protocol
 
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from circuitdiff import interventions, objectives
 from circuitdiff.data import Batch
-from circuitdiff.errors import DataError
-from circuitdiff.graph import AttributionGraph
-from circuitdiff.hooks import EdgeHooks
-from circuitdiff.interventions import Intervention
-from circuitdiff.models import describe_model
+from circuitdiff.errors import ArgumentError
 
-__all__ = ["ScoringContext", "Scorer", "make_context"]
+if TYPE_CHECKING:
+    from circuitdiff.engine.run import AttributionRun
 
+__all__ = ["Scorer", "ScoresAndLosses", "positive_int", "renamed_method"]
 
-@dataclass(frozen=True)
-class ScoringContext:
-    """Everything fixed for one ``attribute`` call.
-
-    ``model`` is a validated TransformerBridge in eval mode with parameter gradients
-    off; ``hooks`` is the shared hook machinery for (model, graph); ``objective``
-    returns per-sample losses (see :mod:`circuitdiff.objectives`); ``progress`` says
-    whether the user wants progress bars.
-    """
-
-    model: Any
-    graph: AttributionGraph
-    hooks: EdgeHooks
-    objective: Callable[..., Tensor]
-    intervention: Intervention
-    progress: bool = True
-
-    def progress_bar(self, total: int, desc: str) -> tqdm:
-        """A transient progress bar for work inside one batch (closed by the caller).
-
-        ``attribute`` already shows one bar over batches; a scorer whose batch takes
-        many passes (integrated-gradient steps, exact ablation chunks) reports them
-        here: ``bar.update(n)`` after each unit of work, ``bar.close()`` at the end.
-        Disabled when the user passed ``progress=False``.
-        """
-        return tqdm(total=total, desc=desc, leave=False, disable=not self.progress)
+#: ``(scores [batch, n_sources, n_receivers], clean losses [batch])``.
+ScoresAndLosses = tuple[Float[Tensor, "batch n_sources n_receivers"], Float[Tensor, "batch"]]
 
 
 class Scorer(Protocol):
-    """A scoring method (see :mod:`circuitdiff.scorers`)."""
+    """A scoring method (see :mod:`circuitdiff.scorers`).
+
+    ``score_batch`` receives the bound :class:`~circuitdiff.engine.run.AttributionRun`
+    (model, graph, objective, intervention; entered: eval mode, no parameter
+    gradients), one batch on the run's device and its index in the dataset.
+    """
 
     name: str
 
-    def score_batch(
-        self, context: ScoringContext, batch: Batch, batch_index: int
-    ) -> tuple[Float[Tensor, "batch n_sources n_receivers"], Float[Tensor, "batch"]]:
+    def score_batch(self, run: "AttributionRun", batch: Batch, batch_index: int) -> ScoresAndLosses:
         """Per-sample scores (``objective(ablated) - objective(clean)``) and clean losses."""
         ...
 
 
-def make_context(
-    model: Any,
-    graph: AttributionGraph,
-    objective: str | Callable[..., Tensor],
-    intervention: str | Intervention,
-    reference_batches: Iterable[Batch] | None = None,
-    progress: bool = True,
-) -> ScoringContext:
-    """Check that ``graph`` belongs to ``model`` and resolve the objective and intervention.
+def renamed_method(scorer: Any, method: Any, stacklevel: int = 2) -> Any:
+    """``scorer``, or the deprecated alias ``method`` when given (with a DeprecationWarning).
 
-    Mean interventions run ``reference_batches`` through the model here.
+    ``method=`` (and ``--method``) name the scorer one more release; ``stacklevel`` counts
+    from the caller of this function, as :func:`warnings.warn` does.
     """
-    spec = describe_model(model)
-    if (graph.n_layers, graph.n_heads, graph.n_kv_heads, graph.parallel_blocks) != (
-        spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.parallel_blocks
-    ):
-        raise DataError(
-            f"the graph ({graph!r}) was not built for this model ({spec.n_layers} layers, "
-            f"{spec.n_heads} heads, {spec.n_kv_heads} kv heads); use AttributionGraph.from_model(model)."
-        )
-    return ScoringContext(
-        model=model,
-        graph=graph,
-        hooks=EdgeHooks(model, graph),
-        objective=objectives.resolve(objective),
-        intervention=interventions.resolve(intervention, model, graph, reference_batches),
-        progress=progress,
-    )
+    if method is None:
+        return scorer
+    warnings.warn("method= is deprecated and will be removed in the next release; pass scorer= instead (the same "
+                  "names and objects).", DeprecationWarning, stacklevel=stacklevel + 1)
+    return method
+
+
+def positive_int(scorer: str, option: str, value: object, allow_none: bool = False) -> None:
+    """Refuse ``value`` unless it is a positive int (or None with ``allow_none``); names the scorer's option."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise ArgumentError(f"{scorer}: {option} must be a positive integer{extra}; got {value!r}.")

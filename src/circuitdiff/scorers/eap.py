@@ -26,19 +26,26 @@ relative rounding error (2^-9); see ``benchmarks/bf16_accuracy.py`` for what it 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from circuitdiff.data import Batch
-from circuitdiff.errors import ArgumentError, DataError
-from circuitdiff.hooks import CONTRACTION_DTYPES, is_contraction_dtype
-from circuitdiff.objectives import evaluate
-from circuitdiff.scorers.base import ScoringContext
+from circuitdiff.engine.products import CONTRACTION_DTYPES, is_contraction_dtype
+from circuitdiff.engine.sources import Window
+from circuitdiff.errors import ArgumentError
+from circuitdiff.scorers.base import ScoresAndLosses, positive_int
+
+if TYPE_CHECKING:
+    from circuitdiff.engine.run import AttributionRun
 
 __all__ = ["EAP"]
 
 
+@dataclass(frozen=True)
 class EAP:
     """Edge attribution patching (Syed et al. 2023), per-sample, float32 accumulation.
 
@@ -53,59 +60,43 @@ class EAP:
             Default None: the accumulation dtype (float32, float64 for float64 models).
     """
 
-    name = "eap"
-    positions_per_pass: int | None = None  # these two are also the defaults of subclasses that skip __init__
+    positions_per_pass: int | None = None
     contraction_dtype: torch.dtype | None = None
+
+    name: ClassVar[str] = "eap"
     #: Options that change memory and speed, not the scores (beyond float32 summation order): a run
     #: resumed with another window size reuses its shards (see :mod:`circuitdiff.identity`).
-    not_in_identity = ("positions_per_pass",)
+    not_in_identity: ClassVar[tuple[str, ...]] = ("positions_per_pass",)
 
-    def __init__(self, positions_per_pass: int | None = None, contraction_dtype: torch.dtype | None = None) -> None:
-        if positions_per_pass is not None and (
-                isinstance(positions_per_pass, bool) or not isinstance(positions_per_pass, int)
-                or positions_per_pass < 1):
-            raise ArgumentError(f"eap: positions_per_pass must be a positive integer or None; got {positions_per_pass!r}.")
-        if contraction_dtype is not None and not is_contraction_dtype(contraction_dtype):
+    def __post_init__(self) -> None:
+        positive_int("eap", "positions_per_pass", self.positions_per_pass, allow_none=True)
+        if self.contraction_dtype is not None and not is_contraction_dtype(self.contraction_dtype):
             raise ArgumentError(
                 f"eap: contraction_dtype must be None (the accumulation dtype), torch.float32, torch.float64 or one "
-                f"of {CONTRACTION_DTYPES}; got {contraction_dtype!r}. (torch.float16 is not offered: its range, "
-                "6e-8 to 65504, loses small gradients and large activations.)")
-        self.positions_per_pass = positions_per_pass
-        self.contraction_dtype = contraction_dtype
+                f"of {CONTRACTION_DTYPES}; got {self.contraction_dtype!r}. (torch.float16 is not offered: its "
+                "range, 6e-8 to 65504, loses small gradients and large activations.)")
 
-    def score_batch(
-        self, context: ScoringContext, batch: Batch, batch_index: int
-    ) -> tuple[Float[Tensor, "batch n_sources n_receivers"], Float[Tensor, "batch"]]:
+    def score_batch(self, run: "AttributionRun", batch: Batch, batch_index: int) -> ScoresAndLosses:
         """One hooked forward and backward per window (after the intervention's own pass, if any)."""
         width = batch.input_ids.shape[1]
         step = self.positions_per_pass or width
-        scores = context.hooks.new_scores(batch)
-        losses = self._add_window(context, batch, batch_index, slice(0, step), scores)
+        scores = run.new_scores(batch)
+        losses = self._add_window(run, batch, batch_index, Window.over(slice(0, step), self.contraction_dtype), scores)
         for start in range(step, width, step):  # every window computes the same clean losses
-            self._add_window(context, batch, batch_index, slice(start, start + step), scores)
+            self._add_window(run, batch, batch_index, Window.over(slice(start, start + step), self.contraction_dtype),
+                             scores)
         return scores, losses
 
-    def _add_window(
-        self, context: ScoringContext, batch: Batch, batch_index: int, positions: slice, scores: Tensor
-    ) -> Float[Tensor, "batch"]:
-        """Add the contributions of ``positions`` to ``scores``; return the clean losses."""
-        hooks = context.hooks.restricted_to(positions)
-        if self.contraction_dtype is not None:
-            hooks = hooks.contracting_in(self.contraction_dtype)
-        delta = hooks.new_delta(batch)
-        shape = delta.shape
-        filled = context.intervention.prefill(hooks, batch, delta)
-        if delta.shape != shape:
-            raise DataError(
-                f"intervention {context.intervention.name!r} resized the delta buffer from {tuple(shape)} to "
-                f"{tuple(delta.shape)}; it must fill only the positions hooks.window(batch) (see "
-                "circuitdiff.interventions.Intervention), or run without positions_per_pass."
-            )
-        record = "subtract" if filled else "negate"
-        with torch.enable_grad(), context.model.hooks(
-            fwd_hooks=hooks.hooks(delta, batch.attention_mask, record, scores)
-        ):
-            logits = context.model(batch.input_ids, attention_mask=batch.attention_mask)
-            losses = evaluate(context.objective, logits, batch, batch_index)
+    def _add_window(self, run: "AttributionRun", batch: Batch, batch_index: int, window: Window,
+                    scores: Tensor) -> Float[Tensor, "batch"]:
+        """Add the contributions of ``window``'s positions to ``scores``; return the clean losses."""
+        delta = run.replacement(batch, window)
+        record = "negate" if delta is None else "subtract"
+        delta = run.new_delta(batch, window) if delta is None else delta
+        hooks = (run.sources.hooks(delta, batch.attention_mask, record, window)
+                 + run.receivers.hooks(delta, scores, window))
+        with torch.enable_grad(), run.hooked(hooks):
+            logits = run.model(batch.input_ids, attention_mask=batch.attention_mask)
+            losses = run.loss(logits, batch, batch_index)
             losses.sum().backward()
         return losses.detach()

@@ -24,57 +24,57 @@ exactly EAP, and a score approaches the integrated-gradients value along the pat
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from circuitdiff.data import Batch
-from circuitdiff.errors import ArgumentError
-from circuitdiff.graph import AttributionGraph
-from circuitdiff.hooks import INPUT_HOOK
-from circuitdiff.objectives import evaluate
-from circuitdiff.scorers.base import ScoringContext
+from circuitdiff.engine.sources import Window
+from circuitdiff.scorers.base import ScoresAndLosses, positive_int
+
+if TYPE_CHECKING:
+    from circuitdiff.engine.run import AttributionRun
+    from circuitdiff.graph import AttributionGraph
 
 __all__ = ["EAPIGInputs", "EAPIGActivations"]
 
-ScoresAndLosses = tuple[Float[Tensor, "batch n_sources n_receivers"], Float[Tensor, "batch"]]
+#: ``(hook point, source rows whose delta it adds times 1 - alpha, rows scored)``
+Path = tuple[str, slice, slice]
 
 
+@dataclass(frozen=True)
 class _IntegratedGradients:
     """The shared loop: fixed ``delta``, gradients averaged over interpolation steps."""
 
-    name = ""
-    default_steps = 5
+    steps: int = 5
 
-    def __init__(self, steps: int | None = None) -> None:
-        steps = self.default_steps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ArgumentError(f"{self.name}: steps must be a positive integer; got {steps!r}.")
-        self.steps = steps
+    name: ClassVar[str] = ""
 
-    def paths(self, graph: AttributionGraph) -> list[tuple[str, slice, slice]]:
-        """(hook point, source rows whose ``delta`` it adds times ``1 - alpha``, rows scored)."""
+    def __post_init__(self) -> None:
+        positive_int(self.name, "steps", self.steps)
+
+    def paths(self, run: "AttributionRun") -> list[Path]:
+        """The interpolation paths and the rows each scores."""
         raise NotImplementedError
 
-    def score_batch(self, context: ScoringContext, batch: Batch, batch_index: int) -> ScoresAndLosses:
+    def score_batch(self, run: "AttributionRun", batch: Batch, batch_index: int) -> ScoresAndLosses:
         """Per-sample scores averaged over ``steps`` interpolation points, and clean losses."""
-        hooks, model, mask = context.hooks, context.model, batch.attention_mask
-        delta, _, clean_logits = hooks.clean_pass(context.intervention, batch, record=True)
-        clean_losses = evaluate(context.objective, clean_logits, batch, batch_index)
-        scores = hooks.new_scores(batch)
-        paths = self.paths(context.graph)
-        bar = context.progress_bar(len(paths) * self.steps, f"{self.name} steps")
+        mask, window = batch.attention_mask, Window()
+        delta, clean_logits = run.clean_pass(batch, record=True)
+        clean_losses = run.loss(clean_logits, batch, batch_index)
+        scores = run.new_scores(batch)
+        paths = self.paths(run)
+        bar = run.progress_bar(len(paths) * self.steps, f"{self.name} steps")
         for hook_name, shifted, rows in paths:
             difference = delta[:, shifted].sum(1)  # [batch, pos, d_model]: the block's replacement - clean
             for step in range(1, self.steps + 1):
                 shift = _add((1.0 - step / self.steps) * difference)
-                with torch.enable_grad(), model.hooks(
-                    fwd_hooks=[(hook_name, shift)] + hooks.hooks(delta, mask, None, scores, source_rows=rows)
-                ):
-                    logits = model(batch.input_ids, attention_mask=mask)
-                    losses = evaluate(context.objective, logits, batch, batch_index, clean_logits=clean_logits)
+                hooks = [(hook_name, shift)] + run.receivers.hooks(delta, scores, window, source_rows=rows)
+                with torch.enable_grad(), run.hooked(hooks):
+                    logits = run.model(batch.input_ids, attention_mask=mask)
+                    losses = run.loss(logits, batch, batch_index, clean_logits=clean_logits)
                     losses.sum().backward()
                 bar.update(1)
         bar.close()
@@ -88,6 +88,7 @@ def _add(shift: Tensor) -> Callable[[Tensor, Any], Tensor]:
     return hook
 
 
+@dataclass(frozen=True)
 class EAPIGInputs(_IntegratedGradients):
     """EAP-IG with the input embeddings interpolated (Hanna et al. 2024).
 
@@ -95,13 +96,14 @@ class EAPIGInputs(_IntegratedGradients):
         steps: interpolation points (default 5, as in Hanna et al.); ``steps=1`` is EAP.
     """
 
-    name = "eap-ig-inputs"
+    name: ClassVar[str] = "eap-ig-inputs"
 
-    def paths(self, graph: AttributionGraph) -> list[tuple[str, slice, slice]]:
+    def paths(self, run: "AttributionRun") -> list[Path]:
         """One path (the input moves), along which every edge is scored."""
-        return [(INPUT_HOOK, slice(0, 1), slice(0, graph.n_sources))]
+        return [(run.bridge.input_hook, slice(0, 1), slice(0, run.graph.n_sources))]
 
 
+@dataclass(frozen=True)
 class EAPIGActivations(_IntegratedGradients):
     """EAP-IG with each source block's output interpolated on its own.
 
@@ -109,13 +111,14 @@ class EAPIGActivations(_IntegratedGradients):
         steps: interpolation points per block (default 5); ``steps=1`` is EAP.
     """
 
-    name = "eap-ig-activations"
+    name: ClassVar[str] = "eap-ig-activations"
 
-    def paths(self, graph: AttributionGraph) -> list[tuple[str, slice, slice]]:
+    def paths(self, run: "AttributionRun") -> list[Path]:
         """One path per source block (the input, each attention layer, each MLP)."""
-        blocks = [(INPUT_HOOK, slice(0, 1))]
+        graph: AttributionGraph = run.graph
+        blocks = [(run.bridge.input_hook, slice(0, 1))]
         for layer in range(graph.n_layers):
-            blocks.append((f"blocks.{layer}.attn.o.hook_out", graph.attention_sources(layer)))
+            blocks.append((run.bridge.attention_output_hook(layer), graph.attention_sources(layer)))
             row = graph.mlp_source(layer)
-            blocks.append((f"blocks.{layer}.mlp.hook_out", slice(row, row + 1)))
+            blocks.append((run.bridge.mlp_output_hook(layer), slice(row, row + 1)))
         return [(hook, rows, rows) for hook, rows in blocks]

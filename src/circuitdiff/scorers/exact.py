@@ -4,7 +4,7 @@ For edge (u -> v) and sample b the score is ``L_b(v reads replacement(u)) - L_b(
 measured by running the model, with the same interventions as EAP: the ground truth
 that EAP and EAP-IG approximate. Many single-edge ablations share one forward pass
 (the batch axis holds copies of the samples, each with a different edge ablated; see
-:mod:`circuitdiff.ablation`), so a batch costs about
+:mod:`circuitdiff.engine.ablation`), so a batch costs about
 ``batch * n_edges / edges_per_forward`` forward passes of ``edges_per_forward`` copies,
 plus one clean pass (and the intervention's), and no backward pass. Practical for
 small models and layer-level graphs.
@@ -12,18 +12,22 @@ small models and layer-level graphs.
 
 from __future__ import annotations
 
-import torch
-from jaxtyping import Float
-from torch import Tensor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
-from circuitdiff.ablation import EdgeAblation
+import torch
+
 from circuitdiff.data import Batch
-from circuitdiff.errors import ArgumentError
-from circuitdiff.scorers.base import ScoringContext
+from circuitdiff.engine.ablation import EdgeAblation
+from circuitdiff.scorers.base import ScoresAndLosses, positive_int
+
+if TYPE_CHECKING:
+    from circuitdiff.engine.run import AttributionRun
 
 __all__ = ["Exact"]
 
 
+@dataclass(frozen=True)
 class Exact:
     """One-edge-at-a-time ablation, batched.
 
@@ -34,25 +38,23 @@ class Exact:
             costs (small models, GPUs); see ``benchmarks/exact_batched.py``.
     """
 
-    name = "exact"
+    edges_per_forward: int = 64
 
-    def __init__(self, edges_per_forward: int = 64) -> None:
-        if isinstance(edges_per_forward, bool) or not isinstance(edges_per_forward, int) or edges_per_forward < 1:
-            raise ArgumentError(f"exact: edges_per_forward must be a positive integer; got {edges_per_forward!r}.")
-        self.edges_per_forward = edges_per_forward
+    name: ClassVar[str] = "exact"
 
-    def score_batch(
-        self, context: ScoringContext, batch: Batch, batch_index: int
-    ) -> tuple[Float[Tensor, "batch n_sources n_receivers"], Float[Tensor, "batch"]]:
+    def __post_init__(self) -> None:
+        positive_int("exact", "edges_per_forward", self.edges_per_forward)
+
+    def score_batch(self, run: "AttributionRun", batch: Batch, batch_index: int) -> ScoresAndLosses:
         """Every real edge of every sample ablated on its own; returns changes and clean losses."""
-        graph = context.graph
-        ablation = EdgeAblation(context, batch, batch_index, one_edge_per_copy=True)
+        graph = run.graph
+        ablation = EdgeAblation(run, batch, batch_index, one_edge_per_copy=True)
         sources, receivers = torch.nonzero(graph.edge_mask, as_tuple=True)
         n_edges = sources.shape[0]
         samples = torch.arange(batch.size).repeat_interleave(n_edges)
         sources, receivers = sources.repeat(batch.size), receivers.repeat(batch.size)
-        scores = context.hooks.new_scores(batch)
-        bar = context.progress_bar(samples.shape[0], "exact: edges ablated")
+        scores = run.new_scores(batch)
+        bar = run.progress_bar(samples.shape[0], "exact: edges ablated")
         for start in range(0, samples.shape[0], self.edges_per_forward):
             chunk = slice(start, start + self.edges_per_forward)
             rows, u, v = samples[chunk], sources[chunk], receivers[chunk]

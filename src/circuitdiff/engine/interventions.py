@@ -1,9 +1,10 @@
 """Interventions: what an ablated source's output is replaced with.
 
 An edge score estimates the change of the objective when the receiver reads the
-source's *replacement* instead of its clean output. Each intervention fills the
-``delta`` buffer with the replacement before the clean forward pass subtracts the
-clean outputs (see :mod:`circuitdiff.hooks`):
+source's *replacement* instead of its clean output. An intervention returns the
+replacement outputs of every source for one :class:`~circuitdiff.engine.Window` of a
+batch (or None when they are zero); the clean pass then subtracts the clean outputs
+(see :mod:`circuitdiff.engine.sources`):
 
 - ``"zero"``: replacement 0 (the paper's choice); score = ``-<a_u, dL/dH_v>``.
 - ``"patching"``: the source's output on the corrupted prompt
@@ -15,37 +16,43 @@ clean outputs (see :mod:`circuitdiff.hooks`):
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from circuitdiff.choices import InterventionName
 from circuitdiff.data import Batch
-from circuitdiff.errors import ArgumentTypeError, DataError, UnknownNameError
-from circuitdiff.graph import AttributionGraph
-from circuitdiff.hooks import EdgeHooks
+from circuitdiff.engine.bridge import Bridge, attribution_mode
+from circuitdiff.engine.sources import SourceRecorder, Window
+from circuitdiff.errors import ArgumentTypeError, DataError
+from circuitdiff.typecheck import shape_checked
+
+if TYPE_CHECKING:
+    from circuitdiff.engine.run import AttributionRun
+    from circuitdiff.graph import AttributionGraph
 
 __all__ = ["Intervention", "Zero", "Patching", "Mean", "MeanPositional", "NAMES", "resolve"]
 
 #: The built-in intervention names, accepted wherever ``intervention=`` takes a string.
-NAMES: tuple[str, ...] = ("zero", "patching", "mean", "mean-positional")
+NAMES: tuple[str, ...] = tuple(name.value for name in InterventionName)
 
 
 class Intervention(Protocol):
-    """Writes the replacement outputs into ``delta [batch, n_sources, window, d_model]``.
+    """Returns the replacement outputs of every source for one window of a batch.
 
-    ``prefill`` returns True when it wrote them (the clean pass then subtracts the
-    clean outputs) and False when the replacement is zero and ``delta`` was left
-    untouched (the clean pass then writes ``-output``). Padded positions must be zero.
-    ``delta`` covers the positions ``hooks.window(batch)`` (all of them unless the
-    scorer works in position windows, e.g. ``EAP(positions_per_pass=...)``).
+    ``replacement(run, batch, window)`` returns a ``[batch, n_sources, window, d_model]``
+    tensor of dtype ``run.delta_dtype(window)`` on ``run.device`` (allocate it with
+    ``run.new_delta(batch, window)``), zero at padded positions, covering the positions
+    ``window.of(batch)`` only; or None when the replacement is zero. The engine takes
+    the tensor over as its ``delta`` buffer (the clean pass subtracts from it in place).
     """
 
     name: str
 
-    def prefill(self, hooks: EdgeHooks, batch: Batch, delta: Tensor) -> bool:
-        """Write the replacements into ``delta``; return whether anything was written."""
+    def replacement(self, run: "AttributionRun", batch: Batch, window: Window) -> Tensor | None:
+        """The replacement outputs, or None for zero."""
         ...
 
 
@@ -54,9 +61,9 @@ class Zero:
 
     name = "zero"
 
-    def prefill(self, hooks: EdgeHooks, batch: Batch, delta: Tensor) -> bool:
-        """Nothing to write: the replacement is zero."""
-        return False
+    def replacement(self, run: "AttributionRun", batch: Batch, window: Window) -> None:
+        """None: the replacement is zero."""
+        return None
 
 
 class Patching:
@@ -67,16 +74,15 @@ class Patching:
 
     name = "patching"
 
-    def prefill(self, hooks: EdgeHooks, batch: Batch, delta: Tensor) -> bool:
-        """Record every source's corrupted output (one forward pass, no gradients)."""
+    def replacement(self, run: "AttributionRun", batch: Batch, window: Window) -> Tensor:
+        """Every source's corrupted output (one forward pass, no gradients)."""
         if batch.corrupted_input_ids is None:
             raise DataError(
                 "intervention='patching' needs corrupted prompts: build batches with "
                 "make_batches(..., corrupted_prompts=[...]) of the same token lengths, or use "
                 "intervention='zero'."
             )
-        hooks.record_sources(batch.corrupted_input_ids, batch.attention_mask, delta)
-        return True
+        return run.record_sources(batch.corrupted_input_ids, batch.attention_mask, window)
 
 
 class Mean:
@@ -89,23 +95,24 @@ class Mean:
 
     name = "mean"
 
+    @shape_checked
     def __init__(self, means: Float[Tensor, "n_sources d_model"]) -> None:
         if means.ndim != 2:
             raise DataError(f"mean intervention expects means of shape [n_sources, d_model]; got {tuple(means.shape)}.")
         self.means = means
 
     @classmethod
-    def from_batches(cls, model: Any, graph: AttributionGraph, batches: Iterable[Batch]) -> "Mean":
+    def from_batches(cls, model: Any, graph: "AttributionGraph", batches: Iterable[Batch]) -> "Mean":
         """Average every source's output over the real tokens of ``batches``."""
         sums, counts = _source_sums(model, graph, batches, positional=False)
         return cls(sums / counts[:, None])
 
-    def prefill(self, hooks: EdgeHooks, batch: Batch, delta: Tensor) -> bool:
-        """Write the means (zero at padded positions) into ``delta``."""
-        _check_sources(self.means.shape[0], self.means.shape[-1], hooks)
-        mask = batch.attention_mask[:, hooks.positions].to(delta.device, delta.dtype)[:, None, :, None]
-        torch.mul(self.means.to(delta.device, delta.dtype)[None, :, None, :], mask, out=delta)
-        return True
+    def replacement(self, run: "AttributionRun", batch: Batch, window: Window) -> Tensor:
+        """The means, zero at padded positions."""
+        _check_sources(self.means.shape[0], self.means.shape[-1], run)
+        dtype = run.delta_dtype(window)
+        mask = batch.attention_mask[:, window.positions].to(run.device, dtype)[:, None, :, None]
+        return self.means.to(run.device, dtype)[None, :, None, :] * mask
 
 
 class MeanPositional:
@@ -118,6 +125,7 @@ class MeanPositional:
 
     name = "mean-positional"
 
+    @shape_checked
     def __init__(self, means: Float[Tensor, "n_sources pos d_model"]) -> None:
         if means.ndim != 3:
             raise DataError(
@@ -127,59 +135,58 @@ class MeanPositional:
         self.means = means
 
     @classmethod
-    def from_batches(cls, model: Any, graph: AttributionGraph, batches: Iterable[Batch]) -> "MeanPositional":
+    def from_batches(cls, model: Any, graph: "AttributionGraph", batches: Iterable[Batch]) -> "MeanPositional":
         """Average every source's output per position over the real tokens of ``batches``."""
         sums, counts = _source_sums(model, graph, batches, positional=True)
         covered = counts > 0
         length = int(covered.sum())  # right padding: positions 0 .. length-1 are covered
         return cls(sums[:, :length] / counts[:length, None])
 
-    def prefill(self, hooks: EdgeHooks, batch: Batch, delta: Tensor) -> bool:
-        """Write each position's means (zero at padded positions) into ``delta``."""
-        _check_sources(self.means.shape[0], self.means.shape[-1], hooks)
+    def replacement(self, run: "AttributionRun", batch: Batch, window: Window) -> Tensor:
+        """Each position's means, zero at padded positions."""
+        _check_sources(self.means.shape[0], self.means.shape[-1], run)
         needed = int(batch.lengths.max())
         if needed > self.means.shape[1]:
             raise DataError(
                 f"mean-positional means cover {self.means.shape[1]} positions but a sample has "
                 f"{needed} tokens; pass reference batches at least as long as the data scored."
             )
-        window = hooks.window(batch)
+        delta = run.new_delta(batch, window)
+        positions = window.of(batch)
         # later positions are padding in every sample
-        covered = range(window.start, min(window.stop, self.means.shape[1]))
+        covered = range(positions.start, min(positions.stop, self.means.shape[1]))
         means = self.means[:, covered.start:covered.stop].to(delta.device, delta.dtype)
         mask = batch.attention_mask[:, covered.start:covered.stop].to(delta.device, delta.dtype)[:, None, :, None]
         torch.mul(means[None], mask, out=delta[:, :, :len(covered)])
         delta[:, :, len(covered):] = 0
-        return True
+        return delta
 
 
-def _check_sources(n_sources: int, d_model: int, hooks: EdgeHooks) -> None:
-    if n_sources != hooks.graph.n_sources or d_model != hooks.d_model:
+def _check_sources(n_sources: int, d_model: int, run: "AttributionRun") -> None:
+    if n_sources != run.graph.n_sources or d_model != run.spec.d_model:
         raise DataError(
             f"the means were computed for {n_sources} sources x d_model {d_model}, but this graph has "
-            f"{hooks.graph.n_sources} sources x d_model {hooks.d_model}; compute them with the same "
+            f"{run.graph.n_sources} sources x d_model {run.spec.d_model}; compute them with the same "
             "model and graph level."
         )
 
 
 def _source_sums(
-    model: Any, graph: AttributionGraph, batches: Iterable[Batch], positional: bool
+    model: Any, graph: "AttributionGraph", batches: Iterable[Batch], positional: bool
 ) -> tuple[Tensor, Tensor]:
     """Sum of every source's output over real tokens, and the token counts.
 
     Returns ``([n_sources, d] , [1])`` or, positional, ``([n_sources, pos, d], [pos])``.
     """
-    from circuitdiff.models import attribution_mode, describe_model
-
-    describe_model(model)
-    hooks = EdgeHooks(model, graph)
+    bridge = Bridge(model)
+    recorder = SourceRecorder(bridge, graph)
     sums: Tensor | None = None
     counts: Tensor | None = None
     with attribution_mode(model):
         for batch in batches:
-            batch = batch.to(hooks.device)
-            delta = hooks.new_delta(batch)
-            hooks.record_sources(batch.input_ids, batch.attention_mask, delta)
+            batch = batch.to(bridge.device)
+            delta = recorder.new_delta(batch.input_ids, Window())
+            recorder.record(batch.input_ids, batch.attention_mask, delta, Window())
             mask = batch.attention_mask.to(delta.dtype)
             if positional:  # batches may differ in length: pad the shorter sum with zeros
                 sums = _add_padded(sums, delta.sum(0), dim=1)
@@ -207,24 +214,27 @@ def _add_padded(total: Tensor | None, part: Tensor, dim: int) -> Tensor:
 def resolve(
     intervention: str | Intervention,
     model: Any,
-    graph: AttributionGraph,
+    graph: "AttributionGraph",
     reference_batches: Iterable[Batch] | None = None,
 ) -> Intervention:
-    """An intervention object from a name (``NAMES``) or an object with ``prefill``."""
+    """An intervention object from a name (``NAMES``) or an object with ``replacement``."""
     if not isinstance(intervention, str):
-        if not hasattr(intervention, "prefill"):
-            raise ArgumentTypeError(f"intervention must be one of {NAMES} or an object with prefill(); got {intervention!r}.")
+        if not callable(getattr(intervention, "replacement", None)):
+            hint = (" Its prefill(hooks, batch, delta) method is the earlier protocol: return the "
+                    "replacement tensor from replacement(run, batch, window) instead (see docs/plugins.md)."
+                    if hasattr(intervention, "prefill") else "")
+            raise ArgumentTypeError(
+                f"intervention must be one of {NAMES} or an object with replacement(); got {intervention!r}.{hint}")
         return intervention
-    if intervention == "zero":
+    name = InterventionName.parse(intervention)
+    if name is InterventionName.ZERO:
         return Zero()
-    if intervention == "patching":
+    if name is InterventionName.PATCHING:
         return Patching()
-    if intervention in ("mean", "mean-positional"):
-        if reference_batches is None:
-            raise DataError(
-                f"intervention={intervention!r} needs reference data: pass reference_batches=[...] "
-                "(the batches whose average activations replace ablated sources)."
-            )
-        kind = Mean if intervention == "mean" else MeanPositional
-        return kind.from_batches(model, graph, reference_batches)
-    raise UnknownNameError(f"unknown intervention {intervention!r}; valid: {', '.join(NAMES)}.")
+    if reference_batches is None:
+        raise DataError(
+            f"intervention={intervention!r} needs reference data: pass reference_batches=[...] "
+            "(the batches whose average activations replace ablated sources)."
+        )
+    kind = Mean if name is InterventionName.MEAN else MeanPositional
+    return kind.from_batches(model, graph, reference_batches)

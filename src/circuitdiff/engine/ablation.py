@@ -35,14 +35,14 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from circuitdiff.data import Batch
+from circuitdiff.engine.bridge import NormParams, spread_over
+from circuitdiff.engine.sources import HookList, Window
 from circuitdiff.errors import ArgumentError, UnsupportedModelError
-from circuitdiff.graph import ReceiverGroup
-from circuitdiff.hooks import LOGITS_INPUT_HOOK, HookList
-from circuitdiff.models import NormParams
-from circuitdiff.objectives import evaluate
+from circuitdiff.typecheck import shape_checked
 
-if TYPE_CHECKING:  # scorers import this module
-    from circuitdiff.scorers.base import ScoringContext
+if TYPE_CHECKING:
+    from circuitdiff.engine.run import AttributionRun
+    from circuitdiff.graph import ReceiverGroup
 
 __all__ = ["EdgeAblation"]
 
@@ -57,8 +57,8 @@ class EdgeAblation:
     clean forward once; :meth:`losses` then runs any number of ablation patterns.
 
     Args:
-        context: from :func:`circuitdiff.scorers.base.make_context`; the model must be
-            in :func:`circuitdiff.models.attribution_mode`.
+        run: the bound run (``graph.bind(model, ...)``), entered (``with run:``: eval
+            mode, no parameter gradients).
         batch: the samples (on the model's device).
         batch_index: the batch's position in the dataset (for error messages).
         one_edge_per_copy: promise that every copy ablates at most one edge (checked).
@@ -67,26 +67,25 @@ class EdgeAblation:
             clean pass, and :meth:`losses` records nothing (faster; used by ``exact``).
     """
 
-    def __init__(self, context: ScoringContext, batch: Batch, batch_index: int, *,
+    def __init__(self, run: "AttributionRun", batch: Batch, batch_index: int, *,
                  one_edge_per_copy: bool = False) -> None:
-        devices = {str(p.device) for p in context.model.parameters()}
-        if len(devices) > 1:
+        devices = spread_over(run.model)
+        if devices:
             raise UnsupportedModelError(
                 f"ablated forward passes (exact scores, circuit faithfulness, ACDC) need the whole model on one "
-                f"device; this one is spread over {', '.join(sorted(devices))} (device_map). Use method='eap', "
+                f"device; this one is spread over {', '.join(devices)} (device_map). Use scorer='eap', "
                 "which supports device maps, or load the model onto one device."
             )
-        self.context = context
+        self.run = run
         self.batch = batch
         self.batch_index = batch_index
         self.one_edge_per_copy = one_edge_per_copy
-        buffer, replaced, self.clean_logits = context.hooks.clean_pass(context.intervention, batch,
-                                                                     record=one_edge_per_copy)
-        #: ``[batch]`` the objective on the clean run.
-        self.clean_losses: Float[Tensor, "batch"] = evaluate(context.objective, self.clean_logits, batch, batch_index)
         # one_edge_per_copy: the fixed delta; else the replacement (None: zero replacement)
-        self._buffer = buffer if one_edge_per_copy or replaced else None
+        self._buffer, self.clean_logits = run.clean_pass(batch, record=one_edge_per_copy)
+        #: ``[batch]`` the objective on the clean run.
+        self.clean_losses: Float[Tensor, "batch"] = run.loss(self.clean_logits, batch, batch_index)
 
+    @shape_checked
     def losses(
         self,
         rows: Int[Tensor, "copies"],
@@ -97,8 +96,8 @@ class EdgeAblation:
         One forward pass over all copies. Cells of ``ablate`` outside the graph's
         ``edge_mask`` are ignored.
         """
-        context, hooks = self.context, self.context.hooks
-        graph = context.graph
+        run = self.run
+        graph = run.graph
         if tuple(ablate.shape) != (rows.shape[0], graph.n_sources, graph.n_receivers):
             raise ArgumentError(
                 f"ablate has shape {tuple(ablate.shape)}; expected "
@@ -120,22 +119,22 @@ class EdgeAblation:
             if self._buffer is not None:
                 delta, record = self._buffer[rows], "subtract"
             else:
-                delta, record = hooks.new_delta(copies), "negate"
-            recording = hooks.hooks(delta, copies.attention_mask, record)
+                delta, record = run.new_delta(copies), "negate"
+            recording = run.sources.hooks(delta, copies.attention_mask, record, Window())
 
             def read(active: Tensor, n: int) -> Tensor:
                 return delta[active, :n]
-        weights = ablate.to(hooks.dtype)
-        with torch.no_grad(), context.model.hooks(fwd_hooks=recording + self._receiver_hooks(read, weights)):
-            logits = context.model(copies.input_ids, attention_mask=copies.attention_mask)
-        return evaluate(context.objective, logits, copies, self.batch_index, clean_logits=self.clean_logits[rows])
+        weights = ablate.to(run.dtype)
+        with torch.no_grad(), run.hooked(recording + self._receiver_hooks(read, weights)):
+            logits = run.model(copies.input_ids, attention_mask=copies.attention_mask)
+        return run.loss(logits, copies, self.batch_index, clean_logits=self.clean_logits[rows])
 
     # ------------------------------------------------------------------ hooks
     def _receiver_hooks(self, read: Callable[[Tensor, int], Tensor], weights: Tensor) -> HookList:
         """Hooks shifting each receiver's input; ``read(copies, n)`` gives those copies' ``delta[:, :n]``."""
-        graph = self.context.graph
+        graph, bridge = self.run.graph, self.run.bridge
 
-        def shifts(group: ReceiverGroup, first: int = 0, count: int | None = None) -> Shifts | None:
+        def shifts(group: "ReceiverGroup", first: int = 0, count: int | None = None) -> Shifts | None:
             """Input shifts of receivers ``first : first + count`` of ``group``, where nonzero.
 
             Returns ``(copies [k], receivers [k], shifts [k, pos, d_model])`` for the k
@@ -154,7 +153,7 @@ class EdgeAblation:
             shift = torch.bmm(w[copies, :, receivers].unsqueeze(1), delta.reshape(k, n, p * d))
             return copies, receivers, shift.view(k, p, d)
 
-        def shift_input(group: ReceiverGroup) -> Callable[[Tensor, Any], Tensor | None]:
+        def shift_input(group: "ReceiverGroup") -> Callable[[Tensor, Any], Tensor | None]:
             def hook(x: Tensor, hook: Any) -> Tensor | None:
                 found = shifts(group)
                 if found is None:
@@ -165,44 +164,51 @@ class EdgeAblation:
 
         hooks: HookList = []
         for layer in range(graph.n_layers):
-            hooks += self._attention_hooks(layer, shifts)
-            hooks.append((f"blocks.{layer}.ln2.hook_in", shift_input(graph.group("mlp", layer))))
-        hooks.append((LOGITS_INPUT_HOOK, shift_input(graph.group("logits"))))
+            hooks += _attention_hooks(self.run, layer, shifts)
+            hooks.append((bridge.mlp_norm_input_hook(layer), shift_input(graph.group("mlp", layer))))
+        hooks.append((bridge.logits_input_hook, shift_input(graph.group("logits"))))
         return hooks
 
-    def _attention_hooks(self, layer: int, shifts: Callable[..., Shifts | None]) -> HookList:
-        graph, weights = self.context.graph, self.context.hooks.layers[layer]
-        group = graph.group("attn", layer)
-        n_q, n_k, _ = graph.receivers_per_attention
-        state: dict[str, Tensor] = {}
 
-        def capture(x: Tensor, hook: Any) -> None:
-            state["x"] = x.detach()
+def _attention_hooks(run: "AttributionRun", layer: int, shifts: Callable[..., Shifts | None]) -> HookList:
+    """Hooks correcting ``layer``'s q, k, v outputs for the receivers whose input is shifted.
 
-        def correct(weight: Tensor, first: int, count: int) -> Callable[[Tensor, Any], Tensor | None]:
-            def hook(out: Tensor, hook: Any) -> Tensor | None:
-                # out: [copies, pos, heads of this projection, d_head]
-                found = shifts(group, first, count)
-                if found is None:
-                    return None
-                copies, receivers, shift = found
-                change = _norm_change(state["x"][copies].to(shift.dtype), shift, weights.norm)  # [k, pos, d_model]
-                w = weight.to(shift.dtype)  # [heads, d_head, d_model]
-                if graph.level == "layer":  # the projection's only receiver feeds every head
-                    return out.index_add(0, copies, torch.einsum("kpd,hed->kphe", change, w).to(out.dtype))
-                # head level: receiver r is head r of this projection
-                c, p, h, e = out.shape
-                correction = torch.einsum("kpd,ked->kpe", change, w[receivers])
-                extra = out.new_zeros(c * h, p, e).index_add(0, copies * h + receivers, correction.to(out.dtype))
-                return out + extra.view(c, h, p, e).transpose(1, 2)
-            return hook
+    The attention norm is shared by all heads, so the receiving head's projection output
+    is corrected instead of its input: ``q_h += (norm(x + shift_h) - norm(x)) @ W_Q[h]^T``.
+    """
+    graph, bridge = run.graph, run.bridge
+    weights = bridge.layers[layer]
+    group = graph.group("attn", layer)
+    n_q, n_k, _ = graph.receivers_per_attention
+    state: dict[str, Tensor] = {}
 
-        return [
-            (f"blocks.{layer}.ln1.hook_in", capture),
-            (f"blocks.{layer}.attn.q.hook_out", correct(weights.w_q, 0, n_q)),
-            (f"blocks.{layer}.attn.k.hook_out", correct(weights.w_k, n_q, n_k)),
-            (f"blocks.{layer}.attn.v.hook_out", correct(weights.w_v, n_q + n_k, n_k)),
-        ]
+    def capture(x: Tensor, hook: Any) -> None:
+        state["x"] = x.detach()
+
+    def correct(weight: Tensor, first: int, count: int) -> Callable[[Tensor, Any], Tensor | None]:
+        def hook(out: Tensor, hook: Any) -> Tensor | None:
+            # out: [copies, pos, heads of this projection, d_head]
+            found = shifts(group, first, count)
+            if found is None:
+                return None
+            copies, receivers, shift = found
+            change = _norm_change(state["x"][copies].to(shift.dtype), shift, weights.norm)  # [k, pos, d_model]
+            w = weight.to(shift.dtype)  # [heads, d_head, d_model]
+            if graph.level == "layer":  # the projection's only receiver feeds every head
+                return out.index_add(0, copies, torch.einsum("kpd,hed->kphe", change, w).to(out.dtype))
+            # head level: receiver r is head r of this projection
+            c, p, h, e = out.shape
+            correction = torch.einsum("kpd,ked->kpe", change, w[receivers])
+            extra = out.new_zeros(c * h, p, e).index_add(0, copies * h + receivers, correction.to(out.dtype))
+            return out + extra.view(c, h, p, e).transpose(1, 2)
+        return hook
+
+    return [
+        (bridge.attention_norm_input_hook(layer), capture),
+        (bridge.projection_hook(layer, "q"), correct(weights.w_q, 0, n_q)),
+        (bridge.projection_hook(layer, "k"), correct(weights.w_k, n_q, n_k)),
+        (bridge.projection_hook(layer, "v"), correct(weights.w_v, n_q + n_k, n_k)),
+    ]
 
 
 def _norm_change(

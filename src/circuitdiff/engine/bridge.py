@@ -1,0 +1,171 @@
+"""Everything the engine reads from a TransformerBridge: hook names, weights, norms, modes.
+
+TransformerLens 4's bridge names every hook point; the engine never spells a hook
+name itself but reads it from the hook point (``HookPoint.name``) through
+:class:`Bridge`, so a renamed component fails here, once, with a clear message. The
+shape facts of each family live in :mod:`circuitdiff.engine.architectures`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from circuitdiff.engine.architectures import ModelSpec, describe_model
+from circuitdiff.engine.products import accumulation_dtype
+from circuitdiff.errors import UnsupportedModelError
+
+__all__ = ["Bridge", "AttentionWeights", "NormParams", "attribution_mode", "linear_weight", "norm_params",
+           "spread_over"]
+
+Projection = Literal["q", "k", "v"]
+
+
+@dataclass(frozen=True)
+class NormParams:
+    """What the norm's vector-Jacobian product needs: y = weight * (x - [mean]) / s.
+
+    ``s = sqrt(mean((x - [mean])^2) + eps)``; the mean is subtracted for LayerNorm only.
+    """
+
+    rms: bool
+    weight: Float[Tensor, "d_model"]
+    eps: float
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """Views of one layer's weights: q, k, v as ``[heads, d_head, d_model]`` (k, v with the kv heads),
+    o as ``[d_model, n_heads * d_head]`` (nn.Linear layout), and the attention norm."""
+
+    w_q: Tensor
+    w_k: Tensor
+    w_v: Tensor
+    w_o: Tensor
+    norm: NormParams
+
+    def projection(self, name: Projection) -> Tensor:
+        """``w_q``, ``w_k`` or ``w_v``."""
+        return {"q": self.w_q, "k": self.w_k, "v": self.w_v}[name]
+
+
+class Bridge:
+    """A validated TransformerBridge: its :class:`ModelSpec`, hook names and per-layer weights.
+
+    Validation (:func:`describe_model`) runs once, here.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.spec: ModelSpec = describe_model(model)
+        first = next(model.parameters())
+        self.device = first.device
+        #: float32, or float64 for float64 models: what scores and ``delta`` accumulate in.
+        self.dtype = accumulation_dtype(first.dtype)
+        s = self.spec
+        self.layers = [AttentionWeights(
+            w_q=linear_weight(block.attn.q).reshape(s.n_heads, s.d_head, s.d_model),
+            w_k=linear_weight(block.attn.k).reshape(s.n_kv_heads, s.d_head, s.d_model),
+            w_v=linear_weight(block.attn.v).reshape(s.n_kv_heads, s.d_head, s.d_model),
+            w_o=linear_weight(block.attn.o),
+            norm=norm_params(block.ln1),
+        ) for block in model.blocks]
+
+    # Hook names, read from the bridge's own hook points.
+    @property
+    def input_hook(self) -> str:
+        """The residual stream entering block 0 (the embeddings): the input source."""
+        return self.model.blocks[0].hook_in.name
+
+    @property
+    def logits_input_hook(self) -> str:
+        """The final norm's input: the logits receiver."""
+        return self.model.ln_final.hook_in.name
+
+    def attention_values_hook(self, layer: int) -> str:
+        """The attention values ``z [batch, pos, heads, d_head]`` entering ``W_O``."""
+        return self.model.blocks[layer].attn.o.hook_in.name
+
+    def attention_output_hook(self, layer: int) -> str:
+        """The attention block's output (all heads, after ``W_O``)."""
+        return self.model.blocks[layer].attn.o.hook_out.name
+
+    def mlp_output_hook(self, layer: int) -> str:
+        """The MLP's output: the MLP source."""
+        return self.model.blocks[layer].mlp.hook_out.name
+
+    def projection_hook(self, layer: int, projection: Projection) -> str:
+        """The q, k or v projection's output ``[batch, pos, heads, d_head]``."""
+        return getattr(self.model.blocks[layer].attn, projection).hook_out.name
+
+    def attention_norm_input_hook(self, layer: int) -> str:
+        """The attention norm's input (shared by the q, k, v receivers of ``layer``)."""
+        return self.model.blocks[layer].ln1.hook_in.name
+
+    def mlp_norm_input_hook(self, layer: int) -> str:
+        """The MLP norm's input: the MLP receiver."""
+        return self.model.blocks[layer].ln2.hook_in.name
+
+
+
+@contextlib.contextmanager
+def attribution_mode(model: Any) -> Iterator[None]:
+    """Eval mode and no parameter gradients inside the block; both restored after."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        if was_training:  # toggling modes walks every submodule: skip it when possible
+            model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if was_training:
+            model.train()
+
+
+def spread_over(model: Any) -> list[str]:
+    """The devices ``model``'s parameters are spread over (a device map), or [] when on one."""
+    devices = sorted({str(p.device) for p in model.parameters()})
+    return devices if len(devices) > 1 else []
+
+
+def linear_weight(component: Any) -> Float[Tensor, "d_out d_in"]:
+    """The weight of a bridge's linear component as ``[d_out, d_in]`` (nn.Linear layout).
+
+    GPT-2's ``Conv1D`` stores ``[d_in, d_out]`` and is transposed (a view, no copy).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    module = component.original_component
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    if isinstance(module, torch.nn.Linear):
+        return module.weight
+    raise UnsupportedModelError(
+        f"{type(module).__name__} is neither nn.Linear nor Conv1D; cannot read its weight."
+    )
+
+
+def norm_params(norm: Any) -> NormParams:
+    """Read a bridge normalization component exactly as the bridge computes it."""
+    module = norm.original_component
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        weight = torch.ones(norm.config.d_model)
+    if getattr(norm, "uses_weight_offset", False):
+        weight = weight + 1.0
+    native = getattr(norm, "use_native_layernorm_autograd", False)
+    eps = getattr(module, "eps", None) if native else None
+    if native and eps is None:
+        eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(norm.config, "eps", 1e-5)
+    return NormParams(rms=bool(norm.uses_rms_norm), weight=weight, eps=float(eps))
