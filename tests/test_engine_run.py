@@ -86,6 +86,22 @@ def test_entering_a_run_freezes_parameters_and_restores_them(get_model):
     assert [p.requires_grad for p in model.parameters()] == before
 
 
+def test_nested_runs_restore_the_outer_mode(get_model):
+    model = get_model("gpt2")
+    run = cd.AttributionGraph.from_model(model, level="layer").bind(model, objective="answer_nll")
+    first = next(model.parameters())
+    original = first.requires_grad
+    first.requires_grad_(True)
+    try:
+        with run:
+            with run:
+                assert not first.requires_grad
+            assert not first.requires_grad  # still inside the outer block
+        assert first.requires_grad
+    finally:
+        first.requires_grad_(original)
+
+
 def test_hook_names_are_the_bridges_own(get_model):
     model = get_model("qwen2")
     bridge = cd.AttributionGraph.from_model(model).bind(model, objective="answer_nll").bridge

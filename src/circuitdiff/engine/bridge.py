@@ -49,10 +49,6 @@ class AttentionWeights:
     w_o: Tensor
     norm: NormParams
 
-    def projection(self, name: Projection) -> Tensor:
-        """``w_q``, ``w_k`` or ``w_v``."""
-        return {"q": self.w_q, "k": self.w_k, "v": self.w_v}[name]
-
 
 class Bridge:
     """A validated TransformerBridge: its :class:`ModelSpec`, hook names and per-layer weights.

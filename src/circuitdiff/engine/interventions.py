@@ -110,9 +110,9 @@ class Mean:
     def replacement(self, run: "AttributionRun", batch: Batch, window: Window) -> Tensor:
         """The means, zero at padded positions."""
         _check_sources(self.means.shape[0], self.means.shape[-1], run)
-        dtype = run.delta_dtype(window)
-        mask = batch.attention_mask[:, window.positions].to(run.device, dtype)[:, None, :, None]
-        return self.means.to(run.device, dtype)[None, :, None, :] * mask
+        delta = run.new_delta(batch, window)
+        mask = batch.attention_mask[:, window.positions].to(delta.device, delta.dtype)[:, None, :, None]
+        return torch.mul(self.means.to(delta.device, delta.dtype)[None, :, None, :], mask, out=delta)
 
 
 class MeanPositional:

@@ -2,9 +2,10 @@
 
 Made by ``graph.bind(model, objective=..., intervention=...)`` (or the constructor),
 validated once (the model's architecture and flags, the graph's shape, the objective
-and intervention names; mean interventions run their reference data here). Scorers,
-faithfulness, ACDC and the memory planner receive a run; it owns the hooks' lifetime
-(:meth:`hooked`) and the model's attribution mode (``with run:``).
+and intervention names; mean interventions run their reference data here). Scorers
+receive a run, faithfulness and ACDC work through one, and the memory planner counts the
+buffers it allocates (:func:`scores_shape`); it owns the hooks' lifetime (:meth:`hooked`)
+and the model's attribution mode (``with run:``).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class AttributionRun:
         self.sources = SourceRecorder(self.bridge, graph)
         self.receivers = ReceiverGradients(self.bridge, graph)
         self.intervention = interventions.resolve(intervention, model, graph, reference_batches)
-        self._mode: contextlib.ExitStack | None = None
+        self._modes: list[contextlib.ExitStack] = []
 
     @property
     def spec(self) -> Any:
@@ -84,15 +85,14 @@ class AttributionRun:
         return self.bridge.dtype
 
     def __enter__(self) -> "AttributionRun":
-        """Eval mode and no parameter gradients until the block ends (both restored)."""
-        self._mode = contextlib.ExitStack()
-        self._mode.enter_context(attribution_mode(self.model))
+        """Eval mode and no parameter gradients until the block ends (both restored; blocks may nest)."""
+        mode = contextlib.ExitStack()
+        mode.enter_context(attribution_mode(self.model))
+        self._modes.append(mode)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._mode is not None:
-            self._mode.close()
-            self._mode = None
+        self._modes.pop().close()
 
     def batches(self, batches: Iterable[Batch], desc: str) -> Iterator[tuple[int, Batch]]:
         """``(index, batch)`` pairs, each batch checked and moved to :attr:`device`.
