@@ -169,3 +169,23 @@ def test_a_custom_intervention_returns_its_replacement(get_model):
     halves = cd.attribute(model, graph, data, objective="answer_nll", intervention=_Halves(), progress=False)
     assert halves.metadata["intervention"] == "halves"
     torch.testing.assert_close(halves.per_sample, 0.5 * zero.per_sample, rtol=1e-6, atol=1e-9)
+
+
+def test_faithfulness_and_acdc_work_through_a_given_run(get_model):
+    model = get_model("gpt2")
+    graph = cd.AttributionGraph.from_model(model, level="layer")
+    data = make_data(model)[:1]
+    run = graph.bind(model, objective="answer_nll", intervention="zero", progress=False)
+    circuit = cd.circuits.top_n(cd.attribute(model, graph, data, objective="answer_nll", progress=False), 5)
+    by_run = cd.evaluate_circuit(run, circuit, data)
+    by_model = cd.evaluate_circuit(model, circuit, data, objective="answer_nll", progress=False)
+    assert torch.equal(by_run.circuit_losses, by_model.circuit_losses)
+    kept = cd.acdc(run, graph, data, threshold=0.05).circuit
+    assert kept == cd.acdc(model, graph, data, objective="answer_nll", threshold=0.05, progress=False).circuit
+    with pytest.raises(cd.ArgumentError, match="a run already has its objective"):
+        cd.evaluate_circuit(run, circuit, data, objective="answer_nll")
+    with pytest.raises(cd.ArgumentError, match="objective is required with a model"):
+        cd.evaluate_circuit(model, circuit, data)
+    other = cd.AttributionGraph.from_model(model, level="head").bind(model, objective="answer_nll")
+    with pytest.raises(cd.DataError, match="bound to another graph"):
+        cd.evaluate_circuit(other, circuit, data)

@@ -35,7 +35,7 @@ from circuitdiff.circuits import Circuit, receiver_owners
 from circuitdiff.data import Batch
 from circuitdiff.engine.ablation import EdgeAblation
 from circuitdiff.engine.interventions import Intervention
-from circuitdiff.engine.run import AttributionRun
+from circuitdiff.engine.run import as_run
 from circuitdiff.errors import DataError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.typecheck import shape_checked
@@ -78,23 +78,25 @@ def acdc(
     graph: AttributionGraph,
     batches: Iterable[Batch],
     *,
-    objective: str | Callable[..., Tensor],
     threshold: float,
-    intervention: str | Intervention = "zero",
+    objective: str | Callable[..., Tensor] | None = None,
+    intervention: str | Intervention | None = None,
     reference_batches: Iterable[Batch] | None = None,
     progress: bool = True,
 ) -> ACDCResult:
     """Prune ``graph`` edge by edge, keeping an edge only if removing it costs ``threshold`` or more.
 
     Args:
-        model: the TransformerBridge ``graph`` was built for.
+        model: the TransformerBridge ``graph`` was built for, or a run of ``graph``
+            (``graph.bind(model, objective=..., intervention=...)``; then leave
+            ``objective``, ``intervention`` and ``reference_batches`` unset).
         graph: ``AttributionGraph.from_model(model, level=...)``.
         batches: the data every decision is averaged over (all held in memory).
-        objective: as in :func:`circuitdiff.attribute`; ACDC's own choice is
-            ``"kl_to_clean"``.
         threshold: a finite float, or ``math.inf`` (remove everything) /
             ``-math.inf`` (keep everything). In the objective's units.
-        intervention: as in :func:`circuitdiff.attribute`.
+        objective: as in :func:`circuitdiff.attribute` (required with a model); ACDC's
+            own choice is ``"kl_to_clean"``.
+        intervention: as in :func:`circuitdiff.attribute` (default ``"zero"``).
         reference_batches: as in :func:`circuitdiff.attribute`.
         progress: as in :func:`circuitdiff.attribute`.
 
@@ -104,8 +106,8 @@ def acdc(
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
         raise DataError(f"acdc: threshold must be a number (the largest objective increase an edge may cost "
                         f"and still be removed); got {threshold!r}.")
-    run = AttributionRun(model, graph, objective=objective, intervention=intervention,
-                         reference_batches=reference_batches, progress=progress)
+    run = as_run(model, graph, "acdc", objective=objective, intervention=intervention,
+                 reference_batches=reference_batches, progress=progress)
     with run:
         ablations = [EdgeAblation(run, batch, index) for index, batch in run.batches(batches, "acdc: clean passes")]
         if not ablations:

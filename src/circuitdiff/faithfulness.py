@@ -30,7 +30,7 @@ from circuitdiff.circuits import Circuit, greedy, sizes_for_curve, top_n
 from circuitdiff.data import Batch
 from circuitdiff.engine.ablation import EdgeAblation
 from circuitdiff.engine.interventions import Intervention
-from circuitdiff.engine.run import AttributionRun
+from circuitdiff.engine.run import as_run
 from circuitdiff.errors import ArgumentTypeError, DataError, UnknownNameError
 from circuitdiff.report import markdown_table
 from circuitdiff.scores import EdgeScores
@@ -136,19 +136,21 @@ def evaluate_circuit(
     circuit: Circuit,
     batches: Iterable[Batch],
     *,
-    objective: str | Callable[..., Tensor],
-    intervention: str | Intervention = "zero",
+    objective: str | Callable[..., Tensor] | None = None,
+    intervention: str | Intervention | None = None,
     reference_batches: Iterable[Batch] | None = None,
     progress: bool = True,
 ) -> CircuitEvaluation:
     """Run ``model`` with every edge outside ``circuit`` ablated; compare with clean and empty.
 
     Args:
-        model: the TransformerBridge ``circuit.graph`` was built for.
+        model: the TransformerBridge ``circuit.graph`` was built for, or a run of that
+            graph (``circuit.graph.bind(model, objective=..., intervention=...)``; then
+            leave ``objective``, ``intervention`` and ``reference_batches`` unset).
         circuit: the edges kept (e.g. ``cd.circuits.top_n(scores, 200)``).
         batches: as in :func:`circuitdiff.attribute`.
-        objective: as in :func:`circuitdiff.attribute`.
-        intervention: as in :func:`circuitdiff.attribute`.
+        objective: as in :func:`circuitdiff.attribute` (required with a model).
+        intervention: as in :func:`circuitdiff.attribute` (default ``"zero"``).
         reference_batches: as in :func:`circuitdiff.attribute`.
         progress: as in :func:`circuitdiff.attribute`.
 
@@ -168,8 +170,8 @@ def faithfulness_curve(
     scores: EdgeScores,
     batches: Iterable[Batch],
     *,
-    objective: str | Callable[..., Tensor],
-    intervention: str | Intervention = "zero",
+    objective: str | Callable[..., Tensor] | None = None,
+    intervention: str | Intervention | None = None,
     sizes: Sequence[int] | None = None,
     selection: str | Callable[[EdgeScores, int], Circuit] = "top_n",
     reference_batches: Iterable[Batch] | None = None,
@@ -178,7 +180,8 @@ def faithfulness_curve(
     """Faithfulness of circuits of each size in ``sizes``, selected from ``scores``.
 
     Args:
-        model: the TransformerBridge ``scores.graph`` was built for.
+        model: the TransformerBridge ``scores.graph`` was built for, or a run of that
+            graph (as in :func:`evaluate_circuit`).
         scores: edge scores to select circuits from.
         batches: evaluation data (one pass over it evaluates every size).
         objective: as in :func:`circuitdiff.attribute`; usually the one ``scores`` was
@@ -218,8 +221,8 @@ def _evaluate(
     model: Any,
     circuits: list[Circuit],
     batches: Iterable[Batch],
-    objective: str | Callable[..., Tensor],
-    intervention: str | Intervention,
+    objective: str | Callable[..., Tensor] | None,
+    intervention: str | Intervention | None,
     reference_batches: Iterable[Batch] | None,
     progress: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,8 +231,8 @@ def _evaluate(
     for circuit in circuits:
         if circuit.graph != graph:
             raise DataError("all circuits must belong to the same graph.")
-    run = AttributionRun(model, graph, objective=objective, intervention=intervention,
-                         reference_batches=reference_batches, progress=progress)
+    run = as_run(model, graph, "faithfulness", objective=objective, intervention=intervention,
+                 reference_batches=reference_batches, progress=progress)
     clean, ablated, kept = [], [], []
     with run:
         for index, batch in run.batches(batches, f"faithfulness ({len(circuits)} circuits)"):

@@ -24,12 +24,12 @@ from circuitdiff.engine import interventions
 from circuitdiff.engine.bridge import Bridge, attribution_mode
 from circuitdiff.engine.receivers import ReceiverGradients
 from circuitdiff.engine.sources import HookList, SourceRecorder, Window
-from circuitdiff.errors import DataError
+from circuitdiff.errors import ArgumentError, DataError
 
 if TYPE_CHECKING:
     from circuitdiff.graph import AttributionGraph
 
-__all__ = ["AttributionRun", "scores_shape"]
+__all__ = ["AttributionRun", "scores_shape", "as_run"]
 
 
 class AttributionRun:
@@ -181,6 +181,27 @@ class AttributionRun:
 def scores_shape(graph: "AttributionGraph", batch_size: int) -> tuple[int, ...]:
     """``[batch, n_sources, n_receivers]``: the per-sample score buffer (allocated here, counted by the planner)."""
     return (batch_size, graph.n_sources, graph.n_receivers)
+
+
+def as_run(model_or_run: Any, graph: "AttributionGraph", caller: str, *,
+           objective: str | Callable[..., Tensor] | None, intervention: str | interventions.Intervention | None,
+           reference_batches: Iterable[Batch] | None, progress: bool) -> AttributionRun:
+    """The run a function works through: ``model_or_run`` itself when it is a run of ``graph``, else a new one.
+
+    A run already holds its objective and intervention, so they must then be left unset;
+    a model needs an objective (the intervention defaults to ``"zero"``).
+    """
+    if isinstance(model_or_run, AttributionRun):
+        if objective is not None or intervention is not None or reference_batches is not None:
+            raise ArgumentError(f"{caller}: a run already has its objective and intervention; set them in "
+                                "graph.bind(...) and leave objective, intervention and reference_batches unset here.")
+        if model_or_run.graph != graph:
+            raise DataError(f"{caller}: the run was bound to another graph ({model_or_run.graph!r}) than {graph!r}.")
+        return model_or_run
+    if objective is None:
+        raise ArgumentError(f"{caller}: objective is required with a model (or pass a run from graph.bind(...)).")
+    return AttributionRun(model_or_run, graph, objective=objective, intervention=intervention or "zero",
+                          reference_batches=reference_batches, progress=progress)
 
 
 def _check_tokens(run: AttributionRun, batch: Batch, index: int) -> None:
