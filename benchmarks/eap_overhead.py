@@ -140,31 +140,15 @@ def time_modes(runner: Runner, repeats: int) -> dict[str, float]:
 
 
 def measure_peak(runner: Runner, mode: str) -> int:
-    """Peak bytes of PyTorch tensors allocated during one pass (after a warm-up pass).
+    """Peak bytes of PyTorch tensors allocated during one pass (after a warm-up pass), above what was there.
 
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: every allocation and free the
-    PyTorch profiler records, summed in time order; exact for tensors, blind to the
-    C allocator's caching (which makes RSS too noisy to compare passes).
+    :func:`circuitdiff.planner.measure_peak`: ``max_memory_allocated`` on CUDA, the PyTorch
+    profiler's allocation events in time order on CPU (exact for tensors, blind to the C
+    allocator's caching, which makes RSS too noisy to compare passes).
     """
     run_mode(runner, mode)
-    if runner.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run_mode(runner, mode)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run_mode(runner, mode)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
-    return peak
-
+    base = torch.cuda.memory_allocated() if runner.device.startswith("cuda") else 0
+    return cd.planner.measure_peak(lambda: run_mode(runner, mode), runner.device) - base
 
 def expected_extra(graph: cd.AttributionGraph, buffer_bytes: int = 4) -> tuple[int, int]:
     """(source buffer bytes, one layer's float32 receiver-gradient transient bytes)."""

@@ -67,7 +67,6 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,24 +86,13 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import circuitdiff as cd
 
 
-@dataclass(frozen=True)
-class Shape:
-    arch: str  # "llama" | "qwen2"
-    n_layers: int
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    d_mlp: int
-    vocab: int
-
+# The random-model shapes and builders are the test suite's (tests/tiny_models.py), shared here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_models import TINY_SHAPES as TINY_MODELS, Shape, build_model, build_tokenizer  # noqa: E402
 
 MODELS = {
     "deepseek-math-7b": Shape("llama", 30, 4096, 32, 32, 11008, 102400),
     "qwen2.5-7b": Shape("qwen2", 28, 3584, 28, 4, 18944, 152064),
-}
-TINY_MODELS = {
-    "tiny-llama": Shape("llama", 2, 64, 4, 4, 128, 128),
-    "tiny-qwen2": Shape("qwen2", 2, 64, 4, 2, 128, 128),
 }
 LEVELS = ("layer", "head")
 SEQ_LENS, TINY_SEQ_LENS = (512, 2048), (16, 32)
@@ -132,44 +120,6 @@ def failure(where: str, error: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------- models
-def build_model(shape: Shape, device: str, dtype: torch.dtype, seed: int = 0) -> Any:
-    """A random-weight HF model, created on ``device`` in ``dtype`` (no float32 detour)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    common = dict(vocab_size=shape.vocab, hidden_size=shape.d_model, intermediate_size=shape.d_mlp,
-                  num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
-                  num_key_value_heads=shape.n_kv_heads, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, pad_token_id=None)
-    if shape.arch == "llama":
-        config, cls = LlamaConfig(**common), LlamaForCausalLM
-    else:
-        config, cls = Qwen2Config(**common), Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # as from_pretrained(dtype=...) does; rotary inv_freq stays float32
-    try:
-        with torch.device(device):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
-    wrong = {str(p.dtype) for p in model.parameters() if p.dtype != dtype}
-    if wrong:
-        raise RuntimeError(f"parameters built in {wrong}, not {dtype}")
-    return model.eval()
-
-
-def build_tokenizer(vocab: int, directory: Path) -> Any:
-    """A word-level tokenizer with ``vocab`` entries, saved and reloaded (TransformerLens needs a path)."""
-    from tokenizers import Tokenizer, models
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    words = {f"t{i}": i for i in range(vocab - 1)} | {"[UNK]": vocab - 1}
-    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="[UNK]")),
-                                   unk_token="[UNK]")
-    fast.save_pretrained(directory)
-    return AutoTokenizer.from_pretrained(directory)
-
-
 def make_batch(vocab: int, tokens: int, answer_fraction: float, device: str, seed: int = 0,
                batch_size: int = 1) -> cd.Batch:
     """Random ids; labels (the next token) on the last ``answer_fraction`` of the positions."""
@@ -313,29 +263,9 @@ class Meter:
         return result
 
     def peak(self, run: Callable[[], Any], baseline_bytes: int) -> int:
-        """Peak bytes allocated during one more pass, including what was allocated before it.
-
-        CUDA: ``max_memory_allocated``. CPU: ``baseline_bytes`` (the model's parameters)
-        plus the peak of the running sum of the profiler's allocation events.
-        """
-        if self.cuda:
-            self.sync()
-            torch.cuda.reset_peak_memory_stats()
-            run()
-            self.sync()
-            return torch.cuda.max_memory_allocated()
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run()
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]")
-        running = peak = 0
-        for _, nbytes in events:
-            running += nbytes
-            peak = max(peak, running)
-        return baseline_bytes + peak
-
+        """Peak bytes allocated during one more pass, including what was allocated before it
+        (:func:`circuitdiff.planner.measure_peak`; on CPU plus ``baseline_bytes``, the parameters)."""
+        return cd.planner.measure_peak(run, self.device, baseline_bytes)
 
 def profile_pass(run: Callable[[], Any], cuda: bool) -> dict[str, Any]:
     """One profiled pass: where its time goes (kernel time on CUDA, CPU time otherwise).

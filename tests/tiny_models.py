@@ -222,7 +222,7 @@ def float64_throughout(bridge) -> None:
 # ------------------------------------------------------------ shaped random models (the planner's CPU checks)
 @dataclass(frozen=True)
 class Shape:
-    """A Llama or Qwen2 shape, as in benchmarks/gpu_7b.py (tests do not import benchmarks)."""
+    """A Llama or Qwen2 shape for a random-weight model (benchmarks/gpu_7b.py builds its models with these too)."""
 
     arch: str  # "llama" | "qwen2"
     n_layers: int
@@ -233,14 +233,14 @@ class Shape:
     vocab: int
 
 
-TINY_SHAPES = {  # benchmarks/gpu_7b.py's TINY_MODELS
+TINY_SHAPES = {  # also benchmarks/gpu_7b.py --tiny
     "tiny-llama": Shape("llama", 2, 64, 4, 4, 128, 128),
     "tiny-qwen2": Shape("qwen2", 2, 64, 4, 2, 128, 128),
 }
 
 
 def build_model(shape: Shape, device: str, dtype: torch.dtype, seed: int = 0):
-    """A random-weight HF model of ``shape``, created on ``device`` in ``dtype`` (as benchmarks/gpu_7b.py builds it)."""
+    """A random-weight HF model of ``shape``, created on ``device`` in ``dtype`` (no float32 detour)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(vocab_size=shape.vocab, hidden_size=shape.d_model, intermediate_size=shape.d_mlp,
