@@ -29,6 +29,12 @@ def write_run_files(checkpoints, root):
     return {"base": checkpoints["llama"], "tuned": tuned, "questions": questions, "root": root}
 
 
+def answer_ids(side, question, length):
+    """The stub answer of ``side`` to question ``question``: token ids, different for the two models."""
+    offset = 0 if side == "base" else 3
+    return [(7 * question + k + offset) % 30 for k in range(length)]
+
+
 def write_caches(files, out):
     """Stub generation caches: answers of the chosen lengths, boxed 4 (correct) or 5 (wrong)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -38,7 +44,7 @@ def write_caches(files, out):
         lines = []
         for i, length in enumerate(ANSWER_LENGTHS[side]):
             answer = "5" if i in WRONG[side] else "4"
-            ids = [(7 * i + k) % 30 for k in range(length)]
+            ids = answer_ids(side, i, length)
             prompt = f"w{i} w{i + 1} w{i + 2}"
             prompt_length = len(model.tokenizer(prompt)["input_ids"])
             lines.append(json.dumps({"id": f"q{i}", "text": f"so \\boxed{{{answer}}}", "answer_ids": ids,

@@ -30,7 +30,17 @@ def test_identical_scores_agree_perfectly():
     result = agreement(s, s)
     assert result.pearson == pytest.approx(1.0) and result.spearman == pytest.approx(1.0)
     assert result.top_k_overlap == result.sign_agreement == result.top_k_sign_agreement == 1.0
-    assert result.n_edges == 23 and result.k == 23  # default k = min(100, n_edges)
+    # the default k (100) would reach all 23 edges, where the overlap is 1 whatever the scores: clamped to half
+    assert result.n_edges == 23 and result.k == 11 and result.k_clamped
+
+
+def test_clamped_default_k_is_labelled_and_informative():
+    a, b = random_values(1), random_values(2)
+    result = agreement(scores_from_edges(a), scores_from_edges(b))
+    assert result.k_clamped and result.k == 11
+    assert result.top_k_overlap < 1.0  # top 11 of 23 by |score| differ for unrelated scores
+    assert "(k clamped to half the edges)" in result.to_markdown()
+    assert not agreement(scores_from_edges(a), scores_from_edges(b), k=23).k_clamped
 
 
 def test_negated_scores():
@@ -114,7 +124,7 @@ def test_reporting():
     assert isinstance(result, Agreement)
     data = result.to_dict()
     assert set(data) == {"pearson", "spearman", "top_k_overlap", "k", "sign_agreement",
-                         "top_k_sign_agreement", "n_edges"}
+                         "top_k_sign_agreement", "n_edges", "k_clamped"}
     json.dumps(data)
     markdown = result.to_markdown()
     assert markdown.startswith("| metric | value |") and "| top-5 overlap | 1.000 |" in markdown

@@ -94,7 +94,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     for name in TUNED_MODELS:
         run = json.loads((out / f"base-vs-{name}" / "run.json").read_text())
         assert run["counts"]["questions"] == 80 and run["counts"]["scored"] == 12
-        assert len(run["figures"]) == 4 and all(Path(f).is_file() for f in run["figures"])
+        assert len(run["figures"]) == 5 and all(Path(f).is_file() for f in run["figures"])  # 4 + volcano
     report = (out / "report.md").read_text()
     assert "| metric (all edges) | base -> grpo | base -> dpo |" in report
     # each cell is the per-comparison JSON's row, in % of base
@@ -104,6 +104,15 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     for name, cell in zip(TUNED_MODELS, intensity.split(" | ")[1:]):
         row = rows[name]["intensity"]
         assert cell.startswith(f"{row['percent_change']:+.1f}% [{100 * row['ci_low'] / row['base']:+.1f}, ")
+    # the scorer robustness verdicts, one table below: each cell is the comparison's own verdict
+    assert "Scorer robustness (eap vs exact on 12 paired samples of each comparison" in report
+    verdict_line = report.splitlines()[[i for i, line in enumerate(report.splitlines())
+                                         if line.startswith("| intensity |")][1]]
+    for name, cell in zip(TUNED_MODELS, verdict_line.strip("| ").split(" | ")[1:]):
+        verdict = next(v for v in json.loads((out / f"base-vs-{name}" / "comparison.json").read_text())
+                       ["robustness"]["verdicts"] if v["metric"] == "intensity")
+        assert cell == (f"{verdict['verdict']} (eap {verdict['primary']['direction']}, "
+                        f"exact {verdict['reference']['direction']})")
     # a second run reuses everything: the same numbers (the files' timestamps aside)
     def numbers():
         result = json.loads((out / "base-vs-dpo" / "comparison.json").read_text())

@@ -17,7 +17,7 @@ from circuitdiff.cli import main
 from circuitdiff.pipeline import PipelineConfig
 from circuitdiff.scorers.eap import EAP
 
-from pipeline_helpers import ANSWER_LENGTHS, MAX_NEW_TOKENS, cli_args, write_caches
+from pipeline_helpers import ANSWER_LENGTHS, MAX_NEW_TOKENS, answer_ids, cli_args, write_caches
 
 
 def test_compare_end_to_end(run_files, tmp_path):
@@ -41,15 +41,54 @@ def test_compare_end_to_end(run_files, tmp_path):
     assert {r["metric"] for r in comparison["rows"]} >= {"intensity", "diversity", "kurtosis"}
     report = (out / "report.md").read_text()
     assert "| correct (both) | 5 |" in report and "| intensity |" in report
-    assert len(run["figures"]) == 4 and all((out / "figures").glob("*.png"))
+    assert len(run["figures"]) == 5 and (out / "figures" / "volcano.png").is_file()  # 4 + the per-edge tests
     # the scores are those of each model's own answer truncated to T_cut tokens
     model = cd.load_model(run_files["base"], device="cpu")
     t_cut = run["selection"]["t_cut"]
-    ids = [(7 * 0 + k) % 30 for k in range(ANSWER_LENGTHS["base"][0])][:t_cut]
+    ids = answer_ids("base", 0, ANSWER_LENGTHS["base"][0])[:t_cut]
     batch = cd.make_batches(model.tokenizer, ["w0 w1 w2"], [ids])
     direct = cd.attribute(model, cd.AttributionGraph.from_model(model, level="layer"), batch,
                           objective="answer_nll", progress=False)
     assert torch.allclose(base.per_sample[0], direct.per_sample[0], atol=1e-6)
+    # scorer robustness, on by default: both models re-scored with exact ablation (4 pairs < 16: all of them)
+    reference = cd.EdgeScores.load(out / "base.reference.cdiff")
+    assert reference.metadata["method"] == "exact" and reference.sample_ids == base.sample_ids
+    exact = cd.attribute(model, cd.AttributionGraph.from_model(model, level="layer"), batch, objective="answer_nll",
+                         scorer="exact", progress=False)
+    assert torch.allclose(reference.per_sample[0], exact.per_sample[0], atol=1e-6)
+    verdicts = {v["metric"]: v["verdict"] for v in comparison["robustness"]["verdicts"]}
+    assert set(verdicts) >= {"intensity", "diversity"}
+    assert set(verdicts.values()) <= {"robust", "scorer-dependent", "inconclusive"}
+    assert "**Scorer robustness**" in report and "Robustness check: exact on 4 paired samples" in report
+    # every question left out is listed with its reason
+    assert {"side": "both", "id": "q4", "reason": "answered incorrectly by base"} in comparison["dropped"]
+    assert {"side": "both", "id": "q5", "reason": "length rule: length window"} in comparison["dropped"]
+    assert "- questions: 1 left out (length rule: length window): q5" in report
+
+
+def test_no_robustness_and_cross_scoring(run_files, tmp_path):
+    out = tmp_path / "run"
+    write_caches(run_files, out)
+    assert main(cli_args(run_files, out, "--no-robustness", "--cross-score")) == 0
+    report = (out / "report.md").read_text()
+    assert "**Scorer robustness**: not run (--no-robustness)." in report
+    assert not (out / "base.reference.cdiff").exists() and json.loads((out / "comparison.json").read_text())[
+        "robustness"] is None
+    # cross-scoring: the base model on tuned's answers is scored like any run, on the same questions and T_cut
+    crossed = cd.EdgeScores.load(out / "base-on-tuned-text.cdiff")
+    own = cd.EdgeScores.load(out / "tuned.cdiff")
+    assert crossed.sample_ids == own.sample_ids and crossed.per_sample.shape == own.per_sample.shape
+    t_cut = json.loads((out / "run.json").read_text())["selection"]["t_cut"]
+    model = cd.load_model(run_files["base"], device="cpu")
+    tuned_answer = answer_ids("tuned", 0, ANSWER_LENGTHS["tuned"][0])[:t_cut]
+    assert tuned_answer != answer_ids("base", 0, ANSWER_LENGTHS["base"][0])[:t_cut]
+    direct = cd.attribute(model, cd.AttributionGraph.from_model(model, level="layer"),
+                          cd.make_batches(model.tokenizer, ["w0 w1 w2"], [tuned_answer]), objective="answer_nll",
+                          progress=False)
+    assert torch.allclose(crossed.per_sample[0], direct.per_sample[0], atol=1e-6)
+    cross = json.loads((out / "cross.json").read_text())
+    assert list(cross) == ["own", "model|base text", "model|tuned text", "text|base model", "text|tuned model"]
+    assert "## Cross-scoring: model effect and text effect" in report and "text effect in base: B(b) -> B(t)" in report
 
 
 def test_interrupted_run_resumes_to_the_same_result(run_files, tmp_path, monkeypatch):

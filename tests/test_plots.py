@@ -43,13 +43,16 @@ def assert_png(path: Path) -> None:
     cd.AttributionGraph(3, 4, level="layer"),
     cd.AttributionGraph(4, 16, 4, level="head"),  # too many nodes for name labels
 ], ids=["head", "layer", "head-large"])
-def test_plot_comparison_writes_four_pngs(tmp_path, graph):
+def test_plot_comparison_writes_its_pngs(tmp_path, graph):
     directory = tmp_path / "figures" / "run"  # does not exist yet
-    paths = plots.plot_comparison(make_comparison(graph), directory, prefix="gsm8k_", dpi=80)
-    assert list(paths) == list(NAMES)
+    comparison = make_comparison(graph)
+    paths = plots.plot_comparison(comparison, directory, prefix="gsm8k_", dpi=80)
+    assert list(paths) == [*NAMES, "volcano"]  # the volcano plot of the per-edge tests comes last
     for name, path in paths.items():
         assert path == directory / f"gsm8k_{name}.png"
         assert_png(path)
+    without_tests = dataclasses.replace(comparison, edge_tests=None)
+    assert list(plots.plot_comparison(without_tests, tmp_path / "other", dpi=80)) == list(NAMES)
 
 
 @pytest.mark.parametrize("plot", PLOT_FUNCTIONS, ids=NAMES)
@@ -107,3 +110,32 @@ def test_per_sample_figure_of_any_compared_metric(tmp_path):
     assert not plots._metric_label(comparison, "gini").endswith("]")  # dimensionless: no units
     with pytest.raises(cd.UnknownNameError, match="no per-sample values of metric 'nope'; compared: intensity"):
         plots.plot_per_sample(comparison, "nope", tmp_path / "nope.png")
+
+
+@pytest.mark.parametrize("paired", [True, False], ids=["paired", "welch"])
+def test_volcano_plot_of_edge_tests(tmp_path, paired):
+    import numpy as np
+
+    from circuitdiff.differential import edge_tests
+
+    graph = cd.AttributionGraph(4, 16, 4, level="head")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(12, graph.n_sources, graph.n_receivers, generator=g)
+    tuned = base + torch.randn(base.shape, generator=g)
+    tuned[:, 0, :20] += 3.0  # some strengthened edges
+    tuned[:, 0, 20:40] -= 3.0  # some weakened ones
+    base[:, 0, 0], tuned[:, 0, 0] = 1.0, 1.5  # a constant difference: infinite effect size, p = 0
+
+    def scores(per_sample: torch.Tensor) -> cd.EdgeScores:
+        per_sample = per_sample * graph.edge_mask
+        return cd.EdgeScores(graph=graph, mean=per_sample.mean(0), per_sample=per_sample,
+                             objective_values=torch.zeros(12))
+
+    tests = edge_tests(scores(base), scores(tuned), paired=paired)
+    counts = tests.counts()
+    assert counts["strengthened"] > 0 and counts["weakened"] > 0
+    path = plots.plot_volcano(tests, str(tmp_path / "volcano.png"), dpi=80)
+    assert path == tmp_path / "volcano.png"
+    assert_png(path)
+    nothing = dataclasses.replace(tests, q_value=np.ones_like(tests.q_value))  # no significant edge
+    assert_png(plots.plot_volcano(nothing, tmp_path / "none.png"))

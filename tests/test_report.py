@@ -56,12 +56,17 @@ def test_comparison_report_layout():
     result = cd.compare(make(base), make(1.5 * base), n_resamples=100, breakdown=False)
     lines = report.comparison_markdown(result).splitlines()
     assert lines[0].startswith("Base vs tuned, 8 vs 8 samples (paired by sample id: 8 pairs; the base and tuned ids")
-    assert "; 95% bootstrap CI of tuned - base (100 resamples); test: Wilcoxon signed-rank (paired); " in lines[0]
-    assert lines[2:6] == ["**all**", "", "| metric | base | tuned | change | 95% CI of difference | p |",
-                          "|---|---:|---:|---:|---|---:|"]
+    assert "; 95% bootstrap CI of tuned - base (100 resamples); test: Wilcoxon signed-rank (paired), p (Holm) " \
+           "adjusted across the metrics of each group; " in lines[0]
+    assert lines[2:6] == ["**all**", "", "| metric | base | tuned | change | 95% CI of difference | p | p (Holm) | "
+                                         "detectable |", "|---|---:|---:|---:|---|---:|---:|---:|"]
     assert [line.split(" | ")[0] for line in lines[6:13]] == [f"| {m}" for m in cd.metrics.available()]
-    assert lines[14:16] == ["| group | Spearman | top-k Jaccard (k) | Wasserstein |", "|---|---:|---:|---:|"]
-    assert "**Samples left out**" in lines
+    assert lines[14:17] == ["**Warnings**", "", "- few samples (base 8, tuned 8; fewer than 30): the tests and "
+                            "intervals rest on few samples and small changes go undetected."]
+    similarity = lines.index("| group | Spearman | top-k Jaccard (k) | Wasserstein |")
+    assert similarity > 17 and lines[similarity + 1] == "|---|---:|---:|---:|"
+    assert lines.index("**Per-edge tests**") > similarity
+    assert lines.index("**Samples left out**") > lines.index("**Per-edge tests**")
     assert "- kurtosis (all): undefined on some samples (all-zero or constant scores); its row uses 7 base and 7 " \
            "tuned samples" in lines
     assert result.to_markdown() == report.comparison_markdown(result)

@@ -32,6 +32,8 @@ from circuitdiff.agreement import Agreement, agreement
 from circuitdiff.attribution import attribute
 from circuitdiff.circuits import Circuit
 from circuitdiff.comparison import Comparison, compare
+from circuitdiff.crossscore import CrossComparison, cross_compare
+from circuitdiff.differential import EdgeTests, edge_tests
 from circuitdiff.data import IGNORE, Batch, make_batches
 from circuitdiff.engine import AttributionRun, interventions
 from circuitdiff.errors import (
@@ -59,6 +61,7 @@ from circuitdiff.graph import AttributionGraph
 from circuitdiff.metrics import register_metric
 from circuitdiff.models import SUPPORTED_ARCHITECTURES, ModelSpec, describe_model, load_model
 from circuitdiff.planner import MemoryEstimate, ModelShape, estimate_memory, plan_batch_size
+from circuitdiff.robustness import Robustness, check_scorer_robustness, scorer_robustness
 from circuitdiff.scores import EdgeScores
 
 try:
@@ -77,10 +80,12 @@ __all__ = [
     "Circuit",
     "CircuitDiffError",
     "Comparison",
+    "CrossComparison",
     "DataError",
     "DistributedError",
     "DuplicateNameError",
     "EdgeScores",
+    "EdgeTests",
     "FileFormatError",
     "IGNORE",
     "IdentityMismatchError",
@@ -93,6 +98,7 @@ __all__ = [
     "NonFiniteError",
     "ObjectiveError",
     "PluginLoadError",
+    "Robustness",
     "RunLockedError",
     "ShapeError",
     "SUPPORTED_ARCHITECTURES",
@@ -101,11 +107,14 @@ __all__ = [
     "acdc",
     "agreement",
     "attribute",
+    "check_scorer_robustness",
     "choices",
     "circuits",
     "compare",
+    "cross_compare",
     "describe_model",
     "distributed",
+    "edge_tests",
     "engine",
     "estimate_memory",
     "evaluate_circuit",
@@ -120,5 +129,6 @@ __all__ = [
     "planner",
     "register_metric",
     "report",
+    "scorer_robustness",
     "scorers",
 ]

@@ -23,7 +23,7 @@ from circuitdiff.scores import EdgeScores
 
 __all__ = ["DEFAULT_K", "Agreement", "agreement"]
 
-#: ``k`` used when none is given: ``min(DEFAULT_K, n_edges)``.
+#: ``k`` used when none is given (half the edges when it would reach every edge).
 DEFAULT_K = 100
 
 
@@ -39,6 +39,8 @@ class Agreement:
         top_k_overlap: ``|top_k(|scores|) ∩ top_k(|reference|)| / k``, in [0, 1]; ties
             in ``|score|`` are broken by row-major edge order.
         k: the ``k`` used.
+        k_clamped: the default ``k`` (100) would reach every edge, where the overlap is 1
+            whatever the scores, so half the edges were used.
         sign_agreement: among edges where both scores are nonzero, the fraction with the
             same sign (does the estimate say "helps" where the reference does?); NaN if
             no edge is nonzero in both.
@@ -54,6 +56,7 @@ class Agreement:
     sign_agreement: float
     top_k_sign_agreement: float
     n_edges: int
+    k_clamped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the fields (NaN stays ``float('nan')``)."""
@@ -109,7 +112,8 @@ def agreement(scores: EdgeScores, reference: EdgeScores, *, k: int | None = None
     Args:
         scores: the scores to judge; ``scores.mean`` ``[n_sources, n_receivers]``.
         reference: the scores taken as truth, on the same graph.
-        k: size of the top sets, ``1 <= k <= n_edges``; default ``min(100, n_edges)``.
+        k: size of the top sets, ``1 <= k <= n_edges``; default 100, or half the edges
+            when 100 would reach every edge (``k_clamped``).
 
     Returns:
         An :class:`Agreement`. Correlations are NaN (without warnings) when either side
@@ -130,8 +134,9 @@ def agreement(scores: EdgeScores, reference: EdgeScores, *, k: int | None = None
             fix = "compare scores of the same model (same layers, heads and block layout) at the same level."
         raise DataError(f"agreement: the scores are on different graphs ({ga!r} vs {gb!r}); {fix}")
     n_edges = int(a.size)
+    clamped = k is None and DEFAULT_K >= n_edges > 1
     if k is None:
-        k = min(DEFAULT_K, n_edges)
+        k = max(1, n_edges // 2) if clamped else min(DEFAULT_K, n_edges)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ArgumentTypeError(f"agreement: k must be an int, got {type(k).__name__}.")
     if not 1 <= k <= n_edges:
@@ -148,4 +153,5 @@ def agreement(scores: EdgeScores, reference: EdgeScores, *, k: int | None = None
         sign_agreement=_sign_fraction(a, b),
         top_k_sign_agreement=_sign_fraction(a[top_b], b[top_b]),
         n_edges=n_edges,
+        k_clamped=clamped,
     )

@@ -2,7 +2,7 @@
 
     circuitdiff compare BASE_DIR TUNED_DIR --questions gsm8k.jsonl --alpha 0.1 --level layer --out results/
     circuitdiff score MODEL_DIR --questions gsm8k.jsonl --out results/
-    circuitdiff compare-scores base.cdiff tuned.cdiff [--out results/]
+    circuitdiff compare-scores base.cdiff tuned.cdiff [--out results/] [--reference-scores b.ref.cdiff t.ref.cdiff]
     circuitdiff demo            # the bundled tiny base / GRPO / DPO models, into ./circuitdiff-demo/
 
 Every option is checked before a model is loaded or a token generated. Expected failures
@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("base", help="base checkpoint directory")
     compare.add_argument("tuned", help="tuned checkpoint directory (same tokenizer family)")
     _pipeline_options(compare)
+    _trust_options(compare)
+    compare.add_argument("--reference-scorer", metavar="NAME",
+                         help="robustness reference (default: exact at layer level; at head level exact up to 20,000 "
+                              "edges, else eap-ig-inputs)")
     compare.set_defaults(run=_compare)
 
     score = commands.add_parser("score", help="generate, filter and score one checkpoint",
@@ -77,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     _scorer_options(demo)
     demo.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     demo.add_argument("--fresh", action="store_true", help="discard cached generations and scores in --out")
+    _trust_options(demo)
     demo.set_defaults(run=_demo)
 
     saved = commands.add_parser("compare-scores", help="compare two saved .cdiff files",
@@ -87,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     saved.add_argument("--out", help="also write comparison.json and report.md here")
     saved.add_argument("--coarsen", action="store_true", help="compare the common layer-level graph")
     saved.add_argument("--unpaired", action="store_true", help="the files score different prompts")
+    saved.add_argument("--reference-scores", nargs=2, metavar=("BASE_REF", "TUNED_REF"),
+                       help="the two models re-scored with a reference scorer on a subsample (.cdiff): the report "
+                            "says per metric whether the conclusion holds under both scorers")
     saved.set_defaults(run=_compare_scores)
     return parser
 
@@ -119,6 +127,18 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
                         help="discard cached generations and score shards of an earlier run in --out")
     parser.add_argument("--drop-nonfinite", dest="nonfinite", action="store_const", const="drop", default="error",
                         help="leave samples with NaN/inf scores out (listed in the report) instead of stopping")
+
+
+def _trust_options(parser: argparse.ArgumentParser) -> None:
+    """The scorer robustness check and cross-scoring (compare and demo)."""
+    parser.add_argument("--no-robustness", dest="robustness", action="store_false",
+                        help="skip re-scoring a subsample with a reference scorer (the report then cannot say whether "
+                             "its conclusions depend on the scorer)")
+    parser.add_argument("--robustness-samples", type=int, default=16, metavar="N",
+                        help="paired samples re-scored by the robustness check (16)")
+    parser.add_argument("--cross-score", action="store_true",
+                        help="also score each model on the other's answers: model effect with the text fixed, text "
+                             "effect with the model fixed")
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -170,7 +190,8 @@ def _demo(args: argparse.Namespace) -> int:
     from circuitdiff.demo import demo_config, run_demo
 
     config = demo_config(n=args.n, max_questions=args.max_questions, level=args.level, scorer=args.scorer,
-                         progress=not args.quiet, fresh=args.fresh)
+                         progress=not args.quiet, fresh=args.fresh, robustness=args.robustness,
+                         robustness_samples=args.robustness_samples, cross_score=args.cross_score)
     run_demo(args.out, config, log=_log(args))
     return 0
 
@@ -181,8 +202,10 @@ def _compare_scores(args: argparse.Namespace) -> int:
     from circuitdiff.scores import EdgeScores
 
     base, tuned = EdgeScores.load(args.base, mmap=True), EdgeScores.load(args.tuned, mmap=True)  # checks both files
+    reference = None if args.reference_scores is None else tuple(EdgeScores.load(path) for path in args.reference_scores)
     out = prepare_output_dir(args.out, ("comparison.json", "report.md")) if args.out else None
-    result = compare(base, tuned, paired=False if args.unpaired else None, coarsen=args.coarsen)
+    result = compare(base, tuned, paired=False if args.unpaired else None, coarsen=args.coarsen,
+                     reference_scores=reference)
     report = result.to_markdown()
     if out is not None:
         result.to_json(str(out / "comparison.json"))

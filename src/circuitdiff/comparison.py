@@ -5,7 +5,11 @@ For each registered metric (:mod:`circuitdiff.metrics`) and each edge group, a
 % change, a bootstrap confidence interval of the difference over samples
 (``scipy.stats.bootstrap``, BCa) and a test over per-sample values: Wilcoxon
 signed-rank when the samples are paired (the same prompts scored on both models, matched
-by sample id), else Mann-Whitney U (:mod:`circuitdiff.significance`). Cross-model
+by sample id), else Mann-Whitney U (:mod:`circuitdiff.significance`), with Holm-adjusted
+p-values across the metrics of each group and the smallest change the sample could
+detect. Per-edge tests (:mod:`circuitdiff.differential`) say which edges changed, and
+reference scores make it check whether the conclusions survive the scorer
+(:mod:`circuitdiff.robustness`). Cross-model
 similarities (Spearman correlation of the mean scores, top-k Jaccard overlap of the
 largest ``|mean score|`` edges, Wasserstein distance between the pooled ``|score|``
 distributions) and the per-edge relative change come with it. Its Markdown and JSON are
@@ -16,8 +20,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats
@@ -28,17 +32,30 @@ from circuitdiff.errors import ArgumentError, ArgumentTypeError, NonFiniteError,
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.pairing import check_same_settings, common_graph, pair
 from circuitdiff.scores import EdgeScores
-from circuitdiff.significance import difference_test, mean_difference_interval, pooled_difference_interval
+from circuitdiff.significance import (difference_test, holm, mean_difference_interval, minimum_detectable_effect,
+                                      pooled_difference_interval)
+
+if TYPE_CHECKING:
+    from circuitdiff.differential import EdgeTests
+    from circuitdiff.robustness import Robustness
 
 __all__ = ["Comparison", "MetricComparison", "Similarity", "compare"]
 
 #: Bins of the shared ``|score|`` histogram the Wasserstein distance is computed on.
 WASSERSTEIN_BINS = 4096
+#: Fewer samples than this get a warning: the tests and intervals rest on few samples.
+SMALL_SAMPLE = 30
 
 
 @dataclass(frozen=True)
 class MetricComparison:
-    """One metric on one edge group. ``difference`` and the interval are tuned - base."""
+    """One metric on one edge group. ``difference`` and the interval are tuned - base.
+
+    ``p_holm``: ``p_value`` adjusted by Holm's method across the metrics of the group (the
+    family-wise error rate). ``detectable``: the smallest difference of means the sample
+    detects with 80% power (:func:`~circuitdiff.significance.minimum_detectable_effect`),
+    in the metric's units; NaN where undefined.
+    """
 
     metric: str
     group: str
@@ -53,6 +70,8 @@ class MetricComparison:
     p_value: float
     n_base: int
     n_tuned: int
+    p_holm: float = math.nan
+    detectable: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,9 @@ class Similarity:
     """How alike the two models' mean scores are on one edge group.
 
     ``wasserstein`` is computed on a shared histogram of ``WASSERSTEIN_BINS`` bins; its
-    error is at most one bin width, ``wasserstein_resolution``.
+    error is at most one bin width, ``wasserstein_resolution``. ``k`` is the top-k size
+    used: the requested ``top_k``, clamped to half the group's edges when it would reach
+    every edge (where the overlap is 1 whatever the scores); ``k_clamped`` says so.
     """
 
     group: str
@@ -69,6 +90,7 @@ class Similarity:
     k: int
     wasserstein: float
     wasserstein_resolution: float
+    k_clamped: bool = False
 
 
 @dataclass
@@ -83,6 +105,11 @@ class Comparison:
     compared, in the order of the per-sample arrays (paired: one list for both sides).
     ``dropped``: every sample left out and why (see :meth:`dropped_samples`).
     ``definitions``: per metric, its ``description``, ``units`` and ``higher_means``.
+    ``warnings``: what limits the conclusions (few samples, intervals spanning 0 with
+    the smallest detectable change). ``edge_tests``: the per-edge tests
+    (:class:`~circuitdiff.differential.EdgeTests`), None when not run. ``robustness``:
+    the scorer check (:class:`~circuitdiff.robustness.Robustness`), None without
+    reference scores.
     """
 
     graph: AttributionGraph
@@ -100,6 +127,9 @@ class Comparison:
     sample_ids: dict[str, list[str]] = field(default_factory=dict)
     dropped: list[dict[str, Any]] = field(default_factory=list)
     definitions: dict[str, dict[str, str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    edge_tests: EdgeTests | None = None
+    robustness: Robustness | None = None
 
     def get(self, metric: str, group: str = "all") -> MetricComparison:
         """The row of ``metric`` on ``group``."""
@@ -159,6 +189,9 @@ def compare(
     n_resamples: int = 2000,
     seed: int = 0,
     chunk_size: int | None = None,
+    edge_tests: bool = True,
+    fdr: float = 0.05,
+    reference_scores: tuple[EdgeScores, EdgeScores] | None = None,
 ) -> Comparison:
     """Compare two models' edge scores metric by metric, with intervals and tests.
 
@@ -180,12 +213,19 @@ def compare(
         coarsen: when the graphs differ (head vs layer level, or a different number of
             heads), compare the common layer-level coarsening instead of refusing.
         bins: histogram bins for information complexity, shared by both models.
-        top_k: edges in the top-k Jaccard overlap (capped at each group's size).
+        top_k: edges in the top-k Jaccard overlap (clamped to half a group's edges
+            where it would reach every edge; labelled in the report).
         confidence: confidence level of the bootstrap intervals.
         n_resamples: bootstrap resamples.
         seed: of the bootstrap resampling.
         chunk_size: samples read at a time; default: about 1M scores (see
             :mod:`circuitdiff.metrics`, Memory).
+        edge_tests: also test every edge (:func:`circuitdiff.differential.edge_tests`),
+            at false discovery rate ``fdr``.
+        fdr: the Benjamini-Hochberg false discovery rate of the per-edge tests.
+        reference_scores: ``(base, tuned)`` re-scored with a reference scorer on a
+            subsample: the result's ``robustness`` says, per metric, whether the
+            conclusion holds under both scorers (:func:`circuitdiff.robustness.scorer_robustness`).
 
     Returns:
         :class:`Comparison`; ``print(result.to_markdown())``.
@@ -200,7 +240,11 @@ def compare(
         if not isinstance(scores, EdgeScores):
             raise ArgumentTypeError(f"{name} must be EdgeScores, got {type(scores).__name__}.")
         metrics.require_per_sample(scores, f"compare ({name})")
-    _check_options(bins, confidence, top_k, n_resamples, seed, paired)
+    _check_options(bins, confidence, top_k, n_resamples, seed, paired, fdr)
+    if reference_scores is not None and (not isinstance(reference_scores, (tuple, list)) or len(reference_scores) != 2):
+        raise ArgumentTypeError("reference_scores must be a pair (base, tuned) of EdgeScores re-scored with a "
+                                f"reference scorer; got {type(reference_scores).__name__}.")
+    original = base, tuned
     check_same_settings(base, tuned)
     base, tuned = common_graph(base, tuned, coarsen)
     pairing = pair(base, tuned, paired is not False)
@@ -225,11 +269,23 @@ def compare(
     rows, similarity = [], []
     for g, cells in groups.items():
         b, t = profiles["base"][g], profiles["tuned"][g]
-        for metric in names:
-            rows.append(_row(metric, g, b, t, paired, confidence, n_resamples, rng))
+        family = [_row(metric, g, b, t, paired, confidence, n_resamples, rng) for metric in names]
+        adjusted = holm(np.array([row.p_value for row in family], dtype=float))
+        rows += [replace(row, p_holm=float(p)) for row, p in zip(family, adjusted)]
         similarity.append(_similarity(g, means["base"][cells], means["tuned"][cells], fine["base"][g],
                                       fine["tuned"][g], tops[g], top_k))
     everything = profiles["base"]["all"], profiles["tuned"]["all"]
+    tests = None
+    if edge_tests:
+        from circuitdiff.differential import edge_tests as test_every_edge
+
+        tests = test_every_edge(base, tuned, paired=paired, fdr=fdr, chunk_size=chunk_size)
+    checked = None
+    if reference_scores is not None:
+        from circuitdiff.robustness import scorer_robustness
+
+        checked = scorer_robustness(*original, *reference_scores, confidence=confidence, n_resamples=n_resamples,
+                                    seed=seed, structural_zeros=structural_zeros)
     return Comparison(
         graph=graph,
         rows=rows,
@@ -246,17 +302,37 @@ def compare(
                   "top_k": top_k, "level": graph.level, "n_base": pairing.n["base"], "n_tuned": pairing.n["tuned"],
                   "pairing": pairing.description,
                   "test": "wilcoxon signed-rank" if paired else "mann-whitney u",
+                  "multiplicity": "holm across the metrics of each group", "fdr": fdr,
                   "bootstrap": "scipy.stats.bootstrap, BCa",
                   "base": dict(base.metadata), "tuned": dict(tuned.metadata)},
         sample_ids=pairing.ids,
         dropped=pairing.dropped,
         definitions={name: {"description": m.description, "units": m.units, "higher_means": m.higher_means}
                      for name, m in everything[0].definitions.items()},
+        warnings=_warnings(rows, pairing.n, confidence),
+        edge_tests=tests,
+        robustness=checked,
     )
 
 
+def _warnings(rows: list[MetricComparison], n: dict[str, int], confidence: float) -> list[str]:
+    """What limits the conclusions: few samples; intervals of the ``"all"`` group that span 0."""
+    lines = []
+    small = {side: count for side, count in n.items() if count < SMALL_SAMPLE}
+    if small:
+        lines.append(f"few samples ({', '.join(f'{side} {count}' for side, count in small.items())}; fewer than "
+                     f"{SMALL_SAMPLE}): the tests and intervals rest on few samples and small changes go undetected.")
+    for row in rows:
+        if row.group == "all" and not (row.ci_low > 0 or row.ci_high < 0):
+            scale = 100 / abs(row.base) if row.base else math.nan
+            lines.append(f"{row.metric}: the {confidence:.0%} CI [{row.ci_low:.3g}, {row.ci_high:.3g}] spans 0 (or is "
+                         f"undefined); changes smaller than ±{row.detectable:.3g} ({row.detectable * scale:.1f}% of "
+                         f"base) are not detectable at n = {row.n_base}/{row.n_tuned} (80% power).")
+    return lines
+
+
 def _check_options(bins: object, confidence: object, top_k: object, n_resamples: object, seed: object,
-                   paired: object) -> None:
+                   paired: object, fdr: object) -> None:
     """Refuse option values :func:`compare` cannot use (ArgumentError naming the option)."""
     metrics.check_bins(bins)
     if not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
@@ -268,6 +344,8 @@ def _check_options(bins: object, confidence: object, top_k: object, n_resamples:
         raise ArgumentError(f"seed must be an integer or None; got {seed!r}.")
     if paired not in (None, True, False):
         raise ArgumentError(f"paired must be None, True or False; got {paired!r}.")
+    if isinstance(fdr, bool) or not isinstance(fdr, (int, float)) or not 0 < fdr < 1:
+        raise ArgumentError(f"fdr must be in (0, 1); got {fdr!r}.")
 
 
 def _row(metric: str, group: str, b: metrics.Profile, t: metrics.Profile, paired: bool, confidence: float,
@@ -289,7 +367,8 @@ def _row(metric: str, group: str, b: metrics.Profile, t: metrics.Profile, paired
         low, high = mean_difference_interval(x, y, paired, confidence, n_resamples, rng)
     test, statistic, p = difference_test(x, y, paired)
     return MetricComparison(metric, group, base_value, tuned_value, difference, percent, low, high, test,
-                            statistic, p, int(x.size), int(y.size))
+                            statistic, p, int(x.size), int(y.size),
+                            detectable=minimum_detectable_effect(x, y, paired, 1 - confidence))
 
 
 def _similarity(group: str, base: Tensor, tuned: Tensor, hist_b: np.ndarray, hist_t: np.ndarray, top: float,
@@ -299,7 +378,8 @@ def _similarity(group: str, base: Tensor, tuned: Tensor, hist_b: np.ndarray, his
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant input: NaN, documented
         spearman = float(stats.spearmanr(b, t).statistic) if b.size > 1 else math.nan
-    k = min(top_k, b.size)
+    clamped = top_k >= b.size > 1
+    k = max(1, b.size // 2) if clamped else min(top_k, b.size)
     top_b = set(np.argsort(-np.abs(b), kind="stable")[:k].tolist())
     top_t = set(np.argsort(-np.abs(t), kind="stable")[:k].tolist())
     jaccard = len(top_b & top_t) / len(top_b | top_t) if k else math.nan
@@ -309,4 +389,4 @@ def _similarity(group: str, base: Tensor, tuned: Tensor, hist_b: np.ndarray, his
         distance = float(stats.wasserstein_distance(centers, centers, hist_b, hist_t))
     else:
         distance = math.nan
-    return Similarity(group, spearman, jaccard, k, distance, width)
+    return Similarity(group, spearman, jaccard, k, distance, width, clamped)

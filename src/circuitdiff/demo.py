@@ -27,6 +27,7 @@ from circuitdiff.comparison import Comparison
 from circuitdiff.errors import DataError
 from circuitdiff.pipeline import PipelineConfig, run_compare, write_text
 from circuitdiff.report import markdown_table
+from circuitdiff.robustness import Robustness
 
 __all__ = ["DEMO_DATA", "TUNED_MODELS", "demo_config", "check_demo_files", "file_sha256", "run_demo", "side_by_side"]
 
@@ -135,7 +136,9 @@ def side_by_side(results: dict[str, Comparison], group: str = "all") -> str:
 
     A cell reads ``+12.3% [+8.1, +16.0] p=0.001``: the change of the mean from base to
     tuned in % of base, the bootstrap CI of the difference in % of base, and the test's
-    p-value. The last row is the cross-model Spearman correlation of the mean edge scores.
+    p-value. The last rows are the cross-model Spearman correlation of the mean edge scores
+    and the sample count. When the comparisons carry a scorer robustness check, a second
+    table gives each metric's verdict (robust, scorer-dependent, inconclusive).
     """
     names = list(results)
     first = results[names[0]]
@@ -152,4 +155,20 @@ def side_by_side(results: dict[str, Comparison], group: str = "all") -> str:
     spearman = [next(s.spearman for s in results[n].similarity if s.group == group) for n in names]
     rows.append(["Spearman(base, tuned)", *(f"{s:.3f}" for s in spearman)])
     rows.append(["samples (paired)", *(f"{results[n].settings.get('n_base')}" for n in names)])
-    return markdown_table([f"metric ({group} edges)", *(f"base -> {n}" for n in names)], rows)
+    table = markdown_table([f"metric ({group} edges)", *(f"base -> {n}" for n in names)], rows)
+    checked = {n: results[n].robustness for n in names if results[n].robustness is not None}
+    if not checked:
+        return table
+    verdicts = [[metric, *(_verdict_cell(checked[n], metric) if n in checked else "not checked" for n in names)]
+                for metric in metrics]
+    first = next(iter(checked.values()))
+    return (f"{table}\n\nScorer robustness ({first.primary} vs {first.reference} on "
+            f"{len(first.sample_ids)} paired samples of each comparison; see each report):\n\n"
+            + markdown_table(["metric", *(f"base -> {n}" for n in names)], verdicts))
+
+
+def _verdict_cell(robustness: Robustness, metric: str) -> str:
+    """``scorer-dependent (eap down, exact up)``-style cell of the side-by-side verdict table."""
+    verdict = robustness.verdict(metric)
+    return (f"{verdict.verdict} ({verdict.primary.scorer} {verdict.primary.direction}, "
+            f"{verdict.reference.scorer} {verdict.reference.direction})")

@@ -9,6 +9,8 @@ and writes everything into one output directory:
 | ``base.shards/``, ``tuned.shards/`` | per-batch score shards (resumable) |
 | ``base.cdiff``, ``tuned.cdiff`` | the per-sample edge scores |
 | ``comparison.json``, ``report.md`` | :func:`circuitdiff.compare` and its tables |
+| ``base.reference.cdiff``, ``tuned.reference.cdiff`` (and ``.shards/``) | the scorer robustness check's re-scored subsample |
+| ``base-on-tuned-text.cdiff``, ``tuned-on-base-text.cdiff`` (and ``.shards/``), ``cross.json`` | cross-scoring, with ``cross_score`` |
 | ``figures/`` | plots, when matplotlib is installed |
 | ``run.json`` | parameters, every filter count, versions |
 
@@ -37,12 +39,15 @@ from circuitdiff.attribution import attribute
 from circuitdiff.checkpoint import directory_lock
 from circuitdiff.choices import Level, NonFinitePolicy
 from circuitdiff.comparison import Comparison, compare
+from circuitdiff.crossscore import cross_compare
 from circuitdiff.data import Generation, Question, generate_answers, make_batches, read_questions, select_by_length
 from circuitdiff.data.selection import LengthSelection, check_parameters
 from circuitdiff.errors import ArgumentError, DataError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.io import write_atomically
 from circuitdiff.models import load_model
+from circuitdiff.report import json_ready
+from circuitdiff.robustness import choose_reference, reference_cost, subsample
 from circuitdiff.scorers import Scorer
 from circuitdiff.scorers.base import renamed_method
 from circuitdiff.scores import EdgeScores
@@ -79,6 +84,10 @@ class PipelineConfig:
     progress: bool = True
     fresh: bool = False  # discard cached generations and score shards of an earlier run in the output directory
     nonfinite: str = "error"  # "drop": leave samples with NaN/inf scores out (listed in the report)
+    robustness: bool = True  # re-score a subsample with a reference scorer; the report says if conclusions hold
+    robustness_samples: int = 16  # paired samples in that subsample (drawn with seed)
+    reference_scorer: str | None = None  # default: circuitdiff.robustness.choose_reference
+    cross_score: bool = False  # also score each model on the other's answers (model vs text effect)
     method: InitVar[str | None] = None  # deprecated alias of scorer
 
     def __post_init__(self, method: str | None) -> None:
@@ -123,6 +132,16 @@ class PipelineConfig:
             raise DataError(f"unknown contraction dtype {self.contraction_dtype!r}; use bfloat16 (or leave it unset "
                             "for float32).")
         self.make_scorer()  # the scorer validates its own options
+        if isinstance(self.robustness_samples, bool) or not isinstance(self.robustness_samples, int) \
+                or self.robustness_samples < 2:
+            raise DataError(f"robustness_samples must be an integer >= 2; got {self.robustness_samples!r}.")
+        if self.reference_scorer is not None:
+            if self.reference_scorer not in scorers.available():
+                raise UnknownNameError(f"unknown reference scorer {self.reference_scorer!r}; available: "
+                                       f"{', '.join(scorers.available())}.")
+            if self.reference_scorer == self.scorer:
+                raise DataError(f"the reference scorer is the scorer itself ({self.scorer!r}); choose another "
+                                "(e.g. exact) or leave it unset.")
         if self.intervention != "zero":
             raise DataError(
                 f"the pipeline scores with intervention='zero' only (the paper's); got {self.intervention!r}. "
@@ -218,14 +237,29 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
 
     scores = {side: _score(models[side], questions, generations[side], chosen, selection.t_cut, config,
                            out / f"{side}.shards", out / f"{side}.cdiff") for side in models}
+    reference, robustness_note = _reference_scores(models, questions, generations, chosen, selection.t_cut, config,
+                                                   scores, out, log)
+    cross = _cross_scores(models, questions, generations, chosen, selection.t_cut, config, out) \
+        if config.cross_score else None
     del models
     gc.collect()
 
-    result = compare(scores["base"], scores["tuned"], paired=True)
+    result = compare(scores["base"], scores["tuned"], paired=True, reference_scores=reference)
+    if result.robustness is not None:
+        result.robustness.cost = robustness_note
+    result.dropped += _questions_left_out(questions, generations, both, selection)
     result.to_json(str(out / "comparison.json"))
     report = result.to_markdown(result.groups)  # every group: all, by receiver and source kind, by layer
-    write_text(out / "report.md", f"# circuitdiff compare\n\n{_describe(counts, selection.t_cut, config)}\n\n"
-                                  f"{report}\n")
+    sections = [f"# circuitdiff compare\n\n{_describe(counts, selection.t_cut, config)}"]
+    if reference is None and robustness_note:
+        sections.append(f"**Scorer robustness**: {robustness_note}")
+    sections.append(report)
+    if cross is not None:
+        crossed = cross_compare(scores["base"], scores["tuned"], cross["base"], cross["tuned"], breakdown=False,
+                                edge_tests=False)
+        write_text(out / "cross.json", json.dumps(json_ready(crossed.to_dict()), indent=2))
+        sections.append(f"## Cross-scoring: model effect and text effect\n\n{crossed.to_markdown()}")
+    write_text(out / "report.md", "\n\n".join(sections) + "\n")
     figures = _plots(result, out / "figures")
     write_text(out / "run.json", json.dumps({
         "base": str(base_dir), "tuned": str(tuned_dir), "questions": str(questions_path), "config": asdict(config),
@@ -272,7 +306,8 @@ def _run_score(model_dir: str | os.PathLike[str], questions_path: str | os.PathL
 
 
 _COMPARE_OUTPUTS = ("comparison.json", "report.md", "run.json", "base.cdiff", "tuned.cdiff",
-                    "base.generations.jsonl", "tuned.generations.jsonl")
+                    "base.generations.jsonl", "tuned.generations.jsonl", "base.reference.cdiff",
+                    "tuned.reference.cdiff", "cross.json", "base-on-tuned-text.cdiff", "tuned-on-base-text.cdiff")
 _SCORE_OUTPUTS = ("scores.cdiff", "run.json", "model.generations.jsonl")
 
 
@@ -356,6 +391,65 @@ def _score(model: Any, questions: list[Question], generations: list[Generation],
                            nonfinite=config.nonfinite)
     scores.save(path)
     return scores
+
+
+def _reference_scores(models: dict[str, Any], questions: list[Question], generations: dict[str, list[Generation]],
+                      chosen: list[int], t_cut: int, config: PipelineConfig, scores: dict[str, EdgeScores], out: Path,
+                      log: Callable[[str], None]) -> tuple[tuple[EdgeScores, EdgeScores] | None, str]:
+    """Both models re-scored with the reference scorer on a seeded subsample, and a line on the cost.
+
+    None (and the reason) when the check is off or the scorer is exact (the reference itself).
+    """
+    if not config.robustness:
+        return None, "not run (--no-robustness)."
+    graph = scores["base"].graph
+    reference = config.reference_scorer or choose_reference(graph, config.scorer)
+    if reference is None:
+        return None, "not needed: the scores are exact ablation, the reference itself."
+    ids = subsample(scores["base"], scores["tuned"], config.robustness_samples, config.seed)
+    cost = reference_cost(graph, reference, len(ids), config.scorer, len(chosen))
+    log(cost)
+    position = {questions[i].id: i for i in chosen}
+    picked = [position[sample] for sample in ids]
+    rescored = {}
+    for side, model in models.items():
+        rescored[side] = score_answers(
+            model, graph, [questions[i].prompt for i in picked], [generations[side][i].answer_ids for i in picked],
+            t_cut=t_cut, shards=out / f"{side}.reference.shards", scorer=reference, batch_size=config.batch_size,
+            progress=config.progress, sample_ids=ids, fresh=config.fresh, nonfinite=config.nonfinite)
+        rescored[side].save(out / f"{side}.reference.cdiff")
+    return (rescored["base"], rescored["tuned"]), cost
+
+
+def _cross_scores(models: dict[str, Any], questions: list[Question], generations: dict[str, list[Generation]],
+                  chosen: list[int], t_cut: int, config: PipelineConfig, out: Path) -> dict[str, EdgeScores]:
+    """Each model scored on the other model's answers: ``{"base": B(t), "tuned": T(b)}``."""
+    other = {"base": "tuned", "tuned": "base"}
+    crossed = {}
+    for side, model in models.items():
+        name = f"{side}-on-{other[side]}-text"
+        graph = AttributionGraph.from_model(model, level=config.level)
+        crossed[side] = score_answers(
+            model, graph, [questions[i].prompt for i in chosen], [generations[other[side]][i].answer_ids for i in chosen],
+            t_cut=t_cut, shards=out / f"{name}.shards", scorer=config.make_scorer(), batch_size=config.batch_size,
+            progress=config.progress, sample_ids=[questions[i].id for i in chosen], fresh=config.fresh,
+            nonfinite=config.nonfinite)
+        crossed[side].save(out / f"{name}.cdiff")
+    return crossed
+
+
+def _questions_left_out(questions: list[Question], generations: dict[str, list[Generation]], both: list[int],
+                        selection: LengthSelection) -> list[dict[str, Any]]:
+    """Every question not scored, and why: answered wrongly by a model, or removed by a length rule."""
+    left_out = []
+    for i, question in enumerate(questions):
+        wrong = [side for side in ("base", "tuned") if not generations[side][i].correct]
+        if wrong:
+            left_out.append({"side": "both", "id": question.id,
+                             "reason": f"answered incorrectly by {' and '.join(wrong)}"})
+    for position, rule in selection.removed.items():
+        left_out.append({"side": "both", "id": questions[both[position]].id, "reason": f"length rule: {rule}"})
+    return left_out
 
 
 def _selection_record(selection: LengthSelection) -> dict[str, Any]:

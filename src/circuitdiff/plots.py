@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 
 from circuitdiff.comparison import Comparison
+from circuitdiff.differential import EdgeTests
 from circuitdiff.errors import MissingDependencyError, UnknownNameError
 from circuitdiff.io import write_atomically
 
 __all__ = ["plot_comparison", "plot_relative_change", "plot_node_entropy", "plot_diversity", "plot_per_sample",
-           "plot_histograms"]
+           "plot_histograms", "plot_volcano"]
 
 #: Axes with more nodes than this are labelled by node index instead of node name.
 MAX_TICK_LABELS = 60
@@ -36,10 +37,11 @@ COLORS = {"base": "tab:blue", "tuned": "tab:orange"}
 def plot_comparison(
     comparison: Comparison, directory: str | os.PathLike[str], *, prefix: str = "", dpi: int = 120
 ) -> dict[str, Path]:
-    """Write the four figures of ``comparison`` as PNG files into ``directory`` (created if missing).
+    """Write the figures of ``comparison`` as PNG files into ``directory`` (created if missing).
 
     Returns ``{"relative_change", "node_entropy", "diversity", "histograms"}`` -> path of
-    ``{directory}/{prefix}{name}.png``; see the ``plot_*`` functions for what each shows.
+    ``{directory}/{prefix}{name}.png``, and ``"volcano"`` (:func:`plot_volcano`) when the
+    comparison holds per-edge tests; see the ``plot_*`` functions for what each shows.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -49,7 +51,10 @@ def plot_comparison(
         "diversity": plot_diversity,
         "histograms": plot_histograms,
     }
-    return {name: plot(comparison, directory / f"{prefix}{name}.png", dpi=dpi) for name, plot in plots.items()}
+    paths = {name: plot(comparison, directory / f"{prefix}{name}.png", dpi=dpi) for name, plot in plots.items()}
+    if comparison.edge_tests is not None:
+        paths["volcano"] = plot_volcano(comparison.edge_tests, directory / f"{prefix}volcano.png", dpi=dpi)
+    return paths
 
 
 def plot_relative_change(comparison: Comparison, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
@@ -173,6 +178,46 @@ def plot_histograms(comparison: Comparison, path: str | os.PathLike[str], *, dpi
     ax.set_ylabel("count")
     ax.legend()
     ax.set_title(_title(comparison, "Edge-score magnitudes"))
+    return _save(figure, path, dpi)
+
+
+def plot_volcano(tests: EdgeTests, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
+    """Volcano plot of :func:`~circuitdiff.differential.edge_tests`: effect size (x) against -log10 p (y), one dot per edge.
+
+    x is the effect size of tuned - base (Cohen's d_z paired, Hedges' g unpaired);
+    infinite ones (constant nonzero differences) are drawn at the largest finite
+    ``|effect size|``. p-values of 0 (underflowed, or constant nonzero differences) are
+    drawn one unit above the largest finite ``-log10 p``, so they do not squash the rest. Edges significant at the tests' FDR are coloured (red: strengthened,
+    tuned's score higher; blue: weakened), the rest grey; the dashed line is the largest
+    significant p-value (the Benjamini-Hochberg cut-off). Dots are rasterized, so millions
+    of edges draw in about a second.
+    """
+    effect = tests.effect_size
+    finite = np.abs(effect[np.isfinite(effect)])
+    bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    x = np.clip(effect, -bound, bound)
+    positive = tests.p_value[tests.p_value > 0]
+    top = float(-np.log10(positive.min())) + 1 if positive.size else 1.0
+    with np.errstate(divide="ignore"):
+        y = np.minimum(-np.log10(tests.p_value), top)
+    significant = tests.significant()
+    counts = tests.counts()
+    groups = (("not significant", ~significant, "0.6"),
+              (f"strengthened ({counts['strengthened']:,})", significant & (tests.difference > 0), "tab:red"),
+              (f"weakened ({counts['weakened']:,})", significant & (tests.difference < 0), "tab:blue"))
+    figure = _figure((6.5, 4.5))
+    ax = figure.add_subplot()
+    for label, selected, color in groups:
+        ax.scatter(x[selected], y[selected], s=2, c=color, linewidths=0, rasterized=True, label=label)
+    if counts["significant"]:
+        ax.axhline(min(-np.log10(max(float(tests.p_value[significant].max()), np.finfo(np.float64).tiny)), top),
+                   color="0.3", linestyle="--", linewidth=1, label=f"FDR {tests.fdr:g} cut-off")
+    ax.set_xlabel(f"effect size of tuned - base ({tests.effect_size_name})")
+    ax.set_ylabel("-log10 p")
+    ax.legend(loc="upper center", markerscale=4)  # "best" would search millions of points; a volcano's top centre is empty
+    samples = f"{tests.n_base} pairs" if tests.paired else f"{tests.n_base} base, {tests.n_tuned} tuned samples"
+    ax.set_title(f"Per-edge {tests.test}, {samples}\n"
+                 f"{counts['significant']:,} of {counts['edges']:,} edges changed at FDR {tests.fdr:g}")
     return _save(figure, path, dpi)
 
 

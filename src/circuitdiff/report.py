@@ -89,28 +89,45 @@ def write_json(data: Any, path: str | os.PathLike[str] | None = None) -> str:
 
 
 def comparison_markdown(comparison: Comparison, groups: Sequence[str] | None = None) -> str:
-    """A line of settings, a metrics table per group (default ``["all"]``), the similarities, samples left out."""
+    """The settings, a metrics table per group (default ``["all"]``), the scorer check, warnings,
+    similarities, the per-edge tests and the samples left out."""
     groups = list(groups or ["all"])
     settings = comparison.settings
+    confidence = settings.get("confidence", 0.95)
     test = "Wilcoxon signed-rank (paired)" if comparison.paired else "Mann-Whitney U (unpaired)"
     lines = [
         f"Base vs tuned, {settings.get('n_base')} vs {settings.get('n_tuned')} samples "
         f"({settings.get('pairing', 'unpaired')}); "
-        f"{settings.get('confidence', 0.95):.0%} bootstrap CI of tuned - base "
-        f"({settings.get('n_resamples')} resamples); test: {test}; "
+        f"{confidence:.0%} bootstrap CI of tuned - base "
+        f"({settings.get('n_resamples')} resamples); test: {test}, p (Holm) adjusted across the metrics of each "
+        "group; detectable: the smallest difference the sample detects with 80% power; "
         f"{'all cells incl. structural zeros' if comparison.structural_zeros else 'real edges only'}; "
         f"information complexity on {comparison.bins} shared bins over [0, {comparison.bin_edges[-1]:.4g}].",
     ]
     for group in groups:
         rows = [[r.metric, f"{r.base:.4g}", f"{r.tuned:.4g}", f"{r.percent_change:+.1f}%",
-                 f"[{r.ci_low:.3g}, {r.ci_high:.3g}]", f"{r.p_value:.3g}"] for r in comparison.rows if r.group == group]
+                 f"[{r.ci_low:.3g}, {r.ci_high:.3g}]", f"{r.p_value:.3g}", f"{r.p_holm:.3g}", f"±{r.detectable:.3g}"]
+                for r in comparison.rows if r.group == group]
         lines += ["", f"**{group}**", "",
-                  markdown_table(["metric", "base", "tuned", "change", f"{settings.get('confidence', 0.95):.0%} CI of difference",
-                                 "p"], rows, "lrrrlr")]
-    similarity = [[s.group, f"{s.spearman:.3f}", f"{s.top_k_jaccard:.3f} ({s.k})", f"{s.wasserstein:.3g}"]
+                  markdown_table(["metric", "base", "tuned", "change", f"{confidence:.0%} CI of difference",
+                                  "p", "p (Holm)", "detectable"], rows, "lrrrlrrr")]
+    if comparison.robustness is not None:
+        lines += ["", "**Scorer robustness**", "", comparison.robustness.to_markdown()]
+    if comparison.warnings:
+        lines += ["", "**Warnings**", "", *(f"- {warning}" for warning in comparison.warnings)]
+    similarity = [[s.group, f"{s.spearman:.3f}", _top_k_cell(s, settings.get("top_k")), f"{s.wasserstein:.3g}"]
                   for s in comparison.similarity if s.group in groups]
     lines += ["", markdown_table(["group", "Spearman", "top-k Jaccard (k)", "Wasserstein"], similarity, "lrrr")]
+    if comparison.edge_tests is not None:
+        lines += ["", "**Per-edge tests**", "", comparison.edge_tests.to_markdown()]
     return "\n".join(lines + _samples_left_out(comparison, groups))
+
+
+def _top_k_cell(similarity: Any, requested: Any) -> str:
+    """``0.429 (100)``, or ``1.000 (27; clamped from 100, half of 54 edges)``."""
+    if not getattr(similarity, "k_clamped", False):
+        return f"{similarity.top_k_jaccard:.3f} ({similarity.k})"
+    return (f"{similarity.top_k_jaccard:.3f} ({similarity.k}; clamped from {requested}, which reaches every edge)")
 
 
 def _samples_left_out(comparison: Comparison, groups: list[str]) -> list[str]:
@@ -118,11 +135,12 @@ def _samples_left_out(comparison: Comparison, groups: list[str]) -> list[str]:
     lines = []
     dropped = comparison.dropped
     for reason in dict.fromkeys(d["reason"] for d in dropped):
-        for side in ("base", "tuned"):
+        for side in ("both", "base", "tuned"):
             ids = [d["id"] for d in dropped if d["reason"] == reason and d["side"] == side]
             if ids:
                 shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
-                lines.append(f"- {side}: {len(ids)} left out ({reason}): {shown}")
+                who = "questions" if side == "both" else side
+                lines.append(f"- {who}: {len(ids)} left out ({reason}): {shown}")
     expected = (comparison.settings.get("n_base"), comparison.settings.get("n_tuned"))
     for row in comparison.rows:
         if row.group in groups and (row.n_base, row.n_tuned) != expected:
@@ -153,6 +171,9 @@ def comparison_dict(comparison: Comparison) -> dict[str, Any]:
             "n_edges": int(changes.size),
         },
         "definitions": comparison.definitions,
+        "warnings": comparison.warnings,
+        "edge_tests": None if comparison.edge_tests is None else comparison.edge_tests.to_dict(),
+        "robustness": None if comparison.robustness is None else comparison.robustness.to_dict(),
     })
 
 
@@ -160,6 +181,7 @@ def agreement_markdown(agreement: Agreement) -> str:
     """A two-column table (metric, value) of an :class:`~circuitdiff.agreement.Agreement`."""
     a = agreement
     rows = [["Pearson r", f"{a.pearson:.3f}"], ["Spearman ρ", f"{a.spearman:.3f}"],
-            [f"top-{a.k} overlap", f"{a.top_k_overlap:.3f}"], ["sign agreement", f"{a.sign_agreement:.3f}"],
+            [f"top-{a.k} overlap" + (" (k clamped to half the edges)" if a.k_clamped else ""),
+             f"{a.top_k_overlap:.3f}"], ["sign agreement", f"{a.sign_agreement:.3f}"],
             [f"top-{a.k} sign agreement", f"{a.top_k_sign_agreement:.3f}"], ["edges compared", str(a.n_edges)]]
     return markdown_table(["metric", "value"], rows)

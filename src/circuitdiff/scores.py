@@ -95,6 +95,28 @@ class EdgeScores:
         names = self.edge_names()
         return [(names[i], float(values[i])) for i in order.tolist()]
 
+    def select_samples(self, sample_ids: "list[str] | tuple[str, ...]") -> "EdgeScores":
+        """The scores of the samples named ``sample_ids``, in that order (``mean`` recomputed over them).
+
+        Raises:
+            ArgumentError: an id is not among :attr:`sample_ids`, or repeats; or these
+                scores hold no per-sample values.
+        """
+        if self.per_sample is None:
+            raise ArgumentError("select_samples needs per-sample scores; rerun with per_sample=True.")
+        position = {sample: row for row, sample in enumerate(self.sample_ids)}  # type: ignore[arg-type]
+        missing = [sample for sample in sample_ids if sample not in position]
+        if missing:
+            raise ArgumentError(f"select_samples: {len(missing)} sample id(s) not in these scores, e.g. "
+                                f"{missing[:3]}; known ids e.g. {list(self.sample_ids[:3])}.")  # type: ignore[index]
+        if len(set(sample_ids)) != len(sample_ids):
+            raise ArgumentError("select_samples: sample ids repeat; name each sample once.")
+        rows = torch.tensor([position[sample] for sample in sample_ids], dtype=torch.long)
+        per_sample = self.per_sample[rows]
+        return EdgeScores(graph=self.graph, mean=per_sample.double().mean(0).to(self.mean.dtype), per_sample=per_sample,
+                          objective_values=self.objective_values[rows],
+                          metadata={**self.metadata, "n_samples": len(sample_ids)}, sample_ids=tuple(sample_ids))
+
     def to_layer_level(self) -> "EdgeScores":
         """Sum head-level scores into the layer-level graph (exact coarsening)."""
         if self.graph.level == "layer":

@@ -41,6 +41,8 @@ class LengthSelection:
         reference_length: ``T_bar`` (paper rule) or ``min`` of the mean lengths (code rule).
         dropped: rule -> number of questions it removed, in the order applied.
         parameters: the rule and every parameter, for the run's report.
+        removed: position -> the rule that removed that question (``"not sampled"``
+            for those left out by the sampling of ``n``).
     """
 
     kept: list[int]
@@ -48,6 +50,7 @@ class LengthSelection:
     reference_length: float
     dropped: dict[str, int] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
+    removed: dict[int, str] = field(default_factory=dict)
 
 
 def select_by_length(
@@ -100,11 +103,13 @@ def select_by_length(
     t_cut = max(1, math.floor(alpha * reference))
     remaining = list(range(len(pairs)))
     dropped: dict[str, int] = {}
+    removed: dict[int, str] = {}
 
     def apply(name: str, keep) -> None:
         nonlocal remaining
         survivors = [i for i in remaining if keep(i)]
         dropped[name] = len(remaining) - len(survivors)
+        removed.update((i, name) for i in remaining if not keep(i))
         if not survivors:
             raise DataError(f"no questions left: the {name} rule removed the last {dropped[name]} "
                             f"(drops so far: {dropped}); relax it or use more questions.")
@@ -118,10 +123,12 @@ def select_by_length(
     apply("shorter than T_cut", lambda i: min(pairs[i]) >= t_cut)
     if n is not None and len(remaining) > n:
         dropped["not sampled"] = len(remaining) - n
-        remaining = sorted(random.Random(seed).sample(remaining, n))
+        sampled = sorted(random.Random(seed).sample(remaining, n))
+        removed.update((i, "not sampled") for i in set(remaining) - set(sampled))
+        remaining = sampled
     parameters = {"rule": rule, "alpha": alpha, "beta": beta, "gamma": gamma, "delta": delta, "n": n, "seed": seed,
                   "questions_in": len(pairs)}
-    return LengthSelection(remaining, t_cut, reference, dropped, parameters)
+    return LengthSelection(remaining, t_cut, reference, dropped, parameters, removed)
 
 
 def check_parameters(alpha: float, beta: float, gamma: float, delta: float, rule: str, n: int | None) -> None:
