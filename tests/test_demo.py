@@ -105,13 +105,13 @@ def test_demo_command_end_to_end(tmp_path, capsys):
         row = rows[name]["intensity"]
         assert cell.startswith(f"{row['percent_change']:+.1f}% [{100 * row['ci_low'] / row['base']:+.1f}, ")
     # the scorer robustness verdicts, one table below: each cell is the comparison's own verdict
-    assert "Scorer robustness (eap vs exact on 12 paired samples of each comparison" in report
+    assert "| metric | base -> grpo (eap vs exact, 12 samples) | base -> dpo (eap vs exact, 12 samples) |" in report
     verdict_line = report.splitlines()[[i for i, line in enumerate(report.splitlines())
                                          if line.startswith("| intensity |")][1]]
     for name, cell in zip(TUNED_MODELS, verdict_line.strip("| ").split(" | ")[1:]):
         verdict = next(v for v in json.loads((out / f"base-vs-{name}" / "comparison.json").read_text())
                        ["robustness"]["verdicts"] if v["metric"] == "intensity")
-        assert cell == (f"{verdict['verdict']} (eap {verdict['primary']['direction']}, "
+        assert cell == (f"{verdict['verdict']} (eap {verdict['headline']['direction']}, "
                         f"exact {verdict['reference']['direction']})")
     # a second run reuses everything: the same numbers (the files' timestamps aside)
     def numbers():
@@ -136,6 +136,8 @@ def test_side_by_side_reads_each_comparison(get_model):
     twice = intensity.split(" | ")[1]  # "+100.0% [low, high] p=..."; the CI is that of base's mean intensity
     low, high = (float(x) for x in twice[twice.index("[") + 1:twice.index("]")].split(", "))
     assert twice.startswith("+100.0% [") and low < 100 < high
-    assert intensity.endswith("| +0.0% [+0.0, +0.0] p=1 |")
+    assert intensity.endswith("| +0.0% [+0.0, +0.0] p=1 (Holm 1) |")
+    holm = float(twice[twice.index("(Holm ") + 6:-1])  # the row's Holm-adjusted p
+    assert holm == pytest.approx(cd.compare(base, doubled).get("intensity").p_holm, rel=0.05)
     assert table.splitlines()[0] == "| metric (all edges) | base -> twice | base -> same |"
     assert "| Spearman(base, tuned) | 1.000 | 1.000 |" in table and "| samples (paired) | 30 | 30 |" in table

@@ -8,6 +8,7 @@ import sys
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ import tiny_models as tm
 from circuitdiff.cli import main
 from circuitdiff.pipeline import PipelineConfig
 from circuitdiff.scorers.eap import EAP
+from circuitdiff.scorers.eap_ig import EAPIGInputs
 
 from pipeline_helpers import ANSWER_LENGTHS, MAX_NEW_TOKENS, answer_ids, cli_args, write_caches
 
@@ -61,34 +63,57 @@ def test_compare_end_to_end(run_files, tmp_path):
     assert set(verdicts.values()) <= {"robust", "scorer-dependent", "inconclusive"}
     assert "**Scorer robustness**" in report and "Robustness check: exact on 4 paired samples" in report
     # every question left out is listed with its reason
+    assert (out / "base.reference-exact-4.shards" / "manifest.json").is_file()  # named by reference and size
+    edges = np.load(out / "edge_tests.npz")  # every edge's test, not just the report's top tables
+    assert edges["edge"].tolist() == base.edge_names() and edges["q_value"].shape == (base.graph.n_edges,)
     assert {"side": "both", "id": "q4", "reason": "answered incorrectly by base"} in comparison["dropped"]
     assert {"side": "both", "id": "q5", "reason": "length rule: length window"} in comparison["dropped"]
     assert "- questions: 1 left out (length rule: length window): q5" in report
 
 
-def test_no_robustness_and_cross_scoring(run_files, tmp_path):
+def test_cross_scoring_another_reference_and_sampling(run_files, tmp_path, monkeypatch):
     out = tmp_path / "run"
     write_caches(run_files, out)
-    assert main(cli_args(run_files, out, "--no-robustness", "--cross-score")) == 0
-    report = (out / "report.md").read_text()
-    assert "**Scorer robustness**: not run (--no-robustness)." in report
-    assert not (out / "base.reference.cdiff").exists() and json.loads((out / "comparison.json").read_text())[
-        "robustness"] is None
-    # cross-scoring: the base model on tuned's answers is scored like any run, on the same questions and T_cut
-    crossed = cd.EdgeScores.load(out / "base-on-tuned-text.cdiff")
-    own = cd.EdgeScores.load(out / "tuned.cdiff")
-    assert crossed.sample_ids == own.sample_ids and crossed.per_sample.shape == own.per_sample.shape
-    t_cut = json.loads((out / "run.json").read_text())["selection"]["t_cut"]
-    model = cd.load_model(run_files["base"], device="cpu")
-    tuned_answer = answer_ids("tuned", 0, ANSWER_LENGTHS["tuned"][0])[:t_cut]
-    assert tuned_answer != answer_ids("base", 0, ANSWER_LENGTHS["base"][0])[:t_cut]
-    direct = cd.attribute(model, cd.AttributionGraph.from_model(model, level="layer"),
-                          cd.make_batches(model.tokenizer, ["w0 w1 w2"], [tuned_answer]), objective="answer_nll",
-                          progress=False)
-    assert torch.allclose(crossed.per_sample[0], direct.per_sample[0], atol=1e-6)
+    options = ("--n", "3", "--reference-scorer", "eap-ig-inputs", "--cross-score")
+    assert main(cli_args(run_files, out, *options)) == 0
+    # started again, the re-scored subsample comes from its shards: the reference scorer does not run
+    calls = []
+    real = EAPIGInputs.score_batch
+    monkeypatch.setattr(EAPIGInputs, "score_batch", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    assert main(cli_args(run_files, out, *options)) == 0 and calls == []
+    monkeypatch.undo()
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["reference_scorer"] == "eap-ig-inputs" and run["config"]["cross_score"]
+    assert cd.EdgeScores.load(out / "base.reference.cdiff").metadata["method"] == "eap-ig-inputs"
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["robustness"]["reference"] == "eap-ig-inputs"
+    # 4 questions pass the length rules and 3 are drawn: the fourth is listed as not sampled
+    assert [d["reason"] for d in comparison["dropped"] if d["reason"].startswith("not sampled")] == \
+        ["not sampled (n=3, seed 42)"]
+    # cross-scoring: each model on the other's answers, on the same questions and T_cut
+    t_cut = run["selection"]["t_cut"]
+    for model_side, text_side in (("base", "tuned"), ("tuned", "base")):
+        crossed = cd.EdgeScores.load(out / f"{model_side}-on-{text_side}-text.cdiff")
+        own = cd.EdgeScores.load(out / f"{model_side}.cdiff")
+        assert crossed.sample_ids == own.sample_ids and crossed.metadata["answers"] == f"the {text_side} model's"
+        model = cd.load_model(run_files[model_side], device="cpu")
+        first = int(crossed.sample_ids[0][1:])
+        answer = answer_ids(text_side, first, ANSWER_LENGTHS[text_side][first])[:t_cut]
+        assert answer != answer_ids(model_side, first, ANSWER_LENGTHS[model_side][first])[:t_cut]
+        direct = cd.attribute(model, cd.AttributionGraph.from_model(model, level="layer"),
+                              cd.make_batches(model.tokenizer, [f"w{first} w{first + 1} w{first + 2}"], [answer]),
+                              objective="answer_nll", progress=False)
+        assert torch.allclose(crossed.per_sample[0], direct.per_sample[0], atol=1e-6)
     cross = json.loads((out / "cross.json").read_text())
     assert list(cross) == ["own", "model|base text", "model|tuned text", "text|base model", "text|tuned model"]
+    report = (out / "report.md").read_text()
     assert "## Cross-scoring: model effect and text effect" in report and "text effect in base: B(b) -> B(t)" in report
+    # the same run without the check and cross-scoring: their old result files go, the report says why
+    assert main(cli_args(run_files, out, "--n", "3", "--no-robustness")) == 0
+    assert "**Scorer robustness**: not run (--no-robustness)." in (out / "report.md").read_text()
+    for name in ("base.reference.cdiff", "tuned.reference.cdiff", "cross.json", "base-on-tuned-text.cdiff"):
+        assert not (out / name).exists()
+    assert json.loads((out / "comparison.json").read_text())["robustness"] is None
 
 
 def test_interrupted_run_resumes_to_the_same_result(run_files, tmp_path, monkeypatch):

@@ -95,3 +95,24 @@ def test_top_k_at_layer_level_is_clamped_and_labelled():
     assert f"({similarity.k}; clamped from 100, which reaches every edge)" in result.to_markdown()
     unclamped = cd.compare(scores(base), scores(tuned), n_resamples=100, breakdown=False, top_k=5).similarity[0]
     assert unclamped.k == 5 and not unclamped.k_clamped
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("alpha", [0.05, 0.01, 0.001])
+def test_minimum_detectable_effect_at_tiny_n_and_small_alpha(n, alpha):
+    """Few degrees of freedom and a small alpha need a large noncentrality: found, not a solver error."""
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=n), rng.normal(size=n)
+    for paired in (True, False):
+        effect = minimum_detectable_effect(x, y, paired, alpha)
+        assert math.isfinite(effect) and effect > 0
+        if paired:  # the power at that effect is the stated 80%
+            df, se = n - 1, np.std(y - x, ddof=1) / math.sqrt(n)
+            critical = stats.t.ppf(1 - alpha / 2, df)
+            power = stats.nct.sf(critical, df, effect / se) + stats.nct.cdf(-critical, df, effect / se)
+            assert power == pytest.approx(0.8, abs=1e-6)
+    g = torch.Generator().manual_seed(n)
+    base = torch.rand(n, GRAPH.n_sources, GRAPH.n_receivers, generator=g)
+    result = cd.compare(scores(base), scores(base + 0.1 * torch.rand(base.shape, generator=g)), confidence=1 - alpha,
+                        n_resamples=50, breakdown=False, edge_tests=False)
+    assert all(math.isfinite(r.detectable) for r in result.rows if r.metric == "intensity")

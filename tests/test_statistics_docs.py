@@ -14,10 +14,10 @@ EXAMPLES = re.findall(r"```python\n((?:(?!```).)*)```\n\n```text\n(.*?)```", PAG
 
 
 def test_the_page_has_worked_examples():
-    assert len(EXAMPLES) == 2
+    assert len(EXAMPLES) == 4
 
 
-@pytest.mark.parametrize("code, shown", EXAMPLES, ids=["robustness", "edge_tests"])
+@pytest.mark.parametrize("code, shown", EXAMPLES, ids=["compare", "robustness", "edge_tests", "cross_scoring"])
 def test_worked_example_output_is_real(code, shown):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

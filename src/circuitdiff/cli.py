@@ -21,6 +21,7 @@ from dataclasses import fields
 
 from circuitdiff.choices import Level
 from circuitdiff.errors import CircuitDiffError
+from circuitdiff.robustness import DEFAULT_SAMPLES, EXACT_EDGE_LIMIT
 
 __all__ = ["main"]
 
@@ -61,8 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     _pipeline_options(compare)
     _trust_options(compare)
     compare.add_argument("--reference-scorer", metavar="NAME",
-                         help="robustness reference (default: exact at layer level; at head level exact up to 20,000 "
-                              "edges, else eap-ig-inputs)")
+                         help="robustness reference (default: exact at layer level; at head level exact up to "
+                              f"{EXACT_EDGE_LIMIT:,} edges, else eap-ig-inputs for eap)")
     compare.set_defaults(run=_compare)
 
     score = commands.add_parser("score", help="generate, filter and score one checkpoint",
@@ -134,8 +135,8 @@ def _trust_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-robustness", dest="robustness", action="store_false",
                         help="skip re-scoring a subsample with a reference scorer (the report then cannot say whether "
                              "its conclusions depend on the scorer)")
-    parser.add_argument("--robustness-samples", type=int, default=16, metavar="N",
-                        help="paired samples re-scored by the robustness check (16)")
+    parser.add_argument("--robustness-samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
+                        help=f"paired samples re-scored by the robustness check ({DEFAULT_SAMPLES})")
     parser.add_argument("--cross-score", action="store_true",
                         help="also score each model on the other's answers: model effect with the text fixed, text "
                              "effect with the model fixed")
@@ -202,13 +203,15 @@ def _compare_scores(args: argparse.Namespace) -> int:
     from circuitdiff.scores import EdgeScores
 
     base, tuned = EdgeScores.load(args.base, mmap=True), EdgeScores.load(args.tuned, mmap=True)  # checks both files
-    reference = None if args.reference_scores is None else tuple(EdgeScores.load(path) for path in args.reference_scores)
-    out = prepare_output_dir(args.out, ("comparison.json", "report.md")) if args.out else None
+    reference = None if args.reference_scores is None else tuple(EdgeScores.load(p) for p in args.reference_scores)
+    out = prepare_output_dir(args.out, ("comparison.json", "report.md", "edge_tests.npz")) if args.out else None
     result = compare(base, tuned, paired=False if args.unpaired else None, coarsen=args.coarsen,
                      reference_scores=reference)
     report = result.to_markdown()
     if out is not None:
         result.to_json(str(out / "comparison.json"))
+        if result.edge_tests is not None:
+            result.edge_tests.save(out / "edge_tests.npz")
         write_text(out / "report.md", f"# circuitdiff compare-scores\n\n{args.base} vs {args.tuned}\n\n{report}\n")
     print(report)
     return 0

@@ -29,22 +29,21 @@ from torch import Tensor
 
 from circuitdiff import metrics, report
 from circuitdiff.errors import ArgumentError, ArgumentTypeError, NonFiniteError, UnknownNameError
+from circuitdiff.differential import EdgeTests, check_fdr
+from circuitdiff.differential import edge_tests as test_every_edge  # compare's option has the function's name
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.pairing import check_same_settings, common_graph, pair
 from circuitdiff.scores import EdgeScores
-from circuitdiff.significance import (difference_test, holm, mean_difference_interval, minimum_detectable_effect,
-                                      pooled_difference_interval)
+from circuitdiff.significance import (SMALL_SAMPLE, difference_test, holm, mean_difference_interval,
+                                      minimum_detectable_effect, pooled_difference_interval)
 
 if TYPE_CHECKING:
-    from circuitdiff.differential import EdgeTests
     from circuitdiff.robustness import Robustness
 
 __all__ = ["Comparison", "MetricComparison", "Similarity", "compare"]
 
 #: Bins of the shared ``|score|`` histogram the Wasserstein distance is computed on.
 WASSERSTEIN_BINS = 4096
-#: Fewer samples than this get a warning: the tests and intervals rest on few samples.
-SMALL_SAMPLE = 30
 
 
 @dataclass(frozen=True)
@@ -224,8 +223,9 @@ def compare(
             at false discovery rate ``fdr``.
         fdr: the Benjamini-Hochberg false discovery rate of the per-edge tests.
         reference_scores: ``(base, tuned)`` re-scored with a reference scorer on a
-            subsample: the result's ``robustness`` says, per metric, whether the
-            conclusion holds under both scorers (:func:`circuitdiff.robustness.scorer_robustness`).
+            subsample, on the compared graph (the layer level with ``coarsen``): the
+            result's ``robustness`` says, per metric, whether the conclusion holds under
+            the reference (:func:`circuitdiff.robustness.scorer_robustness`).
 
     Returns:
         :class:`Comparison`; ``print(result.to_markdown())``.
@@ -244,7 +244,6 @@ def compare(
     if reference_scores is not None and (not isinstance(reference_scores, (tuple, list)) or len(reference_scores) != 2):
         raise ArgumentTypeError("reference_scores must be a pair (base, tuned) of EdgeScores re-scored with a "
                                 f"reference scorer; got {type(reference_scores).__name__}.")
-    original = base, tuned
     check_same_settings(base, tuned)
     base, tuned = common_graph(base, tuned, coarsen)
     pairing = pair(base, tuned, paired is not False)
@@ -277,16 +276,8 @@ def compare(
     everything = profiles["base"]["all"], profiles["tuned"]["all"]
     tests = None
     if edge_tests:
-        from circuitdiff.differential import edge_tests as test_every_edge
-
         tests = test_every_edge(base, tuned, paired=paired, fdr=fdr, chunk_size=chunk_size)
-    checked = None
-    if reference_scores is not None:
-        from circuitdiff.robustness import scorer_robustness
-
-        checked = scorer_robustness(*original, *reference_scores, confidence=confidence, n_resamples=n_resamples,
-                                    seed=seed, structural_zeros=structural_zeros)
-    return Comparison(
+    result = Comparison(
         graph=graph,
         rows=rows,
         similarity=similarity,
@@ -309,14 +300,25 @@ def compare(
         dropped=pairing.dropped,
         definitions={name: {"description": m.description, "units": m.units, "higher_means": m.higher_means}
                      for name, m in everything[0].definitions.items()},
-        warnings=_warnings(rows, pairing.n, confidence),
+        warnings=_warnings(rows, pairing.n, confidence, {name for name, m in everything[0].definitions.items()
+                                                          if isinstance(m, metrics.PooledMetric)}),
         edge_tests=tests,
-        robustness=checked,
     )
+    if reference_scores is not None:
+        from circuitdiff.robustness import scorer_robustness
+
+        result.robustness = scorer_robustness(
+            base, tuned, *reference_scores, headline=result, confidence=confidence, n_resamples=n_resamples, seed=seed,
+            structural_zeros=structural_zeros, bins=bins, top_k=top_k, chunk_size=chunk_size)
+    return result
 
 
-def _warnings(rows: list[MetricComparison], n: dict[str, int], confidence: float) -> list[str]:
-    """What limits the conclusions: few samples; intervals of the ``"all"`` group that span 0."""
+def _warnings(rows: list[MetricComparison], n: dict[str, int], confidence: float, pooled: set[str]) -> list[str]:
+    """What limits the conclusions: few samples; intervals of the ``"all"`` group that span 0.
+
+    ``pooled``: the metrics whose row shows a pooled value (their detectable size is of
+    the per-sample values the test compares).
+    """
     lines = []
     small = {side: count for side, count in n.items() if count < SMALL_SAMPLE}
     if small:
@@ -324,10 +326,17 @@ def _warnings(rows: list[MetricComparison], n: dict[str, int], confidence: float
                      f"{SMALL_SAMPLE}): the tests and intervals rest on few samples and small changes go undetected.")
     for row in rows:
         if row.group == "all" and not (row.ci_low > 0 or row.ci_high < 0):
-            scale = 100 / abs(row.base) if row.base else math.nan
-            lines.append(f"{row.metric}: the {confidence:.0%} CI [{row.ci_low:.3g}, {row.ci_high:.3g}] spans 0 (or is "
-                         f"undefined); changes smaller than ±{row.detectable:.3g} ({row.detectable * scale:.1f}% of "
-                         f"base) are not detectable at n = {row.n_base}/{row.n_tuned} (80% power).")
+            line = (f"{row.metric}: the {confidence:.0%} CI [{row.ci_low:.3g}, {row.ci_high:.3g}] spans 0 (or is "
+                    "undefined)")
+            if math.isfinite(row.detectable):
+                size = f"±{row.detectable:.3g}"
+                if row.metric in pooled:  # the test's per-sample values, not the pooled value of the row
+                    size += " in the per-sample values"
+                elif row.base:
+                    size += f" ({100 * row.detectable / abs(row.base):.1f}% of base)"
+                line += (f"; changes smaller than {size} are not detectable at n = {row.n_base}/{row.n_tuned} "
+                         "(80% power)")
+            lines.append(line + ".")
     return lines
 
 
@@ -344,8 +353,7 @@ def _check_options(bins: object, confidence: object, top_k: object, n_resamples:
         raise ArgumentError(f"seed must be an integer or None; got {seed!r}.")
     if paired not in (None, True, False):
         raise ArgumentError(f"paired must be None, True or False; got {paired!r}.")
-    if isinstance(fdr, bool) or not isinstance(fdr, (int, float)) or not 0 < fdr < 1:
-        raise ArgumentError(f"fdr must be in (0, 1); got {fdr!r}.")
+    check_fdr(fdr)
 
 
 def _row(metric: str, group: str, b: metrics.Profile, t: metrics.Profile, paired: bool, confidence: float,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from circuitdiff.comparison import Comparison, compare
-from circuitdiff.report import markdown_table
+from circuitdiff.report import change_cell, markdown_table
 from circuitdiff.scores import EdgeScores
 
 __all__ = ["CrossComparison", "cross_compare"]
@@ -59,12 +59,11 @@ class CrossComparison:
             cells = []
             for key, _ in EFFECTS:
                 row = self.comparisons[key].get(metric, group)
-                scale = 100 / abs(row.base) if row.base else float("nan")
-                cells.append(f"{row.percent_change:+.1f}% [{row.ci_low * scale:+.1f}, {row.ci_high * scale:+.1f}] "
-                             f"p={row.p_value:.2g}")
+                cells.append(f"{change_cell(row)} p={row.p_value:.2g}")
             rows.append([metric, *cells])
+        confidence = first.settings.get("confidence", 0.95)
         intro = ("B = base model, T = tuned model; (b) = scored on base's answers, (t) = on tuned's. Each cell: "
-                 "change in % of the first side [95% CI] and the paired test's p-value.")
+                 f"change in % of the first side [{confidence:.0%} CI] and the paired test's p-value.")
         return intro + "\n\n" + markdown_table(["metric", *(label for _, label in EFFECTS)], rows)
 
     def to_dict(self) -> dict[str, Any]:

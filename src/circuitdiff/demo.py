@@ -26,7 +26,7 @@ from typing import Callable
 from circuitdiff.comparison import Comparison
 from circuitdiff.errors import DataError
 from circuitdiff.pipeline import PipelineConfig, run_compare, write_text
-from circuitdiff.report import markdown_table
+from circuitdiff.report import change_cell, markdown_table
 from circuitdiff.robustness import Robustness
 
 __all__ = ["DEMO_DATA", "TUNED_MODELS", "demo_config", "check_demo_files", "file_sha256", "run_demo", "side_by_side"]
@@ -132,43 +132,39 @@ def _reuse_base_generations(out: Path, name: str) -> None:
 
 
 def side_by_side(results: dict[str, Comparison], group: str = "all") -> str:
-    """One markdown table: per metric, each comparison's % change with its CI and p-value.
+    """One markdown table: per metric, each comparison's % change with its CI and p-values.
 
-    A cell reads ``+12.3% [+8.1, +16.0] p=0.001``: the change of the mean from base to
-    tuned in % of base, the bootstrap CI of the difference in % of base, and the test's
-    p-value. The last rows are the cross-model Spearman correlation of the mean edge scores
-    and the sample count. When the comparisons carry a scorer robustness check, a second
-    table gives each metric's verdict (robust, scorer-dependent, inconclusive).
+    A cell reads ``+12.3% [+8.1, +16.0] p=0.001 (Holm 0.004)``: the change of the mean
+    from base to tuned in % of base, the bootstrap CI of the difference in % of base, the
+    test's p-value and its Holm adjustment across the group's metrics. The last rows are
+    the cross-model Spearman correlation of the mean edge scores and the sample count.
+    When the comparisons carry a scorer robustness check, a second table gives each
+    metric's verdict (robust, scorer-dependent, inconclusive).
     """
     names = list(results)
-    first = results[names[0]]
-    metrics = [row.metric for row in first.rows if row.group == group]
+    metrics = [row.metric for row in results[names[0]].rows if row.group == group]
     rows = []
     for metric in metrics:
-        cells = []
-        for name in names:
-            row = results[name].get(metric, group)
-            scale = 100 / abs(row.base) if row.base else float("nan")
-            cells.append(f"{row.percent_change:+.1f}% [{row.ci_low * scale:+.1f}, {row.ci_high * scale:+.1f}] "
-                         f"p={row.p_value:.2g}")
-        rows.append([metric, *cells])
+        cells = [results[name].get(metric, group) for name in names]
+        rows.append([metric, *(f"{change_cell(row)} p={row.p_value:.2g} (Holm {row.p_holm:.2g})" for row in cells)])
     spearman = [next(s.spearman for s in results[n].similarity if s.group == group) for n in names]
     rows.append(["Spearman(base, tuned)", *(f"{s:.3f}" for s in spearman)])
     rows.append(["samples (paired)", *(f"{results[n].settings.get('n_base')}" for n in names)])
     table = markdown_table([f"metric ({group} edges)", *(f"base -> {n}" for n in names)], rows)
-    checked = {n: results[n].robustness for n in names if results[n].robustness is not None}
-    if not checked:
+    checked = {n: results[n].robustness for n in names}
+    if all(robustness is None for robustness in checked.values()):
         return table
-    verdicts = [[metric, *(_verdict_cell(checked[n], metric) if n in checked else "not checked" for n in names)]
-                for metric in metrics]
-    first = next(iter(checked.values()))
-    return (f"{table}\n\nScorer robustness ({first.primary} vs {first.reference} on "
-            f"{len(first.sample_ids)} paired samples of each comparison; see each report):\n\n"
-            + markdown_table(["metric", *(f"base -> {n}" for n in names)], verdicts))
+    verdicts = [[metric, *(_verdict_cell(checked[n], metric) for n in names)] for metric in metrics]
+    headers = [f"base -> {n}" + ("" if r is None else f" ({r.primary} vs {r.reference}, {len(r.sample_ids)} samples)")
+               for n, r in checked.items()]
+    return (f"{table}\n\nScorer robustness: does each headline hold under the reference scorer, re-run on a "
+            "subsample? (see each comparison's report)\n\n" + markdown_table(["metric", *headers], verdicts))
 
 
-def _verdict_cell(robustness: Robustness, metric: str) -> str:
-    """``scorer-dependent (eap down, exact up)``-style cell of the side-by-side verdict table."""
+def _verdict_cell(robustness: Robustness | None, metric: str) -> str:
+    """``scorer-dependent (eap down, exact up)``: the verdict, the headline's and the reference's directions."""
+    if robustness is None:
+        return "not checked"
     verdict = robustness.verdict(metric)
-    return (f"{verdict.verdict} ({verdict.primary.scorer} {verdict.primary.direction}, "
+    return (f"{verdict.verdict} ({verdict.headline.scorer} {verdict.headline.direction}, "
             f"{verdict.reference.scorer} {verdict.reference.direction})")

@@ -28,8 +28,11 @@ with the parallel update of Chan, Golub and LeVeque (1979). A 7B head-level grap
 memory-mapped ``.cdiff`` files chunk by chunk. A rank test (Wilcoxon, Mann-Whitney) would
 need every sample of an edge at once. The t-test is exact when the differences (paired)
 or the scores (unpaired) are normal; otherwise, by the central limit theorem, its
-p-values are approximately right for about 30 samples or more. Results with fewer say so
-in ``EdgeTests.warnings``.
+p-values are approximately right for about 30 samples or more, at moderate p-values.
+Far in the tail, where Benjamini-Hochberg draws its line over millions of edges (p of
+1e-7 and below), skewed or heavy-tailed scores can make them too small: check the edges
+you report with more samples or a permutation test. Results with fewer than 30 samples
+say so in ``EdgeTests.warnings``.
 
 Constant edges: where the differences of an edge (paired), or the scores on both sides
 (unpaired), are all exactly equal, the standard deviation is 0. If the mean difference
@@ -42,8 +45,11 @@ plus a few ``[n_edges]`` float64 arrays; the score files are never loaded whole.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -55,16 +61,16 @@ from torch import Tensor
 from circuitdiff import metrics, report
 from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError, NonFiniteError
 from circuitdiff.graph import AttributionGraph
+from circuitdiff.io import write_atomically
 from circuitdiff.pairing import check_same_settings, common_graph, pair
 from circuitdiff.scores import EdgeScores
+from circuitdiff.significance import SMALL_SAMPLE
 from circuitdiff.typecheck import shape_checked
 
-__all__ = ["EdgeTests", "edge_tests", "CHUNK_VALUES", "MIN_SAMPLES_CLT"]
+__all__ = ["EdgeTests", "edge_tests", "check_fdr", "CHUNK_VALUES"]
 
 #: Float64 values (samples x edges) read per side and chunk when ``chunk_size`` is None (128 MiB).
 CHUNK_VALUES = 1 << 24
-#: Fewer samples than this on a side add a warning: the p-values then rest on normality.
-MIN_SAMPLES_CLT = 30
 _DIRECTIONS = ("strengthened", "weakened")
 
 
@@ -212,6 +218,32 @@ class EdgeTests:
             "per_layer": self.per_layer(), "dropped": self.dropped, "warnings": self.warnings,
         })
 
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write every edge's result to a compressed ``.npz`` file (numpy arrays only, no pickles); returns its path.
+
+        Arrays, one entry per real edge: ``edge`` (names), ``source``, ``receiver``
+        (matrix indices), ``base_mean``, ``tuned_mean``, ``difference``, ``statistic``,
+        ``df``, ``p_value``, ``q_value``, ``effect_size``, ``significant``; and
+        ``settings``, the JSON text of :meth:`to_dict` without the top tables. Read it with
+        ``numpy.load(path)`` (e.g. ``pandas.DataFrame({k: f[k] for k in f.files if k != "settings"})``).
+        Written atomically.
+        """
+        path = Path(path)
+        names = np.array(self.edge_names(np.arange(self.sources.size)), dtype=str)
+        settings = {key: value for key, value in self.to_dict(k=0).items() if key != "top"}
+        arrays = {"edge": names, "source": self.sources, "receiver": self.receivers, "base_mean": self.base_mean,
+                  "tuned_mean": self.tuned_mean, "difference": self.difference, "statistic": self.statistic,
+                  "df": np.broadcast_to(np.asarray(self.df, dtype=float), self.sources.shape),
+                  "p_value": self.p_value, "q_value": self.q_value, "effect_size": self.effect_size,
+                  "significant": self.significant(), "settings": np.array(json.dumps(settings))}
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:  # a file object: numpy appends no ".npz" to the name
+                np.savez_compressed(handle, **arrays)
+
+        write_atomically(path, write)
+        return path
+
     def to_json(self, path: str | None = None, k: int = 10) -> str:
         """:meth:`to_dict` as JSON text; also written to ``path`` if given."""
         return report.write_json(self.to_dict(k), path)
@@ -288,23 +320,28 @@ def _check_options(paired: object, fdr: object, coarsen: object, chunk_size: obj
     """Refuse option values :func:`edge_tests` cannot use (ArgumentError naming the option)."""
     if paired not in (None, True, False):
         raise ArgumentError(f"paired must be None, True or False; got {paired!r}.")
-    if isinstance(fdr, bool) or not isinstance(fdr, (int, float)) or not 0 < fdr < 1:
-        raise ArgumentError(f"fdr must be a number in (0, 1), e.g. 0.05; got {fdr!r}.")
+    check_fdr(fdr)
     if not isinstance(coarsen, bool):
         raise ArgumentError(f"coarsen must be True or False; got {coarsen!r}.")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ArgumentError(f"chunk_size must be a positive integer or None; got {chunk_size!r}.")
 
 
+def check_fdr(fdr: object) -> None:
+    """Refuse a false discovery rate outside (0, 1) (ArgumentError)."""
+    if isinstance(fdr, bool) or not isinstance(fdr, (int, float)) or not 0 < fdr < 1:
+        raise ArgumentError(f"fdr must be a number in (0, 1), e.g. 0.05; got {fdr!r}.")
+
+
 def _warnings(paired: bool, n_base: int, n_tuned: int) -> list[str]:
-    """The caveat on the p-values when a side has fewer than ``MIN_SAMPLES_CLT`` samples."""
+    """The caveat on the p-values when a side has fewer than ``SMALL_SAMPLE`` samples."""
     n = min(n_base, n_tuned)
-    if n >= MIN_SAMPLES_CLT:
+    if n >= SMALL_SAMPLE:
         return []
     what = f"only {n} pairs" if paired else f"only {n_base} base and {n_tuned} tuned samples"
     shape = "the per-sample differences are" if paired else "each edge's scores are"
-    return [f"{what} (fewer than {MIN_SAMPLES_CLT}): the t-test's p-values, and so the FDR control, are exact only "
-            f"if {shape} normally distributed; with {MIN_SAMPLES_CLT} or more samples they are approximately right "
+    return [f"{what} (fewer than {SMALL_SAMPLE}): the t-test's p-values, and so the FDR control, are exact only "
+            f"if {shape} normally distributed; with {SMALL_SAMPLE} or more samples they are approximately right "
             "whatever the distribution. Score more samples or check the distribution."]
 
 

@@ -9,7 +9,8 @@ and writes everything into one output directory:
 | ``base.shards/``, ``tuned.shards/`` | per-batch score shards (resumable) |
 | ``base.cdiff``, ``tuned.cdiff`` | the per-sample edge scores |
 | ``comparison.json``, ``report.md`` | :func:`circuitdiff.compare` and its tables |
-| ``base.reference.cdiff``, ``tuned.reference.cdiff`` (and ``.shards/``) | the scorer robustness check's re-scored subsample |
+| ``base.reference.cdiff``, ``tuned.reference.cdiff`` (and ``.reference-SCORER-N.shards/``) | the scorer robustness check's re-scored subsample |
+| ``edge_tests.npz`` | every edge's per-edge test (:meth:`circuitdiff.differential.EdgeTests.save`) |
 | ``base-on-tuned-text.cdiff``, ``tuned-on-base-text.cdiff`` (and ``.shards/``), ``cross.json`` | cross-scoring, with ``cross_score`` |
 | ``figures/`` | plots, when matplotlib is installed |
 | ``run.json`` | parameters, every filter count, versions |
@@ -47,7 +48,7 @@ from circuitdiff.graph import AttributionGraph
 from circuitdiff.io import write_atomically
 from circuitdiff.models import load_model
 from circuitdiff.report import json_ready
-from circuitdiff.robustness import choose_reference, reference_cost, subsample
+from circuitdiff.robustness import DEFAULT_SAMPLES, choose_reference, no_reference_reason, reference_cost, subsample
 from circuitdiff.scorers import Scorer
 from circuitdiff.scorers.base import renamed_method
 from circuitdiff.scores import EdgeScores
@@ -85,7 +86,7 @@ class PipelineConfig:
     fresh: bool = False  # discard cached generations and score shards of an earlier run in the output directory
     nonfinite: str = "error"  # "drop": leave samples with NaN/inf scores out (listed in the report)
     robustness: bool = True  # re-score a subsample with a reference scorer; the report says if conclusions hold
-    robustness_samples: int = 16  # paired samples in that subsample (drawn with seed)
+    robustness_samples: int = DEFAULT_SAMPLES  # paired samples in that subsample (drawn with seed)
     reference_scorer: str | None = None  # default: circuitdiff.robustness.choose_reference
     cross_score: bool = False  # also score each model on the other's answers (model vs text effect)
     method: InitVar[str | None] = None  # deprecated alias of scorer
@@ -198,7 +199,7 @@ def score_answers(model: Any, graph: AttributionGraph, prompts: Sequence[str], a
                            sample_ids=sample_ids)
     scores = attribute(model, graph, batches, objective="answer_nll", scorer=scorer, intervention=intervention,
                        progress=progress, checkpoint_dir=shards, fresh=fresh, nonfinite=nonfinite)
-    scores.metadata.update({"t_cut": t_cut, "objective": "answer_nll (self-entropy on own answer)"})
+    scores.metadata.update({"t_cut": t_cut, "objective": "answer_nll (self-entropy of the answer)"})
     return scores
 
 
@@ -235,12 +236,13 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
     log(f"{len(both)} answered correctly by both; kept {len(chosen)} "
         f"(dropped: {selection.dropped}); T_cut = {selection.t_cut} tokens")
 
-    scores = {side: _score(models[side], questions, generations[side], chosen, selection.t_cut, config,
-                           out / f"{side}.shards", out / f"{side}.cdiff") for side in models}
+    scores = {side: _score(models[side], questions, generations[side], chosen, selection.t_cut, config, out, side)
+              for side in models}
     reference, robustness_note = _reference_scores(models, questions, generations, chosen, selection.t_cut, config,
                                                    scores, out, log)
     cross = _cross_scores(models, questions, generations, chosen, selection.t_cut, config, out) \
         if config.cross_score else None
+    _remove_stale_outputs(out, reference is not None, cross is not None)
     del models
     gc.collect()
 
@@ -249,9 +251,11 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
         result.robustness.cost = robustness_note
     result.dropped += _questions_left_out(questions, generations, both, selection)
     result.to_json(str(out / "comparison.json"))
+    if result.edge_tests is not None:
+        result.edge_tests.save(out / "edge_tests.npz")
     report = result.to_markdown(result.groups)  # every group: all, by receiver and source kind, by layer
     sections = [f"# circuitdiff compare\n\n{_describe(counts, selection.t_cut, config)}"]
-    if reference is None and robustness_note:
+    if reference is None:
         sections.append(f"**Scorer robustness**: {robustness_note}")
     sections.append(report)
     if cross is not None:
@@ -293,8 +297,7 @@ def _run_score(model_dir: str | os.PathLike[str], questions_path: str | os.PathL
     selection = config.select(lengths, lengths)
     chosen = _chosen(correct, selection, counts)
     log(f"{len(correct)}/{len(questions)} answered correctly; kept {len(chosen)}; T_cut = {selection.t_cut} tokens")
-    scores = _score(model, questions, generations, chosen, selection.t_cut, config, out / "model.shards",
-                    out / "scores.cdiff")
+    scores = _score(model, questions, generations, chosen, selection.t_cut, config, out, "scores", cache="model")
     summary = summarize(scores)["all"] if scores.n_samples >= 2 else {}
     write_text(out / "run.json", json.dumps({
         "model": str(model_dir), "questions": str(questions_path), "config": asdict(config), "device": device,
@@ -307,7 +310,8 @@ def _run_score(model_dir: str | os.PathLike[str], questions_path: str | os.PathL
 
 _COMPARE_OUTPUTS = ("comparison.json", "report.md", "run.json", "base.cdiff", "tuned.cdiff",
                     "base.generations.jsonl", "tuned.generations.jsonl", "base.reference.cdiff",
-                    "tuned.reference.cdiff", "cross.json", "base-on-tuned-text.cdiff", "tuned-on-base-text.cdiff")
+                    "tuned.reference.cdiff", "cross.json", "base-on-tuned-text.cdiff", "tuned-on-base-text.cdiff",
+                    "edge_tests.npz")
 _SCORE_OUTPUTS = ("scores.cdiff", "run.json", "model.generations.jsonl")
 
 
@@ -380,16 +384,22 @@ def _chosen(candidates: list[int], selection: LengthSelection, counts: dict[str,
     return chosen
 
 
-def _score(model: Any, questions: list[Question], generations: list[Generation], chosen: list[int], t_cut: int,
-           config: PipelineConfig, shards: Path, path: Path) -> EdgeScores:
-    """Score the chosen questions on the model's own answers; save the scores to ``path``."""
+def _score(model: Any, questions: list[Question], answers: list[Generation], picked: list[int], t_cut: int,
+           config: PipelineConfig, out: Path, name: str, *, scorer: str | Scorer | None = None,
+           answered_by: str = "own", cache: str | None = None) -> EdgeScores:
+    """Score the questions at ``picked`` on ``answers`` (one per question); save them to ``out/{name}.cdiff``.
+
+    Resumable in ``out/{cache or name}.shards``. ``scorer`` defaults to the config's;
+    ``answered_by`` ("own", "base", "tuned") is recorded as ``metadata["answers"]``.
+    """
     graph = AttributionGraph.from_model(model, level=config.level)
-    scores = score_answers(model, graph, [questions[i].prompt for i in chosen],
-                           [generations[i].answer_ids for i in chosen], t_cut=t_cut, shards=shards,
-                           scorer=config.make_scorer(), intervention=config.intervention, batch_size=config.batch_size,
-                           progress=config.progress, sample_ids=[questions[i].id for i in chosen], fresh=config.fresh,
+    scores = score_answers(model, graph, [questions[i].prompt for i in picked], [answers[i].answer_ids for i in picked],
+                           t_cut=t_cut, shards=out / f"{cache or name}.shards", scorer=scorer or config.make_scorer(),
+                           intervention=config.intervention, batch_size=config.batch_size, progress=config.progress,
+                           sample_ids=[questions[i].id for i in picked], fresh=config.fresh,
                            nonfinite=config.nonfinite)
-    scores.save(path)
+    scores.metadata["answers"] = "the model's own" if answered_by == "own" else f"the {answered_by} model's"
+    scores.save(out / f"{name}.cdiff")
     return scores
 
 
@@ -398,44 +408,44 @@ def _reference_scores(models: dict[str, Any], questions: list[Question], generat
                       log: Callable[[str], None]) -> tuple[tuple[EdgeScores, EdgeScores] | None, str]:
     """Both models re-scored with the reference scorer on a seeded subsample, and a line on the cost.
 
-    None (and the reason) when the check is off or the scorer is exact (the reference itself).
+    None (and the reason) when the check is off or there is no affordable reference. The
+    shards live in ``{side}.reference-{scorer}-{n}.shards``, so another reference or
+    subsample size starts its own cache instead of clashing with this one.
     """
     if not config.robustness:
         return None, "not run (--no-robustness)."
     graph = scores["base"].graph
     reference = config.reference_scorer or choose_reference(graph, config.scorer)
     if reference is None:
-        return None, "not needed: the scores are exact ablation, the reference itself."
-    ids = subsample(scores["base"], scores["tuned"], config.robustness_samples, config.seed)
-    cost = reference_cost(graph, reference, len(ids), config.scorer, len(chosen))
+        return None, no_reference_reason(graph, config.scorer)
+    ids = set(subsample(scores["base"], scores["tuned"], config.robustness_samples, config.seed))
+    picked = [i for i in chosen if questions[i].id in ids]
+    cost = reference_cost(graph, reference, len(picked), config.scorer, len(chosen))
     log(cost)
-    position = {questions[i].id: i for i in chosen}
-    picked = [position[sample] for sample in ids]
     rescored = {}
     for side, model in models.items():
-        rescored[side] = score_answers(
-            model, graph, [questions[i].prompt for i in picked], [generations[side][i].answer_ids for i in picked],
-            t_cut=t_cut, shards=out / f"{side}.reference.shards", scorer=reference, batch_size=config.batch_size,
-            progress=config.progress, sample_ids=ids, fresh=config.fresh, nonfinite=config.nonfinite)
-        rescored[side].save(out / f"{side}.reference.cdiff")
+        rescored[side] = _score(model, questions, generations[side], picked, t_cut, config, out,
+                                f"{side}.reference", scorer=reference,
+                                cache=f"{side}.reference-{reference}-{len(picked)}")
     return (rescored["base"], rescored["tuned"]), cost
-
-
 def _cross_scores(models: dict[str, Any], questions: list[Question], generations: dict[str, list[Generation]],
                   chosen: list[int], t_cut: int, config: PipelineConfig, out: Path) -> dict[str, EdgeScores]:
     """Each model scored on the other model's answers: ``{"base": B(t), "tuned": T(b)}``."""
     other = {"base": "tuned", "tuned": "base"}
-    crossed = {}
-    for side, model in models.items():
-        name = f"{side}-on-{other[side]}-text"
-        graph = AttributionGraph.from_model(model, level=config.level)
-        crossed[side] = score_answers(
-            model, graph, [questions[i].prompt for i in chosen], [generations[other[side]][i].answer_ids for i in chosen],
-            t_cut=t_cut, shards=out / f"{name}.shards", scorer=config.make_scorer(), batch_size=config.batch_size,
-            progress=config.progress, sample_ids=[questions[i].id for i in chosen], fresh=config.fresh,
-            nonfinite=config.nonfinite)
-        crossed[side].save(out / f"{name}.cdiff")
-    return crossed
+    return {side: _score(model, questions, generations[other[side]], chosen, t_cut, config, out,
+                         f"{side}-on-{other[side]}-text", answered_by=other[side])
+            for side, model in models.items()}
+
+
+def _remove_stale_outputs(out: Path, robustness: bool, cross: bool) -> None:
+    """Delete result files an earlier run in ``out`` wrote and this one does not (they would contradict its report).
+
+    Score shards stay: they are caches, bound to what produced them.
+    """
+    stale = [] if robustness else ["base.reference.cdiff", "tuned.reference.cdiff"]
+    stale += [] if cross else ["base-on-tuned-text.cdiff", "tuned-on-base-text.cdiff", "cross.json"]
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
 
 
 def _questions_left_out(questions: list[Question], generations: dict[str, list[Generation]], both: list[int],
@@ -447,8 +457,10 @@ def _questions_left_out(questions: list[Question], generations: dict[str, list[G
         if wrong:
             left_out.append({"side": "both", "id": question.id,
                              "reason": f"answered incorrectly by {' and '.join(wrong)}"})
+    sampled = f"not sampled (n={selection.parameters.get('n')}, seed {selection.parameters.get('seed')})"
     for position, rule in selection.removed.items():
-        left_out.append({"side": "both", "id": questions[both[position]].id, "reason": f"length rule: {rule}"})
+        reason = sampled if rule == "not sampled" else f"length rule: {rule}"
+        left_out.append({"side": "both", "id": questions[both[position]].id, "reason": reason})
     return left_out
 
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from circuitdiff.agreement import Agreement
     from circuitdiff.comparison import Comparison
 
-__all__ = ["markdown_table", "json_ready", "write_json", "comparison_markdown", "comparison_dict",
+__all__ = ["markdown_table", "change_cell", "json_ready", "write_json", "comparison_markdown", "comparison_dict",
            "agreement_markdown"]
 
 _SEPARATORS = {"l": "---", "r": "---:", "c": ":---:"}
@@ -63,6 +63,17 @@ def _line(cells: Sequence[str], pad: bool = True) -> str:
         return "|" + "|".join(cells) + "|"
     escaped = [str(c).replace("|", r"\|") for c in cells]
     return "|" + "|".join(f" {c} " if c else " " for c in escaped) + "|"
+
+
+def change_cell(row: Any) -> str:
+    """``+12.3% [+8.1, +16.0]``: a row's change in % of base and its interval in % of base.
+
+    ``row`` has ``base``, ``percent_change``, ``ci_low`` and ``ci_high`` (a
+    :class:`~circuitdiff.comparison.MetricComparison` or a robustness finding); the
+    interval is of ``tuned - base`` divided by ``|base|``.
+    """
+    scale = 100 / abs(row.base) if row.base else math.nan
+    return f"{row.percent_change:+.1f}% [{row.ci_low * scale:+.1f}, {row.ci_high * scale:+.1f}]"
 
 
 def json_ready(value: Any) -> Any:
@@ -124,7 +135,7 @@ def comparison_markdown(comparison: Comparison, groups: Sequence[str] | None = N
 
 
 def _top_k_cell(similarity: Any, requested: Any) -> str:
-    """``0.429 (100)``, or ``1.000 (27; clamped from 100, half of 54 edges)``."""
+    """``0.429 (100)``, or ``0.551 (38; clamped from 100, which reaches every edge)``."""
     if not getattr(similarity, "k_clamped", False):
         return f"{similarity.top_k_jaccard:.3f} ({similarity.k})"
     return (f"{similarity.top_k_jaccard:.3f} ({similarity.k}; clamped from {requested}, which reaches every edge)")
