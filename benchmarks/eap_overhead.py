@@ -48,13 +48,16 @@ CONFIGS = {
     # A harder case for the ratio: a Llama with a small vocabulary, so the
     # unembedding does not dominate the plain pass.
     "llama-512": dict(arch="llama", vocab=512),
+    # The families added since (issue 21), each a tiny row beside the others.
+    "qwen3-512": dict(arch="qwen3", vocab=512),
+    "llama3-512": dict(arch="llama3", vocab=512),
 }
 D_MODEL, N_LAYERS, N_HEADS, BATCH, POS, ANSWER = 256, 4, 8, 8, 64, 8
 
 
 def build_checkpoint(name: str, directory: Path) -> Path:
     from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
 
     spec = CONFIGS[name]
     torch.manual_seed(0)
@@ -62,9 +65,17 @@ def build_checkpoint(name: str, directory: Path) -> Path:
         config = GPT2Config(vocab_size=spec["vocab"], n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS,
                             n_positions=POS + 1)
     else:
-        config = LlamaConfig(vocab_size=spec["vocab"], hidden_size=D_MODEL, intermediate_size=4 * D_MODEL,
-                             num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS, num_key_value_heads=N_HEADS,
-                             max_position_embeddings=POS + 1)
+        shape = dict(vocab_size=spec["vocab"], hidden_size=D_MODEL, intermediate_size=4 * D_MODEL,
+                     num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS, num_key_value_heads=N_HEADS,
+                     max_position_embeddings=POS + 1)
+        if spec["arch"] == "qwen3":
+            config = Qwen3Config(head_dim=D_MODEL // N_HEADS, **shape)
+        elif spec["arch"] == "llama3":
+            config = LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                                 **shape)
+        else:
+            config = LlamaConfig(**shape)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     vocab = {f"t{i}": i for i in range(spec["vocab"] - 1)} | {"[UNK]": spec["vocab"] - 1}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),

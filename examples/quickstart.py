@@ -1,9 +1,10 @@
-"""circuitdiff in one page, on a tiny random Llama it builds itself (no download).
+"""circuitdiff in one page, on a tiny random model it builds itself (no download).
 
-    python examples/quickstart.py [--out DIR]
+    python examples/quickstart.py [--out DIR] [--arch llama|qwen3]
 
-1. builds a 3-layer Llama with grouped-query attention and a word-level tokenizer,
-   saves it like any Hugging Face checkpoint and loads it with cd.load_model;
+1. builds a 3-layer Llama (or Qwen3, with its per-head QK-norm) with grouped-query
+   attention and a word-level tokenizer, saves it like any Hugging Face checkpoint and
+   loads it with cd.load_model;
 2. scores every edge of the head-level graph with EAP (zero ablation and patching),
    per sample, with the answer-NLL objective;
 3. checks the layer-level graph is the exact coarsening of the head-level one;
@@ -26,30 +27,32 @@ import circuitdiff as cd  # noqa: E402
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "plus", "is"]
 
 
-def build_tiny_checkpoint(directory: Path) -> Path:
-    """A random Llama (3 layers, d_model 64, 4 query / 2 key-value heads) + tokenizer."""
+def build_tiny_checkpoint(directory: Path, arch: str = "llama") -> Path:
+    """A random Llama or Qwen3 (3 layers, d_model 64, 4 query / 2 key-value heads) + tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
 
     vocab = {word: i for i, word in enumerate(WORDS + ["[PAD]", "[UNK]"])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(directory)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         initializer_range=0.2, pad_token_id=vocab["[PAD]"])
-    LlamaForCausalLM(config).save_pretrained(directory)
+    shape = dict(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, initializer_range=0.2,
+                 pad_token_id=vocab["[PAD]"])
+    config = Qwen3Config(head_dim=16, **shape) if arch == "qwen3" else LlamaConfig(**shape)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="where to write quickstart.cdiff (default: a temp dir)")
+    parser.add_argument("--arch", choices=["llama", "qwen3"], default="llama", help="the tiny model's family (llama)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = cd.load_model(build_tiny_checkpoint(Path(tmp) / "tiny-llama"), device="cpu")
+        model = cd.load_model(build_tiny_checkpoint(Path(tmp) / f"tiny-{args.arch}", args.arch), device="cpu")
         print(f"model: {cd.describe_model(model)}")
 
         prompts = ["two plus three is", "one plus one is", "four plus four is", "three plus five is"]

@@ -126,6 +126,22 @@ def test_unvalidated_architecture_is_refused(tmp_path):
         cd.load_model(hf, tokenizer=AutoTokenizer.from_pretrained(tmp_path))
 
 
+@pytest.mark.parametrize("family, closest", [("olmo2", "post-norm.*closest validated family is Qwen3ForCausalLM"),
+                                             ("qwen3_moe", "MoE MLP block.*closest validated family is Qwen3ForCausalLM")])
+def test_families_not_yet_validated_name_the_closest_one(tmp_path, family, closest):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Olmo2Config, Qwen3MoeConfig
+
+    tm.save_tokenizer(tmp_path)
+    shape = dict(vocab_size=tm.VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    config = Olmo2Config(**shape) if family == "olmo2" else Qwen3MoeConfig(
+        head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, **shape)
+    hf = AutoModelForCausalLM.from_config(config)
+    hf.config.architectures = [type(hf).__name__]  # what save_pretrained writes, and TransformerLens reads
+    with pytest.raises(cd.UnsupportedModelError, match=f"has not been validated.*{closest}.*docs/support.md"):
+        cd.load_model(hf, tokenizer=AutoTokenizer.from_pretrained(tmp_path))
+
+
 def test_split_qkv_mode_is_refused(get_reference):
     with pytest.raises(cd.UnsupportedModelError, match=r"set_use_split_qkv_input\(False\)"):
         cd.describe_model(get_reference("llama"))

@@ -38,8 +38,8 @@ def brute_force(reference, graph, batch, objective, deltas, edges) -> dict[tuple
 # ---------------------------------------------------------------------------- exact
 @pytest.mark.parametrize("level", ["head", "layer"])
 @pytest.mark.parametrize("intervention", INTERVENTIONS)
-@pytest.mark.parametrize("arch", ["llama", pytest.param("gpt2", marks=pytest.mark.slow),
-                                  pytest.param("neox", marks=pytest.mark.slow)])  # -m "not slow": llama only
+@pytest.mark.parametrize("arch", ["llama", *(pytest.param(a, marks=pytest.mark.slow)
+                                             for a in ("gpt2", "neox", "qwen2", "mistral", "qwen3", "llama3"))])
 def test_exact_equals_one_edge_at_a_time(get_model, get_reference, arch, intervention, level):
     model, graph, batches, refs = setup(get_model, arch, level, intervention)
     reference = get_reference(arch)
@@ -136,7 +136,8 @@ def block_ablated_losses(reference, batch, objective, hook_name: str, add: torch
 
 
 @pytest.mark.parametrize("intervention", ["patching", pytest.param("mean", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("arch", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])  # fast: llama-patching
+@pytest.mark.parametrize("arch", ["llama", *(pytest.param(a, marks=pytest.mark.slow)
+                                             for a in ("gpt2", "neox", "qwen2", "mistral", "qwen3", "llama3"))])
 def test_eap_ig_completeness_approaches_exact_block_ablation(get_model, get_reference, arch, intervention):
     """The sum of a block's outgoing scores tends to L(block replaced) - L(clean) as steps grow.
 

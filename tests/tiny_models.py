@@ -16,7 +16,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 40
-ARCHITECTURES = ("gpt2", "llama", "qwen2", "neox", "mistral")
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "neox", "mistral", "qwen3", "llama3")
 
 
 def save_tokenizer(directory: Path) -> None:
@@ -32,7 +32,7 @@ def save_tokenizer(directory: Path) -> None:
 
 
 def hf_config(arch: str, n_layers: int = 3, d_model: int = 32, n_heads: int = 4):
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, initializer_range=0.2, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
                   pad_token_id=VOCAB - 2)
@@ -44,6 +44,11 @@ def hf_config(arch: str, n_layers: int = 3, d_model: int = 32, n_heads: int = 4)
                              rotary_pct=0.5, **common)
     gated = dict(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
                  num_attention_heads=n_heads, num_key_value_heads=n_heads // 2, max_position_embeddings=64, **common)
+    if arch == "qwen3":  # per-head RMSNorm of q and k after the projections (QK-norm)
+        return Qwen3Config(head_dim=d_model // n_heads, **gated)
+    if arch == "llama3":  # Llama 3.x rope scaling: frequencies rescaled beyond the original context
+        return LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8}, **gated)
     return {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch](**gated)
 
 
@@ -212,6 +217,7 @@ def float64_throughout(bridge) -> None:
         original = block.attn._masked_softmax
         block.attn._masked_softmax = lambda scores, dtype=None, f=original: f(scores, dtype=None)
         modules += [block.ln1, block.ln2]
+        modules += [getattr(block.attn, name) for name in ("q_norm", "k_norm") if hasattr(block.attn, name)]  # QK-norm
     for norm in modules:
         hf = norm.original_component
         if "RMSNorm" in type(hf).__name__:

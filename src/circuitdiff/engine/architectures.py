@@ -9,7 +9,8 @@ built from a loaded model or from a config alone (no weights).
 Adding an architecture: one :class:`Family` entry here, then the proof tests on a tiny
 random checkpoint (``tests/tiny_models.py``): EAP == central finite differences and
 layer == coarsened head (``tests/test_eap_correctness.py``), exact == one-edge ablation
-(``tests/test_scorers.py``), for zero and patching.
+and EAP-IG completeness (``tests/test_scorers.py``), for every intervention; then the
+support table in ``docs/support.md`` (``python tests/test_support_table.py`` prints it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from circuitdiff.errors import UnknownNameError, UnsupportedModelError
 
-__all__ = ["Family", "FAMILIES", "SUPPORTED_ARCHITECTURES", "ModelSpec", "ModelShape", "describe_model"]
+__all__ = ["Family", "FAMILIES", "SUPPORTED_ARCHITECTURES", "NOT_YET_VALIDATED", "ModelSpec", "ModelShape", "describe_model"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Family:
         gated_mlp: three MLP weight matrices instead of two.
         learned_positions: learned position embeddings (``n_positions`` of them).
         qkv_bias: the q/k/v projections have biases whatever the config says.
+        qk_norm: a per-head RMSNorm of q and k after their projections (Qwen3). The
+            receiver gradient is read at the projection output, before that norm, so it
+            needs nothing else; its weights count in the planner's parameter bytes.
     """
 
     hf_class: str
@@ -46,6 +50,7 @@ class Family:
     gated_mlp: bool
     learned_positions: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False
 
 
 #: The validated families by Hugging Face class, each proven against finite differences
@@ -56,7 +61,26 @@ FAMILIES: dict[str, Family] = {f.hf_class: f for f in (
     Family("MistralForCausalLM", "mistral", "rms", 3, gated_mlp=True),
     Family("Qwen2ForCausalLM", "qwen2", "rms", 3, gated_mlp=True, qkv_bias=True),
     Family("GPTNeoXForCausalLM", "gpt_neox", "layer", 1, gated_mlp=False, qkv_bias=True),
+    Family("Qwen3ForCausalLM", "qwen3", "rms", 3, gated_mlp=True, qk_norm=True),
 )}
+#: Families TransformerLens bridges but circuitdiff has not proven yet: why each is
+#: refused, and the closest validated family (the support table, docs/support.md).
+NOT_YET_VALIDATED: dict[str, str] = {
+    "Qwen3MoeForCausalLM": "Its MoE MLP block (router inside) is not validated as one MLP node yet; the closest "
+                           "validated family is Qwen3ForCausalLM (dense).",
+    "MixtralForCausalLM": "Its MoE MLP block (router inside) is not validated as one MLP node yet; the closest "
+                          "validated family is MistralForCausalLM (dense).",
+    "Olmo2ForCausalLM": "It normalises the attention and MLP outputs (post-norm), so per-head contributions are not "
+                        "additive; not validated yet. The closest validated family is Qwen3ForCausalLM (QK-norm).",
+    "Olmo3ForCausalLM": "It normalises the attention and MLP outputs (post-norm), so per-head contributions are not "
+                        "additive; not validated yet. The closest validated family is Qwen3ForCausalLM (QK-norm).",
+    "Gemma2ForCausalLM": "It has norms after attention and MLP, soft-capping and sliding windows; not validated yet. "
+                         "The closest validated family is LlamaForCausalLM.",
+    "Gemma3ForCausalLM": "It has norms after attention and MLP, QK-norm and sliding windows; not validated yet. "
+                         "The closest validated family is Qwen3ForCausalLM (QK-norm).",
+    "Phi3ForCausalLM": "Its fused qkv projection is not validated yet; the closest validated family is "
+                       "LlamaForCausalLM.",
+}
 #: Hugging Face model classes whose bridges were validated. The check reads the loaded
 #: model's class and config ``model_type``, not the ``architectures`` label of
 #: config.json, which a checkpoint may get wrong.
@@ -117,10 +141,12 @@ def describe_model(model: Any) -> ModelSpec:
             "load it with cd.load_model(hf_model, tokenizer=tok)."
         )
     if architecture not in SUPPORTED_ARCHITECTURES:
+        closest = NOT_YET_VALIDATED.get(architecture)
+        hint = (f" {closest}" if closest else " Architectures with post-norms, embedding scaling or other "
+                "residual-stream changes need their own checks.")
         raise UnsupportedModelError(
             f"architecture {architecture!r} has not been validated for edge attribution. "
-            f"Validated: {', '.join(SUPPORTED_ARCHITECTURES)}. Architectures with post-norms, "
-            "embedding scaling or other residual-stream changes need their own checks."
+            f"Validated: {', '.join(SUPPORTED_ARCHITECTURES)}.{hint} See docs/support.md."
         )
     for flag, setter in (("use_split_qkv_input", "set_use_split_qkv_input"),
                          ("use_attn_in", "set_use_attn_in")):
@@ -271,6 +297,8 @@ class ModelShape:
                      + (3 if gated else 2) * d * self.d_mlp + 2 * d * (2 if layered else 1))
         if layered:
             per_layer += d + self.d_mlp + d
+        if family.qk_norm:
+            per_layer += 2 * self.d_head
         total = self.n_layers * per_layer + d * (2 if layered else 1)
         total += self.d_vocab * d * (1 if self.tied_embeddings else 2) + self.n_positions * d
         return total * self.element_size
