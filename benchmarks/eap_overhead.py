@@ -51,13 +51,14 @@ CONFIGS = {
     # The families added since (issue 21), each a tiny row beside the others.
     "qwen3-512": dict(arch="qwen3", vocab=512),
     "llama3-512": dict(arch="llama3", vocab=512),
+    "phi3-512": dict(arch="phi3", vocab=512),
 }
 D_MODEL, N_LAYERS, N_HEADS, BATCH, POS, ANSWER = 256, 4, 8, 8, 64, 8
 
 
 def build_checkpoint(name: str, directory: Path) -> Path:
     from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Phi3Config, PreTrainedTokenizerFast, Qwen3Config
 
     spec = CONFIGS[name]
     torch.manual_seed(0)
@@ -70,6 +71,8 @@ def build_checkpoint(name: str, directory: Path) -> Path:
                      max_position_embeddings=POS + 1)
         if spec["arch"] == "qwen3":
             config = Qwen3Config(head_dim=D_MODEL // N_HEADS, **shape)
+        elif spec["arch"] == "phi3":
+            config = Phi3Config(pad_token_id=spec["vocab"] - 1, **shape)  # its default pad id is past this vocabulary
         elif spec["arch"] == "llama3":
             config = LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16},

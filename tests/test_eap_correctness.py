@@ -173,7 +173,7 @@ def _layer_name(name: str) -> str:
 
 @pytest.mark.parametrize("intervention", ["zero", "patching"])
 @pytest.mark.parametrize("arch", ["llama", *(pytest.param(a, marks=pytest.mark.slow)
-                                             for a in ("neox", "gpt2", "qwen2", "mistral", "qwen3", "llama3"))])
+                                             for a in ("neox", "gpt2", "qwen2", "mistral", "qwen3", "llama3", "phi3"))])
 def test_layer_level_is_sum_of_head_level(get_model, arch, intervention):
     model = get_model(arch)
     batches = make_data(model, corrupted=intervention == "patching")

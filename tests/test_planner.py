@@ -55,7 +55,7 @@ def test_7b_shape_from_hf_config_needs_no_weights():
     assert shape.parameter_bytes() == H200_WEIGHT_BYTES["qwen2.5-7b"]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "neox", "mistral", "qwen3", "llama3"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "neox", "mistral", "qwen3", "llama3", "phi3"])
 def test_weight_bytes_from_config_match_the_model(arch):
     from transformers import AutoModelForCausalLM
 

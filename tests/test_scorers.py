@@ -39,7 +39,7 @@ def brute_force(reference, graph, batch, objective, deltas, edges) -> dict[tuple
 @pytest.mark.parametrize("level", ["head", "layer"])
 @pytest.mark.parametrize("intervention", INTERVENTIONS)
 @pytest.mark.parametrize("arch", ["llama", *(pytest.param(a, marks=pytest.mark.slow)
-                                             for a in ("gpt2", "neox", "qwen2", "mistral", "qwen3", "llama3"))])
+                                             for a in ("gpt2", "neox", "qwen2", "mistral", "qwen3", "llama3", "phi3"))])
 def test_exact_equals_one_edge_at_a_time(get_model, get_reference, arch, intervention, level):
     model, graph, batches, refs = setup(get_model, arch, level, intervention)
     reference = get_reference(arch)
@@ -135,9 +135,13 @@ def block_ablated_losses(reference, batch, objective, hook_name: str, add: torch
         return objective(reference(batch.input_ids, attention_mask=batch.attention_mask), batch)
 
 
-@pytest.mark.parametrize("intervention", ["patching", pytest.param("mean", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("arch", ["llama", *(pytest.param(a, marks=pytest.mark.slow)
-                                             for a in ("gpt2", "neox", "qwen2", "mistral", "qwen3", "llama3"))])
+@pytest.mark.parametrize("arch, intervention", [
+    ("llama", "patching"),  # -m "not slow"
+    *(pytest.param("llama", "mean", marks=pytest.mark.slow), pytest.param("gpt2", "mean", marks=pytest.mark.slow)),
+    # patching for the others: EAP-IG shares the engine that every intervention's EAP proof covers (CI time)
+    *(pytest.param(a, "patching", marks=pytest.mark.slow)
+      for a in ("gpt2", "neox", "qwen2", "mistral", "qwen3", "llama3", "phi3")),
+])
 def test_eap_ig_completeness_approaches_exact_block_ablation(get_model, get_reference, arch, intervention):
     """The sum of a block's outgoing scores tends to L(block replaced) - L(clean) as steps grow.
 
@@ -153,7 +157,9 @@ def test_eap_ig_completeness_approaches_exact_block_ablation(get_model, get_refe
     eap = cd.attribute(model, graph, [batch], **kwargs).per_sample
     coarse = cd.attribute(model, graph, [batch], method=EAPIGActivations(steps=4), **kwargs).per_sample
     fine = cd.attribute(model, graph, [batch], method=EAPIGActivations(steps=64), **kwargs).per_sample
-    inputs = cd.attribute(model, graph, [batch], method=EAPIGInputs(steps=64), **kwargs).per_sample
+    def inputs(steps: int) -> torch.Tensor:
+        return cd.attribute(model, graph, [batch], method=EAPIGInputs(steps=steps), **kwargs).per_sample
+
     deltas = reference_deltas(reference, graph, batch, intervention, refs)
     clean = block_ablated_losses(reference, batch, objective, "blocks.0.hook_resid_pre", 0.0)
     errors = {"eap": 0.0, "ig-4": 0.0, "ig-64": 0.0}
@@ -163,8 +169,11 @@ def test_eap_ig_completeness_approaches_exact_block_ablation(get_model, get_refe
         for label, scores in (("eap", eap), ("ig-4", coarse), ("ig-64", fine)):
             errors[label] += (scores[:, rows].sum((1, 2)).double() - exact).abs().sum().item()
         if name == "input":
-            input_error = (inputs[:, rows].sum((1, 2)).double() - exact).abs().max().item()
-            assert input_error < 0.05 * exact.abs().max().item()
+            bound = 0.05 * exact.abs().max().item()
+            error = {64: (inputs(64)[:, rows].sum((1, 2)).double() - exact).abs().max().item()}
+            if error[64] >= bound:  # a more curved model (Phi-3's): right-endpoint sums converge like 1 / steps,
+                error[256] = (inputs(256)[:, rows].sum((1, 2)).double() - exact).abs().max().item()
+                assert error[256] < min(error[64] / 2, bound), error  # so 4x the steps is about a quarter the error
     assert errors["ig-64"] < errors["ig-4"] < errors["eap"], errors
     assert errors["ig-64"] < 0.05 * errors["eap"], errors
 

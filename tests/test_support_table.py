@@ -29,7 +29,7 @@ PROOFS = {
 }
 FAMILIES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "llama3": "LlamaForCausalLM (Llama 3 rope scaling)",
             "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM (QK-norm)",
-            "neox": "GPTNeoXForCausalLM"}
+            "neox": "GPTNeoXForCausalLM", "phi3": "Phi3ForCausalLM (fused qkv)"}
 INTERVENTIONS = ("zero", "patching", "mean", "mean-positional")
 
 

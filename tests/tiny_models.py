@@ -16,7 +16,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 40
-ARCHITECTURES = ("gpt2", "llama", "qwen2", "neox", "mistral", "qwen3", "llama3")
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "neox", "mistral", "qwen3", "llama3", "phi3")
 
 
 def save_tokenizer(directory: Path) -> None:
@@ -32,7 +32,7 @@ def save_tokenizer(directory: Path) -> None:
 
 
 def hf_config(arch: str, n_layers: int = 3, d_model: int = 32, n_heads: int = 4):
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, initializer_range=0.2, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
                   pad_token_id=VOCAB - 2)
@@ -44,6 +44,8 @@ def hf_config(arch: str, n_layers: int = 3, d_model: int = 32, n_heads: int = 4)
                              rotary_pct=0.5, **common)
     gated = dict(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
                  num_attention_heads=n_heads, num_key_value_heads=n_heads // 2, max_position_embeddings=64, **common)
+    if arch == "phi3":  # fused qkv and gate/up projections
+        return Phi3Config(**gated)
     if arch == "qwen3":  # per-head RMSNorm of q and k after the projections (QK-norm)
         return Qwen3Config(head_dim=d_model // n_heads, **gated)
     if arch == "llama3":  # Llama 3.x rope scaling: frequencies rescaled beyond the original context

@@ -62,6 +62,8 @@ FAMILIES: dict[str, Family] = {f.hf_class: f for f in (
     Family("Qwen2ForCausalLM", "qwen2", "rms", 3, gated_mlp=True, qkv_bias=True),
     Family("GPTNeoXForCausalLM", "gpt_neox", "layer", 1, gated_mlp=False, qkv_bias=True),
     Family("Qwen3ForCausalLM", "qwen3", "rms", 3, gated_mlp=True, qk_norm=True),
+    # fused qkv and gate/up projections: the bridge exposes q, k, v and gate, in as views of them
+    Family("Phi3ForCausalLM", "phi3", "rms", 3, gated_mlp=True),
 )}
 #: Families TransformerLens bridges but circuitdiff has not proven yet: why each is
 #: refused, and the closest validated family (the support table, docs/support.md).
@@ -78,8 +80,6 @@ NOT_YET_VALIDATED: dict[str, str] = {
                          "The closest validated family is LlamaForCausalLM.",
     "Gemma3ForCausalLM": "It has norms after attention and MLP, QK-norm and sliding windows; not validated yet. "
                          "The closest validated family is Qwen3ForCausalLM (QK-norm).",
-    "Phi3ForCausalLM": "Its fused qkv projection is not validated yet; the closest validated family is "
-                       "LlamaForCausalLM.",
 }
 #: Hugging Face model classes whose bridges were validated. The check reads the loaded
 #: model's class and config ``model_type``, not the ``architectures`` label of
