@@ -62,7 +62,7 @@ def test_planted_sign_flip_is_scorer_dependent():
     verdict = check(1.3, 0.7).verdict("intensity")
     assert verdict.verdict == "scorer-dependent"
     assert verdict.reason == "opposite directions (eap up, exact down)"
-    assert verdict.headline.percent_change > 20 and verdict.reference.percent_change < -20
+    assert verdict.headline.row.percent_change > 20 and verdict.reference.row.percent_change < -20
 
 
 def test_a_change_only_the_reference_sees_is_scorer_dependent():
@@ -79,11 +79,11 @@ def test_an_unclear_reference_decides_by_the_sign_of_its_estimate():
     """The reference's CI spans 0: agreeing in sign is inconclusive, the other sign is scorer-dependent."""
     same_sign = check(1.3, torch.tensor([1.3, 0.75] * 8))  # mean change about +2.5%, widely spread
     verdict = same_sign.verdict("intensity")
-    assert verdict.reference.direction == "no clear change" and verdict.reference.percent_change > 0
+    assert verdict.reference.direction == "no clear change" and verdict.reference.row.percent_change > 0
     assert verdict.verdict == "inconclusive"
     assert verdict.reason.startswith("exact agrees in sign (+") and verdict.reason.endswith("its CI spans 0 on 16 samples")
     other_sign = check(1.3, torch.tensor([1.25, 0.7] * 8)).verdict("intensity")  # about -2.5%
-    assert other_sign.reference.direction == "no clear change" and other_sign.reference.percent_change < 0
+    assert other_sign.reference.direction == "no clear change" and other_sign.reference.row.percent_change < 0
     assert other_sign.verdict == "scorer-dependent"
     assert other_sign.reason.startswith("exact's estimate goes the other way (-")
 
@@ -238,7 +238,7 @@ def test_compare_passes_its_settings_and_its_compared_graph_to_the_check():
                         top_k=3, reference_scores=reference)
     assert all(c.bins == 50 and c.settings["top_k"] == 3 for c in result.robustness.comparisons.values())
     # the headline of the check is the comparison's own row
-    assert result.robustness.verdict("intensity").headline.ci_low == result.get("intensity").ci_low
+    assert result.robustness.verdict("intensity").headline.row is result.get("intensity")
     # coarsen: a head-level and a layer-level side are compared at layer level, and so is the check
     layer = GRAPH.layer_level()
 

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import stats
 
 from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError
+from circuitdiff.metrics.functions import top_k_size
 from circuitdiff.report import agreement_markdown
 from circuitdiff.scores import EdgeScores
 
@@ -134,9 +135,9 @@ def agreement(scores: EdgeScores, reference: EdgeScores, *, k: int | None = None
             fix = "compare scores of the same model (same layers, heads and block layout) at the same level."
         raise DataError(f"agreement: the scores are on different graphs ({ga!r} vs {gb!r}); {fix}")
     n_edges = int(a.size)
-    clamped = k is None and DEFAULT_K >= n_edges > 1
+    clamped = False
     if k is None:
-        k = max(1, n_edges // 2) if clamped else min(DEFAULT_K, n_edges)
+        k, clamped = top_k_size(DEFAULT_K, n_edges)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ArgumentTypeError(f"agreement: k must be an int, got {type(k).__name__}.")
     if not 1 <= k <= n_edges:

@@ -386,8 +386,7 @@ def _similarity(group: str, base: Tensor, tuned: Tensor, hist_b: np.ndarray, his
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant input: NaN, documented
         spearman = float(stats.spearmanr(b, t).statistic) if b.size > 1 else math.nan
-    clamped = top_k >= b.size > 1
-    k = max(1, b.size // 2) if clamped else min(top_k, b.size)
+    k, clamped = metrics.functions.top_k_size(top_k, b.size)
     top_b = set(np.argsort(-np.abs(b), kind="stable")[:k].tolist())
     top_t = set(np.argsort(-np.abs(t), kind="stable")[:k].tolist())
     jaccard = len(top_b & top_t) / len(top_b | top_t) if k else math.nan

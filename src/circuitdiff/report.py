@@ -27,7 +27,7 @@ from circuitdiff.io import write_atomically
 
 if TYPE_CHECKING:
     from circuitdiff.agreement import Agreement
-    from circuitdiff.comparison import Comparison
+    from circuitdiff.comparison import Comparison, Similarity
 
 __all__ = ["markdown_table", "change_cell", "json_ready", "write_json", "comparison_markdown", "comparison_dict",
            "agreement_markdown"]
@@ -134,9 +134,9 @@ def comparison_markdown(comparison: Comparison, groups: Sequence[str] | None = N
     return "\n".join(lines + _samples_left_out(comparison, groups))
 
 
-def _top_k_cell(similarity: Any, requested: Any) -> str:
+def _top_k_cell(similarity: Similarity, requested: Any) -> str:
     """``0.429 (100)``, or ``0.551 (38; clamped from 100, which reaches every edge)``."""
-    if not getattr(similarity, "k_clamped", False):
+    if not similarity.k_clamped:
         return f"{similarity.top_k_jaccard:.3f} ({similarity.k})"
     return (f"{similarity.top_k_jaccard:.3f} ({similarity.k}; clamped from {requested}, which reaches every edge)")
 

@@ -56,7 +56,7 @@ from circuitdiff.scores import EdgeScores
 from circuitdiff.significance import SMALL_SAMPLE
 
 if TYPE_CHECKING:
-    from circuitdiff.comparison import Comparison
+    from circuitdiff.comparison import Comparison, MetricComparison
 
 __all__ = ["DEFAULT_SAMPLES", "EXACT_EDGE_LIMIT", "UNCLEAR", "Finding", "MetricVerdict", "Robustness", "subsample",
            "choose_reference", "no_reference_reason", "reference_cost", "select_batches", "scorer_robustness",
@@ -75,34 +75,36 @@ UNCLEAR = "no clear change"
 
 @dataclass(frozen=True)
 class Finding:
-    """One scorer's answer for one metric on some samples: the change tuned - base and its interval.
+    """One scorer's answer for one metric on some samples: its comparison row (tuned - base).
 
-    ``direction`` is ``"up"`` or ``"down"`` when the interval excludes 0, else
+    ``direction`` is ``"up"`` or ``"down"`` when the row's interval excludes 0, else
     ``"no clear change"``. ``n``: the paired samples it rests on.
     """
 
     scorer: str
-    n: int
-    base: float
-    tuned: float
-    difference: float
-    percent_change: float
-    ci_low: float
-    ci_high: float
-    p_value: float
+    row: MetricComparison
+
+    @property
+    def n(self) -> int:
+        """Paired samples the row rests on."""
+        return self.row.n_base
 
     @property
     def direction(self) -> str:
         """``"up"``, ``"down"`` or ``"no clear change"`` (the interval contains 0 or is undefined)."""
-        if self.ci_low > 0:
+        if self.row.ci_low > 0:
             return "up"
-        if self.ci_high < 0:
+        if self.row.ci_high < 0:
             return "down"
         return UNCLEAR
 
     def describe(self) -> str:
         """``down, -38.1% [-51.3, -27.2]`` (change and interval in % of base)."""
-        return f"{self.direction}, {change_cell(self)}"
+        return f"{self.direction}, {change_cell(self.row)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The scorer, n, direction and every field of the row."""
+        return {"scorer": self.scorer, "n": self.n, "direction": self.direction, **asdict(self.row)}
 
 
 @dataclass(frozen=True)
@@ -180,15 +182,12 @@ class Robustness:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: scorers, sample ids, verdicts with the three findings, agreements, cost."""
-        def finding(f: Finding) -> dict[str, Any]:
-            return {**asdict(f), "direction": f.direction}
-
         return json_ready({
             "primary": self.primary, "reference": self.reference, "sample_ids": self.sample_ids, "cost": self.cost,
             "confidence": self.confidence,
             "verdicts": [{"metric": v.metric, "verdict": v.verdict, "reason": v.reason,
-                          "headline": finding(v.headline), "primary": finding(v.primary),
-                          "reference": finding(v.reference)} for v in self.verdicts],
+                          "headline": v.headline.to_dict(), "primary": v.primary.to_dict(),
+                          "reference": v.reference.to_dict()} for v in self.verdicts],
             "agreement": {side: a.to_dict() for side, a in self.agreement.items()},
         })
 
@@ -385,34 +384,32 @@ def _scorer(scores: EdgeScores) -> str:
 
 
 def _finding(scorer: str, comparison: Comparison, metric: str) -> Finding:
-    row = comparison.get(metric)
-    return Finding(scorer, row.n_base, row.base, row.tuned, row.difference, row.percent_change, row.ci_low,
-                   row.ci_high, row.p_value)
+    return Finding(scorer, comparison.get(metric))
 
 
 def _verdict(metric: str, headline: Finding, primary: Finding, reference: Finding) -> MetricVerdict:
     """Robust, scorer-dependent or inconclusive, with the reason (see the module docstring)."""
     h, p, r = headline.direction, primary.direction, reference.direction
-    sign = {name: _sign(f.difference) for name, f in (("h", headline), ("p", primary), ("r", reference))}
+    sign = {name: _sign(f.row.difference) for name, f in (("h", headline), ("p", primary), ("r", reference))}
     if h != UNCLEAR and r == h:
         verdict, reason = "robust", f"{reference.scorer} also finds it {h}"
         if sign["p"] == -sign["h"]:
             reason += (f"; on the subsample {primary.scorer} itself goes the other way "
-                       f"({primary.percent_change:+.1f}%), so the subsample may not represent the full sample")
+                       f"({primary.row.percent_change:+.1f}%), so the subsample may not represent the full sample")
     elif h != UNCLEAR and sign["r"] == sign["p"] == -sign["h"]:
         verdict, reason = "inconclusive", (f"on this subsample {primary.scorer} too goes against its headline "
-                                           f"({primary.percent_change:+.1f}%; {reference.scorer} "
-                                           f"{reference.percent_change:+.1f}%): the subsample does not represent the "
+                                           f"({primary.row.percent_change:+.1f}%; {reference.scorer} "
+                                           f"{reference.row.percent_change:+.1f}%): the subsample does not represent the "
                                            "full sample, so it cannot tell")
     elif h != UNCLEAR and r != UNCLEAR:
         verdict, reason = "scorer-dependent", f"opposite directions ({headline.scorer} {h}, {reference.scorer} {r})"
     elif h != UNCLEAR and sign["r"] == -sign["h"]:
         verdict, reason = "scorer-dependent", (f"{reference.scorer}'s estimate goes the other way "
-                                               f"({reference.percent_change:+.1f}%; its CI spans 0) while "
+                                               f"({reference.row.percent_change:+.1f}%; its CI spans 0) while "
                                                f"{primary.scorer}'s on the same samples does not "
-                                               f"({primary.percent_change:+.1f}%)")
+                                               f"({primary.row.percent_change:+.1f}%)")
     elif h != UNCLEAR:
-        verdict, reason = "inconclusive", (f"{reference.scorer} agrees in sign ({reference.percent_change:+.1f}%) but "
+        verdict, reason = "inconclusive", (f"{reference.scorer} agrees in sign ({reference.row.percent_change:+.1f}%) but "
                                            f"its CI spans 0 on {reference.n} samples")
     elif r != UNCLEAR and p == r:
         verdict, reason = "inconclusive", (f"on this subsample both scorers find it {r}, but {headline.scorer} finds "

@@ -17,7 +17,7 @@ from torch import Tensor
 from circuitdiff.typecheck import shape_checked
 
 __all__ = ["excess_kurtosis", "gini", "effective_edges", "histogram_entropy", "node_entropy", "node_entropy_of_cells",
-           "diversity", "relative_change"]
+           "diversity", "relative_change", "top_k_size"]
 
 
 @shape_checked
@@ -118,3 +118,14 @@ def relative_change(
     b, t = base.double().abs(), tuned.double().abs()
     change = (t - b) / b
     return torch.where(cells & (b > 0), change, torch.full_like(change, math.nan))
+
+
+def top_k_size(requested: int, n_edges: int) -> tuple[int, bool]:
+    """``(k, clamped)``: the size of a top-k set of ``n_edges`` edges.
+
+    ``requested`` capped at ``n_edges``; but where it would reach every edge of more than
+    one (any top-k overlap would then be 1 whatever the scores), half the edges instead,
+    with ``clamped`` True so reports can say so.
+    """
+    clamped = requested >= n_edges > 1
+    return (n_edges // 2 if clamped else min(requested, n_edges)), clamped
