@@ -52,13 +52,20 @@ CONFIGS = {
     "qwen3-512": dict(arch="qwen3", vocab=512),
     "llama3-512": dict(arch="llama3", vocab=512),
     "phi3-512": dict(arch="phi3", vocab=512),
+    # mixture of experts: 4 experts of d_mlp 2 * d_model, top-2 routed (the dense rows' MLP work per token)
+    "qwen3moe-512": dict(arch="qwen3_moe", vocab=512),
+    "mixtral-512": dict(arch="mixtral", vocab=512),
+    # post-norm families (layer level only)
+    "olmo2-512": dict(arch="olmo2", vocab=512),
+    "gemma2-512": dict(arch="gemma2", vocab=512),
 }
 D_MODEL, N_LAYERS, N_HEADS, BATCH, POS, ANSWER = 256, 4, 8, 8, 64, 8
 
 
 def build_checkpoint(name: str, directory: Path) -> Path:
     from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Phi3Config, PreTrainedTokenizerFast, Qwen3Config
+    from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MixtralConfig, Olmo2Config,
+                              Phi3Config, PreTrainedTokenizerFast, Qwen3Config, Qwen3MoeConfig)
 
     spec = CONFIGS[name]
     torch.manual_seed(0)
@@ -73,6 +80,15 @@ def build_checkpoint(name: str, directory: Path) -> Path:
             config = Qwen3Config(head_dim=D_MODEL // N_HEADS, **shape)
         elif spec["arch"] == "phi3":
             config = Phi3Config(pad_token_id=spec["vocab"] - 1, **shape)  # its default pad id is past this vocabulary
+        elif spec["arch"] == "qwen3_moe":
+            config = Qwen3MoeConfig(head_dim=D_MODEL // N_HEADS, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=2 * D_MODEL, norm_topk_prob=True, **shape)
+        elif spec["arch"] == "mixtral":
+            config = MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **{**shape, "intermediate_size": 2 * D_MODEL})
+        elif spec["arch"] == "olmo2":
+            config = Olmo2Config(pad_token_id=spec["vocab"] - 1, eos_token_id=spec["vocab"] - 1, **shape)  # defaults: past the vocabulary
+        elif spec["arch"] == "gemma2":
+            config = Gemma2Config(head_dim=D_MODEL // N_HEADS, **shape)
         elif spec["arch"] == "llama3":
             config = LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
@@ -103,7 +119,9 @@ class Runner:
         self.batch = cd.Batch(ids[:, :POS], labels=labels, corrupted_input_ids=corrupted).to(device)
         self.objective = cd.objectives.answer_nll()
         self.device = device
-        self.graphs = {level: cd.AttributionGraph.from_model(self.model, level=level) for level in ("head", "layer")}
+        self.modes = modes(checkpoint)
+        levels = [level for level in ("head", "layer") if f"{level}:zero" in self.modes]
+        self.graphs = {level: cd.AttributionGraph.from_model(self.model, level=level) for level in levels}
 
     def plain(self) -> None:
         embeddings = self.model.embed(self.batch.input_ids).detach().requires_grad_(True)
@@ -127,8 +145,13 @@ class Runner:
             torch.cuda.synchronize()
 
 
-MODES = ["plain", "forward"] + [f"{level}:{iv}" for level in ("head", "layer")
-                                 for iv in ("zero", "patching", "zero:bfloat16")]
+def modes(checkpoint: Path) -> list[str]:
+    """The passes timed: plain, forward, and EAP per level and intervention (layer level only for post-norm families)."""
+    from circuitdiff.engine.architectures import FAMILIES
+
+    family = FAMILIES.get(json.loads((checkpoint / "config.json").read_text())["architectures"][0])
+    levels = ("layer",) if getattr(family, "post_norm", False) else ("head", "layer")
+    return ["plain", "forward"] + [f"{level}:{iv}" for level in levels for iv in ("zero", "patching", "zero:bfloat16")]
 
 
 def run_mode(runner: Runner, mode: str) -> None:
@@ -140,11 +163,11 @@ def run_mode(runner: Runner, mode: str) -> None:
 
 
 def time_modes(runner: Runner, repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for mode in MODES:  # warm up
+    times: dict[str, list[float]] = {mode: [] for mode in runner.modes}
+    for mode in runner.modes:  # warm up
         run_mode(runner, mode)
     for _ in range(repeats):  # interleaved, so drift hits every mode alike
-        for mode in MODES:
+        for mode in runner.modes:
             runner.sync()
             start = time.perf_counter()
             run_mode(runner, mode)
@@ -175,7 +198,7 @@ def expected_extra(graph: cd.AttributionGraph, buffer_bytes: int = 4) -> tuple[i
 def report(name: str, checkpoint: Path, device: str, dtype: str, repeats: int) -> dict:
     runner = Runner(checkpoint, device, getattr(torch, dtype))
     medians = time_modes(runner, repeats)
-    peaks = {mode: measure_peak(runner, mode) for mode in MODES if mode != "forward"}
+    peaks = {mode: measure_peak(runner, mode) for mode in runner.modes if mode != "forward"}
     mb = 2 ** 20
     print(f"\n== {name}: {N_LAYERS} layers, d_model {D_MODEL}, {N_HEADS} heads, vocab {runner.model.cfg.d_vocab}, "
           f"batch {BATCH} x {POS} tokens (answer_nll on the last {ANSWER}), {device}, {dtype}, torch threads {torch.get_num_threads()}, "
@@ -185,7 +208,7 @@ def report(name: str, checkpoint: Path, device: str, dtype: str, repeats: int) -
     print(f"{'attribute() pass':<20}{'ms':>8}{'ratio':>8}{'goal':>7}  {'peak MB':>8}{'goal MB':>9}"
           "  goal = plain + buffer + 2 x one layer's receiver gradients")
     rows = {}
-    for level in ("head", "layer"):
+    for level in runner.graphs:
         for intervention, goal, buffer_bytes in (("zero", 1.25, 4), ("patching", 1.6, 4), ("zero:bfloat16", 1.25, 2)):
             buffer, layer = expected_extra(runner.graphs[level], buffer_bytes)
             mode = f"{level}:{intervention}"
@@ -201,7 +224,7 @@ def report(name: str, checkpoint: Path, device: str, dtype: str, repeats: int) -
 def worker(checkpoint: Path, device: str, dtype: str) -> None:
     """Load the model once, then time one pass per mode name read from stdin (prints seconds)."""
     runner = Runner(checkpoint, device, getattr(torch, dtype))
-    for mode in MODES:  # warm up
+    for mode in runner.modes:  # warm up
         run_mode(runner, mode)
     print("ready", Path(cd.__file__).resolve().parents[1], flush=True)
     for line in sys.stdin:
@@ -233,9 +256,10 @@ def compare_with_baseline(ref: str, name: str, checkpoint: Path, device: str, dt
         ready = process.stdout.readline().split()  # type: ignore[union-attr]
         if ready != ["ready", str(src.resolve())]:
             raise RuntimeError(f"the {side} worker did not start with circuitdiff from {src}: {ready}")
-    times = {(side, mode): [] for side in sides for mode in MODES}
+    timed = modes(checkpoint)
+    times = {(side, mode): [] for side in sides for mode in timed}
     for _ in range(repeats):  # interleaved: drift hits both sides and every mode alike
-        for mode in MODES:
+        for mode in timed:
             for side, process in sides.items():
                 process.stdin.write(mode + "\n")  # type: ignore[union-attr]
                 process.stdin.flush()  # type: ignore[union-attr]
@@ -248,7 +272,7 @@ def compare_with_baseline(ref: str, name: str, checkpoint: Path, device: str, dt
           f"median of {repeats} interleaved repeats")
     print(f"{'pass':<20}{'old ms':>9}{'new ms':>9}{'new/old':>9}")
     rows = {}
-    for mode in MODES:
+    for mode in timed:
         old, new = medians["old", mode], medians["new", mode]
         print(f"{mode:<20}{old * 1e3:9.1f}{new * 1e3:9.1f}{new / old:8.2f}x")
         rows[mode] = {"old_ms": old * 1e3, "new_ms": new * 1e3, "new_over_old": new / old}

@@ -77,14 +77,16 @@ def test_scores_are_the_product_of_rounded_factors(get_model, get_reference, arc
 def test_on_a_bfloat16_model_it_adds_little_to_the_models_own_error(get_model, arch):
     """Relative Frobenius distance from float32-model scores: bf16 model alone vs bf16 model + bf16 contraction.
 
-    Measured on these models: 0.9-3.3% for the model alone, at most 3.3% more with the
-    bfloat16 contraction (which alone, on the float32 model, is 0.28-0.35%).
+    The bfloat16 contraction alone, on the float32 model, stays between 0.01% and 1%; on a
+    bf16 model it adds at most 15% to the model's own bf16 error (1.1-8.7% on these
+    models, tests/test_eap_correctness.py).
     """
     batches = make_data(get_model(arch))
-    reference = eap_scores(get_model(arch), "head", batches=batches).per_sample
+    level = tm.finest_level(arch)
+    reference = eap_scores(get_model(arch), level, batches=batches).per_sample
 
     def distance(dtype, contraction):
-        scores = eap_scores(get_model(arch, dtype), "head", batches=batches, contraction_dtype=contraction)
+        scores = eap_scores(get_model(arch, dtype), level, batches=batches, contraction_dtype=contraction)
         assert scores.per_sample.dtype == torch.float32
         return ((scores.per_sample - reference).norm() / reference.norm()).item()
 

@@ -107,8 +107,8 @@ def test_hook_names_are_the_bridges_own(get_model):
     bridge = cd.AttributionGraph.from_model(model).bind(model, objective="answer_nll").bridge
     names = dict(model.hook_dict)
     for name in [bridge.input_hook, bridge.logits_input_hook, bridge.attention_values_hook(1),
-                 bridge.mlp_output_hook(2), bridge.projection_hook(0, "k"), bridge.attention_norm_input_hook(1),
-                 bridge.mlp_norm_input_hook(0), bridge.attention_output_hook(2)]:
+                 bridge.mlp_output_hook(2), bridge.projection_hook(0, "k"), bridge.attention_input_hook(1),
+                 bridge.mlp_input_hook(0), bridge.attention_output_hook(2)]:
         assert name in names, name
     assert bridge.projection_hook(1, "v") == "blocks.1.attn.v.hook_out"
 

@@ -114,15 +114,15 @@ def test_quickstart_notebook_runs(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "olmo2"])
 def test_quickstart_script_runs(tmp_path, arch):
     result = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py"), "--out", str(tmp_path / "out"),
                              "--arch", arch], cwd=tmp_path, env=_environment(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
-    family = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
+    family = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}[arch]
     assert f"architecture='{family}'" in result.stdout  # the printed ModelSpec
-    assert "layer level = sum of head level" in result.stdout
+    assert ("layer level only" if arch == "olmo2" else "layer level = sum of head level") in result.stdout
     assert "strongest edges, patching" in result.stdout
     assert (tmp_path / "out" / "quickstart.cdiff").is_file()
 

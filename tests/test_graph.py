@@ -53,7 +53,7 @@ def test_parallel_blocks_drop_attention_to_same_layer_mlp():
         assert not parallel.edge_mask[a, m] and sequential.edge_mask[a, m]
 
 
-@pytest.mark.parametrize("arch", tm.ARCHITECTURES)
+@pytest.mark.parametrize("arch", [a for a in tm.ARCHITECTURES if a not in tm.LAYER_LEVEL_ONLY])
 def test_from_model_matches_architecture(get_model, arch):
     model = get_model(arch)
     cfg = model.cfg
@@ -62,6 +62,18 @@ def test_from_model_matches_architecture(get_model, arch):
     assert graph.n_kv_heads == n_kv
     assert graph.parallel_blocks == (arch == "neox")
     assert graph.n_edges == head_level_edges(cfg.n_layers, cfg.n_heads, n_kv, arch == "neox")
+
+
+@pytest.mark.parametrize("arch", tm.LAYER_LEVEL_ONLY)
+def test_post_norm_families_have_a_layer_level_graph_only(get_model, arch):
+    model = get_model(arch)
+    with pytest.raises(cd.UnsupportedModelError, match=r"post-norm.*norm\(sum of heads\).*level=\"layer\""):
+        cd.AttributionGraph.from_model(model, level="head")
+    head_graph = cd.AttributionGraph(model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_key_value_heads, level="head")
+    with pytest.raises(cd.UnsupportedModelError, match="post-norm"):  # a graph built without the model
+        head_graph.bind(model, objective="answer_nll")
+    graph = cd.AttributionGraph.from_model(model, level="layer")
+    assert graph.n_edges == head_level_edges(model.cfg.n_layers, 1, 1, False)  # one head and kv head per layer
 
 
 def test_edges_respect_computation_order():

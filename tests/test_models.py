@@ -17,6 +17,36 @@ def test_load_from_directory_is_ready(checkpoints):
     assert spec.dtype == "float32" and not spec.parallel_blocks
 
 
+@pytest.mark.parametrize("arch", tm.ARCHITECTURES)
+def test_the_bridge_computes_what_hugging_face_computes(checkpoints, get_model, arch):
+    """Every proof compares circuitdiff with TransformerLens's own hooks; this ties the bridge to the model itself.
+
+    A right-padded batch of 7 tokens, longer than the tiny checkpoints' sliding windows of 3,
+    which must change their logits, as Gemma 2's soft-capping must (else they would not be tested).
+    """
+    from transformers import AutoModelForCausalLM
+
+    ids, mask = tm.random_ids(2, 7, seed=3), torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+
+    def hf_logits(**config) -> torch.Tensor:
+        hf = AutoModelForCausalLM.from_pretrained(checkpoints[arch], attn_implementation="eager", **config).eval()
+        with torch.no_grad():
+            return hf(ids, attention_mask=mask).logits
+
+    with torch.no_grad():
+        bridge = get_model(arch)(ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(bridge[real], hf_logits()[real], rtol=1e-4, atol=1e-4)
+    changes = {"olmo3": ["window"], "gemma2": ["window", "softcap"], "gemma3": ["window"]}.get(arch, [])
+    if "window" in changes:
+        full = hf_logits(layer_types=["full_attention"] * 3)
+        assert (full[real] - bridge[real]).abs().max() > 1e-2
+    if "softcap" in changes:
+        uncapped = hf_logits(attn_logit_softcapping=None, final_logit_softcapping=None)
+        assert (uncapped[real] - bridge[real]).abs().max() > 1e-1
+
+
 def test_load_from_hf_model_with_in_memory_tokenizer(checkpoints):
     """An in-memory tokenizer has no name_or_path; TransformerLens would fail on it."""
     from tokenizers import Tokenizer, models
@@ -126,16 +156,15 @@ def test_unvalidated_architecture_is_refused(tmp_path):
         cd.load_model(hf, tokenizer=AutoTokenizer.from_pretrained(tmp_path))
 
 
-@pytest.mark.parametrize("family, closest", [("olmo2", "post-norm.*closest validated family is Qwen3ForCausalLM"),
-                                             ("qwen3_moe", "MoE MLP block.*closest validated family is Qwen3ForCausalLM")])
+@pytest.mark.parametrize("family, closest", [("qwen2_moe", "shared expert.*closest validated family is Qwen3Moe"),
+                                             ("olmoe", "OLMoE.*closest validated family is Qwen3MoeForCausalLM")])
 def test_families_not_yet_validated_name_the_closest_one(tmp_path, family, closest):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Olmo2Config, Qwen3MoeConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, OlmoeConfig, Qwen2MoeConfig
 
     tm.save_tokenizer(tmp_path)
     shape = dict(vocab_size=tm.VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1)
-    config = Olmo2Config(**shape) if family == "olmo2" else Qwen3MoeConfig(
-        head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, **shape)
+                 num_key_value_heads=1, num_experts=4, num_experts_per_tok=2)
+    config = OlmoeConfig(**shape) if family == "olmoe" else Qwen2MoeConfig(moe_intermediate_size=16, **shape)
     hf = AutoModelForCausalLM.from_config(config)
     hf.config.architectures = [type(hf).__name__]  # what save_pretrained writes, and TransformerLens reads
     with pytest.raises(cd.UnsupportedModelError, match=f"has not been validated.*{closest}.*docs/support.md"):

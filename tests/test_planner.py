@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import circuitdiff as cd
 from circuitdiff.planner import MemoryPlanError, ModelShape, estimate_memory, measure_peak, plan_batch_size
+import tiny_models as tm
 from tiny_models import TINY_SHAPES, Shape, build_model, build_tokenizer
 
 GIB = 2**30
@@ -55,7 +57,7 @@ def test_7b_shape_from_hf_config_needs_no_weights():
     assert shape.parameter_bytes() == H200_WEIGHT_BYTES["qwen2.5-7b"]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "neox", "mistral", "qwen3", "llama3", "phi3"])
+@pytest.mark.parametrize("arch", tm.ARCHITECTURES)
 def test_weight_bytes_from_config_match_the_model(arch):
     from transformers import AutoModelForCausalLM
 
@@ -151,6 +153,54 @@ def planned_and_measured_peak(name: str, level: str, batch: int, tokens: int, **
           f"measured {measured / 2**20:.2f} MiB ({planned / measured - 1:+.1%})")
     assert abs(planned / measured - 1) < 0.30
     return planned, measured
+
+
+def test_dense_layers_between_moe_layers_are_refused():
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(num_hidden_layers=4, mlp_only_layers=[1], architectures=["Qwen3MoeForCausalLM"])
+    with pytest.raises(cd.UnsupportedModelError, match="mixes dense and MoE layers"):
+        ModelShape.from_config(config)
+
+
+MOE = dict(num_experts_per_tok=2, intermediate_size=512)
+
+
+@pytest.mark.parametrize("config_class, options", [("Qwen3MoeConfig", dict(num_experts=8, **MOE)),
+                                                   ("MixtralConfig", dict(num_local_experts=4, **MOE)),
+                                                   ("Olmo2Config", dict(intermediate_size=1024)),
+                                                   ("Gemma2Config", dict(intermediate_size=1024, head_dim=32))])
+def test_new_family_estimate_within_30_percent_of_cpu_profiler_peak(config_class, options, tmp_path):
+    """Expert weights and every routed expert's activations count (counted as one dense MLP, Qwen3-MoE was +65%);
+    so do post-norms (layer level)."""
+    import transformers
+
+    if config_class == "Qwen3MoeConfig":
+        options = {**options, "moe_intermediate_size": options.pop("intermediate_size")}
+    config = getattr(transformers, config_class)(
+        vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+        max_position_embeddings=4096, tie_word_embeddings=False, **options)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf.config.architectures = [type(hf).__name__]
+    model = cd.load_model(hf, tokenizer=build_tokenizer(512, tmp_path), device="cpu")
+    shape = ModelShape.from_model(model)
+    assert shape.parameter_bytes() == replace(shape, weight_bytes=None).parameter_bytes()  # the shape's own count
+    if "num_experts_per_tok" in options:
+        assert (shape.d_mlp, shape.experts_per_token) == (512, 2)
+        assert shape.n_experts == (options.get("num_experts") or 4)
+    graph = cd.AttributionGraph.from_model(model, level="layer" if "Olmo" in config_class or "Gemma" in config_class
+                                           else "head")
+    tokens = 256
+    ids = torch.randint(0, 512, (1, tokens + 1), generator=torch.Generator().manual_seed(0))
+    labels = ids[:, 1:].clone()
+    labels[:, : tokens - tokens // 4] = cd.IGNORE
+    data = cd.Batch(ids[:, :tokens], labels=labels)
+    measured = cpu_peak(model, lambda: cd.attribute(model, graph, [data], objective="answer_nll", progress=False))
+    planned = estimate_memory(model, graph, batch_size=1, seq_len=tokens, loss_positions=tokens // 4).total
+    print(f"{config_class} {graph.level}: estimated {planned / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB "
+          f"({planned / measured - 1:+.1%})")
+    assert abs(planned / measured - 1) < 0.30, (planned / 2**20, measured / 2**20)
 
 
 @pytest.mark.parametrize("name, level, batch, tokens", [

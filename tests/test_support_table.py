@@ -15,21 +15,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tiny_models as tm
+
 ROOT = Path(__file__).parent.parent
 PAGE = ROOT / "docs" / "support.md"
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 PROOF_FILES = ("tests/test_eap_correctness.py", "tests/test_scorers.py")
 #: scorer row -> the proof test (what it proves is in docs/support.md), and what a cell says when the
-#: test has no level parameter (None: it has one).
+#: test has no level parameter (None: it has one; "finest": the family's finest level, tm.finest_level).
 PROOFS = {
     "EAP": ("test_eap_equals_directional_derivative", None),
     "exact": ("test_exact_equals_one_edge_at_a_time", None),
-    "EAP-IG (inputs, activations)": ("test_eap_ig_completeness_approaches_exact_block_ablation", "head"),
+    "EAP-IG (inputs, activations)": ("test_eap_ig_completeness_approaches_exact_block_ablation", "finest"),
     "layer = coarsened head": ("test_layer_level_is_sum_of_head_level", "yes"),
 }
 FAMILIES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "llama3": "LlamaForCausalLM (Llama 3 rope scaling)",
             "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM (QK-norm)",
-            "neox": "GPTNeoXForCausalLM", "phi3": "Phi3ForCausalLM (fused qkv)"}
+            "neox": "GPTNeoXForCausalLM", "phi3": "Phi3ForCausalLM (fused qkv)",
+            "qwen3_moe": "Qwen3MoeForCausalLM (MoE block as one MLP node)",
+            "mixtral": "MixtralForCausalLM (MoE block as one MLP node)",
+            "olmo2": "Olmo2ForCausalLM (post-norm)", "olmo3": "Olmo3ForCausalLM (post-norm, sliding windows)",
+            "gemma2": "Gemma2ForCausalLM (pre- and post-norm, soft-capping, sliding windows)",
+            "gemma3": "Gemma3ForCausalLM (pre- and post-norm, QK-norm, sliding windows)"}
 INTERVENTIONS = ("zero", "patching", "mean", "mean-positional")
 
 
@@ -44,7 +51,10 @@ def cell(ids: set[str], test: str, without_level: str | None, family: str, inter
     """What one cell says: the levels proven (``head, layer``), ``without_level`` for a test with no level
     parameter, or ``-`` where no collected test proves it."""
     if without_level is not None:
-        return without_level if f"{test}[{family}-{intervention}]" in ids else "-"
+        if family in tm.LAYER_LEVEL_ONLY and test == "test_layer_level_is_sum_of_head_level":
+            return "no head level"
+        said = tm.finest_level(family) if without_level == "finest" else without_level
+        return said if f"{test}[{family}-{intervention}]" in ids else "-"
     levels = [level for level in ("head", "layer") if f"{test}[{family}-{intervention}-{level}]" in ids]
     return ", ".join(levels) or "-"
 
@@ -68,7 +78,6 @@ def test_the_support_table_is_the_collected_proof_tests():
 
 
 def test_every_validated_family_has_a_row_and_a_tiny_checkpoint():
-    import tiny_models as tm
     from circuitdiff.engine.architectures import FAMILIES as VALIDATED
 
     assert set(FAMILIES) == set(tm.ARCHITECTURES)

@@ -59,7 +59,7 @@ from circuitdiff.errors import (
 from circuitdiff.faithfulness import evaluate_circuit, faithfulness_curve
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.metrics import register_metric
-from circuitdiff.models import SUPPORTED_ARCHITECTURES, ModelSpec, describe_model, load_model
+from circuitdiff.models import SUPPORTED_ARCHITECTURES, ModelSpec, describe_model, load_model, supported_levels
 from circuitdiff.planner import MemoryEstimate, ModelShape, estimate_memory, plan_batch_size
 from circuitdiff.robustness import Robustness, check_scorer_robustness, scorer_robustness
 from circuitdiff.scores import EdgeScores
@@ -113,6 +113,7 @@ __all__ = [
     "compare",
     "cross_compare",
     "describe_model",
+    "supported_levels",
     "distributed",
     "edge_tests",
     "engine",

@@ -168,10 +168,13 @@ class AttributionGraph:
 
     @classmethod
     def from_model(cls, model: Any, level: Level | str = Level.HEAD) -> "AttributionGraph":
-        """The graph of a TransformerBridge (validated with ``describe_model``)."""
+        """The graph of a TransformerBridge (validated with ``describe_model``; post-norm families
+        such as OLMo 2 have a layer-level graph only)."""
+        from circuitdiff.engine.architectures import check_level
         from circuitdiff.models import describe_model
 
         spec = describe_model(model)
+        check_level(spec.architecture, level)
         return cls(spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.parallel_blocks, level)
 
     def bind(self, model: Any, *, objective: Any, intervention: Any = "zero", reference_batches: Any = None,

@@ -7,13 +7,15 @@ Every number is derived from what the code allocates, per part:
 - **saved activations** of the plain forward (what autograd keeps for the backward with
   parameter gradients off, so linear layers keep only their weights). Per layer and
   token, counted with ``torch.autograd.graph.saved_tensors_hooks`` on the bridges of the
-  supported architectures: the norm input (float32 for RMSNorm, which upcasts; model
-  dtype for LayerNorm; one shared input for parallel blocks), q, k and v after rotary
+  supported architectures: the norm inputs (float32 for RMSNorm, which upcasts; model
+  dtype for LayerNorm; one shared input for parallel blocks; pre- and post-norms; the
+  QK-norms' q and k), q, k and v after rotary
   with k/v repeated to every query head (3 x heads x d_head), the attention
   probabilities of the bridge's eager attention (float32 softmax output plus its copy in
   the model dtype: heads x pos per token, i.e. pos^2 per head), and the MLP's hidden
   activations (3 x d_mlp gated, 4 x d_mlp for GPT-2's tanh GELU, 1 x d_mlp for
-  GPT-NeoX). Then the final norm's input and the logits ``[batch, pos, vocab]``.
+  GPT-NeoX; mixture-of-experts models: that and the d_model output of each of the
+  experts_per_token routed experts, plus the router's float32 logits and softmax). Then the final norm's input and the logits ``[batch, pos, vocab]``.
 - **objective**: float32 log-softmax over the loss positions (``loss_positions``,
   default every position: an upper bound).
 - **source buffer**: ``delta [batch, n_sources, window, d_model]`` in float32 (float64
@@ -192,9 +194,15 @@ def estimate_memory(
 
     # Saved for backward, per token and layer (bytes).
     norm_input = (4 if norm == "rms" else e) * d + 8  # input (RMSNorm upcasts to float32) + per-token stats
-    norms = norm_input * (1 if s.parallel_blocks else 2)
+    # pre-norms (one shared by parallel blocks), post-norms (OLMo 2, Gemma 2/3), QK-norms (float32 inputs)
+    norms = norm_input * ((1 if s.parallel_blocks else 2) * family.pre_norm + 2 * family.post_norm)
+    if family.qk_norm:
+        norms += 4 * (s.n_heads + s.n_kv_heads) * s.d_head
     probs = s.n_heads * p * (4 + (e if e != 4 else 0))  # float32 softmax output and its model-dtype copy
-    per_layer = norms + 3 * e * qkv_heads + probs + mlp_units * e * s.d_mlp
+    mlp = mlp_units * e * s.d_mlp
+    if family.moe:  # each routed expert's hidden units and output; the router's float32 logits and softmax
+        mlp = s.experts_per_token * (mlp + e * d) + 2 * 4 * s.n_experts
+    per_layer = norms + 3 * e * qkv_heads + probs + mlp
     saved = tokens * (s.n_layers * per_layer + norm_input)
     logits = tokens * s.d_vocab * e
     loss_tokens = b * min(loss_positions or p, p)

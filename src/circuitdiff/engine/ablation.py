@@ -165,7 +165,7 @@ class EdgeAblation:
         hooks: HookList = []
         for layer in range(graph.n_layers):
             hooks += _attention_hooks(self.run, layer, shifts)
-            hooks.append((bridge.mlp_norm_input_hook(layer), shift_input(graph.group("mlp", layer))))
+            hooks.append((bridge.mlp_input_hook(layer), shift_input(graph.group("mlp", layer))))
         hooks.append((bridge.logits_input_hook, shift_input(graph.group("logits"))))
         return hooks
 
@@ -204,7 +204,7 @@ def _attention_hooks(run: "AttributionRun", layer: int, shifts: Callable[..., Sh
         return hook
 
     return [
-        (bridge.attention_norm_input_hook(layer), capture),
+        (bridge.attention_input_hook(layer), capture),
         (bridge.projection_hook(layer, "q"), correct(weights.w_q, 0, n_q)),
         (bridge.projection_hook(layer, "k"), correct(weights.w_k, n_q, n_k)),
         (bridge.projection_hook(layer, "v"), correct(weights.w_v, n_q + n_k, n_k)),
@@ -214,9 +214,11 @@ def _attention_hooks(run: "AttributionRun", layer: int, shifts: Callable[..., Sh
 def _norm_change(
     x: Float[Tensor, "k pos d_model"],
     shift: Float[Tensor, "k pos d_model"],
-    norm: NormParams,
+    norm: NormParams | None,
 ) -> Float[Tensor, "k pos d_model"]:
-    """``norm(x + shift) - norm(x)`` (the norm's bias cancels)."""
+    """``norm(x + shift) - norm(x)`` (the norm's bias cancels); ``shift`` without a norm."""
+    if norm is None:
+        return shift
 
     def normalized(y: Tensor) -> Tensor:
         if not norm.rms:

@@ -22,7 +22,8 @@ import torch
 
 from circuitdiff.errors import UnknownNameError, UnsupportedModelError
 
-__all__ = ["Family", "FAMILIES", "SUPPORTED_ARCHITECTURES", "NOT_YET_VALIDATED", "ModelSpec", "ModelShape", "describe_model"]
+__all__ = ["Family", "FAMILIES", "SUPPORTED_ARCHITECTURES", "NOT_YET_VALIDATED", "ModelSpec", "ModelShape", "describe_model",
+           "check_level", "supported_levels"]
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,19 @@ class Family:
         gated_mlp: three MLP weight matrices instead of two.
         learned_positions: learned position embeddings (``n_positions`` of them).
         qkv_bias: the q/k/v projections have biases whatever the config says.
-        qk_norm: a per-head RMSNorm of q and k after their projections (Qwen3). The
-            receiver gradient is read at the projection output, before that norm, so it
-            needs nothing else; its weights count in the planner's parameter bytes.
+        qk_norm: an RMSNorm of q and k after their projections: ``"per-head"`` over each
+            head's d_head (Qwen3), ``"across-heads"`` over all heads' outputs together
+            (OLMo 2). The receiver gradient is read at the projection output, before that
+            norm, so it needs nothing else; its weights count in the planner's parameter bytes.
+        pre_norm: attention and MLP read the residual stream through a norm (``ln1``,
+            ``ln2``); without, they read it directly (OLMo 2).
+        post_norm: the attention and MLP outputs are normalised before the residual
+            stream receives them (``ln1_post``, ``ln2_post``: OLMo 2, Gemma 2/3). The
+            attention source is then the normalised layer output, which is not a sum
+            over heads: such families are attributed at layer level only.
+        moe: the MLP is a mixture of experts (a router picks the top-k experts per
+            token). The whole block, router inside, is one MLP node: its source is the
+            block's output, its receiver the block's input.
     """
 
     hf_class: str
@@ -50,7 +61,10 @@ class Family:
     gated_mlp: bool
     learned_positions: bool = False
     qkv_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: Literal["", "per-head", "across-heads"] = ""
+    moe: bool = False
+    pre_norm: bool = True
+    post_norm: bool = False
 
 
 #: The validated families by Hugging Face class, each proven against finite differences
@@ -61,25 +75,30 @@ FAMILIES: dict[str, Family] = {f.hf_class: f for f in (
     Family("MistralForCausalLM", "mistral", "rms", 3, gated_mlp=True),
     Family("Qwen2ForCausalLM", "qwen2", "rms", 3, gated_mlp=True, qkv_bias=True),
     Family("GPTNeoXForCausalLM", "gpt_neox", "layer", 1, gated_mlp=False, qkv_bias=True),
-    Family("Qwen3ForCausalLM", "qwen3", "rms", 3, gated_mlp=True, qk_norm=True),
+    Family("Qwen3ForCausalLM", "qwen3", "rms", 3, gated_mlp=True, qk_norm="per-head"),
     # fused qkv and gate/up projections: the bridge exposes q, k, v and gate, in as views of them
     Family("Phi3ForCausalLM", "phi3", "rms", 3, gated_mlp=True),
+    Family("Qwen3MoeForCausalLM", "qwen3_moe", "rms", 3, gated_mlp=True, qk_norm="per-head", moe=True),
+    Family("MixtralForCausalLM", "mixtral", "rms", 3, gated_mlp=True, moe=True),
+    # post-norm only: attention and MLP read the residual stream directly; layer level only
+    Family("Olmo2ForCausalLM", "olmo2", "rms", 3, gated_mlp=True, qk_norm="across-heads", pre_norm=False,
+           post_norm=True),
+    # OLMo 2's blocks with sliding-window attention in some layers
+    Family("Olmo3ForCausalLM", "olmo3", "rms", 3, gated_mlp=True, qk_norm="across-heads", pre_norm=False,
+           post_norm=True),
+    # norms before and after attention and MLP (weights stored as offsets from 1); sliding windows
+    Family("Gemma2ForCausalLM", "gemma2", "rms", 3, gated_mlp=True, post_norm=True),
+    Family("Gemma3ForCausalLM", "gemma3_text", "rms", 3, gated_mlp=True, qk_norm="per-head", post_norm=True),
 )}
 #: Families TransformerLens bridges but circuitdiff has not proven yet: why each is
 #: refused, and the closest validated family (the support table, docs/support.md).
 NOT_YET_VALIDATED: dict[str, str] = {
-    "Qwen3MoeForCausalLM": "Its MoE MLP block (router inside) is not validated as one MLP node yet; the closest "
-                           "validated family is Qwen3ForCausalLM (dense).",
-    "MixtralForCausalLM": "Its MoE MLP block (router inside) is not validated as one MLP node yet; the closest "
-                          "validated family is MistralForCausalLM (dense).",
-    "Olmo2ForCausalLM": "It normalises the attention and MLP outputs (post-norm), so per-head contributions are not "
-                        "additive; not validated yet. The closest validated family is Qwen3ForCausalLM (QK-norm).",
-    "Olmo3ForCausalLM": "It normalises the attention and MLP outputs (post-norm), so per-head contributions are not "
-                        "additive; not validated yet. The closest validated family is Qwen3ForCausalLM (QK-norm).",
-    "Gemma2ForCausalLM": "It has norms after attention and MLP, soft-capping and sliding windows; not validated yet. "
-                         "The closest validated family is LlamaForCausalLM.",
-    "Gemma3ForCausalLM": "It has norms after attention and MLP, QK-norm and sliding windows; not validated yet. "
-                         "The closest validated family is Qwen3ForCausalLM (QK-norm).",
+    "GemmaForCausalLM": "Gemma 1 has no proof test yet (pre-norm only, with Gemma's offset norm weights and "
+                        "scaled embeddings); the closest validated family is Gemma2ForCausalLM (layer level).",
+    "Qwen2MoeForCausalLM": "Its MoE block adds a gated shared expert, which has no proof test yet; the closest "
+                           "validated family is Qwen3MoeForCausalLM.",
+    "OlmoeForCausalLM": "OLMoE (pre-norm MoE with QK-norm across heads) has no proof test yet; the closest "
+                        "validated family is Qwen3MoeForCausalLM.",
 }
 #: Hugging Face model classes whose bridges were validated. The check reads the loaded
 #: model's class and config ``model_type``, not the ``architectures`` label of
@@ -111,6 +130,26 @@ class ModelSpec:
         """A JSON-ready dict (used in saved score files)."""
         return asdict(self)
 
+
+
+def supported_levels(model: Any) -> tuple[str, ...]:
+    """The graph levels ``model`` (a TransformerBridge) can be attributed at, finest first.
+
+    ``("head", "layer")``, or ``("layer",)`` for post-norm families (OLMo 2/3, Gemma 2/3).
+    """
+    return ("layer",) if FAMILIES[describe_model(model).architecture].post_norm else ("head", "layer")
+
+
+def check_level(architecture: str, level: str) -> None:
+    """Refuse head level for post-norm families (see :attr:`Family.post_norm`)."""
+    family = FAMILIES.get(architecture)
+    if str(level) == "head" and family is not None and family.post_norm:
+        raise UnsupportedModelError(
+            f"{architecture} normalises each attention layer's output before adding it to the residual stream "
+            "(post-norm), so the stream receives norm(sum of heads), not a sum of per-head outputs: a head's edge "
+            "has no output of its own to ablate, and its score would depend on the other heads. Use "
+            "level=\"layer\" (AttributionGraph.from_model(model, level=\"layer\"), --level layer); "
+            "see docs/support.md.")
 
 
 def describe_model(model: Any) -> ModelSpec:
@@ -160,8 +199,10 @@ def describe_model(model: Any) -> ModelSpec:
             "the bridge has folded layer norms (compatibility mode / processed weights). "
             "Load the checkpoint without enable_compatibility_mode(); scores do not depend on it."
         )
+    family = FAMILIES[architecture]
+    norms = ("ln1", "ln2") * family.pre_norm + ("ln1_post", "ln2_post") * family.post_norm
     for layer, block in enumerate(model.blocks):
-        for part in ("ln1", "ln2", "attn", "mlp"):
+        for part in (*norms, "attn", "mlp"):
             if not hasattr(block, part):
                 raise UnsupportedModelError(
                     f"block {layer} has no '{part}' component, which edge attribution needs."
@@ -223,7 +264,9 @@ class ModelShape:
     """The shape facts the planner needs; build one from a config, no weights needed.
 
     ``weight_bytes`` None means: computed from the shape (untied embeddings unless
-    ``tied_embeddings``).
+    ``tied_embeddings``). Mixture-of-experts models have ``n_experts`` experts of
+    ``d_mlp`` hidden units each, ``experts_per_token`` of them routed per token (0 and 0
+    for dense models).
     """
 
     architecture: str
@@ -240,18 +283,24 @@ class ModelShape:
     qkv_bias: bool = False
     n_positions: int = 0
     weight_bytes: int | None = None
+    n_experts: int = 0
+    experts_per_token: int = 0
 
     @classmethod
     def from_model(cls, model: Any) -> "ModelShape":
         """The shape of a TransformerBridge, with its exact parameter bytes."""
         spec = describe_model(model)
         params = list(model.parameters())
+        d_mlp, n_experts, experts_per_token = int(model.cfg.d_mlp), 0, 0
+        if FAMILIES[spec.architecture].moe:
+            d_mlp, n_experts, experts_per_token = _experts(model.original_model.config.to_dict())
         return cls(
             architecture=spec.architecture, n_layers=spec.n_layers, n_heads=spec.n_heads,
             n_kv_heads=spec.n_kv_heads, d_model=spec.d_model, d_head=spec.d_head,
-            d_mlp=int(model.cfg.d_mlp), d_vocab=spec.d_vocab, dtype=params[0].dtype,
+            d_mlp=d_mlp, d_vocab=spec.d_vocab, dtype=params[0].dtype,
             parallel_blocks=spec.parallel_blocks,
             weight_bytes=sum(p.numel() * p.element_size() for p in params),
+            n_experts=n_experts, experts_per_token=experts_per_token,
         )
 
     @classmethod
@@ -272,12 +321,14 @@ class ModelShape:
                        c["vocab_size"], dtype, tied_embeddings=c.get("tie_word_embeddings", True),
                        qkv_bias=True, n_positions=c.get("n_positions", 1024))
         d, heads = c["hidden_size"], c["num_attention_heads"]
+        d_mlp, n_experts, experts_per_token = _experts(c) if FAMILIES[architecture].moe else (c["intermediate_size"], 0, 0)
         return cls(
             architecture, c["num_hidden_layers"], heads, c.get("num_key_value_heads") or heads, d,
-            c.get("head_dim") or d // heads, c["intermediate_size"], c["vocab_size"], dtype,
+            c.get("head_dim") or d // heads, d_mlp, c["vocab_size"], dtype,
             parallel_blocks=architecture == "GPTNeoXForCausalLM" and c.get("use_parallel_residual", True),
             tied_embeddings=c.get("tie_word_embeddings", False),
             qkv_bias=FAMILIES[architecture].qkv_bias or c.get("attention_bias", False),
+            n_experts=n_experts, experts_per_token=experts_per_token,
         )
 
     @property
@@ -293,14 +344,35 @@ class ModelShape:
         gated = family.gated_mlp
         d, qkv = self.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.d_head
         layered = family.norm == "layer"  # LayerNorm has a bias; these models also bias o and the MLP
+        mlp = (3 if gated else 2) * d * self.d_mlp
+        if family.moe:  # every expert's weights, and the router's [n_experts, d_model]
+            mlp = self.n_experts * mlp + self.n_experts * d
+        n_norms = 2 * family.pre_norm + 2 * family.post_norm
         per_layer = (d * qkv + (qkv if self.qkv_bias else 0) + self.n_heads * self.d_head * d
-                     + (3 if gated else 2) * d * self.d_mlp + 2 * d * (2 if layered else 1))
+                     + mlp + n_norms * d * (2 if layered else 1))
         if layered:
             per_layer += d + self.d_mlp + d
-        if family.qk_norm:
+        if family.qk_norm == "per-head":
             per_layer += 2 * self.d_head
+        elif family.qk_norm == "across-heads":
+            per_layer += (self.n_heads + self.n_kv_heads) * self.d_head
         total = self.n_layers * per_layer + d * (2 if layered else 1)
         total += self.d_vocab * d * (1 if self.tied_embeddings else 2) + self.n_positions * d
         return total * self.element_size
 
 
+def _experts(config: dict[str, Any]) -> tuple[int, int, int]:
+    """``(d_mlp per expert, n_experts, experts_per_token)`` of a mixture-of-experts config.
+
+    Qwen3-MoE names them ``moe_intermediate_size`` and ``num_experts``; Mixtral
+    ``intermediate_size`` and ``num_local_experts``. Configs with dense layers between
+    the MoE ones (Qwen3-MoE's ``mlp_only_layers``, ``decoder_sparse_step`` > 1) are
+    refused: TransformerLens's MoE bridge does not wrap them either.
+    """
+    if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+        raise UnsupportedModelError(
+            "this mixture-of-experts config mixes dense and MoE layers (mlp_only_layers / decoder_sparse_step), "
+            "which TransformerLens's MoE bridge does not wrap; only all-MoE configs are supported.")
+    d_mlp = config.get("moe_intermediate_size") or config["intermediate_size"]
+    n_experts = config.get("num_experts") or config["num_local_experts"]
+    return int(d_mlp), int(n_experts), int(config["num_experts_per_tok"])

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuitdiff.engine.architectures import ModelSpec, describe_model
+from circuitdiff.engine.architectures import FAMILIES, ModelSpec, describe_model
 from circuitdiff.engine.products import accumulation_dtype
 from circuitdiff.errors import UnsupportedModelError
 
@@ -41,24 +41,29 @@ class NormParams:
 @dataclass(frozen=True)
 class AttentionWeights:
     """Views of one layer's weights: q, k, v as ``[heads, d_head, d_model]`` (k, v with the kv heads),
-    o as ``[d_model, n_heads * d_head]`` (nn.Linear layout), and the attention norm."""
+    o as ``[d_model, n_heads * d_head]`` (nn.Linear layout), and the attention norm (None where
+    attention reads the residual stream directly)."""
 
     w_q: Tensor
     w_k: Tensor
     w_v: Tensor
     w_o: Tensor
-    norm: NormParams
+    norm: NormParams | None
 
 
 class Bridge:
     """A validated TransformerBridge: its :class:`ModelSpec`, hook names and per-layer weights.
 
-    Validation (:func:`describe_model`) runs once, here.
+    Validation (:func:`describe_model`) runs once, here. ``post_norm``: the residual stream
+    receives each attention and MLP output through a norm, so the sources are the norms'
+    outputs (layer level only; see :class:`~circuitdiff.engine.architectures.Family`).
     """
 
     def __init__(self, model: Any) -> None:
         self.model = model
         self.spec: ModelSpec = describe_model(model)
+        family = FAMILIES[self.spec.architecture]
+        self.pre_norm, self.post_norm = family.pre_norm, family.post_norm
         first = next(model.parameters())
         self.device = first.device
         #: float32, or float64 for float64 models: what scores and ``delta`` accumulate in.
@@ -69,7 +74,7 @@ class Bridge:
             w_k=linear_weight(block.attn.k).reshape(s.n_kv_heads, s.d_head, s.d_model),
             w_v=linear_weight(block.attn.v).reshape(s.n_kv_heads, s.d_head, s.d_model),
             w_o=linear_weight(block.attn.o),
-            norm=norm_params(block.ln1),
+            norm=norm_params(block.ln1) if self.pre_norm else None,
         ) for block in model.blocks]
 
     # Hook names, read from the bridge's own hook points.
@@ -88,24 +93,30 @@ class Bridge:
         return self.model.blocks[layer].attn.o.hook_in.name
 
     def attention_output_hook(self, layer: int) -> str:
-        """The attention block's output (all heads, after ``W_O``)."""
-        return self.model.blocks[layer].attn.o.hook_out.name
+        """What the residual stream receives from the attention layer: its output after ``W_O``
+        (all heads), or after the post-norm."""
+        block = self.model.blocks[layer]
+        return (block.ln1_post if self.post_norm else block.attn.o).hook_out.name
 
     def mlp_output_hook(self, layer: int) -> str:
-        """The MLP's output: the MLP source."""
-        return self.model.blocks[layer].mlp.hook_out.name
+        """What the residual stream receives from the MLP (its output, or after the post-norm): the MLP source."""
+        block = self.model.blocks[layer]
+        return (block.ln2_post if self.post_norm else block.mlp).hook_out.name
 
     def projection_hook(self, layer: int, projection: Projection) -> str:
         """The q, k or v projection's output ``[batch, pos, heads, d_head]``."""
         return getattr(self.model.blocks[layer].attn, projection).hook_out.name
 
-    def attention_norm_input_hook(self, layer: int) -> str:
-        """The attention norm's input (shared by the q, k, v receivers of ``layer``)."""
-        return self.model.blocks[layer].ln1.hook_in.name
+    def attention_input_hook(self, layer: int) -> str:
+        """The residual stream the attention reads, at its norm's input or the attention's own
+        (shared by the q, k, v receivers of ``layer``)."""
+        block = self.model.blocks[layer]
+        return (block.ln1 if self.pre_norm else block.attn).hook_in.name
 
-    def mlp_norm_input_hook(self, layer: int) -> str:
-        """The MLP norm's input: the MLP receiver."""
-        return self.model.blocks[layer].ln2.hook_in.name
+    def mlp_input_hook(self, layer: int) -> str:
+        """The residual stream the MLP reads (its norm's input, or its own): the MLP receiver."""
+        block = self.model.blocks[layer]
+        return (block.ln2 if self.pre_norm else block.mlp).hook_in.name
 
 
 

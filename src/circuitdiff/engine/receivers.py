@@ -94,12 +94,12 @@ class ReceiverGradients:
                 for proj in ("q", "k", "v"):
                     hooks.append((bridge.projection_hook(layer, proj),
                                   watch(lambda g, key=(layer, proj): stash.__setitem__(key, g))))
-                # ln1's input gradient arrives after all of q, k and v have their gradients.
+                # the attention input's gradient arrives after all of q, k and v have their gradients.
                 on_attention = (lambda _, layer=layer, group=attention:
                                 contract(group, self.attention_gradients(layer, stash, window)))
-                hooks.append((bridge.attention_norm_input_hook(layer), watch(on_attention, keep_as=(layer, "x"))))
+                hooks.append((bridge.attention_input_hook(layer), watch(on_attention, keep_as=(layer, "x"))))
             if needed(graph.group("mlp", layer)):
-                hooks.append((bridge.mlp_norm_input_hook(layer), watch(residual_receiver(graph.group("mlp", layer)))))
+                hooks.append((bridge.mlp_input_hook(layer), watch(residual_receiver(graph.group("mlp", layer)))))
         hooks.append((bridge.logits_input_hook, watch(residual_receiver(graph.group("logits")))))
         return hooks
 
@@ -122,16 +122,12 @@ class ReceiverGradients:
         weights (:func:`~circuitdiff.engine.products.product`: for bfloat16 models, exact
         products summed in float32); the rest is one reduction and two in-place updates
         over the ``[receivers, batch * pos, d_model]`` result (three for LayerNorm).
+        Without an attention norm (OLMo 2), ``G_h = v``.
         """
         weights = self.bridge.layers[layer]
         norm, positions = weights.norm, window.positions
         x = stash.pop((layer, "x"))[:, positions].to(self.bridge.dtype)
         b, p, d = x.shape
-        if not norm.rms:
-            x = x - x.mean(-1, keepdim=True)
-        scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()  # [batch, pos, 1]
-        x_hat = (x / scale).reshape(b * p, d)
-        a = (norm.weight.to(x.device, self.bridge.dtype) / scale).reshape(b * p, d)
         mats = (weights.w_q, weights.w_k, weights.w_v)
         grads = []
         for proj, w in zip("qkv", mats, strict=True):
@@ -145,6 +141,13 @@ class ReceiverGradients:
             v = product(rearrange(torch.cat(grads, 1), "bp h e -> h bp e"), torch.cat(mats, 0))
         else:
             v = torch.stack([product(g.flatten(1), w.flatten(0, 1)) for g, w in zip(grads, mats, strict=True)])
+        if norm is None:
+            return rearrange(v, "r (b p) d -> b r p d", b=b)
+        if not norm.rms:
+            x = x - x.mean(-1, keepdim=True)
+        scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()  # [batch, pos, 1]
+        x_hat = (x / scale).reshape(b * p, d)
+        a = (norm.weight.to(x.device, self.bridge.dtype) / scale).reshape(b * p, d)
         basis = torch.stack([x_hat * a] if norm.rms else [x_hat * a, a], -1)  # [b*p, d_model, 1 or 2]
         means = torch.bmm(v.transpose(0, 1), basis).transpose(0, 1) / d  # [heads, b*p, 1 or 2]
         v.mul_(a)

@@ -9,7 +9,9 @@ Per-head source outputs are computed from the attention values ``z`` and ``W_O``
 straight into ``delta``: the model runs without TransformerLens's split-qkv /
 attn-result flags, so the forward keeps the plain model's activations. Products of two
 of the model's own bfloat16 tensors are exact in float32 and summed in float32
-(:func:`~circuitdiff.engine.products.product`). Hooks never edit model tensors.
+(:func:`~circuitdiff.engine.products.product`). In post-norm families (OLMo 2) the
+attention source is the post-norm's output, recorded as it is (layer level only).
+Hooks never edit model tensors.
 """
 
 from __future__ import annotations
@@ -147,7 +149,10 @@ class SourceRecorder:
 
         hooks: HookList = [(bridge.input_hook, residual(slice(0, 1)))]
         for layer in range(self.graph.n_layers):
-            hooks.append((bridge.attention_values_hook(layer), self.attention_hook(layer, write, window)))
+            if bridge.post_norm:  # layer level only: the normalised layer output is what the stream receives
+                hooks.append((bridge.attention_output_hook(layer), residual(self.graph.attention_sources(layer))))
+            else:
+                hooks.append((bridge.attention_values_hook(layer), self.attention_hook(layer, write, window)))
             row = self.graph.mlp_source(layer)
             hooks.append((bridge.mlp_output_hook(layer), residual(slice(row, row + 1))))
         return hooks

@@ -20,10 +20,16 @@ exactly EAP, and a score approaches the integrated-gradients value along the pat
   all of its heads together; each MLP) the path interpolates that block's output alone
   from its replacement to its clean value, and only the edges leaving that block are
   scored on it. Cost per batch: ``(2 * n_layers + 1) * steps`` forward+backward passes.
+
+On mixture-of-experts models (top-k routing) the objective jumps wherever a token's
+experts change along the path, and the average gradient does not see those jumps: the
+scores' completeness holds only up to them (a warning says so; exact ablation has no
+such limit).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -31,6 +37,7 @@ import torch
 from torch import Tensor
 
 from circuitdiff.data import Batch
+from circuitdiff.engine.architectures import FAMILIES
 from circuitdiff.engine.sources import Window
 from circuitdiff.scorers.base import ScoresAndLosses, positive_int
 
@@ -61,6 +68,12 @@ class _IntegratedGradients:
 
     def score_batch(self, run: "AttributionRun", batch: Batch, batch_index: int) -> ScoresAndLosses:
         """Per-sample scores averaged over ``steps`` interpolation points, and clean losses."""
+        if FAMILIES[run.spec.architecture].moe:
+            warnings.warn(f"{self.name} on a mixture-of-experts model ({run.spec.architecture}): top-k routing makes "
+                          "the objective jump where a token's experts change along the interpolation path, and "
+                          "integrated gradients miss those jumps, so the scores need not add up to the ablation "
+                          "effect however many steps; use scorer='exact' as the reference (docs/support.md).",
+                          stacklevel=2)
         mask, window = batch.attention_mask, Window()
         delta, clean_logits = run.clean_pass(batch, record=True)
         clean_losses = run.loss(clean_logits, batch, batch_index)
