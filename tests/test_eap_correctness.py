@@ -222,12 +222,13 @@ def test_structural_zeros_stay_zero(get_model):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bfloat16_model_scores_track_float32(get_model, arch):
-    """bf16 scores stay within 10% (relative Frobenius, Pearson > 0.995) of float32 ones.
+    """bf16 scores stay within 5% (relative Frobenius, Pearson > 0.998) of float32 ones.
 
     The checkpoints hold bf16-representable weights, so the difference is bf16
-    arithmetic in the model alone: measured 1.1-3.7% on these models, 7.4% on the Llama 3
-    rope-scaled one and 8.7% (Pearson 0.9963) on Mixtral, where bf16 rounding sends one of
-    the 84 token-layer routings of this data to another expert. What circuitdiff's own bf16 contraction adds is bounded in
+    arithmetic in the model alone: measured 1.1-3.7% on these models. Two are allowed
+    10% and Pearson > 0.995: the Llama 3 rope-scaled one (7.4%) and Mixtral (8.7%,
+    Pearson 0.9963), where bf16 rounding sends one of the 84 token-layer routings of this
+    data to another expert. What circuitdiff's own bf16 contraction adds is bounded in
     tests/test_contraction_dtype.py.
     """
     batches = make_data(get_model(arch))
@@ -240,5 +241,6 @@ def test_bfloat16_model_scores_track_float32(get_model, arch):
     assert results["bfloat16"].per_sample.dtype == torch.float32
     reference, approx = results["float32"].per_sample, results["bfloat16"].per_sample
     relative = (approx - reference).norm() / reference.norm()
-    assert relative < 0.10, f"bf16 scores are {relative:.3f} away from float32 (relative Frobenius)"
-    assert torch.corrcoef(torch.stack([approx.flatten(), reference.flatten()]))[0, 1] > 0.995
+    bound, correlation = (0.10, 0.995) if arch in ("llama3", "mixtral") else (0.05, 0.998)
+    assert relative < bound, f"bf16 scores are {relative:.3f} away from float32 (relative Frobenius)"
+    assert torch.corrcoef(torch.stack([approx.flatten(), reference.flatten()]))[0, 1] > correlation

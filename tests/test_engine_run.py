@@ -9,6 +9,7 @@ import torch
 
 import circuitdiff as cd
 from circuitdiff.engine import AttributionRun, Window, architectures
+import tiny_models as tm
 from test_eap_correctness import make_data
 
 
@@ -189,3 +190,22 @@ def test_faithfulness_and_acdc_work_through_a_given_run(get_model):
     other = cd.AttributionGraph.from_model(model, level="head").bind(model, objective="answer_nll")
     with pytest.raises(cd.DataError, match="bound to another graph"):
         cd.evaluate_circuit(other, circuit, data)
+
+
+@pytest.mark.parametrize("arch", tm.ARCHITECTURES)
+def test_the_sources_sum_to_the_residual_stream_the_logits_read(get_model, arch):
+    """Every write into the residual stream is a source: input + all recorded sources (+ the attention output
+    biases, which no source carries) is the final norm's input. Ties the source hooks (post-norm outputs, MoE
+    blocks, z @ W_O) to the model, where the proofs read sources at the same hooks as the engine."""
+    model = get_model(arch, "float64")
+    graph = cd.AttributionGraph.from_model(model, level=tm.finest_level(arch))
+    batch = make_data(model)[1]
+    run = graph.bind(model, objective="answer_nll")
+    recorded = run.record_sources(batch.input_ids, batch.attention_mask).sum(1)  # [batch, pos, d_model]
+    kept = {}
+    with torch.no_grad(), model.hooks(fwd_hooks=[(run.bridge.logits_input_hook,
+                                                  lambda x, hook: kept.__setitem__("x", x))]):
+        model(batch.input_ids, attention_mask=batch.attention_mask)
+    biases = [block.attn.o.original_component.bias for block in model.blocks]
+    expected = kept["x"] - sum(b for b in biases if b is not None)
+    torch.testing.assert_close(recorded, expected, rtol=1e-9, atol=1e-9)

@@ -64,6 +64,11 @@ def test_from_model_matches_architecture(get_model, arch):
     assert graph.n_edges == head_level_edges(cfg.n_layers, cfg.n_heads, n_kv, arch == "neox")
 
 
+@pytest.mark.parametrize("arch", tm.ARCHITECTURES)
+def test_supported_levels_name_the_graphs_a_family_has(get_model, arch):
+    assert cd.supported_levels(get_model(arch)) == tm.levels(arch)
+
+
 @pytest.mark.parametrize("arch", tm.LAYER_LEVEL_ONLY)
 def test_post_norm_families_have_a_layer_level_graph_only(get_model, arch):
     model = get_model(arch)

@@ -181,3 +181,25 @@ def test_other_objects_are_refused():
         cd.describe_model(torch.nn.Linear(2, 2))
     with pytest.raises(cd.UnsupportedModelError, match="load_model got a int"):
         cd.load_model(3)
+
+
+def test_a_bfloat16_olmo_bridge_built_without_load_model_runs(checkpoints):
+    """TransformerLens 4.3 keeps OLMo's rotated q and k in float32; Bridge casts them back as load_model does."""
+    from transformer_lens import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(checkpoints["olmo2"]), device="cpu", dtype=torch.bfloat16)
+    ids = tm.random_ids(1, 5)
+    with pytest.raises(RuntimeError, match="expected scalar type"):  # the TransformerLens bug this works around
+        bridge(ids)
+    graph = cd.AttributionGraph.from_model(bridge, level="layer")
+    batch = cd.Batch(ids, labels=torch.cat([torch.full((1, 3), cd.IGNORE), ids[:, 3:]], 1))
+    scores = cd.attribute(bridge, graph, [batch], objective="answer_nll", progress=False)
+    assert torch.isfinite(scores.per_sample).all() and scores.per_sample.abs().sum() > 0
+
+
+def test_the_pipeline_refuses_a_level_at_load_before_generating(checkpoints):
+    from circuitdiff.pipeline import _load
+
+    with pytest.raises(cd.UnsupportedModelError, match="post-norm"):
+        _load(checkpoints["olmo2"], "cpu", torch.float32, "head")
+    assert _load(checkpoints["olmo2"], "cpu", torch.float32, "layer") is not None

@@ -155,12 +155,27 @@ def planned_and_measured_peak(name: str, level: str, batch: int, tokens: int, **
     return planned, measured
 
 
-def test_dense_layers_between_moe_layers_are_refused():
-    from transformers import Qwen3MoeConfig
+def test_dense_layers_between_moe_layers_are_refused(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    config = Qwen3MoeConfig(num_hidden_layers=4, mlp_only_layers=[1], architectures=["Qwen3MoeForCausalLM"])
-    with pytest.raises(cd.UnsupportedModelError, match="mixes dense and MoE layers"):
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1],
+                            architectures=["Qwen3MoeForCausalLM"])
+    with pytest.raises(cd.UnsupportedModelError, match="dense MLP layers.*no proof test"):
         ModelShape.from_config(config)
+    hf = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(cd.UnsupportedModelError, match="dense MLP layers.*no proof test"):  # and before any scoring
+        cd.load_model(hf, tokenizer=build_tokenizer(64, tmp_path))
+
+
+def test_no_plan_for_a_head_level_graph_of_a_post_norm_family():
+    from transformers import Olmo2Config
+
+    config = Olmo2Config(num_hidden_layers=2, architectures=["Olmo2ForCausalLM"])
+    with pytest.raises(cd.UnsupportedModelError, match="post-norm"):
+        estimate_memory(config, "head", batch_size=1, seq_len=16)
+    assert estimate_memory(config, "layer", batch_size=1, seq_len=16).total > 0
 
 
 MOE = dict(num_experts_per_tok=2, intermediate_size=512)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from circuitdiff.engine.architectures import SUPPORTED_ARCHITECTURES, ModelSpec, describe_model, supported_levels
-from circuitdiff.engine.bridge import attribution_mode
+from circuitdiff.engine.bridge import attribution_mode, rotate_in_model_dtype
 from circuitdiff.errors import ArgumentError, MissingPathError, UnsupportedModelError
 
 __all__ = [
@@ -96,26 +96,9 @@ def load_model(
             "a Hugging Face PreTrainedModel (with tokenizer=...), or a TransformerBridge."
         )
     describe_model(bridge)
-    _rotate_in_model_dtype(bridge)
+    rotate_in_model_dtype(bridge)
     bridge.eval()
     return bridge
-
-
-def _rotate_in_model_dtype(bridge: Any) -> None:
-    """Give OLMo 2/3's rotated q and k the model's dtype, as Hugging Face's OLMo attention does.
-
-    TransformerLens 4.3's attention bridge rotates q and k with float32 cos/sin and keeps
-    the float32 result, so a bfloat16 OLMo 2 fails in its attention product ("expected
-    scalar type Float but found BFloat16"; OLMo 3 likewise). Permanent hooks on ``hook_rot_q`` and
-    ``hook_rot_k`` cast back (a no-op in float32 and float64 models); added once per bridge.
-    """
-    if str(bridge.cfg.architecture) not in ("Olmo2ForCausalLM", "Olmo3ForCausalLM") or getattr(bridge, "_circuitdiff_rotary_cast", False):
-        return
-    for block in bridge.blocks:
-        weight = block.attn.q.original_component.weight  # read at each call: the model may change dtype
-        for point in (block.attn.hook_rot_q, block.attn.hook_rot_k):
-            point.add_hook(lambda x, hook, weight=weight: x.to(weight.dtype), is_permanent=True)
-    bridge._circuitdiff_rotary_cast = True
 
 
 def _is_wrapped(hf_model: Any) -> bool:

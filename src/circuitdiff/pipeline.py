@@ -46,7 +46,8 @@ from circuitdiff.data.selection import LengthSelection, check_parameters
 from circuitdiff.errors import ArgumentError, DataError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.io import write_atomically
-from circuitdiff.models import load_model
+from circuitdiff.engine.architectures import check_level
+from circuitdiff.models import describe_model, load_model
 from circuitdiff.report import json_ready
 from circuitdiff.robustness import DEFAULT_SAMPLES, choose_reference, no_reference_reason, reference_cost, subsample
 from circuitdiff.scorers import Scorer
@@ -219,7 +220,8 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
     log(f"{len(questions)} questions from {questions_path}")
     counts: dict[str, Any] = {"questions": len(questions)}
 
-    models = {side: _load(directory, device, dtype) for side, directory in (("base", base_dir), ("tuned", tuned_dir))}
+    models = {side: _load(directory, device, dtype, config.level) for side, directory in (("base", base_dir),
+                                                                                            ("tuned", tuned_dir))}
     check_tokenizers(models["base"], models["tuned"], [q.prompt for q in questions])
     generations: dict[str, list[Generation]] = {}
     for side, model in models.items():
@@ -289,7 +291,7 @@ def _run_score(model_dir: str | os.PathLike[str], questions_path: str | os.PathL
                config: PipelineConfig, questions: list[Question], device: str, log: Callable[[str], None]) -> EdgeScores:
     from circuitdiff.metrics import summarize
 
-    model = _load(model_dir, device, config.torch_dtype(device))
+    model = _load(model_dir, device, config.torch_dtype(device), config.level)
     generations = _generate(model, questions, out / "model.generations.jsonl", config)
     correct = [i for i, g in enumerate(generations) if g.correct]
     counts: dict[str, Any] = {"questions": len(questions), "correct": len(correct)}
@@ -468,12 +470,15 @@ def _selection_record(selection: LengthSelection) -> dict[str, Any]:
     return {"t_cut": selection.t_cut, "reference_length": selection.reference_length, **selection.parameters}
 
 
-def _load(directory: str | os.PathLike[str], device: str, dtype: torch.dtype) -> Any:
+def _load(directory: str | os.PathLike[str], device: str, dtype: torch.dtype, level: str) -> Any:
+    """The model, refused before any generation if it cannot be attributed at ``level``."""
     path = Path(directory)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise DataError(f"{str(path)!r} is not a checkpoint directory (a folder with config.json, written by "
                         "save_pretrained).")
-    return load_model(path, device=device, dtype=dtype)
+    model = load_model(path, device=device, dtype=dtype)
+    check_level(describe_model(model).architecture, level)
+    return model
 
 
 def _describe(counts: dict[str, Any], t_cut: int, config: PipelineConfig) -> str:

@@ -12,7 +12,8 @@ Every number is derived from what the code allocates, per part:
   QK-norms' q and k), q, k and v after rotary
   with k/v repeated to every query head (3 x heads x d_head), the attention
   probabilities of the bridge's eager attention (float32 softmax output plus its copy in
-  the model dtype: heads x pos per token, i.e. pos^2 per head), and the MLP's hidden
+  the model dtype: heads x pos per token, i.e. pos^2 per head; Gemma 2's soft-capping
+  adds the tanh of the scores, and of the logits), and the MLP's hidden
   activations (3 x d_mlp gated, 4 x d_mlp for GPT-2's tanh GELU, 1 x d_mlp for
   GPT-NeoX; mixture-of-experts models: that and the d_model output of each of the
   experts_per_token routed experts, plus the router's float32 logits and softmax). Then the final norm's input and the logits ``[batch, pos, vocab]``.
@@ -43,7 +44,7 @@ from typing import Any
 
 import torch
 
-from circuitdiff.engine.architectures import FAMILIES, ModelShape
+from circuitdiff.engine.architectures import FAMILIES, ModelShape, check_level
 from circuitdiff.engine.products import accumulation_dtype
 from circuitdiff.engine.receivers import transient_bytes
 from circuitdiff.engine.run import scores_shape
@@ -136,9 +137,10 @@ def _shape_of(model_or_spec: Any, dtype: torch.dtype | None) -> ModelShape:
 
 
 def _graph_of(shape: ModelShape, graph_or_level: AttributionGraph | str) -> AttributionGraph:
-    if isinstance(graph_or_level, AttributionGraph):
-        return graph_or_level
-    return AttributionGraph(shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.parallel_blocks, graph_or_level)
+    graph = graph_or_level if isinstance(graph_or_level, AttributionGraph) else AttributionGraph(
+        shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.parallel_blocks, graph_or_level)
+    check_level(shape.architecture, graph.level)  # no plan for a run that would be refused
+    return graph
 
 
 def estimate_memory(
@@ -199,12 +201,14 @@ def estimate_memory(
     if family.qk_norm:
         norms += 4 * (s.n_heads + s.n_kv_heads) * s.d_head
     probs = s.n_heads * p * (4 + (e if e != 4 else 0))  # float32 softmax output and its model-dtype copy
+    if s.attention_softcap:  # the tanh of the soft-capped scores
+        probs += s.n_heads * p * e
     mlp = mlp_units * e * s.d_mlp
     if family.moe:  # each routed expert's hidden units and output; the router's float32 logits and softmax
         mlp = s.experts_per_token * (mlp + e * d) + 2 * 4 * s.n_experts
     per_layer = norms + 3 * e * qkv_heads + probs + mlp
     saved = tokens * (s.n_layers * per_layer + norm_input)
-    logits = tokens * s.d_vocab * e
+    logits = tokens * s.d_vocab * e * (2 if s.logit_softcap else 1)  # and the tanh of soft-capped logits
     loss_tokens = b * min(loss_positions or p, p)
     objective = loss_tokens * s.d_vocab * 4
     # Plain backward: one layer's attention gradients (probabilities, scores: float32 and model dtype)

@@ -200,6 +200,8 @@ def describe_model(model: Any) -> ModelSpec:
             "Load the checkpoint without enable_compatibility_mode(); scores do not depend on it."
         )
     family = FAMILIES[architecture]
+    if family.moe:
+        _experts(model.original_model.config.to_dict())  # refuses dense layers between the MoE ones
     norms = ("ln1", "ln2") * family.pre_norm + ("ln1_post", "ln2_post") * family.post_norm
     for layer, block in enumerate(model.blocks):
         for part in (*norms, "attn", "mlp"):
@@ -266,7 +268,8 @@ class ModelShape:
     ``weight_bytes`` None means: computed from the shape (untied embeddings unless
     ``tied_embeddings``). Mixture-of-experts models have ``n_experts`` experts of
     ``d_mlp`` hidden units each, ``experts_per_token`` of them routed per token (0 and 0
-    for dense models).
+    for dense models). ``attention_softcap`` / ``logit_softcap``: Gemma 2's tanh soft-capping
+    of attention scores / final logits.
     """
 
     architecture: str
@@ -285,6 +288,8 @@ class ModelShape:
     weight_bytes: int | None = None
     n_experts: int = 0
     experts_per_token: int = 0
+    attention_softcap: bool = False
+    logit_softcap: bool = False
 
     @classmethod
     def from_model(cls, model: Any) -> "ModelShape":
@@ -292,8 +297,9 @@ class ModelShape:
         spec = describe_model(model)
         params = list(model.parameters())
         d_mlp, n_experts, experts_per_token = int(model.cfg.d_mlp), 0, 0
+        config = model.original_model.config.to_dict()
         if FAMILIES[spec.architecture].moe:
-            d_mlp, n_experts, experts_per_token = _experts(model.original_model.config.to_dict())
+            d_mlp, n_experts, experts_per_token = _experts(config)
         return cls(
             architecture=spec.architecture, n_layers=spec.n_layers, n_heads=spec.n_heads,
             n_kv_heads=spec.n_kv_heads, d_model=spec.d_model, d_head=spec.d_head,
@@ -301,6 +307,8 @@ class ModelShape:
             parallel_blocks=spec.parallel_blocks,
             weight_bytes=sum(p.numel() * p.element_size() for p in params),
             n_experts=n_experts, experts_per_token=experts_per_token,
+            attention_softcap=config.get("attn_logit_softcapping") is not None,
+            logit_softcap=config.get("final_logit_softcapping") is not None,
         )
 
     @classmethod
@@ -329,6 +337,8 @@ class ModelShape:
             tied_embeddings=c.get("tie_word_embeddings", False),
             qkv_bias=FAMILIES[architecture].qkv_bias or c.get("attention_bias", False),
             n_experts=n_experts, experts_per_token=experts_per_token,
+            attention_softcap=c.get("attn_logit_softcapping") is not None,
+            logit_softcap=c.get("final_logit_softcapping") is not None,
         )
 
     @property
@@ -366,13 +376,14 @@ def _experts(config: dict[str, Any]) -> tuple[int, int, int]:
 
     Qwen3-MoE names them ``moe_intermediate_size`` and ``num_experts``; Mixtral
     ``intermediate_size`` and ``num_local_experts``. Configs with dense layers between
-    the MoE ones (Qwen3-MoE's ``mlp_only_layers``, ``decoder_sparse_step`` > 1) are
-    refused: TransformerLens's MoE bridge does not wrap them either.
+    the MoE ones (Qwen3-MoE's ``mlp_only_layers``, ``decoder_sparse_step`` > 1, no
+    experts) are refused: the proofs cover all-MoE models only.
     """
-    if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+    n_experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1 or n_experts < 1:
         raise UnsupportedModelError(
-            "this mixture-of-experts config mixes dense and MoE layers (mlp_only_layers / decoder_sparse_step), "
-            "which TransformerLens's MoE bridge does not wrap; only all-MoE configs are supported.")
+            "this mixture-of-experts config has dense MLP layers (mlp_only_layers, decoder_sparse_step > 1 or no "
+            "experts), which no proof test covers yet; only models whose every layer is an MoE block are "
+            "supported. See docs/support.md.")
     d_mlp = config.get("moe_intermediate_size") or config["intermediate_size"]
-    n_experts = config.get("num_experts") or config["num_local_experts"]
     return int(d_mlp), int(n_experts), int(config["num_experts_per_tok"])

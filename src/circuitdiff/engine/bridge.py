@@ -21,7 +21,7 @@ from circuitdiff.engine.products import accumulation_dtype
 from circuitdiff.errors import UnsupportedModelError
 
 __all__ = ["Bridge", "AttentionWeights", "NormParams", "attribution_mode", "linear_weight", "norm_params",
-           "spread_over"]
+           "spread_over", "rotate_in_model_dtype"]
 
 Projection = Literal["q", "k", "v"]
 
@@ -64,6 +64,7 @@ class Bridge:
         self.spec: ModelSpec = describe_model(model)
         family = FAMILIES[self.spec.architecture]
         self.pre_norm, self.post_norm = family.pre_norm, family.post_norm
+        rotate_in_model_dtype(model)
         first = next(model.parameters())
         self.device = first.device
         #: float32, or float64 for float64 models: what scores and ``delta`` accumulate in.
@@ -176,3 +177,22 @@ def norm_params(norm: Any) -> NormParams:
     if eps is None:
         eps = getattr(norm.config, "eps", 1e-5)
     return NormParams(rms=bool(norm.uses_rms_norm), weight=weight, eps=float(eps))
+
+
+def rotate_in_model_dtype(bridge: Any) -> None:
+    """Give OLMo 2/3's rotated q and k the model's dtype, as Hugging Face's OLMo attention does.
+
+    TransformerLens 4.3's attention bridge rotates q and k with float32 cos/sin and keeps
+    the float32 result, so a bfloat16 OLMo fails in its attention product ("expected
+    scalar type Float but found BFloat16"). Permanent hooks on ``hook_rot_q`` and
+    ``hook_rot_k`` cast back (a no-op in float32 and float64 models); added once per
+    bridge, by ``cd.load_model`` and by :class:`Bridge` (for bridges built without it).
+    """
+    olmo = str(bridge.cfg.architecture) in ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+    if not olmo or getattr(bridge, "_circuitdiff_rotary_cast", False):
+        return
+    for block in bridge.blocks:
+        weight = block.attn.q.original_component.weight  # read at each call: the model may change dtype
+        for point in (block.attn.hook_rot_q, block.attn.hook_rot_k):
+            point.add_hook(lambda x, hook, weight=weight: x.to(weight.dtype), is_permanent=True)
+    bridge._circuitdiff_rotary_cast = True

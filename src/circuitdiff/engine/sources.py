@@ -24,6 +24,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
+from circuitdiff.engine.architectures import check_level
 from circuitdiff.engine.bridge import Bridge
 from circuitdiff.engine.products import CONTRACTION_DTYPES, PROFILER_LABELS, product
 from circuitdiff.errors import ArgumentError, UnsupportedModelError
@@ -78,6 +79,7 @@ class SourceRecorder:
     """Allocates ``delta`` and returns the forward hooks that fill it."""
 
     def __init__(self, bridge: Bridge, graph: "AttributionGraph") -> None:
+        check_level(bridge.spec.architecture, graph.level)  # post-norm layers have no per-head outputs
         self.bridge, self.graph = bridge, graph
 
     def delta_dtype(self, window: Window) -> torch.dtype:
