@@ -43,10 +43,10 @@ from circuitdiff.comparison import Comparison, compare
 from circuitdiff.crossscore import cross_compare
 from circuitdiff.data import Generation, Question, generate_answers, make_batches, read_questions, select_by_length
 from circuitdiff.data.selection import LengthSelection, check_parameters
+from circuitdiff.engine.architectures import check_level
 from circuitdiff.errors import ArgumentError, DataError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.io import write_atomically
-from circuitdiff.engine.architectures import check_level
 from circuitdiff.models import describe_model, load_model
 from circuitdiff.report import json_ready
 from circuitdiff.robustness import DEFAULT_SAMPLES, choose_reference, no_reference_reason, reference_cost, subsample
