@@ -63,6 +63,8 @@ from circuitdiff.models import SUPPORTED_ARCHITECTURES, ModelSpec, describe_mode
 from circuitdiff.planner import MemoryEstimate, ModelShape, estimate_memory, plan_batch_size
 from circuitdiff.robustness import Robustness, check_scorer_robustness, scorer_robustness
 from circuitdiff.scores import EdgeScores
+from circuitdiff.trajectory import Trajectory, find_checkpoints, read_training_log, trajectory_from_scores
+from circuitdiff.trends import Trend
 
 try:
     __version__ = _metadata.version("circuitdiff")
@@ -102,6 +104,8 @@ __all__ = [
     "RunLockedError",
     "ShapeError",
     "SUPPORTED_ARCHITECTURES",
+    "Trajectory",
+    "Trend",
     "UnknownNameError",
     "UnsupportedModelError",
     "acdc",
@@ -121,6 +125,7 @@ __all__ = [
     "evaluate_circuit",
     "faithfulness",
     "faithfulness_curve",
+    "find_checkpoints",
     "interventions",
     "load_model",
     "make_batches",
@@ -128,8 +133,10 @@ __all__ = [
     "objectives",
     "plan_batch_size",
     "planner",
+    "read_training_log",
     "register_metric",
     "report",
     "scorer_robustness",
     "scorers",
+    "trajectory_from_scores",
 ]

@@ -191,6 +191,7 @@ def compare(
     edge_tests: bool = True,
     fdr: float = 0.05,
     reference_scores: tuple[EdgeScores, EdgeScores] | None = None,
+    bin_tops: dict[str, float] | None = None,
 ) -> Comparison:
     """Compare two models' edge scores metric by metric, with intervals and tests.
 
@@ -226,6 +227,11 @@ def compare(
             subsample, on the compared graph (the layer level with ``coarsen``): the
             result's ``robustness`` says, per metric, whether the conclusion holds under
             the reference (:func:`circuitdiff.robustness.scorer_robustness`).
+        bin_tops: the top of each edge group's ``|score|`` histogram range, by group
+            name; default: the larger of the two models' largest ``|score|``. A checkpoint
+            series shares one range (:func:`circuitdiff.trajectory.shared_bin_tops`), so
+            its information complexities are on the same bins; a top below a model's
+            largest ``|score|`` is refused.
 
     Returns:
         :class:`Comparison`; ``print(result.to_markdown())``.
@@ -258,6 +264,8 @@ def compare(
         except NonFiniteError as exc:
             raise NonFiniteError(f"{side} scores: {exc}") from None
     tops = {g: max(tops_by_side["base"][g], tops_by_side["tuned"][g]) for g in groups}
+    if bin_tops is not None:
+        tops = _given_tops(bin_tops, tops)
     names = metrics.available()
     profiles = {side: metrics.profile(scores, groups, tops, bins, chunk_size, selection[side], names)
                 for side, scores in sides.items()}
@@ -290,6 +298,7 @@ def compare(
         node_entropy={"base": everything[0].node_entropy, "tuned": everything[1].node_entropy},
         relative_change=metrics.relative_change(means["base"], means["tuned"], groups["all"]),
         settings={"confidence": confidence, "n_resamples": n_resamples, "seed": seed, "bins": bins,
+                  "bin_tops": "given (a series' shared range)" if bin_tops is not None else "both models' largest",
                   "top_k": top_k, "level": graph.level, "n_base": pairing.n["base"], "n_tuned": pairing.n["tuned"],
                   "pairing": pairing.description,
                   "test": "wilcoxon signed-rank" if paired else "mann-whitney u",
@@ -354,6 +363,20 @@ def _check_options(bins: object, confidence: object, top_k: object, n_resamples:
     if paired not in (None, True, False):
         raise ArgumentError(f"paired must be None, True or False; got {paired!r}.")
     check_fdr(fdr)
+
+
+def _given_tops(given: dict[str, float], largest: dict[str, float]) -> dict[str, float]:
+    """``given`` checked against the groups and each group's largest ``|score|`` (``largest``)."""
+    missing = sorted(set(largest) - set(given))
+    if missing:
+        raise ArgumentError(f"bin_tops has no top for the edge groups {missing}; give one per group "
+                            "(circuitdiff.trajectory.shared_bin_tops computes them, with the same breakdown).")
+    low = {g: (given[g], largest[g]) for g in largest if not given[g] >= largest[g]}
+    if low:
+        raise ArgumentError(f"bin_tops is below the largest |score| of these groups (given, largest): {low}; "
+                            "values above the top would pile into the last bin. Compute the tops over every "
+                            "model compared (circuitdiff.trajectory.shared_bin_tops).")
+    return {g: float(given[g]) for g in largest}
 
 
 def _row(metric: str, group: str, b: metrics.Profile, t: metrics.Profile, paired: bool, confidence: float,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -24,8 +24,11 @@ from circuitdiff.differential import EdgeTests
 from circuitdiff.errors import MissingDependencyError, UnknownNameError
 from circuitdiff.io import write_atomically
 
+if TYPE_CHECKING:
+    from circuitdiff.trajectory import Trajectory
+
 __all__ = ["plot_comparison", "plot_relative_change", "plot_node_entropy", "plot_diversity", "plot_per_sample",
-           "plot_histograms", "plot_volcano"]
+           "plot_histograms", "plot_volcano", "plot_trajectory", "plot_changing_edges"]
 
 #: Axes with more nodes than this are labelled by node index instead of node name.
 MAX_TICK_LABELS = 60
@@ -218,6 +221,65 @@ def plot_volcano(tests: EdgeTests, path: str | os.PathLike[str], *, dpi: int = 1
     samples = f"{tests.n_base} pairs" if tests.paired else f"{tests.n_base} base, {tests.n_tuned} tuned samples"
     ax.set_title(f"Per-edge {tests.test}, {samples}\n"
                  f"{counts['significant']:,} of {counts['edges']:,} edges changed at FDR {tests.fdr:g}")
+    return _save(figure, path, dpi)
+
+
+def plot_trajectory(trajectory: "Trajectory", path: str | os.PathLike[str], *, metrics: Sequence[str] | None = None,
+                    group: str = "all", accuracy: str = "accuracy", dpi: int = 120) -> Path:
+    """Each metric's difference from the initial model against the step, with its confidence band.
+
+    One panel per metric (default: every one), the paper's Figure 5 style: the line is
+    checkpoint - initial at each step, the band its confidence interval, the dashed line
+    zero. Where the trajectory's logs have ``accuracy``, it is drawn on a twin axis (grey).
+    The title says the Mann-Kendall trend and its p-value.
+    """
+    trends = {t.metric: t for t in trajectory.trends(group)}
+    names = list(metrics) if metrics is not None else list(trends)
+    unknown = sorted(set(names) - set(trends))
+    if unknown:
+        raise UnknownNameError(f"no metric {unknown} in the trajectory; known: {sorted(trends)}.")
+    rows = {name: [row for _, row in trajectory.rows(group) if row.metric == name] for name in names}
+    columns = min(2, len(names))
+    height = (len(names) + columns - 1) // columns
+    figure = _figure((5.5 * columns, 3.2 * height))
+    steps = np.asarray(trajectory.steps)
+    log = trajectory.logs.get(accuracy, {})
+    for index, name in enumerate(names):
+        ax = figure.add_subplot(height, columns, index + 1)
+        values = np.array([r.difference for r in rows[name]])
+        ax.fill_between(steps, [r.ci_low for r in rows[name]], [r.ci_high for r in rows[name]], color=COLORS["tuned"],
+                        alpha=0.25, linewidth=0)
+        ax.plot(steps, values, marker="o", color=COLORS["tuned"])
+        ax.axhline(0.0, color="0.3", linestyle="--", linewidth=1)
+        t = trends[name]
+        ax.set_title(f"{name}: trend {t.direction} (tau {t.tau:.2f}, p {t.p_value:.2g})", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{name}, checkpoint - step {trajectory.initial_step}")
+        shown = [s for s in trajectory.steps if s in log]
+        if shown:
+            twin = ax.twinx()
+            twin.plot(shown, [log[s] for s in shown], color="0.5", marker=".", linewidth=1)
+            twin.set_ylabel(accuracy, color="0.4")
+    return _save(figure, path, dpi)
+
+
+def plot_changing_edges(trajectory: "Trajectory", path: str | os.PathLike[str], *, k: int = 20,
+                        dpi: int = 120) -> Path:
+    """Heatmap of the ``k`` edges whose mean score changed most: one row per edge, one column per step.
+
+    The colour is the edge's mean score at that checkpoint minus the initial model's
+    (red: higher, blue: lower), on a scale symmetric around zero.
+    """
+    names, changes = trajectory.changing_edges(k)
+    bound = float(np.abs(changes).max()) or 1.0
+    figure = _figure((max(4.0, 0.5 * len(trajectory.steps) + 3), max(2.5, 0.25 * len(names) + 1.5)))
+    ax = figure.add_subplot()
+    image = ax.imshow(changes, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
+    ax.set_xticks(range(len(trajectory.steps)), [str(s) for s in trajectory.steps])
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_title(f"The {len(names)} most-changing edges: mean score - step {trajectory.initial_step}", fontsize=10)
+    figure.colorbar(image, ax=ax, label="change of the mean score")
     return _save(figure, path, dpi)
 
 

@@ -1,0 +1,303 @@
+"""Checkpoint trajectories: how the metrics move along a training run.
+
+A training run (TRL, verl, OpenRLHF) keeps checkpoints every few steps. Each checkpoint's
+edge scores are compared with the initial model's (:func:`circuitdiff.compare`), on one
+histogram range shared by the whole series, and every metric's differences are tested
+for a monotone trend against the step (:mod:`circuitdiff.trends`), next to accuracy and
+reward logs.
+
+- :func:`find_checkpoints`: checkpoint folders sorted by step (from ``checkpoint-N`` names
+  or ``trainer_state.json``), from a list, a glob or a run folder.
+- :func:`read_training_log`: per-step values from TRL's ``trainer_state.json``
+  (``log_history``) or a CSV with a ``step`` column.
+- :func:`trajectory_from_scores`: the :class:`Trajectory` of per-checkpoint scores.
+
+Usage::
+
+    initial = cd.EdgeScores.load("run/step-0.cdiff")
+    series = {step: cd.EdgeScores.load(f"run/step-{step}.cdiff") for step in (10, 20, 30, 40)}
+    result = cd.trajectory_from_scores(initial, series, logs=cd.read_training_log("run/trainer_state.json"))
+    print(result.to_markdown())
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from circuitdiff import metrics
+from circuitdiff.comparison import Comparison, MetricComparison, compare
+from circuitdiff.errors import ArgumentError, DataError, MissingPathError
+from circuitdiff.report import json_ready, markdown_table
+from circuitdiff.scores import EdgeScores
+from circuitdiff.trends import Trend, trend
+
+__all__ = ["Checkpoint", "Trajectory", "find_checkpoints", "read_training_log", "shared_bin_tops",
+           "trajectory_from_scores"]
+
+#: Folder names a step is read from: ``checkpoint-120``, ``checkpoint_120``, ``step-120``, ``global_step120``.
+STEP_PATTERN = re.compile(r"(?:checkpoint|global_step|step)[-_]?(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint folder and its training step."""
+
+    step: int
+    path: Path
+
+
+def find_checkpoints(source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Checkpoint]:
+    """Checkpoint folders sorted by step.
+
+    Args:
+        source: a run folder holding ``checkpoint-N`` folders; a glob pattern
+            (``"run/checkpoint-*"``); or a list of checkpoint folders.
+
+    Each folder must hold a ``config.json``. Its step is read from its name
+    (``checkpoint-N``, ``step-N``, ``global_stepN``) or, failing that, from the
+    ``global_step`` of its ``trainer_state.json``.
+
+    Raises:
+        MissingPathError: a path that is not a checkpoint folder, or nothing found.
+        DataError: a folder without a readable step; two folders with one step.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if any(c in text for c in "*?["):
+            paths = [Path(p) for p in sorted(glob.glob(text))]
+        elif Path(text).is_dir() and not (Path(text) / "config.json").is_file():
+            paths = [p for p in Path(text).iterdir() if p.is_dir() and STEP_PATTERN.search(p.name)]
+        else:
+            paths = [Path(text)]
+    else:
+        paths = [Path(p) for p in source]
+    if not paths:
+        raise MissingPathError(f"no checkpoint folders found in {source!r}: pass a run folder with checkpoint-N "
+                               "folders, a glob such as 'run/checkpoint-*', or a list of folders.")
+    found: dict[int, Path] = {}
+    for path in paths:
+        if not (path / "config.json").is_file():
+            raise MissingPathError(f"{str(path)!r} is not a checkpoint folder (no config.json, written by "
+                                   "save_pretrained).")
+        step = _step_of(path)
+        if step in found:
+            raise DataError(f"two checkpoints have step {step}: {str(found[step])!r} and {str(path)!r}.")
+        found[step] = path
+    return [Checkpoint(step, found[step]) for step in sorted(found)]
+
+
+def _step_of(path: Path) -> int:
+    """The training step of a checkpoint folder, from its name or its trainer_state.json."""
+    match = STEP_PATTERN.search(path.name)
+    if match:
+        return int(match.group(1))
+    state = path / "trainer_state.json"
+    if state.is_file():
+        step = json.loads(state.read_text()).get("global_step")
+        if isinstance(step, int) and not isinstance(step, bool):
+            return step
+    raise DataError(f"cannot tell the training step of {str(path)!r}: name it checkpoint-N (as Hugging Face "
+                    "trainers do) or give it a trainer_state.json with global_step.")
+
+
+def read_training_log(path: str | os.PathLike[str]) -> dict[str, dict[int, float]]:
+    """Per-step values of a training log: ``{name: {step: value}}``.
+
+    Reads TRL / Hugging Face ``trainer_state.json`` (every numeric entry of
+    ``log_history`` beside ``step``; e.g. ``reward``, ``loss``) or a CSV file with a
+    ``step`` (or ``global_step``) column and one column per quantity. A step logged twice
+    keeps its last value; empty and non-numeric cells are skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingPathError(f"training log {str(path)!r} does not exist.")
+    if path.suffix == ".json":
+        history = json.loads(path.read_text()).get("log_history")
+        if not isinstance(history, list):
+            raise DataError(f"{str(path)!r} has no log_history list; is it a trainer_state.json?")
+        records = [entry for entry in history if isinstance(entry, dict)]
+    elif path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            records = list(csv.DictReader(handle))
+    else:
+        raise DataError(f"cannot read training log {str(path)!r}: expected trainer_state.json or a .csv file.")
+    log: dict[str, dict[int, float]] = {}
+    for record in records:
+        step = _number(record.get("step", record.get("global_step")))
+        if step is None:
+            continue
+        for name, raw in record.items():
+            value = _number(raw)
+            if name not in ("step", "global_step", "epoch") and value is not None:
+                log.setdefault(name, {})[int(step)] = value
+    if not log:
+        raise DataError(f"{str(path)!r} has no numeric values logged by step (a 'step' column or entry).")
+    return log
+
+
+def _number(raw: Any) -> float | None:
+    """``raw`` as a finite float, or None."""
+    if isinstance(raw, bool):
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def shared_bin_tops(series: Sequence[EdgeScores], *, structural_zeros: bool = False,
+                    breakdown: bool = True) -> dict[str, float]:
+    """The top of each edge group's ``|score|`` histogram range over every model of a series.
+
+    Pass it as ``compare(..., bin_tops=...)`` so every comparison of the series puts
+    information complexity on the same bins (with the same ``structural_zeros`` and
+    ``breakdown``).
+    """
+    if not series:
+        raise ArgumentError("shared_bin_tops needs at least one EdgeScores.")
+    groups = metrics.edge_groups(series[0].graph, structural_zeros, breakdown)
+    tops = {g: 0.0 for g in groups}
+    for scores in series:
+        for g, top in metrics.largest_magnitude(scores, groups).items():
+            tops[g] = max(tops[g], top)
+    return tops
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """Every checkpoint of a run compared with the initial model.
+
+    Attributes:
+        initial_step: the initial model's step.
+        steps: the checkpoints' steps, increasing.
+        comparisons: ``compare(initial, checkpoint)`` per step, on shared bins.
+        edge_names: the graph's real edges (``graph.edge_names()`` order).
+        edge_changes: ``[steps, edges]`` mean score of the checkpoint - of the initial model.
+        logs: ``{name: {step: value}}`` (accuracy, reward, ...), as given.
+    """
+
+    initial_step: int
+    steps: tuple[int, ...]
+    comparisons: tuple[Comparison, ...]
+    edge_names: tuple[str, ...]
+    edge_changes: np.ndarray
+    logs: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def rows(self, group: str = "all") -> list[tuple[int, MetricComparison]]:
+        """``(step, row)`` for every metric on ``group``, step by step."""
+        return [(step, row) for step, c in zip(self.steps, self.comparisons, strict=True) for row in c.rows
+                if row.group == group]
+
+    def trends(self, group: str = "all", *, alpha: float = 0.05, accuracy: str = "accuracy",
+               reward: str = "reward") -> list[Trend]:
+        """The :class:`~circuitdiff.trends.Trend` of every metric's differences on ``group``.
+
+        ``accuracy`` and ``reward`` name the logs to correlate with (absent: NaN).
+        """
+        by_metric: dict[str, list[MetricComparison]] = {}
+        for _, row in self.rows(group):
+            by_metric.setdefault(row.metric, []).append(row)
+        if not by_metric:
+            raise ArgumentError(f"no metric rows on group {group!r}; groups: {self.comparisons[0].groups}.")
+        return [trend(metric, group, self.steps, [r.difference for r in rs], [r.ci_low for r in rs],
+                      [r.ci_high for r in rs], accuracy=self.logs.get(accuracy), reward=self.logs.get(reward),
+                      alpha=alpha)
+                for metric, rs in by_metric.items()]
+
+    def changing_edges(self, k: int = 20) -> tuple[list[str], np.ndarray]:
+        """The ``k`` edges whose mean score changed most at any step, and their ``[k, steps]`` changes."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ArgumentError(f"k must be a positive integer; got {k!r}.")
+        order = np.argsort(-np.abs(self.edge_changes).max(0), kind="stable")[:k]
+        return [self.edge_names[i] for i in order], self.edge_changes[:, order].T
+
+    def to_dict(self, group: str = "all") -> dict[str, Any]:
+        """A JSON-ready dict: per-step rows of ``group``, its trends, the logs."""
+        return json_ready({
+            "initial_step": self.initial_step, "steps": list(self.steps),
+            "rows": [{"step": step, **asdict(row)} for step, row in self.rows(group)],
+            "trends": [t.to_dict() for t in self.trends(group)],
+            "logs": {name: {str(s): v for s, v in values.items()} for name, values in self.logs.items()},
+        })
+
+    def to_markdown(self, group: str = "all") -> str:
+        """The trend of every metric on ``group``: direction, Kendall's tau and p, first significant step."""
+        cells = [[t.metric, t.direction, _fmt(t.tau), _fmt(t.p_value), str(t.first_significant_step or "-"),
+                  _fmt(t.with_accuracy), _fmt(t.with_reward)] for t in self.trends(group)]
+        head = (f"Trajectory: {len(self.steps)} checkpoints (steps {self.steps[0]}-{self.steps[-1]}) against the "
+                f"initial model (step {self.initial_step}), edge group '{group}'; Mann-Kendall trend of each "
+                "metric's difference, two-sided.\n\n")
+        return head + markdown_table(["metric", "trend", "tau", "p", "first step CI excludes 0", "rho accuracy",
+                                      "rho reward"], cells)
+
+    def save(self, path: str | os.PathLike[str], group: str = "all") -> Path:
+        """Write :meth:`to_dict` as JSON."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(group), indent=2))
+        return path
+
+
+def _fmt(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
+
+
+def trajectory_from_scores(
+    initial: EdgeScores,
+    series: Mapping[int, EdgeScores] | Sequence[tuple[int, EdgeScores]],
+    *,
+    initial_step: int = 0,
+    logs: Mapping[str, Mapping[int, float]] | None = None,
+    **compare_options: Any,
+) -> Trajectory:
+    """Compare every checkpoint's scores with the initial model's, on one shared histogram range.
+
+    Args:
+        initial: per-sample scores of the initial model.
+        series: ``{step: scores}`` (or ``(step, scores)`` pairs) of the checkpoints, on
+            the same graph and samples (paired by ``sample_ids``).
+        initial_step: the initial model's step (below every checkpoint's).
+        logs: ``{name: {step: value}}``, e.g. ``{"accuracy": {...}, "reward": {...}}``
+            (:func:`read_training_log`); ``Trajectory.trends`` correlates with
+            ``accuracy`` and ``reward``.
+        compare_options: passed to :func:`circuitdiff.compare` for every step
+            (``edge_tests`` defaults to False here; ``bin_tops`` to
+            :func:`shared_bin_tops` of the whole series).
+    """
+    pairs = sorted(series.items() if isinstance(series, Mapping) else [tuple(p) for p in series],
+                   key=lambda p: p[0])
+    steps = [int(step) for step, _ in pairs]
+    if not pairs:
+        raise ArgumentError("trajectory_from_scores needs at least one checkpoint.")
+    if len(set(steps)) != len(steps) or steps[0] <= initial_step:
+        raise ArgumentError(f"checkpoint steps must be distinct and above the initial step {initial_step}; "
+                            f"got {steps}.")
+    if "reference_scores" in compare_options:
+        raise ArgumentError("reference_scores is per comparison; run circuitdiff.compare on one step for it.")
+    scores = [initial] + [s for _, s in pairs]
+    for step, s in pairs:
+        if not isinstance(s, EdgeScores):
+            raise ArgumentError(f"step {step}: expected EdgeScores, got {type(s).__name__}.")
+        if s.graph != initial.graph:
+            raise DataError(f"step {step} was scored on {s.graph!r}, the initial model on {initial.graph!r}; "
+                            "score every checkpoint on the same graph (level) as the initial model.")
+    options = {"edge_tests": False, **compare_options}
+    if options.get("bin_tops") is None:
+        options["bin_tops"] = shared_bin_tops(scores, structural_zeros=options.get("structural_zeros", False),
+                                              breakdown=options.get("breakdown", True))
+    comparisons = tuple(compare(initial, s, **options) for _, s in pairs)
+    mask = initial.graph.edge_mask.numpy()
+    base_mean = initial.mean.double().numpy()[mask]
+    changes = np.stack([s.mean.double().numpy()[mask] - base_mean for _, s in pairs])
+    return Trajectory(initial_step, tuple(steps), comparisons, tuple(initial.graph.edge_names()), changes,
+                      {name: {int(k): float(v) for k, v in values.items()} for name, values in (logs or {}).items()})
