@@ -63,6 +63,8 @@ from circuitdiff.models import SUPPORTED_ARCHITECTURES, ModelSpec, describe_mode
 from circuitdiff.planner import MemoryEstimate, ModelShape, estimate_memory, plan_batch_size
 from circuitdiff.robustness import Robustness, check_scorer_robustness, scorer_robustness
 from circuitdiff.scores import EdgeScores
+from circuitdiff.meta import meta_analysis
+from circuitdiff.study import Study, run_study
 from circuitdiff.trajectory import Trajectory, find_checkpoints, read_training_log, trajectory_from_scores
 from circuitdiff.trends import Trend
 
@@ -104,6 +106,7 @@ __all__ = [
     "RunLockedError",
     "ShapeError",
     "SUPPORTED_ARCHITECTURES",
+    "Study",
     "Trajectory",
     "Trend",
     "UnknownNameError",
@@ -129,6 +132,7 @@ __all__ = [
     "interventions",
     "load_model",
     "make_batches",
+    "meta_analysis",
     "metrics",
     "objectives",
     "plan_batch_size",
@@ -136,6 +140,7 @@ __all__ = [
     "read_training_log",
     "register_metric",
     "report",
+    "run_study",
     "scorer_robustness",
     "scorers",
     "trajectory_from_scores",

@@ -4,6 +4,7 @@
     circuitdiff score MODEL_DIR --questions gsm8k.jsonl --out results/
     circuitdiff compare-scores base.cdiff tuned.cdiff [--out results/] [--reference-scores b.ref.cdiff t.ref.cdiff]
     circuitdiff demo            # the bundled tiny base / GRPO / DPO models, into ./circuitdiff-demo/
+    circuitdiff study study.toml --out study/   # a grid of settings, pooled (see circuitdiff.study)
 
 Every option is checked before a model is loaded or a token generated. Expected failures
 (bad files, bad options, a missing device, an unwritable output folder, a full disk,
@@ -97,6 +98,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="the two models re-scored with a reference scorer on a subsample (.cdiff): the report "
                             "says per metric whether the conclusion holds under both scorers")
     saved.set_defaults(run=_compare_scores)
+
+    study = commands.add_parser("study", help="run a grid of settings from a TOML file and pool them",
+                                description="Every model pair x question file x grid setting of the study file runs "
+                                            "the compare pipeline in its own folder (resumable; a failed setting is "
+                                            "reported, not fatal); the metrics are then pooled over the settings "
+                                            "(mean relative change, fraction up, random-effects meta-analysis).",
+                                parents=[common])
+    study.add_argument("file", help="study file (TOML; see docs/study.md)")
+    study.add_argument("--out", required=True, help="output directory (reused to resume)")
+    study.add_argument("--quiet", action="store_true", help="no log lines")
+    study.set_defaults(run=_study)
     return parser
 
 
@@ -215,6 +227,14 @@ def _compare_scores(args: argparse.Namespace) -> int:
         write_text(out / "report.md", f"# circuitdiff compare-scores\n\n{args.base} vs {args.tuned}\n\n{report}\n")
     print(report)
     return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from circuitdiff.study import run_study
+
+    result = run_study(args.file, args.out, log=_log(args))
+    print(result.to_markdown())
+    return 1 if result.failures else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

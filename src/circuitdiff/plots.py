@@ -25,10 +25,11 @@ from circuitdiff.errors import MissingDependencyError, UnknownNameError
 from circuitdiff.io import write_atomically
 
 if TYPE_CHECKING:
+    from circuitdiff.meta import Pooled
     from circuitdiff.trajectory import Trajectory
 
 __all__ = ["plot_comparison", "plot_relative_change", "plot_node_entropy", "plot_diversity", "plot_per_sample",
-           "plot_histograms", "plot_volcano", "plot_trajectory", "plot_changing_edges"]
+           "plot_histograms", "plot_volcano", "plot_trajectory", "plot_changing_edges", "plot_forest"]
 
 #: Axes with more nodes than this are labelled by node index instead of node name.
 MAX_TICK_LABELS = 60
@@ -280,6 +281,31 @@ def plot_changing_edges(trajectory: "Trajectory", path: str | os.PathLike[str], 
     ax.set_xlabel("step")
     ax.set_title(f"The {len(names)} most-changing edges: mean score - step {trajectory.initial_step}", fontsize=10)
     figure.colorbar(image, ax=ax, label="change of the mean score")
+    return _save(figure, path, dpi)
+
+
+def plot_forest(pooled: "Pooled", path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
+    """Forest plot of one metric over a study's settings: each setting's difference (tuned - base) with its
+    interval, and the random-effects pooled difference (diamond) with its interval; the dashed line is zero."""
+    k = len(pooled.settings)
+    figure = _figure((7.0, 0.4 * k + 1.8))
+    ax = figure.add_subplot()
+    rows = np.arange(k, 0, -1, dtype=float)
+    low = np.array([lo for lo, _ in pooled.intervals])
+    high = np.array([hi for _, hi in pooled.intervals])
+    values = np.asarray(pooled.differences)
+    ax.errorbar(values, rows, xerr=[values - low, high - values], fmt="s", color=COLORS["tuned"], capsize=3)
+    estimate = pooled.pooled
+    labels = list(pooled.settings)
+    if estimate.estimate == estimate.estimate:  # not NaN
+        ax.fill([estimate.ci_low, estimate.estimate, estimate.ci_high, estimate.estimate], [0, 0.25, 0, -0.25],
+                color="0.2")
+        labels.append(f"pooled (I^2 {estimate.i2:.0%})")
+    ax.axvline(0.0, color="0.3", linestyle="--", linewidth=1)
+    ax.set_yticks(list(rows) + ([0.0] if len(labels) > k else []), labels, fontsize=8)
+    ax.set_xlabel(f"{pooled.metric}: tuned - base")
+    ax.set_title(f"{pooled.metric} over {k} settings: up in {pooled.fraction_up:.0%}, "
+                 f"mean change {pooled.mean_percent_change:+.1f}%", fontsize=10)
     return _save(figure, path, dpi)
 
 

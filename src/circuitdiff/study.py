@@ -1,0 +1,213 @@
+"""Studies: a grid of settings run (or resumed) into one folder and summarised as the paper does.
+
+A study file (TOML) names model pairs, question files and pipeline settings; every
+combination is one :func:`circuitdiff.pipeline.run_compare` in its own sub-folder. A
+failed setting is reported, not fatal. The comparisons are then pooled per metric
+(:func:`circuitdiff.meta.meta_analysis`: mean relative change, fraction of settings up,
+DerSimonian-Laird random effects with I^2)::
+
+    # study.toml (paths relative to this file)
+    [defaults]                    # PipelineConfig settings shared by every run
+    level = "layer"
+    n = 100
+
+    [[pairs]]
+    name = "grpo"
+    base = "models/base"
+    tuned = "models/grpo"
+
+    [[datasets]]
+    name = "gsm8k"
+    questions = "data/gsm8k.jsonl"
+
+    [grid]                        # optional: PipelineConfig settings to cross, each a list
+    rule = ["paper", "code"]
+
+``circuitdiff study study.toml --out DIR`` or ``cd.run_study("study.toml", "DIR")`` writes
+``DIR/<setting>/`` per setting, ``DIR/study.json``, ``DIR/study.md`` and, with
+matplotlib, ``DIR/figures/forest-<metric>.png``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from circuitdiff.comparison import Comparison
+from circuitdiff.errors import ArgumentError, DataError, MissingPathError
+from circuitdiff.meta import Pooled, meta_analysis
+from circuitdiff.pipeline import PipelineConfig, run_compare, write_text
+from circuitdiff.report import json_ready, markdown_table
+
+__all__ = ["Setting", "Study", "read_study", "run_study"]
+
+#: The sections a study file may have.
+SECTIONS = ("defaults", "pairs", "datasets", "grid")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run of a study: a model pair on a question file with pipeline settings."""
+
+    name: str
+    base: Path
+    tuned: Path
+    questions: Path
+    config: PipelineConfig
+
+
+@dataclass
+class Study:
+    """The settings run, their comparisons, the failures and the pooled metrics."""
+
+    settings: list[Setting]
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    pooled: list[Pooled] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        """Settings run and failed, then per metric: mean relative change, fraction up, random-effects pool."""
+        lines = [f"# circuitdiff study\n\n{len(self.comparisons)} of {len(self.settings)} settings ran."]
+        if self.failures:
+            lines.append("Failed settings (left out of the summary):\n\n" + "\n".join(
+                f"- `{name}`: {reason}" for name, reason in self.failures.items()))
+        if self.pooled:
+            cells = [[p.metric, _pct(p.mean_percent_change), f"{p.fraction_up:.0%}", _num(p.pooled.estimate),
+                      f"[{_num(p.pooled.ci_low)}, {_num(p.pooled.ci_high)}]", _num(p.pooled.p_value),
+                      _num(p.pooled.tau2), _share(p.pooled.i2)] for p in self.pooled]
+            lines.append("Per metric over the settings (edge group 'all'): the mean relative change and the share of "
+                         "settings where the metric went up (the paper's summary), and the DerSimonian-Laird "
+                         "random-effects pooled difference (tuned - base) with its 95% interval, p-value, "
+                         "between-setting variance tau^2 and I^2.\n\n" + markdown_table(
+                             ["metric", "mean change", "settings up", "pooled difference", "interval", "p", "tau^2",
+                              "I^2"], cells))
+        return "\n\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: settings, failures, pooled metrics."""
+        return json_ready({
+            "settings": [{"name": s.name, "base": str(s.base), "tuned": str(s.tuned), "questions": str(s.questions),
+                          "config": asdict(s.config), "ran": s.name in self.comparisons} for s in self.settings],
+            "failures": self.failures,
+            "pooled": [p.to_dict() for p in self.pooled],
+        })
+
+
+def _pct(value: float) -> str:
+    return "-" if value != value else f"{value:+.1f}%"
+
+
+def _share(value: float) -> str:
+    return "-" if value != value else f"{value:.0%}"
+
+
+def _num(value: float) -> str:
+    return "-" if value != value else f"{value:.3g}"
+
+
+def read_study(path: str | os.PathLike[str]) -> list[Setting]:
+    """The settings of a study file, checked before anything runs (paths exist, settings valid)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingPathError(f"study file {str(path)!r} does not exist.")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise DataError(f"{str(path)!r} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise DataError(f"{str(path)!r} has unknown sections {unknown}; a study has {list(SECTIONS)}.")
+    root = path.parent
+    pairs = _entries(data, "pairs", ("name", "base", "tuned"), path)
+    datasets = _entries(data, "datasets", ("name", "questions"), path)
+    grid = data.get("grid", {})
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+        raise DataError(f"{str(path)!r}: [grid] maps settings to non-empty lists, e.g. rule = [\"paper\", \"code\"].")
+    defaults = data.get("defaults", {})
+    settings = []
+    for pair, dataset, values in itertools.product(pairs, datasets, itertools.product(*grid.values())):
+        chosen = dict(zip(grid, values))
+        name = "__".join([pair["name"], dataset["name"], *(f"{k}={v}" for k, v in chosen.items())])
+        try:
+            config = PipelineConfig.from_dict({**defaults, **chosen})
+            config.validate()
+        except (ArgumentError, DataError, TypeError) as exc:
+            raise DataError(f"{str(path)!r}, setting {name!r}: {exc}") from None
+        files = {key: _resolve(root, value) for key, value in
+                 (("base", pair["base"]), ("tuned", pair["tuned"]), ("questions", dataset["questions"]))}
+        for key, file in files.items():
+            if not file.exists():
+                raise MissingPathError(f"{str(path)!r}, setting {name!r}: {key} {str(file)!r} does not exist.")
+        settings.append(Setting(name, files["base"], files["tuned"], files["questions"], config))
+    names = [s.name for s in settings]
+    if len(set(names)) != len(names):
+        raise DataError(f"{str(path)!r}: two settings share a name; give every pair and dataset its own name.")
+    return settings
+
+
+def _entries(data: dict[str, Any], section: str, keys: tuple[str, ...], path: Path) -> list[dict[str, str]]:
+    """The ``[[section]]`` tables, each with exactly ``keys`` (strings) and a name fit for a folder."""
+    entries = data.get(section)
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{str(path)!r} needs at least one [[{section}]] table with {', '.join(keys)}.")
+    for entry in entries:
+        if not isinstance(entry, dict) or set(entry) != set(keys) or not all(isinstance(entry[k], str) for k in keys):
+            raise DataError(f"{str(path)!r}: every [[{section}]] has exactly {', '.join(keys)} (strings); "
+                            f"got {entry!r}.")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", entry["name"]):
+            raise DataError(f"{str(path)!r}: [[{section}]] name {entry['name']!r} must be letters, digits, '.', "
+                            "'_' or '-' (it names a folder).")
+    return entries
+
+
+def _resolve(root: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def run_study(study: str | os.PathLike[str], out: str | os.PathLike[str],
+              log: Callable[[str], None] = print) -> Study:
+    """Run (or resume) every setting of a study file into ``out``, then pool the comparisons.
+
+    Each setting runs :func:`~circuitdiff.pipeline.run_compare` in ``out/<setting name>``
+    (resumable, with its identity checks). A setting that raises is recorded in
+    ``Study.failures`` with its error and left out of the summary; the others go on.
+    """
+    settings = read_study(study)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = Study(settings)
+    for index, setting in enumerate(settings, 1):
+        log(f"--- setting {index}/{len(settings)}: {setting.name} ---")
+        try:
+            result.comparisons[setting.name] = run_compare(setting.base, setting.tuned, setting.questions,
+                                                           out / setting.name, setting.config, log=log)
+        except Exception as exc:  # noqa: BLE001 - a failed setting is reported, the study goes on
+            result.failures[setting.name] = f"{type(exc).__name__}: {exc}"
+            log(f"setting {setting.name} failed: {result.failures[setting.name]}")
+    if result.comparisons:
+        result.pooled = meta_analysis(result.comparisons)
+    write_text(out / "study.json", json.dumps(result.to_dict(), indent=2))
+    write_text(out / "study.md", result.to_markdown())
+    if result.pooled:
+        _forest_plots(result, out / "figures")
+    log(f"study: {out / 'study.md'}")
+    return result
+
+
+def _forest_plots(result: Study, directory: Path) -> None:
+    """One forest plot per metric, when matplotlib is installed."""
+    try:
+        from circuitdiff.plots import plot_forest
+
+        directory.mkdir(parents=True, exist_ok=True)
+        for pooled in result.pooled:
+            plot_forest(pooled, directory / f"forest-{pooled.metric}.png")
+    except ImportError:  # MissingDependencyError: matplotlib is an optional extra
+        return
