@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -169,3 +170,61 @@ def test_a_two_by_two_study_of_the_demo_models_runs_from_a_toml_file(tmp_path):
     again = cd.run_study(write_study(tmp_path, DEMO_STUDY), out, log=lambda line: None)  # resumed: same numbers
     assert [p.pooled.estimate for p in again.pooled] == pytest.approx([p.pooled.estimate for p in result.pooled],
                                                                        nan_ok=True)
+
+
+def with_interval(comparison: cd.Comparison, metric: str, low: float, high: float) -> cd.Comparison:
+    """``comparison`` with ``metric``'s interval on group 'all' replaced."""
+    rows = [replace(r, ci_low=low, ci_high=high) if (r.metric, r.group) == (metric, "all") else r
+            for r in comparison.rows]
+    return replace(comparison, rows=rows)
+
+
+def test_settings_that_cannot_be_weighed_are_left_out_of_the_pool_and_named():
+    settings = comparisons({"a": 1.0, "b": 1.5, "c": 0.5})
+    settings["c"] = with_interval(settings["c"], "intensity", 0.3, 0.3)  # zero width
+    intensity = next(p for p in cd.meta_analysis(settings) if p.metric == "intensity")
+    assert intensity.left_out == ("c",) and intensity.n_summarised == 3
+    rows = [next(r for r in settings[n].rows if (r.metric, r.group) == ("intensity", "all")) for n in ("a", "b")]
+    z = stats.norm.ppf(0.975)
+    expected = dersimonian_laird([r.difference for r in rows], [((r.ci_high - r.ci_low) / 2 / z) ** 2 for r in rows])
+    assert intensity.pooled.estimate == pytest.approx(expected.estimate)
+
+
+def test_a_forest_plot_draws_intervals_that_exclude_their_estimate(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots are an optional extra (circuitdiff[plot])")
+    from circuitdiff.plots import plot_forest
+
+    settings = comparisons({"a": 1.0, "b": 1.5})
+    settings["a"] = with_interval(settings["a"], "intensity", 5.0, 6.0)  # BCa intervals can miss the estimate
+    intensity = next(p for p in cd.meta_analysis(settings) if p.metric == "intensity")
+    assert plot_forest(intensity, tmp_path / "forest.png").stat().st_size > 5_000
+
+
+def test_relative_paths_are_read_from_the_study_files_folder(tmp_path):
+    for folder in ("models/base", "models/grpo"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "q.jsonl").write_text("")
+    body = ('[[pairs]]\nname = "grpo"\nbase = "models/base"\ntuned = "models/grpo"\n\n'
+            '[[datasets]]\nname = "q"\nquestions = "q.jsonl"\n')
+    (setting,) = study_module.read_study(write_study(tmp_path, body))
+    assert (setting.base, setting.tuned, setting.questions) == (tmp_path / "models/base", tmp_path / "models/grpo",
+                                                                tmp_path / "q.jsonl")
+    with pytest.raises(cd.DataError, match="share the name"):
+        study_module.read_study(write_study(tmp_path, body + '\n[grid]\nrule = ["paper", "paper"]\n'))
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_study_command_exits_1_when_a_setting_failed(tmp_path, monkeypatch, capsys, fail):
+    from circuitdiff import cli
+
+    fake = iter(comparisons({"w": 1.0, "x": 0.5, "y": 1.2, "z": 0.8}).values())
+
+    def run_compare(*args, **kwargs):
+        if fail and "dpo__arithmetic__rule=code" in str(args[3]):
+            raise cd.DataError("nothing left after filtering")
+        return next(fake)
+
+    monkeypatch.setattr(study_module, "run_compare", run_compare)
+    status = cli.main(["study", str(write_study(tmp_path, DEMO_STUDY)), "--out", str(tmp_path / "out"), "--quiet"])
+    assert status == (1 if fail else 0)
+    assert ("nothing left after filtering" in capsys.readouterr().out) == fail

@@ -53,7 +53,7 @@ def test_a_planted_strengthening_is_found_as_a_trend():
     assert result.steps == STEPS and len(result.comparisons) == len(STEPS)
     intensity = by_metric(result.trends())["intensity"]  # mean |score|: one edge growing raises it
     assert intensity.direction == "up" and intensity.p_value < 0.01 and intensity.tau > 0.8
-    assert intensity.first_significant_step is not None
+    assert intensity.first_significant_step == STEPS[0]  # +3 on one edge of 82 at the first checkpoint already
     assert intensity.with_accuracy > 0.8  # both rise with the step
     names, changes = result.changing_edges(3)
     assert names[0] == GRAPH.edge_names()[7]
@@ -101,6 +101,9 @@ def test_bin_tops_below_a_models_largest_score_are_refused():
         cd.compare(initial, checkpoints[10], bin_tops={"all": 0.1}, **QUICK)
     with pytest.raises(cd.ArgumentError, match="no top for the edge groups"):
         cd.compare(initial, checkpoints[10], bin_tops={"other": 100.0}, **QUICK)
+    for bad in (float("nan"), float("inf"), "10"):
+        with pytest.raises(cd.ArgumentError, match="finite numbers"):
+            cd.compare(initial, checkpoints[10], bin_tops={"all": bad}, **QUICK)
 
 
 def test_the_trajectory_is_written_and_summarised(tmp_path):
@@ -112,7 +115,7 @@ def test_the_trajectory_is_written_and_summarised(tmp_path):
     assert {t["metric"] for t in data["trends"]} == set(cd.metrics.available())
     assert data["logs"]["reward"] == {"10": 0.1, "20": 0.5, "30": 0.9}
     text = result.to_markdown()
-    assert "Mann-Kendall" in text and "intensity" in text and "rho reward" in text
+    assert "Mann-Kendall" in text and "intensity" in text and "tau reward" in text
 
 
 def test_bad_series_are_refused():
@@ -127,6 +130,9 @@ def test_bad_series_are_refused():
                           sample_ids=initial.sample_ids)
     with pytest.raises(cd.DataError, match="same graph"):
         cd.trajectory_from_scores(initial, {10: layer})
+    fewer = checkpoints[10].select_samples(list(initial.sample_ids[:-1]))
+    with pytest.raises(cd.DataError, match="other samples than the initial model"):
+        cd.trajectory_from_scores(initial, {10: fewer})
 
 
 def test_trend_statistics_match_scipy_and_handle_short_series():
@@ -137,7 +143,8 @@ def test_trend_statistics_match_scipy_and_handle_short_series():
     tau, p = stats.kendalltau(steps, values)
     assert (result.tau, result.p_value) == pytest.approx((tau, p))
     assert result.first_significant_step == 5  # its interval [0.1, 1] excludes 0
-    assert result.with_reward == pytest.approx(stats.spearmanr([0.1, 0.3, 0.6], [0, 1, 3])[0])
+    assert (result.with_reward, result.with_reward_p) == pytest.approx(stats.kendalltau([0.1, 0.3, 0.6], [0, 1, 3]))
+    assert result.with_reward_p == pytest.approx(1 / 3)  # exact: 1 of the 3! orders is as concordant, two-sided
     assert math.isnan(result.with_accuracy)
     short = trend("m", "all", [1, 2], [0.0, 1.0], [0, 0], [1, 1])
     assert math.isnan(short.p_value) and short.direction == "none"
@@ -159,8 +166,9 @@ def test_checkpoints_are_found_and_sorted_by_step(tmp_path):
     for step in (100, 2, 10):
         checkpoint(run / f"checkpoint-{step}")
     (run / "logs").mkdir()  # not a checkpoint: ignored
+    checkpoint(run / "final", state_step=150)  # its step from trainer_state.json
     found = cd.find_checkpoints(run)
-    assert [c.step for c in found] == [2, 10, 100]
+    assert [c.step for c in found] == [2, 10, 100, 150]
     assert [c.step for c in cd.find_checkpoints(str(run / "checkpoint-*"))] == [2, 10, 100]
     final = checkpoint(tmp_path / "final", state_step=250)  # step from trainer_state.json
     assert [c.step for c in cd.find_checkpoints([run / "checkpoint-10", final])] == [10, 250]

@@ -298,7 +298,7 @@ def compare(
         node_entropy={"base": everything[0].node_entropy, "tuned": everything[1].node_entropy},
         relative_change=metrics.relative_change(means["base"], means["tuned"], groups["all"]),
         settings={"confidence": confidence, "n_resamples": n_resamples, "seed": seed, "bins": bins,
-                  "bin_tops": "given (a series' shared range)" if bin_tops is not None else "both models' largest",
+                  "bin_tops": "both models' largest |score|" if bin_tops is None else tops,
                   "top_k": top_k, "level": graph.level, "n_base": pairing.n["base"], "n_tuned": pairing.n["tuned"],
                   "pairing": pairing.description,
                   "test": "wilcoxon signed-rank" if paired else "mann-whitney u",
@@ -367,6 +367,9 @@ def _check_options(bins: object, confidence: object, top_k: object, n_resamples:
 
 def _given_tops(given: dict[str, float], largest: dict[str, float]) -> dict[str, float]:
     """``given`` checked against the groups and each group's largest ``|score|`` (``largest``)."""
+    if not isinstance(given, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                          for v in given.values()):
+        raise ArgumentError(f"bin_tops must map edge groups to finite numbers; got {given!r}.")
     missing = sorted(set(largest) - set(given))
     if missing:
         raise ArgumentError(f"bin_tops has no top for the edge groups {missing}; give one per group "

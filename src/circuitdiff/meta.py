@@ -15,8 +15,10 @@ allows the true change to differ between settings:
 - the pooled difference weighs by ``1 / (v_i + tau^2)``; its interval and p-value are
   normal (``z``); ``Q``'s p-value is chi-square with ``k - 1`` degrees of freedom.
 
-With fewer than two settings, or a setting whose interval has zero width, the pooled
-values are NaN (the summary is still given).
+Settings with a non-finite difference or an interval of zero width cannot be weighed;
+they are left out of the pool and named (``Pooled.left_out``). With fewer than two
+settings left the pooled values are NaN. The interval is normal, which is optimistic for
+a handful of settings (Knapp-Hartung's t-based interval is wider; not computed here).
 """
 
 from __future__ import annotations
@@ -81,9 +83,11 @@ class Pooled:
     """One metric over the settings of a study.
 
     ``mean_percent_change``: the average of the settings' relative changes (the paper's
-    headline); ``fraction_up``: the share of settings whose difference is positive;
-    ``pooled``: the random-effects estimate of the difference; ``settings``: the names,
-    ``differences`` and ``intervals`` per setting (the forest plot's rows).
+    headline); ``fraction_up``: the share of settings whose difference is positive; both
+    over the settings with a finite difference and relative change (``n_summarised``).
+    ``pooled``: the random-effects estimate of the difference, over the settings not in
+    ``left_out`` (non-finite difference or zero-width interval). ``settings``: the
+    names, ``differences`` and ``intervals`` per setting (the forest plot's rows).
     """
 
     metric: str
@@ -93,7 +97,9 @@ class Pooled:
     intervals: tuple[tuple[float, float], ...]
     mean_percent_change: float
     fraction_up: float
+    n_summarised: int
     pooled: PooledEstimate
+    left_out: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -117,17 +123,20 @@ def meta_analysis(comparisons: Mapping[str, Comparison], group: str = "all") -> 
         if len(rows) != len(names):
             raise ArgumentError(f"metric {metric!r} is missing from some settings; compare them all with the same "
                                 "registered metrics.")
-        confidence = float(comparisons[names[0]].settings.get("confidence", 0.95))
-        z = float(stats.norm.ppf(0.5 + confidence / 2))
+        confidences = [float(comparisons[name].settings.get("confidence", 0.95)) for name in names]
+        z = np.array([stats.norm.ppf(0.5 + c / 2) for c in confidences])
         differences = np.array([r.difference for r in rows], dtype=np.float64)
-        variances = np.array([((r.ci_high - r.ci_low) / 2 / z) ** 2 for r in rows], dtype=np.float64)
+        variances = np.array([((r.ci_high - r.ci_low) / 2) ** 2 for r in rows], dtype=np.float64) / z ** 2
         changes = np.array([r.percent_change for r in rows], dtype=np.float64)
-        finite = changes[np.isfinite(changes)]
+        summarised = np.isfinite(differences) & np.isfinite(changes)
+        weighable = np.isfinite(differences) & np.isfinite(variances) & (variances > 0)
         result.append(Pooled(
             metric, group, tuple(names), tuple(float(d) for d in differences),
             tuple((float(r.ci_low), float(r.ci_high)) for r in rows),
-            float(finite.mean()) if finite.size else math.nan,
-            float(np.mean(differences > 0)),
-            dersimonian_laird(differences, variances, confidence),
+            float(changes[summarised].mean()) if summarised.any() else math.nan,
+            float(np.mean(differences[summarised] > 0)) if summarised.any() else math.nan,
+            int(summarised.sum()),
+            dersimonian_laird(differences[weighable], variances[weighable], confidences[0]),
+            tuple(name for name, ok in zip(names, weighable) if not ok),
         ))
     return result

@@ -294,7 +294,8 @@ def plot_forest(pooled: "Pooled", path: str | os.PathLike[str], *, dpi: int = 12
     low = np.array([lo for lo, _ in pooled.intervals])
     high = np.array([hi for _, hi in pooled.intervals])
     values = np.asarray(pooled.differences)
-    ax.errorbar(values, rows, xerr=[values - low, high - values], fmt="s", color=COLORS["tuned"], capsize=3)
+    ax.hlines(rows, low, high, color=COLORS["tuned"])  # a BCa interval need not contain its estimate
+    ax.plot(values, rows, "s", color=COLORS["tuned"])
     estimate = pooled.pooled
     labels = list(pooled.settings)
     if estimate.estimate == estimate.estimate:  # not NaN

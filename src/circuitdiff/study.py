@@ -75,7 +75,7 @@ class Study:
         """Settings run and failed, then per metric: mean relative change, fraction up, random-effects pool."""
         lines = [f"# circuitdiff study\n\n{len(self.comparisons)} of {len(self.settings)} settings ran."]
         if self.failures:
-            lines.append("Failed settings (left out of the summary):\n\n" + "\n".join(
+            lines.append("Failed (left out of the summary):\n\n" + "\n".join(
                 f"- `{name}`: {reason}" for name, reason in self.failures.items()))
         if self.pooled:
             cells = [[p.metric, _pct(p.mean_percent_change), f"{p.fraction_up:.0%}", _num(p.pooled.estimate),
@@ -83,10 +83,15 @@ class Study:
                       _num(p.pooled.tau2), _share(p.pooled.i2)] for p in self.pooled]
             lines.append("Per metric over the settings (edge group 'all'): the mean relative change and the share of "
                          "settings where the metric went up (the paper's summary), and the DerSimonian-Laird "
-                         "random-effects pooled difference (tuned - base) with its 95% interval, p-value, "
+                         "random-effects pooled difference (tuned - base) with its interval (at the comparisons' "
+                         "confidence), p-value, "
                          "between-setting variance tau^2 and I^2.\n\n" + markdown_table(
                              ["metric", "mean change", "settings up", "pooled difference", "interval", "p", "tau^2",
                               "I^2"], cells))
+            left_out = sorted({name for p in self.pooled for name in p.left_out})
+            if left_out:
+                lines.append(f"Left out of some pools (a non-finite difference or a zero-width interval): "
+                             f"{', '.join(left_out)}.")
         return "\n\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,7 +122,8 @@ def read_study(path: str | os.PathLike[str]) -> list[Setting]:
     if not path.is_file():
         raise MissingPathError(f"study file {str(path)!r} does not exist.")
     try:
-        data = tomllib.loads(path.read_text())
+        with path.open("rb") as handle:  # TOML is UTF-8 whatever the locale
+            data = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise DataError(f"{str(path)!r} is not valid TOML: {exc}") from None
     unknown = sorted(set(data) - set(SECTIONS))
@@ -130,6 +136,8 @@ def read_study(path: str | os.PathLike[str]) -> list[Setting]:
     if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
         raise DataError(f"{str(path)!r}: [grid] maps settings to non-empty lists, e.g. rule = [\"paper\", \"code\"].")
     defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise DataError(f"{str(path)!r}: [defaults] is a table of pipeline settings, e.g. level = \"layer\".")
     settings = []
     for pair, dataset, values in itertools.product(pairs, datasets, itertools.product(*grid.values())):
         chosen = dict(zip(grid, values))
@@ -147,7 +155,8 @@ def read_study(path: str | os.PathLike[str]) -> list[Setting]:
         settings.append(Setting(name, files["base"], files["tuned"], files["questions"], config))
     names = [s.name for s in settings]
     if len(set(names)) != len(names):
-        raise DataError(f"{str(path)!r}: two settings share a name; give every pair and dataset its own name.")
+        raise DataError(f"{str(path)!r}: two settings share the name {next(n for n in names if names.count(n) > 1)!r}; "
+                        "give every pair and dataset its own name, and every grid list distinct values.")
     return settings
 
 
@@ -192,7 +201,11 @@ def run_study(study: str | os.PathLike[str], out: str | os.PathLike[str],
             result.failures[setting.name] = f"{type(exc).__name__}: {exc}"
             log(f"setting {setting.name} failed: {result.failures[setting.name]}")
     if result.comparisons:
-        result.pooled = meta_analysis(result.comparisons)
+        try:
+            result.pooled = meta_analysis(result.comparisons)
+        except ArgumentError as exc:  # e.g. a resumed folder compared with other metrics: keep the runs' results
+            result.failures["summary"] = f"ArgumentError: {exc}"
+            log(f"the summary failed: {exc}")
     write_text(out / "study.json", json.dumps(result.to_dict(), indent=2))
     write_text(out / "study.md", result.to_markdown())
     if result.pooled:

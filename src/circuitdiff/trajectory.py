@@ -1,6 +1,8 @@
 """Checkpoint trajectories: how the metrics move along a training run.
 
-A training run (TRL, verl, OpenRLHF) keeps checkpoints every few steps. Each checkpoint's
+A training run keeps checkpoints every few steps (Hugging Face and TRL trainers write
+``checkpoint-N`` folders with a ``config.json``; for other layouts, pass the folders that
+hold each checkpoint's ``config.json``). Each checkpoint's
 edge scores are compared with the initial model's (:func:`circuitdiff.compare`), on one
 histogram range shared by the whole series, and every metric's differences are tested
 for a monotone trend against the step (:mod:`circuitdiff.trends`), next to accuracy and
@@ -60,8 +62,9 @@ def find_checkpoints(source: str | os.PathLike[str] | Iterable[str | os.PathLike
     """Checkpoint folders sorted by step.
 
     Args:
-        source: a run folder holding ``checkpoint-N`` folders; a glob pattern
-            (``"run/checkpoint-*"``); or a list of checkpoint folders.
+        source: a run folder (its sub-folders with a ``config.json`` and a step, from
+            their name or a ``trainer_state.json``); a glob pattern (``"run/checkpoint-*"``);
+            or a list of checkpoint folders.
 
     Each folder must hold a ``config.json``. Its step is read from its name
     (``checkpoint-N``, ``step-N``, ``global_stepN``) or, failing that, from the
@@ -76,7 +79,8 @@ def find_checkpoints(source: str | os.PathLike[str] | Iterable[str | os.PathLike
         if any(c in text for c in "*?["):
             paths = [Path(p) for p in sorted(glob.glob(text))]
         elif Path(text).is_dir() and not (Path(text) / "config.json").is_file():
-            paths = [p for p in Path(text).iterdir() if p.is_dir() and STEP_PATTERN.search(p.name)]
+            paths = sorted(p for p in Path(text).iterdir() if p.is_dir() and (p / "config.json").is_file()
+                           and (STEP_PATTERN.search(p.name) or (p / "trainer_state.json").is_file()))
         else:
             paths = [Path(text)]
     else:
@@ -183,7 +187,8 @@ class Trajectory:
         steps: the checkpoints' steps, increasing.
         comparisons: ``compare(initial, checkpoint)`` per step, on shared bins.
         edge_names: the graph's real edges (``graph.edge_names()`` order).
-        edge_changes: ``[steps, edges]`` mean score of the checkpoint - of the initial model.
+        edge_changes: ``[steps, edges]`` mean score of the checkpoint - of the initial model
+            (over the same samples).
         logs: ``{name: {step: value}}`` (accuracy, reward, ...), as given.
     """
 
@@ -233,13 +238,14 @@ class Trajectory:
 
     def to_markdown(self, group: str = "all") -> str:
         """The trend of every metric on ``group``: direction, Kendall's tau and p, first significant step."""
-        cells = [[t.metric, t.direction, _fmt(t.tau), _fmt(t.p_value), str(t.first_significant_step or "-"),
+        cells = [[t.metric, t.direction, _fmt(t.tau), _fmt(t.p_value),
+                  "-" if t.first_significant_step is None else str(t.first_significant_step),
                   _fmt(t.with_accuracy), _fmt(t.with_reward)] for t in self.trends(group)]
         head = (f"Trajectory: {len(self.steps)} checkpoints (steps {self.steps[0]}-{self.steps[-1]}) against the "
                 f"initial model (step {self.initial_step}), edge group '{group}'; Mann-Kendall trend of each "
                 "metric's difference, two-sided.\n\n")
-        return head + markdown_table(["metric", "trend", "tau", "p", "first step CI excludes 0", "rho accuracy",
-                                      "rho reward"], cells)
+        return head + markdown_table(["metric", "trend", "tau", "p", "first step CI excludes 0", "tau accuracy",
+                                      "tau reward"], cells)
 
     def save(self, path: str | os.PathLike[str], group: str = "all") -> Path:
         """Write :meth:`to_dict` as JSON."""
@@ -265,7 +271,7 @@ def trajectory_from_scores(
     Args:
         initial: per-sample scores of the initial model.
         series: ``{step: scores}`` (or ``(step, scores)`` pairs) of the checkpoints, on
-            the same graph and samples (paired by ``sample_ids``).
+            the same graph and the same samples as ``initial`` (identical ``sample_ids``).
         initial_step: the initial model's step (below every checkpoint's).
         logs: ``{name: {step: value}}``, e.g. ``{"accuracy": {...}, "reward": {...}}``
             (:func:`read_training_log`); ``Trajectory.trends`` correlates with
@@ -291,6 +297,10 @@ def trajectory_from_scores(
         if s.graph != initial.graph:
             raise DataError(f"step {step} was scored on {s.graph!r}, the initial model on {initial.graph!r}; "
                             "score every checkpoint on the same graph (level) as the initial model.")
+        if s.sample_ids != initial.sample_ids:
+            raise DataError(f"step {step} was scored on other samples than the initial model (its sample_ids "
+                            "differ): a trajectory compares every checkpoint with the same initial samples, so "
+                            "score every checkpoint on the same texts (select them with EdgeScores.select_samples).")
     options = {"edge_tests": False, **compare_options}
     if options.get("bin_tops") is None:
         options["bin_tops"] = shared_bin_tops(scores, structural_zeros=options.get("structural_zeros", False),
