@@ -221,3 +221,88 @@ def test_trajectory_figures_are_written(tmp_path):
     assert lines.stat().st_size > 10_000 and heatmap.stat().st_size > 5_000
     with pytest.raises(cd.UnknownNameError, match="no metric"):
         plot_trajectory(result, tmp_path / "x.png", metrics=["missing"])
+
+
+# ---------------------------------------------------------------------------- from checkpoint folders
+def demo_run(tmp_path):
+    """The demo's base model as step 0 and its GRPO and DPO models as checkpoint-10 and checkpoint-20 of a run."""
+    from circuitdiff.demo import DEMO_DATA
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint-10").symlink_to(DEMO_DATA / "grpo")
+    (run / "checkpoint-20").symlink_to(DEMO_DATA / "dpo")
+    return DEMO_DATA / "base", run, DEMO_DATA / "questions.jsonl"
+
+
+def demo_settings():
+    from circuitdiff.demo import demo_config
+
+    return demo_config(n=12, max_questions=80, robustness=False, progress=False)
+
+
+@pytest.mark.slow  # three models answer and are scored, three times
+def test_a_run_killed_mid_series_resumes_to_the_uninterrupted_result_with_one_model_in_memory(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from circuitdiff import pipeline
+
+    initial, run, questions = demo_run(tmp_path)
+    loaded, load = [], pipeline._load
+
+    def load_one(*args, **kwargs):  # every earlier model must be gone before the next loads
+        gc.collect()
+        assert all(ref() is None for ref in loaded), "two models in memory at once"
+        model = load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(pipeline, "_load", load_one)
+    whole = cd.run_trajectory(initial, run, questions, tmp_path / "whole", demo_settings(), log=lambda line: None)
+    assert len(loaded) == 6  # each of three models loaded to answer, then to be scored
+    assert whole.steps == (10, 20) and set(whole.logs["accuracy"]) == {0, 10, 20}
+    assert (tmp_path / "whole" / "trajectory.json").is_file() and (tmp_path / "whole" / "report.md").is_file()
+
+    score = pipeline._score
+
+    def killed_at_step_20(model, questions, answers, picked, t_cut, config, out, name, **kwargs):
+        if name == "step-20":
+            raise KeyboardInterrupt
+        return score(model, questions, answers, picked, t_cut, config, out, name, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_score", killed_at_step_20)
+    with pytest.raises(KeyboardInterrupt):
+        cd.run_trajectory(initial, run, questions, tmp_path / "resumed", demo_settings(), log=lambda line: None)
+    monkeypatch.setattr(pipeline, "_score", score)
+    done = tmp_path / "resumed"
+    kept = [*done.glob("step-*.generations.jsonl"), *done.glob("step-*.shards/shard-*")]
+    cached = {p: p.stat().st_mtime_ns for p in kept}
+    assert len([p for p in cached if p.suffix == ".jsonl"]) == 3 and any("step-10.shards" in str(p) for p in cached)
+    resumed = cd.run_trajectory(initial, run, questions, done, demo_settings(), log=lambda line: None)
+    assert all(p.stat().st_mtime_ns == t for p, t in cached.items())  # reused, not redone
+    for (step, a), (_, b) in zip(whole.rows(), resumed.rows(), strict=True):
+        assert (a.metric, a.difference, a.base, a.tuned) == (b.metric, b.difference, b.base, b.tuned), step
+    np.testing.assert_array_equal(whole.edge_changes, resumed.edge_changes)
+
+
+def test_the_trajectory_command_passes_its_arguments(tmp_path, monkeypatch):
+    from circuitdiff import cli
+    from circuitdiff import trajectory as trajectory_module
+
+    initial, run, questions = demo_run(tmp_path)
+    log = tmp_path / "log.csv"
+    log.write_text("step,reward\n10,0.5\n20,0.7\n")
+    seen = {}
+
+    def fake(initial_dir, checkpoints, questions_path, out, config, *, initial_step, logs, log):
+        seen.update(initial=initial_dir, checkpoints=checkpoints, out=out, n=config.n, step=initial_step, logs=logs)
+        base, series = globals()["series"](seed=7, steps=(10, 20))
+        return cd.trajectory_from_scores(base, series, **QUICK)
+
+    monkeypatch.setattr(trajectory_module, "run_trajectory", fake)
+    status = cli.main(["trajectory", str(initial), str(run), "--questions", str(questions), "--out",
+                       str(tmp_path / "out"), "--n", "7", "--initial-step", "0", "--log", str(log), "--quiet"])
+    assert status == 0
+    assert seen == dict(initial=str(initial), checkpoints=str(run), out=str(tmp_path / "out"), n=7, step=0,
+                        logs={"reward": {10: 0.5, 20: 0.7}})

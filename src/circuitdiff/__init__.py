@@ -65,7 +65,8 @@ from circuitdiff.robustness import Robustness, check_scorer_robustness, scorer_r
 from circuitdiff.scores import EdgeScores
 from circuitdiff.meta import meta_analysis
 from circuitdiff.study import Study, run_study
-from circuitdiff.trajectory import Trajectory, find_checkpoints, read_training_log, trajectory_from_scores
+from circuitdiff.trajectory import (Trajectory, find_checkpoints, read_training_log, run_trajectory,
+                                    trajectory_from_scores)
 from circuitdiff.trends import Trend
 
 try:
@@ -141,6 +142,7 @@ __all__ = [
     "register_metric",
     "report",
     "run_study",
+    "run_trajectory",
     "scorer_robustness",
     "scorers",
     "trajectory_from_scores",

@@ -5,6 +5,7 @@
     circuitdiff compare-scores base.cdiff tuned.cdiff [--out results/] [--reference-scores b.ref.cdiff t.ref.cdiff]
     circuitdiff demo            # the bundled tiny base / GRPO / DPO models, into ./circuitdiff-demo/
     circuitdiff study study.toml --out study/   # a grid of settings, pooled (see circuitdiff.study)
+    circuitdiff trajectory INITIAL_DIR RUN_DIR --questions q.jsonl --out traj/   # checkpoints against the initial model
 
 Every option is checked before a model is loaded or a token generated. Expected failures
 (bad files, bad options, a missing device, an unwritable output folder, a full disk,
@@ -109,6 +110,20 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--out", required=True, help="output directory (reused to resume)")
     study.add_argument("--quiet", action="store_true", help="no log lines")
     study.set_defaults(run=_study)
+
+    trajectory = commands.add_parser(
+        "trajectory", help="every checkpoint of a training run against its initial model",
+        description="Each model answers the questions (one model in memory at a time); the questions every model "
+                    "answers correctly are scored for each; every checkpoint is compared with the initial model and "
+                    "each metric is tested for a trend along the steps (see docs/trajectory.md).", parents=[common])
+    trajectory.add_argument("initial", help="the initial model's checkpoint directory")
+    trajectory.add_argument("checkpoints", nargs="+",
+                            help="a run folder of checkpoint-N folders, a glob ('run/checkpoint-*'), or the folders")
+    trajectory.add_argument("--initial-step", type=int, default=0, help="the initial model's step (0)")
+    trajectory.add_argument("--log", dest="training_log", metavar="FILE",
+                            help="trainer_state.json or CSV of per-step values (reward, ...) to correlate with")
+    _pipeline_options(trajectory)
+    trajectory.set_defaults(run=_trajectory)
     return parser
 
 
@@ -226,6 +241,17 @@ def _compare_scores(args: argparse.Namespace) -> int:
             result.edge_tests.save(out / "edge_tests.npz")
         write_text(out / "report.md", f"# circuitdiff compare-scores\n\n{args.base} vs {args.tuned}\n\n{report}\n")
     print(report)
+    return 0
+
+
+def _trajectory(args: argparse.Namespace) -> int:
+    from circuitdiff.trajectory import read_training_log, run_trajectory
+
+    checkpoints = args.checkpoints[0] if len(args.checkpoints) == 1 else args.checkpoints
+    logs = read_training_log(args.training_log) if args.training_log else None
+    result = run_trajectory(args.initial, checkpoints, args.questions, args.out, _config(args),
+                            initial_step=args.initial_step, logs=logs, log=_log(args))
+    _log(args)(result.to_markdown())
     return 0
 
 

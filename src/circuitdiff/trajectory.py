@@ -13,6 +13,8 @@ reward logs.
 - :func:`read_training_log`: per-step values from TRL's ``trainer_state.json``
   (``log_history``) or a CSV with a ``step`` column.
 - :func:`trajectory_from_scores`: the :class:`Trajectory` of per-checkpoint scores.
+- :func:`run_trajectory`: from checkpoint folders: generate, select, score and compare,
+  one model in memory at a time, resumable (``circuitdiff trajectory``).
 
 Usage::
 
@@ -25,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import csv
+import gc
 import glob
 import json
 import math
@@ -32,7 +35,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -44,7 +47,7 @@ from circuitdiff.scores import EdgeScores
 from circuitdiff.trends import Trend, trend
 
 __all__ = ["Checkpoint", "Trajectory", "find_checkpoints", "read_training_log", "shared_bin_tops",
-           "trajectory_from_scores"]
+           "trajectory_from_scores", "run_trajectory"]
 
 #: Folder names a step is read from: ``checkpoint-120``, ``checkpoint_120``, ``step-120``, ``global_step120``.
 STEP_PATTERN = re.compile(r"(?:checkpoint|global_step|step)[-_]?(\d+)$")
@@ -311,3 +314,113 @@ def trajectory_from_scores(
     changes = np.stack([s.mean.double().numpy()[mask] - base_mean for _, s in pairs])
     return Trajectory(initial_step, tuple(steps), comparisons, tuple(initial.graph.edge_names()), changes,
                       {name: {int(k): float(v) for k, v in values.items()} for name, values in (logs or {}).items()})
+
+
+def run_trajectory(
+    initial: str | os.PathLike[str],
+    checkpoints: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    questions_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: Any = None,
+    *,
+    initial_step: int = 0,
+    logs: Mapping[str, Mapping[int, float]] | None = None,
+    log: Callable[[str], None] = print,
+) -> Trajectory:
+    """A training run's checkpoints against its initial model, from checkpoint folders.
+
+    1. Every model (the initial one, then each checkpoint by step) answers every
+       question, one model in memory at a time; its accuracy is logged as ``accuracy``.
+    2. The samples: the questions that *every* model answers correctly, chosen and
+       truncated by the config's length rule between the initial model and the last
+       checkpoint (one ``T_cut`` for the series), so every step is scored on the same
+       questions (each model on its own answer).
+    3. Each model is scored (again one at a time), and :func:`trajectory_from_scores`
+       compares every checkpoint with the initial model.
+
+    Writes ``out/step-N.generations.jsonl``, ``out/step-N.cdiff`` (and ``.shards/``),
+    ``out/trajectory.json``, ``out/report.md``, ``out/run.json`` and, with matplotlib,
+    ``out/figures/``. Started again with the same arguments it reuses every finished
+    generation and score shard (identity-checked like every pipeline run).
+
+    Args:
+        initial: the initial model's checkpoint folder (``initial_step``).
+        checkpoints: what :func:`find_checkpoints` accepts (a run folder, a glob, folders).
+        questions_path: the questions (JSONL; see docs/pipeline.md).
+        out: the output folder.
+        config: a :class:`~circuitdiff.pipeline.PipelineConfig` (the pipeline's defaults;
+            ``robustness`` and ``cross_score`` do not apply).
+        logs: more per-step logs (e.g. ``reward`` from :func:`read_training_log`).
+    """
+    from circuitdiff.pipeline import _chosen, _generate, _load, _score, _start, output_lock, write_text
+
+    found = find_checkpoints(checkpoints)
+    if found[0].step <= initial_step:
+        raise DataError(f"every checkpoint's step must be above the initial step {initial_step}; the first is "
+                        f"{found[0].step} ({str(found[0].path)!r}).")
+    models = [(initial_step, Path(initial))] + [(c.step, c.path) for c in found]
+    outputs = ("trajectory.json", "report.md", "run.json", *(f"step-{step}.cdiff" for step, _ in models))
+    config, questions, out, device = _start(config, questions_path, out, outputs)
+    dtype = config.torch_dtype(device)
+    with output_lock(out):
+        generations, accuracy = {}, {}
+        for step, path in models:
+            log(f"--- step {step}: {path} (answers) ---")
+            model = _load(path, device, dtype, config.level)
+            generations[step] = _generate(model, questions, out / f"step-{step}.generations.jsonl", config)
+            accuracy[step] = sum(g.correct for g in generations[step]) / len(questions)
+            log(f"step {step}: {accuracy[step]:.1%} answered correctly")
+            del model
+            _free_memory()
+        everywhere = [i for i in range(len(questions)) if all(generations[s][i].correct for s, _ in models)]
+        counts: dict[str, Any] = {"questions": len(questions), "correct at every step": len(everywhere)}
+        first, last = generations[initial_step], generations[models[-1][0]]
+        selection = config.select([len(first[i].answer_ids) for i in everywhere],
+                                  [len(last[i].answer_ids) for i in everywhere],
+                                  prompt_lengths=([first[i].prompt_length for i in everywhere],
+                                                  [last[i].prompt_length for i in everywhere]))
+        chosen = _chosen(everywhere, selection, counts)
+        log(f"{len(everywhere)} questions answered correctly at every step; kept {len(chosen)}; "
+            f"T_cut = {selection.t_cut} tokens")
+        scores = {}
+        for step, path in models:
+            log(f"--- step {step}: {path} (scores) ---")
+            model = _load(path, device, dtype, config.level)
+            scores[step] = _score(model, questions, generations[step], chosen, selection.t_cut, config, out,
+                                  f"step-{step}")
+            del model
+            _free_memory()
+        common = [i for i in scores[initial_step].sample_ids if all(i in s.sample_ids for s in scores.values())]
+        scores = {step: s.select_samples(common) for step, s in scores.items()}  # nonfinite="drop" may differ
+        result = trajectory_from_scores(scores[initial_step], {s: v for s, v in scores.items() if s != initial_step},
+                                        initial_step=initial_step, logs={"accuracy": accuracy, **(logs or {})})
+        result.save(out / "trajectory.json")
+        write_text(out / "report.md", f"# circuitdiff trajectory\n\n{result.to_markdown()}\n")
+        write_text(out / "run.json", json.dumps(json_ready({
+            "initial": str(initial), "checkpoints": {str(step): str(path) for step, path in models[1:]},
+            "questions": str(questions_path), "config": asdict(config), "device": device, "counts": counts,
+            "t_cut": selection.t_cut, "accuracy": accuracy, "figures": _trajectory_plots(result, out / "figures"),
+        }), indent=2))
+    log(f"report: {out / 'report.md'}")
+    return result
+
+
+def _free_memory() -> None:
+    """Collect the model just dropped before the next one loads (one model in memory at a time)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _trajectory_plots(result: Trajectory, directory: Path) -> list[str]:
+    """The trajectory's figures, or none when matplotlib is not installed."""
+    from circuitdiff.plots import plot_changing_edges, plot_trajectory
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        return [str(plot_trajectory(result, directory / "trajectory.png")),
+                str(plot_changing_edges(result, directory / "changing-edges.png"))]
+    except ImportError:  # MissingDependencyError: matplotlib is an optional extra
+        return []
