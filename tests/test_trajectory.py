@@ -243,7 +243,6 @@ def demo_settings():
 
 @pytest.mark.slow  # three models answer and are scored, three times
 def test_a_run_killed_mid_series_resumes_to_the_uninterrupted_result_with_one_model_in_memory(tmp_path, monkeypatch):
-    import gc
     import weakref
 
     from circuitdiff import pipeline
@@ -251,8 +250,7 @@ def test_a_run_killed_mid_series_resumes_to_the_uninterrupted_result_with_one_mo
     initial, run, questions = demo_run(tmp_path)
     loaded, load = [], pipeline._load
 
-    def load_one(*args, **kwargs):  # every earlier model must be gone before the next loads
-        gc.collect()
+    def load_one(*args, **kwargs):  # every earlier model must be gone (freed by the run) before the next loads
         assert all(ref() is None for ref in loaded), "two models in memory at once"
         model = load(*args, **kwargs)
         loaded.append(weakref.ref(model))
@@ -278,7 +276,7 @@ def test_a_run_killed_mid_series_resumes_to_the_uninterrupted_result_with_one_mo
     done = tmp_path / "resumed"
     kept = [*done.glob("step-*.generations.jsonl"), *done.glob("step-*.shards/shard-*")]
     cached = {p: p.stat().st_mtime_ns for p in kept}
-    assert len([p for p in cached if p.suffix == ".jsonl"]) == 3 and any("step-10.shards" in str(p) for p in cached)
+    assert len([p for p in cached if p.suffix == ".jsonl"]) == 3 and any(p.parent.name.startswith("step-10-") for p in cached)
     resumed = cd.run_trajectory(initial, run, questions, done, demo_settings(), log=lambda line: None)
     assert all(p.stat().st_mtime_ns == t for p, t in cached.items())  # reused, not redone
     for (step, a), (_, b) in zip(whole.rows(), resumed.rows(), strict=True):
@@ -296,13 +294,21 @@ def test_the_trajectory_command_passes_its_arguments(tmp_path, monkeypatch):
     seen = {}
 
     def fake(initial_dir, checkpoints, questions_path, out, config, *, initial_step, logs, log):
-        seen.update(initial=initial_dir, checkpoints=checkpoints, out=out, n=config.n, step=initial_step, logs=logs)
-        base, series = globals()["series"](seed=7, steps=(10, 20))
-        return cd.trajectory_from_scores(base, series, **QUICK)
+        seen.update(initial=initial_dir, checkpoints=checkpoints, questions=questions_path, out=out, n=config.n,
+                    step=initial_step, logs=logs)
+        base, checkpoint_scores = series(seed=7, steps=(10, 20))
+        return cd.trajectory_from_scores(base, checkpoint_scores, initial_step=initial_step, **QUICK)
 
     monkeypatch.setattr(trajectory_module, "run_trajectory", fake)
-    status = cli.main(["trajectory", str(initial), str(run), "--questions", str(questions), "--out",
-                       str(tmp_path / "out"), "--n", "7", "--initial-step", "0", "--log", str(log), "--quiet"])
+    folders = [str(run / "checkpoint-10"), str(run / "checkpoint-20")]
+    status = cli.main(["trajectory", str(initial), *folders, "--questions", str(questions), "--out",
+                       str(tmp_path / "out"), "--n", "7", "--initial-step", "5", "--log", str(log), "--quiet"])
     assert status == 0
-    assert seen == dict(initial=str(initial), checkpoints=str(run), out=str(tmp_path / "out"), n=7, step=0,
-                        logs={"reward": {10: 0.5, 20: 0.7}})
+    assert seen == dict(initial=str(initial), checkpoints=folders, questions=str(questions), out=str(tmp_path / "out"),
+                        n=7, step=5, logs={"reward": {10: 0.5, 20: 0.7}})
+
+
+def test_a_log_named_accuracy_is_refused_before_any_model_loads(tmp_path):
+    initial, run, questions = demo_run(tmp_path)
+    with pytest.raises(cd.ArgumentError, match="logs each step's own accuracy"):
+        cd.run_trajectory(initial, run, questions, tmp_path / "out", logs={"accuracy": {10: 0.1}})

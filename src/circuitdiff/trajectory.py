@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import gc
 import glob
+import hashlib
 import json
 import math
 import os
@@ -333,15 +334,18 @@ def run_trajectory(
        question, one model in memory at a time; its accuracy is logged as ``accuracy``.
     2. The samples: the questions that *every* model answers correctly, chosen and
        truncated by the config's length rule between the initial model and the last
-       checkpoint (one ``T_cut`` for the series), so every step is scored on the same
+       checkpoint (one ``T_cut`` for the series), less any question a middle step
+       answers in fewer than ``T_cut`` tokens, so every step is scored on the same
        questions (each model on its own answer).
     3. Each model is scored (again one at a time), and :func:`trajectory_from_scores`
        compares every checkpoint with the initial model.
 
-    Writes ``out/step-N.generations.jsonl``, ``out/step-N.cdiff`` (and ``.shards/``),
-    ``out/trajectory.json``, ``out/report.md``, ``out/run.json`` and, with matplotlib,
-    ``out/figures/``. Started again with the same arguments it reuses every finished
-    generation and score shard (identity-checked like every pipeline run).
+    Writes ``out/step-N.generations.jsonl``, ``out/step-N.cdiff`` (resumable in
+    ``out/step-N-KEY.shards/``, KEY naming the selection), ``out/trajectory.json``,
+    ``out/report.md``, ``out/run.json`` and, with matplotlib, ``out/figures/``. Started
+    again it reuses every finished generation and score shard (identity-checked like
+    every pipeline run); with a checkpoint added, the answers of the others are reused
+    and every step is scored again on the new selection.
 
     Args:
         initial: the initial model's checkpoint folder (``initial_step``).
@@ -358,8 +362,12 @@ def run_trajectory(
     if found[0].step <= initial_step:
         raise DataError(f"every checkpoint's step must be above the initial step {initial_step}; the first is "
                         f"{found[0].step} ({str(found[0].path)!r}).")
+    if logs and "accuracy" in logs:
+        raise ArgumentError("logs has an 'accuracy' entry, but the trajectory logs each step's own accuracy; "
+                            "rename that log (e.g. 'train_accuracy').")
     models = [(initial_step, Path(initial))] + [(c.step, c.path) for c in found]
-    outputs = ("trajectory.json", "report.md", "run.json", *(f"step-{step}.cdiff" for step, _ in models))
+    outputs = ("trajectory.json", "report.md", "run.json",
+               *(f"step-{step}.{kind}" for step, _ in models for kind in ("cdiff", "generations.jsonl")))
     config, questions, out, device = _start(config, questions_path, out, outputs)
     dtype = config.torch_dtype(device)
     with output_lock(out):
@@ -372,26 +380,44 @@ def run_trajectory(
             log(f"step {step}: {accuracy[step]:.1%} answered correctly")
             del model
             _free_memory()
-        everywhere = [i for i in range(len(questions)) if all(generations[s][i].correct for s, _ in models)]
-        counts: dict[str, Any] = {"questions": len(questions), "correct at every step": len(everywhere)}
         first, last = generations[initial_step], generations[models[-1][0]]
+        for step, _ in models[1:]:
+            if [g.prompt_length for g in generations[step]] != [g.prompt_length for g in first]:
+                raise DataError(f"step {step}'s tokenizer encodes the prompts differently from the initial model's; "
+                                "a trajectory compares checkpoints of one model family.")
+        everywhere = [i for i in range(len(questions)) if all(generations[s][i].correct for s, _ in models)]
+        if not everywhere:
+            raise DataError("no question is answered correctly at every step (accuracy per step: "
+                            f"{ {step: round(a, 3) for step, a in accuracy.items()} }); use more questions.")
+        counts: dict[str, Any] = {"questions": len(questions), "correct at every step": len(everywhere)}
         selection = config.select([len(first[i].answer_ids) for i in everywhere],
                                   [len(last[i].answer_ids) for i in everywhere],
                                   prompt_lengths=([first[i].prompt_length for i in everywhere],
                                                   [last[i].prompt_length for i in everywhere]))
         chosen = _chosen(everywhere, selection, counts)
+        # the rule saw the first and last step's lengths; a middle step's answer may be shorter than T_cut
+        chosen = [i for i in chosen if all(len(generations[s][i].answer_ids) >= selection.t_cut for s, _ in models)]
+        counts["dropped: shorter than T_cut at a middle step"] = counts["scored"] - len(chosen)
+        counts["scored"] = len(chosen)
+        if not chosen:
+            raise DataError(f"no question is left to score after the length rule (counts: {counts}).")
         log(f"{len(everywhere)} questions answered correctly at every step; kept {len(chosen)}; "
             f"T_cut = {selection.t_cut} tokens")
+        # shards keyed by the selection: a series that grows (a new checkpoint, so other questions) resumes
+        # its answers and scores the earlier steps again in new shard folders instead of refusing the old ones
+        key = hashlib.sha256(json.dumps([[questions[i].id for i in chosen], selection.t_cut]).encode()).hexdigest()[:8]
         scores = {}
         for step, path in models:
             log(f"--- step {step}: {path} (scores) ---")
             model = _load(path, device, dtype, config.level)
             scores[step] = _score(model, questions, generations[step], chosen, selection.t_cut, config, out,
-                                  f"step-{step}")
+                                  f"step-{step}", cache=f"step-{step}-{key}")
             del model
             _free_memory()
         common = [i for i in scores[initial_step].sample_ids if all(i in s.sample_ids for s in scores.values())]
-        scores = {step: s.select_samples(common) for step, s in scores.items()}  # nonfinite="drop" may differ
+        if any(s.sample_ids != tuple(common) for s in scores.values()):  # nonfinite="drop" left some out
+            counts["left out: non-finite scores at some step"] = len(chosen) - len(common)
+            scores = {step: s.select_samples(common) for step, s in scores.items()}
         result = trajectory_from_scores(scores[initial_step], {s: v for s, v in scores.items() if s != initial_step},
                                         initial_step=initial_step, logs={"accuracy": accuracy, **(logs or {})})
         result.save(out / "trajectory.json")
