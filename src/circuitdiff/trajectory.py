@@ -43,6 +43,7 @@ import numpy as np
 from circuitdiff import metrics
 from circuitdiff.comparison import Comparison, MetricComparison, compare
 from circuitdiff.errors import ArgumentError, DataError, MissingPathError
+from circuitdiff.io import write_atomically
 from circuitdiff.report import json_ready, markdown_table
 from circuitdiff.scores import EdgeScores
 from circuitdiff.trends import Trend, trend
@@ -252,9 +253,10 @@ class Trajectory:
                                       "tau reward"], cells)
 
     def save(self, path: str | os.PathLike[str], group: str = "all") -> Path:
-        """Write :meth:`to_dict` as JSON."""
+        """Write :meth:`to_dict` as JSON (atomically: a temporary file, then a rename)."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(group), indent=2))
+        text = json.dumps(self.to_dict(group), indent=2)
+        write_atomically(path, lambda tmp: tmp.write_text(text))
         return path
 
 
@@ -424,7 +426,9 @@ def run_trajectory(
         write_text(out / "report.md", f"# circuitdiff trajectory\n\n{result.to_markdown()}\n")
         write_text(out / "run.json", json.dumps(json_ready({
             "initial": str(initial), "checkpoints": {str(step): str(path) for step, path in models[1:]},
-            "questions": str(questions_path), "config": asdict(config), "device": device, "counts": counts,
+            "questions": str(questions_path), "device": device, "counts": counts,
+            "config": {k: v for k, v in asdict(config).items() if k not in ("robustness", "robustness_samples",
+                                                                              "reference_scorer", "cross_score")},
             "t_cut": selection.t_cut, "accuracy": accuracy, "figures": _trajectory_plots(result, out / "figures"),
         }), indent=2))
     log(f"report: {out / 'report.md'}")
