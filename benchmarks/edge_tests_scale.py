@@ -53,29 +53,20 @@ from circuitdiff.plots import plot_volcano
 GB = 1e9
 
 
-def proc_status(key: str) -> int:
-    """A ``/proc/self/status`` field in bytes (Linux), e.g. ``"RssAnon"`` or ``"VmHWM"``."""
-    with open("/proc/self/status") as f:
+def proc_field(key: str, path: str = "/proc/self/status") -> int:
+    """A ``/proc`` field in bytes (Linux), e.g. ``"RssAnon"``, ``"VmHWM"`` or, in ``/proc/meminfo``, ``"MemAvailable"``."""
+    with open(path) as f:
         for line in f:
             if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not found: this benchmark needs Linux /proc.")
-
-
-def available_memory() -> int:
-    """``MemAvailable`` of the machine in bytes."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("MemAvailable not found in /proc/meminfo.")
+    raise RuntimeError(f"{key} not found in {path}: this benchmark needs Linux /proc.")
 
 
 class PeakAnonymous:
     """Samples ``RssAnon`` every 10 ms while in use; ``peak`` is the largest value seen."""
 
     def __enter__(self) -> "PeakAnonymous":
-        self.peak = proc_status("RssAnon")
+        self.peak = proc_field("RssAnon")
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -83,13 +74,13 @@ class PeakAnonymous:
 
     def _sample(self) -> None:
         while not self._done.is_set():
-            self.peak = max(self.peak, proc_status("RssAnon"))
+            self.peak = max(self.peak, proc_field("RssAnon"))
             time.sleep(0.01)
 
     def __exit__(self, *exc: Any) -> None:
         self._done.set()
         self._thread.join()
-        self.peak = max(self.peak, proc_status("RssAnon"))
+        self.peak = max(self.peak, proc_field("RssAnon"))
 
 
 def write_pair(graph: cd.AttributionGraph, n: int, directory: Path, seed: int = 0) -> tuple[Path, Path, np.ndarray]:
@@ -196,7 +187,7 @@ def main() -> None:
         with PeakAnonymous() as writing:
             _, _, shift = write_pair(graph, n, directory)
         print(f"wrote both files in {time.perf_counter() - start:.0f} s (peak RssAnon {writing.peak / GB:.2f} GB)")
-        print(f"page cache: both files {2 * file_bytes / GB:.1f} GB, MemAvailable {available_memory() / GB:.1f} GB; "
+        print(f"page cache: both files {2 * file_bytes / GB:.1f} GB, MemAvailable {proc_field('MemAvailable', '/proc/meminfo') / GB:.1f} GB; "
               f"{'evicted before each repeat (--cold)' if args.cold else 'warm when they fit'}")
 
         times: dict[str, list[float]] = {"load": [], "floor": [], "edge_tests": []}
@@ -212,7 +203,7 @@ def main() -> None:
             gc.collect()
             floor_s, _, _ = timed(lambda: read_floor(scores, chunk))
             gc.collect()
-            baseline = proc_status("RssAnon")
+            baseline = proc_field("RssAnon")
             tests_s, result, run_peak = timed(lambda: edge_tests(scores["base"], scores["tuned"],
                                                                  paired=not args.unpaired))
             peak = max(peak, run_peak)
@@ -229,7 +220,7 @@ def main() -> None:
               f"{median['edge_tests']:.1f} s, b / a = {median['edge_tests'] / median['floor']:.2f}; "
               f"range of b {min(times['edge_tests']):.1f}-{max(times['edge_tests']):.1f} s; end to end (load + b) "
               f"{statistics.median(a + b for a, b in zip(times['load'], times['edge_tests'])):.1f} s")
-        print(f"memory: peak RssAnon during (b) {peak / GB:.2f} GB; VmHWM {proc_status('VmHWM') / GB:.2f} GB "
+        print(f"memory: peak RssAnon during (b) {peak / GB:.2f} GB; VmHWM {proc_field('VmHWM') / GB:.2f} GB "
               "(VmHWM counts the mapped file pages too)")
         print(f"result: {counts['significant']:,} of {counts['edges']:,} edges significant at FDR {result.fdr:g} "
               f"({counts['strengthened']:,} strengthened, {counts['weakened']:,} weakened); planted "

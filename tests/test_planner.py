@@ -124,9 +124,10 @@ def _cpu_model(name: str):
     return _MODELS[name]
 
 
-def cpu_answer_batch(name: str, batch: int, tokens: int) -> cd.Batch:
-    """Random tokens of model ``name``'s vocabulary, the last quarter labelled as the answer."""
-    ids = torch.randint(0, CPU_SHAPES[name].vocab, (batch, tokens + 1), generator=torch.Generator().manual_seed(0))
+def cpu_answer_batch(name: str | int, batch: int, tokens: int) -> cd.Batch:
+    """Random tokens of model ``name``'s vocabulary (or of a vocabulary of that size), the last quarter the answer."""
+    vocab = name if isinstance(name, int) else CPU_SHAPES[name].vocab
+    ids = torch.randint(0, vocab, (batch, tokens + 1), generator=torch.Generator().manual_seed(0))
     labels = ids[:, 1:].clone()
     labels[:, : tokens - tokens // 4] = cd.IGNORE
     return cd.Batch(ids[:, :tokens], labels=labels)
@@ -207,10 +208,7 @@ def test_new_family_estimate_within_30_percent_of_cpu_profiler_peak(config_class
     graph = cd.AttributionGraph.from_model(model, level="layer" if "Olmo" in config_class or "Gemma" in config_class
                                            else "head")
     tokens = 256
-    ids = torch.randint(0, 512, (1, tokens + 1), generator=torch.Generator().manual_seed(0))
-    labels = ids[:, 1:].clone()
-    labels[:, : tokens - tokens // 4] = cd.IGNORE
-    data = cd.Batch(ids[:, :tokens], labels=labels)
+    data = cpu_answer_batch(512, 1, tokens)
     measured = cpu_peak(model, lambda: cd.attribute(model, graph, [data], objective="answer_nll", progress=False))
     planned = estimate_memory(model, graph, batch_size=1, seq_len=tokens, loss_positions=tokens // 4).total
     print(f"{config_class} {graph.level}: estimated {planned / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB "

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from circuitdiff.agreement import Agreement
     from circuitdiff.comparison import Comparison, Similarity
 
-__all__ = ["markdown_table", "change_cell", "json_ready", "write_json", "comparison_markdown", "comparison_dict",
+__all__ = ["markdown_table", "change_cell", "number_cell", "json_ready", "write_json", "comparison_markdown", "comparison_dict",
            "agreement_markdown"]
 
 _SEPARATORS = {"l": "---", "r": "---:", "c": ":---:"}
@@ -74,6 +74,11 @@ def change_cell(row: Any) -> str:
     """
     scale = 100 / abs(row.base) if row.base else math.nan
     return f"{row.percent_change:+.1f}% [{row.ci_low * scale:+.1f}, {row.ci_high * scale:+.1f}]"
+
+
+def number_cell(value: float | None) -> str:
+    """``value`` to 3 significant digits, ``-`` when it is None or NaN."""
+    return "-" if value is None or value != value else f"{value:.3g}"
 
 
 def json_ready(value: Any) -> Any:

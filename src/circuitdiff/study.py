@@ -43,7 +43,7 @@ from circuitdiff.comparison import Comparison
 from circuitdiff.errors import ArgumentError, DataError, MissingPathError
 from circuitdiff.meta import Pooled, meta_analysis
 from circuitdiff.pipeline import PipelineConfig, run_compare, write_text
-from circuitdiff.report import json_ready, markdown_table
+from circuitdiff.report import json_ready, markdown_table, number_cell
 
 __all__ = ["Setting", "Study", "read_study", "run_study"]
 
@@ -78,9 +78,9 @@ class Study:
             lines.append("Failed (left out of the summary):\n\n" + "\n".join(
                 f"- `{name}`: {reason}" for name, reason in self.failures.items()))
         if self.pooled:
-            cells = [[p.metric, _pct(p.mean_percent_change), f"{p.fraction_up:.0%}", _num(p.pooled.estimate),
-                      f"[{_num(p.pooled.ci_low)}, {_num(p.pooled.ci_high)}]", _num(p.pooled.p_value),
-                      _num(p.pooled.tau2), _share(p.pooled.i2)] for p in self.pooled]
+            cells = [[p.metric, _pct(p.mean_percent_change), f"{p.fraction_up:.0%}", number_cell(p.pooled.estimate),
+                      f"[{number_cell(p.pooled.ci_low)}, {number_cell(p.pooled.ci_high)}]", number_cell(p.pooled.p_value),
+                      number_cell(p.pooled.tau2), _share(p.pooled.i2)] for p in self.pooled]
             lines.append("Per metric over the settings (edge group 'all'): the mean relative change and the share of "
                          "settings where the metric went up (the paper's summary), and the DerSimonian-Laird "
                          "random-effects pooled difference (tuned - base) with its interval (at the comparisons' "
@@ -110,10 +110,6 @@ def _pct(value: float) -> str:
 
 def _share(value: float) -> str:
     return "-" if value != value else f"{value:.0%}"
-
-
-def _num(value: float) -> str:
-    return "-" if value != value else f"{value:.3g}"
 
 
 def read_study(path: str | os.PathLike[str]) -> list[Setting]:

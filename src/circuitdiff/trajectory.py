@@ -44,7 +44,7 @@ from circuitdiff import metrics
 from circuitdiff.comparison import Comparison, MetricComparison, compare
 from circuitdiff.errors import ArgumentError, DataError, MissingPathError
 from circuitdiff.io import write_atomically
-from circuitdiff.report import json_ready, markdown_table
+from circuitdiff.report import json_ready, markdown_table, number_cell
 from circuitdiff.scores import EdgeScores
 from circuitdiff.trends import Trend, trend
 
@@ -243,9 +243,9 @@ class Trajectory:
 
     def to_markdown(self, group: str = "all") -> str:
         """The trend of every metric on ``group``: direction, Kendall's tau and p, first significant step."""
-        cells = [[t.metric, t.direction, _fmt(t.tau), _fmt(t.p_value),
+        cells = [[t.metric, t.direction, number_cell(t.tau), number_cell(t.p_value),
                   "-" if t.first_significant_step is None else str(t.first_significant_step),
-                  _fmt(t.with_accuracy), _fmt(t.with_reward)] for t in self.trends(group)]
+                  number_cell(t.with_accuracy), number_cell(t.with_reward)] for t in self.trends(group)]
         head = (f"Trajectory: {len(self.steps)} checkpoints (steps {self.steps[0]}-{self.steps[-1]}) against the "
                 f"initial model (step {self.initial_step}), edge group '{group}'; Mann-Kendall trend of each "
                 "metric's difference, two-sided.\n\n")
@@ -258,10 +258,6 @@ class Trajectory:
         text = json.dumps(self.to_dict(group), indent=2)
         write_atomically(path, lambda tmp: tmp.write_text(text))
         return path
-
-
-def _fmt(value: float) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
 
 
 def trajectory_from_scores(

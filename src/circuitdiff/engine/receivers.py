@@ -126,7 +126,7 @@ class ReceiverGradients:
         """
         weights = self.bridge.layers[layer]
         norm, positions = weights.norm, window.positions
-        x = stash.pop((layer, "x"))[:, positions].to(self.bridge.dtype)
+        x = stash.pop((layer, "x"))[:, positions]
         b, p, d = x.shape
         mats = (weights.w_q, weights.w_k, weights.w_v)
         grads = []
@@ -143,6 +143,7 @@ class ReceiverGradients:
             v = torch.stack([product(g.flatten(1), w.flatten(0, 1)) for g, w in zip(grads, mats, strict=True)])
         if norm is None:
             return rearrange(v, "r (b p) d -> b r p d", b=b)
+        x = x.to(self.bridge.dtype)
         if not norm.rms:
             x = x - x.mean(-1, keepdim=True)
         scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()  # [batch, pos, 1]

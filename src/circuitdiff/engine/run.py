@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from circuitdiff import objectives
 from circuitdiff.data import Batch
 from circuitdiff.engine import interventions
-from circuitdiff.engine.architectures import check_level
 from circuitdiff.engine.bridge import Bridge, attribution_mode
 from circuitdiff.engine.receivers import ReceiverGradients
 from circuitdiff.engine.sources import HookList, SourceRecorder, Window
@@ -57,7 +56,6 @@ class AttributionRun:
                  reference_batches: Iterable[Batch] | None = None, progress: bool = True) -> None:
         self.bridge = Bridge(model)
         spec = self.bridge.spec
-        check_level(spec.architecture, graph.level)
         if (graph.n_layers, graph.n_heads, graph.n_kv_heads, graph.parallel_blocks) != (
                 spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.parallel_blocks):
             raise DataError(
