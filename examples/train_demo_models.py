@@ -8,7 +8,10 @@ built with ``tokenizers`` and wrapped in ``PreTrainedTokenizerFast``.
 Stages
   base : SFT with TRL ``SFTTrainer`` (prompt/completion data, completion-only loss),
          deliberately under-trained so greedy accuracy is imperfect.
-  grpo : base + TRL ``GRPOTrainer``, reward = 1 for a correct final answer, else 0.
+  grpo : base + TRL ``GRPOTrainer``, reward = 1 for a correct final answer, else 0; its
+         weights every ``grpo_checkpoint_every`` steps (the last included) go to
+         ``DIR/grpo-run/checkpoint-N`` and its ``trainer_state.json`` (the reward log) to
+         ``DIR/grpo-run`` (what ``circuitdiff demo --trajectory`` follows).
   dpo  : base + TRL ``DPOTrainer`` on offline preference pairs: base's own correct vs.
          wrong completion, sampled once on training prompts; same number of steps as grpo.
 
@@ -17,6 +20,7 @@ Usage::
     pip install -e ".[train]"
     python examples/train_demo_models.py --out src/circuitdiff/demo_data   # ~20 min on 2 cores
     python examples/train_demo_models.py --out /tmp/demo --quick          # smoke test, ~1 min
+    python examples/train_demo_models.py --out DIR --grpo-run-only  # only DIR/grpo-run, from DIR/base (~9 min)
 
 ``DIR/{base,grpo,dpo}`` hold the checkpoints (safetensors + tokenizer + config),
 ``DIR/questions.jsonl`` the held-out problems, and ``DIR/manifest.json`` the seed,
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -247,9 +252,19 @@ def train_base(tok, train, out_dir: Path, budget: dict):
     return trainer.model
 
 
-def train_grpo(tok, base_dir: Path, train, out_dir: Path, budget: dict):
+def train_grpo(tok, base_dir: Path, train, out_dir: Path, budget: dict, run_dir: Path):
+    """GRPO from ``base_dir``; saves the weights every ``grpo_checkpoint_every`` steps (and
+    at the last) to ``run_dir/checkpoint-N`` and the trainer state (log history) to
+    ``run_dir/trainer_state.json``."""
     from datasets import Dataset
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+
+    class SaveEvery(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            step = state.global_step
+            if step % budget["grpo_checkpoint_every"] == 0 or step == state.max_steps:
+                save(model, tok, run_dir / f"checkpoint-{step}")
 
     model, _ = load(base_dir)
 
@@ -258,7 +273,9 @@ def train_grpo(tok, base_dir: Path, train, out_dir: Path, budget: dict):
 
     ds = Dataset.from_list([{"prompt": p["prompt"], "answer": p["answer"]} for p in train])
     cfg = GRPOConfig(
-        **common_args(out_dir / "_grpo", budget["grpo_steps"], budget["grpo_lr"], budget["grpo_bs"]),
+        **{**common_args(out_dir / "_grpo", budget["grpo_steps"], budget["grpo_lr"], budget["grpo_bs"]),
+           # the reward is logged at every checkpoint's step (the mean over the 20 steps before it)
+           "logging_steps": math.gcd(20, budget["grpo_checkpoint_every"])},
         num_generations=budget["num_generations"],
         max_completion_length=MAX_NEW_TOKENS,
         temperature=1.0,
@@ -274,8 +291,11 @@ def train_grpo(tok, base_dir: Path, train, out_dir: Path, budget: dict):
         args=cfg,
         train_dataset=ds,
         processing_class=tok,
+        callbacks=[SaveEvery()],
     )
+    shutil.rmtree(run_dir, ignore_errors=True)
     trainer.train()
+    trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
     return trainer.model
 
 
@@ -324,6 +344,7 @@ FULL = dict(
     sft_steps=800, sft_lr=2e-3, sft_bs=64,  # 750 steps: 44%, 1050: 64%, 1200: 66%
     # GRPO, 600 steps: lr 3e-5 rose steadily to 64.2%; lr 1e-4 peaked at 60.6% (step 500) and fell to 56.2%
     grpo_steps=600, grpo_lr=3e-5, grpo_bs=64, num_generations=8,  # 8 prompts x 8 samples per step
+    grpo_checkpoint_every=100,  # 6 checkpoints in grpo-run/, 2.9 MB each
     # DPO, 600 steps on 2228 pairs: pure sigmoid at lr 1e-5 peaked at 52.6% (step 100) and fell to 43.0%
     # (step 500); the added NLL term on the chosen answer (RPO) keeps it from drifting (55.8% at step 200)
     dpo_prompts=3000, dpo_samples=8, dpo_steps=600, dpo_lr=5e-5, dpo_bs=16,
@@ -332,7 +353,7 @@ FULL = dict(
 QUICK = dict(
     n_train=2000, n_eval=100,
     sft_steps=60, sft_lr=2e-3, sft_bs=64,
-    grpo_steps=4, grpo_lr=1e-4, grpo_bs=16, num_generations=4,
+    grpo_steps=4, grpo_lr=1e-4, grpo_bs=16, num_generations=4, grpo_checkpoint_every=2,
     dpo_prompts=200, dpo_samples=4, dpo_steps=4, dpo_lr=1e-4, dpo_bs=8,
     dpo_beta=0.1, dpo_loss=["sigmoid", "sft"], dpo_loss_weights=[1.0, 1.0],
 )
@@ -343,6 +364,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True, type=Path,
                     help="output folder; src/circuitdiff/demo_data replaces the bundled demo")
     ap.add_argument("--quick", action="store_true", help="tiny budget for smoke tests")
+    ap.add_argument("--grpo-run-only", action="store_true",
+                    help="write only OUT/grpo-run: GRPO again from OUT/base with its checkpoints (the other "
+                         "models and the questions are kept)")
     ap.add_argument(
         "--threads", type=int, default=1,
         help="torch.set_num_threads (default 1: with 2 OpenMP threads on a shared 2-core box a step was ~20x slower)",
@@ -367,11 +391,16 @@ def main(argv=None):
 
     train = make_split(budget["n_train"], SEED)
     evals = make_split(budget["n_eval"], SEED + 1, exclude={p["prompt"] for p in train})
-    with open(out / "questions.jsonl", "w") as handle:
-        for i, p in enumerate(evals):
-            handle.write(json.dumps({"id": f"demo-{i:03d}", "prompt": p["prompt"], "answer": p["answer"]}) + "\n")
     tok = build_tokenizer()
     times, acc, extra = {}, {}, {}
+    if args.grpo_run_only:  # keep what the full run recorded for the three models
+        previous = json.loads((out / "manifest.json").read_text())
+        times, acc = previous["wall_time_s"], previous["accuracy"]
+        extra = {"dpo_pairs": previous["dpo_pairs"]}
+    else:
+        with open(out / "questions.jsonl", "w") as handle:
+            for i, p in enumerate(evals):
+                handle.write(json.dumps({"id": f"demo-{i:03d}", "prompt": p["prompt"], "answer": p["answer"]}) + "\n")
     t_all = time.time()
 
     def finish(name: str, model, started: float) -> None:
@@ -381,25 +410,38 @@ def main(argv=None):
         acc[name] = accuracy(model, tok, evals)
         print(f"[{name}] eval acc={acc[name]:.3f}  train {times[f'{name}_train_s']}s", flush=True)
 
-    t0 = time.time()
-    finish("base", train_base(tok, train, work, budget), t0)
+    if not args.grpo_run_only:
+        t0 = time.time()
+        finish("base", train_base(tok, train, work, budget), t0)
 
     set_seed(SEED)
     t0 = time.time()
-    finish("grpo", train_grpo(tok, out / "base", train, work, budget), t0)
+    run_dir = out / "grpo-run"
+    grpo = train_grpo(tok, out / "base", train, work, budget, run_dir)
+    if args.grpo_run_only:
+        times["grpo_run_train_s"] = round(time.time() - t0, 1)
+        extra["grpo_run_made_by"] = "examples/train_demo_models.py --grpo-run-only, after the full run"
+    else:
+        finish("grpo", grpo, t0)
+    extra["grpo_run_accuracy"] = {
+        folder.name: accuracy(load(folder)[0], tok, evals)
+        for folder in sorted(run_dir.glob("checkpoint-*"), key=lambda f: int(f.name.split("-")[1]))
+    }
+    print(f"[grpo-run] {extra['grpo_run_accuracy']}", flush=True)
 
-    set_seed(SEED)
-    t0 = time.time()
-    base_m, _ = load(out / "base")
-    pairs = make_dpo_pairs(base_m, tok, train, budget["dpo_prompts"], budget["dpo_samples"])
-    times["dpo_sampling_s"] = round(time.time() - t0, 1)
-    extra["dpo_pairs"] = len(pairs)
-    print(f"[dpo] {len(pairs)} pairs of base's own correct and wrong answers", flush=True)
-    t0 = time.time()
-    finish("dpo", train_dpo(tok, out / "base", pairs, work, budget), t0)
+    if not args.grpo_run_only:
+        set_seed(SEED)
+        t0 = time.time()
+        base_m, _ = load(out / "base")
+        pairs = make_dpo_pairs(base_m, tok, train, budget["dpo_prompts"], budget["dpo_samples"])
+        times["dpo_sampling_s"] = round(time.time() - t0, 1)
+        extra["dpo_pairs"] = len(pairs)
+        print(f"[dpo] {len(pairs)} pairs of base's own correct and wrong answers", flush=True)
+        t0 = time.time()
+        finish("dpo", train_dpo(tok, out / "base", pairs, work, budget), t0)
+        times["total_s"] = round(time.time() - t_all, 1)
     shutil.rmtree(work, ignore_errors=True)
 
-    times["total_s"] = round(time.time() - t_all, 1)
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {
         "script": "examples/train_demo_models.py" + (" --quick" if args.quick else ""),

@@ -28,8 +28,9 @@ def test_every_file_matches_the_manifest():
     assert set(manifest["files"]) == files
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((DEMO_DATA / name).read_bytes()).hexdigest() == digest, name
-    for model in MODELS:
+    for model in (*MODELS, *(f"grpo-run/checkpoint-{step}" for step in range(100, 700, 100))):
         assert {f"{model}/model.safetensors", f"{model}/config.json", f"{model}/tokenizer.json"} <= files
+    assert set(manifest["grpo_run_accuracy"]) == {f"checkpoint-{step}" for step in range(100, 700, 100)}
     assert check_demo_files() == manifest
     assert set(manifest["accuracy"]) == set(MODELS) and manifest["seed"] == 1234
     assert {"torch", "transformers", "trl"} <= set(manifest["versions"])
@@ -123,6 +124,25 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| metric (all edges) | base -> grpo | base -> dpo |" in printed and "base 44.4%" in printed
     assert numbers() == before
+
+    # the GRPO run's checkpoints against base, starting from the base answers above
+    assert main(["demo", "--trajectory", "--out", str(out), "--max-questions", "80", "--n", "12", "--quiet"]) == 0
+    trajectory = out / "trajectory"
+    assert (trajectory / "step-0.generations.jsonl").read_bytes() == (out / "base-vs-grpo" /
+                                                                       "base.generations.jsonl").read_bytes()
+    data = json.loads((trajectory / "trajectory.json").read_text())
+    steps = [100, 200, 300, 400, 500, 600]
+    assert data["steps"] == steps and len(data["trends"]) == len(cd.metrics.available())
+    reward = cd.read_training_log(DEMO_DATA / "grpo-run" / "trainer_state.json")["reward"]
+    assert data["logs"]["reward"] == {str(step): value for step, value in reward.items()}
+    assert set(data["logs"]["accuracy"]) == {"0", *map(str, steps)}
+    run = json.loads((trajectory / "run.json").read_text())
+    assert run["counts"]["questions"] == 80 and run["figures"] and all(Path(f).is_file() for f in run["figures"])
+
+
+def test_devices_without_trajectory_are_refused(capsys):
+    assert main(["demo", "--devices", "cpu,cpu"]) == 2
+    assert "use it with --trajectory" in capsys.readouterr().err
 
 
 def test_side_by_side_reads_each_comparison(get_model):

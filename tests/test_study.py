@@ -158,8 +158,8 @@ def test_a_failed_setting_is_reported_and_the_others_are_pooled(tmp_path, monkey
 
 @pytest.mark.slow  # four runs of the compare pipeline on the demo models
 def test_a_two_by_two_study_of_the_demo_models_runs_from_a_toml_file(tmp_path):
-    out = tmp_path / "out"
-    result = cd.run_study(write_study(tmp_path, DEMO_STUDY), out, log=lambda line: None)
+    out = tmp_path / "out"  # spread over two worker processes, then resumed in this one
+    result = cd.run_study(write_study(tmp_path, DEMO_STUDY), out, log=lambda line: None, devices=["cpu", "cpu"])
     assert not result.failures and len(result.comparisons) == 4
     for setting in result.settings:
         assert (out / setting.name / "comparison.json").is_file()
@@ -168,6 +168,7 @@ def test_a_two_by_two_study_of_the_demo_models_runs_from_a_toml_file(tmp_path):
     assert all(len(p.settings) == 4 and 0 <= p.fraction_up <= 1 for p in pooled.values())
     assert (out / "study.md").is_file() and (out / "figures" / "forest-diversity.png").is_file()
     again = cd.run_study(write_study(tmp_path, DEMO_STUDY), out, log=lambda line: None)  # resumed: same numbers
+    assert not again.failures
     assert [p.pooled.estimate for p in again.pooled] == pytest.approx([p.pooled.estimate for p in result.pooled],
                                                                        nan_ok=True)
 
@@ -220,11 +221,13 @@ def test_the_study_command_exits_1_when_a_setting_failed(tmp_path, monkeypatch, 
     fake = iter(comparisons({"w": 1.0, "x": 0.5, "y": 1.2, "z": 0.8}).values())
 
     def run_compare(*args, **kwargs):
+        assert args[4].device == "cpu"  # --devices: each setting runs on its worker's device
         if fail and "dpo__arithmetic__rule=code" in str(args[3]):
             raise cd.DataError("nothing left after filtering")
         return next(fake)
 
     monkeypatch.setattr(study_module, "run_compare", run_compare)
-    status = cli.main(["study", str(write_study(tmp_path, DEMO_STUDY)), "--out", str(tmp_path / "out"), "--quiet"])
+    status = cli.main(["study", str(write_study(tmp_path, DEMO_STUDY)), "--out", str(tmp_path / "out"), "--quiet",
+                       "--devices", "cpu"])
     assert status == (1 if fail else 0)
     assert ("nothing left after filtering" in capsys.readouterr().out) == fail

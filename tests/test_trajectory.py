@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +60,24 @@ def test_a_planted_strengthening_is_found_as_a_trend():
     assert names[0] == GRAPH.edge_names()[7]
     assert np.all(np.diff(changes[0]) > 0)  # the planted edge grows at every step
     assert changes.shape == (3, len(STEPS))
+
+
+def test_the_trend_starts_at_the_initial_model_so_an_early_kept_change_counts():
+    from scipy import stats
+
+    initial, checkpoints = series(seed=3)
+    # every checkpoint is the initial model plus one shift made before the first checkpoint and kept
+    shifted = {step: initial.select_samples(initial.sample_ids) for step in STEPS}
+    for k, step in enumerate(STEPS):
+        shifted[step].per_sample.mul_(2.0 + 0.01 * (-1) ** k)  # a doubling, wobbling a little
+        shifted[step].mean.copy_(shifted[step].per_sample.mean(0))
+    result = cd.trajectory_from_scores(initial, shifted, initial_step=5, **QUICK)
+    intensity = by_metric(result.trends())["intensity"]
+    assert intensity.steps == (5, *STEPS) and intensity.values[0] == 0.0
+    differences = [row.difference for _, row in result.rows() if row.metric == "intensity"]
+    assert intensity.tau == pytest.approx(stats.kendalltau((5, *STEPS), (0.0, *differences))[0])
+    assert stats.kendalltau(STEPS, differences)[1] > 0.5  # the checkpoints alone: no trend (a wobble)
+    assert intensity.first_significant_step == STEPS[0]  # never the initial step, which has no interval
 
 
 def test_trend_test_rejects_no_more_than_alpha_on_exchangeable_series():
@@ -223,6 +242,22 @@ def test_trajectory_figures_are_written(tmp_path):
         plot_trajectory(result, tmp_path / "x.png", metrics=["missing"])
 
 
+def test_the_trajectory_plot_starts_at_the_initial_step(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="plots are an optional extra (circuitdiff[plot])")
+    from circuitdiff import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path, dpi: drawn.append(figure) or Path(path))
+    initial, checkpoints = series(seed=6, strengthen=2.0)
+    result = cd.trajectory_from_scores(initial, checkpoints, logs={"accuracy": {0: 0.05, 10: 0.1, 60: 0.5}}, **QUICK)
+    plots.plot_trajectory(result, tmp_path / "trajectory.png", metrics=["intensity"])
+    metric_axis, accuracy_axis = drawn[0].axes
+    line = metric_axis.lines[0]
+    differences = [row.difference for _, row in result.rows() if row.metric == "intensity"]
+    assert list(line.get_xdata()) == [0, *STEPS] and list(line.get_ydata()) == pytest.approx([0.0, *differences])
+    assert list(accuracy_axis.lines[0].get_xdata()) == [0, 10, 60]
+
+
 # ---------------------------------------------------------------------------- from checkpoint folders
 def demo_run(tmp_path):
     """The demo's base model as step 0 and its GRPO and DPO models as checkpoint-10 and checkpoint-20 of a run."""
@@ -243,6 +278,7 @@ def demo_settings():
 
 @pytest.mark.slow  # three models answer and are scored, three times
 def test_a_run_killed_mid_series_resumes_to_the_uninterrupted_result_with_one_model_in_memory(tmp_path, monkeypatch):
+    """Killed when it reaches step 20's scores, then resumed spread over two worker processes."""
     import weakref
 
     from circuitdiff import pipeline
@@ -277,11 +313,18 @@ def test_a_run_killed_mid_series_resumes_to_the_uninterrupted_result_with_one_mo
     kept = [*done.glob("step-*.generations.jsonl"), *done.glob("step-*.shards/shard-*")]
     cached = {p: p.stat().st_mtime_ns for p in kept}
     assert len([p for p in cached if p.suffix == ".jsonl"]) == 3 and any(p.parent.name.startswith("step-10-") for p in cached)
-    resumed = cd.run_trajectory(initial, run, questions, done, demo_settings(), log=lambda line: None)
+    # resumed with the checkpoints spread over two worker processes: step 20 is scored in a worker
+    resumed = cd.run_trajectory(initial, run, questions, done, demo_settings(), devices=["cpu", "cpu"],
+                                log=lambda line: None)
     assert all(p.stat().st_mtime_ns == t for p, t in cached.items())  # reused, not redone
-    for (step, a), (_, b) in zip(whole.rows(), resumed.rows(), strict=True):
-        assert (a.metric, a.difference, a.base, a.tuned) == (b.metric, b.difference, b.base, b.tuned), step
-    np.testing.assert_array_equal(whole.edge_changes, resumed.edge_changes)
+    assert any(p.parent.name.startswith("step-20-") for p in done.glob("step-*.shards/shard-*"))
+    for (step, a), (step_b, b) in zip(whole.rows(), resumed.rows(), strict=True):
+        assert (step, a.metric) == (step_b, b.metric)
+        # float32 sums in a worker with fewer threads: equal to rounding, relative to the metric's size
+        assert [b.base, b.tuned] == pytest.approx([a.base, a.tuned], rel=1e-5, abs=1e-12)
+        assert b.difference == pytest.approx(a.difference, abs=1e-5 * max(abs(a.base), abs(a.tuned)) + 1e-12)
+    assert whole.logs == resumed.logs
+    np.testing.assert_allclose(whole.edge_changes, resumed.edge_changes, rtol=1e-4, atol=1e-9)
 
 
 def test_the_trajectory_command_passes_its_arguments(tmp_path, monkeypatch):
@@ -293,19 +336,19 @@ def test_the_trajectory_command_passes_its_arguments(tmp_path, monkeypatch):
     log.write_text("step,reward\n10,0.5\n20,0.7\n")
     seen = {}
 
-    def fake(initial_dir, checkpoints, questions_path, out, config, *, initial_step, logs, log):
+    def fake(initial_dir, checkpoints, questions_path, out, config, *, initial_step, logs, devices, log):
         seen.update(initial=initial_dir, checkpoints=checkpoints, questions=questions_path, out=out, n=config.n,
-                    step=initial_step, logs=logs)
+                    step=initial_step, logs=logs, devices=devices)
         base, checkpoint_scores = series(seed=7, steps=(10, 20))
         return cd.trajectory_from_scores(base, checkpoint_scores, initial_step=initial_step, **QUICK)
 
     monkeypatch.setattr(trajectory_module, "run_trajectory", fake)
     folders = [str(run / "checkpoint-10"), str(run / "checkpoint-20")]
     status = cli.main(["trajectory", str(initial), *folders, "--questions", str(questions), "--out",
-                       str(tmp_path / "out"), "--n", "7", "--initial-step", "5", "--log", str(log), "--quiet"])
+                       str(tmp_path / "out"), "--n", "7", "--initial-step", "5", "--log", str(log), "--quiet", "--devices", "cuda:0, cuda:1"])
     assert status == 0
     assert seen == dict(initial=str(initial), checkpoints=folders, questions=str(questions), out=str(tmp_path / "out"),
-                        n=7, step=5, logs={"reward": {10: 0.5, 20: 0.7}})
+                        n=7, step=5, logs={"reward": {10: 0.5, 20: 0.7}}, devices=["cuda:0", "cuda:1"])
 
 
 def test_a_log_named_accuracy_is_refused_before_any_model_loads(tmp_path):

@@ -4,6 +4,7 @@
     circuitdiff score MODEL_DIR --questions gsm8k.jsonl --out results/
     circuitdiff compare-scores base.cdiff tuned.cdiff [--out results/] [--reference-scores b.ref.cdiff t.ref.cdiff]
     circuitdiff demo            # the bundled tiny base / GRPO / DPO models, into ./circuitdiff-demo/
+    circuitdiff demo --trajectory   # base against each checkpoint of the bundled GRPO run
     circuitdiff study study.toml --out study/   # a grid of settings, pooled (see circuitdiff.study)
     circuitdiff trajectory INITIAL_DIR RUN_DIR --questions q.jsonl --out traj/   # checkpoints against the initial model
 
@@ -22,7 +23,7 @@ import traceback
 from dataclasses import fields
 
 from circuitdiff.choices import Level
-from circuitdiff.errors import CircuitDiffError
+from circuitdiff.errors import ArgumentError, CircuitDiffError
 from circuitdiff.robustness import DEFAULT_SAMPLES, EXACT_EDGE_LIMIT
 
 __all__ = ["main"]
@@ -84,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     _scorer_options(demo)
     demo.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     demo.add_argument("--fresh", action="store_true", help="discard cached generations and scores in --out")
+    demo.add_argument("--trajectory", action="store_true",
+                      help="instead: base against every checkpoint of the bundled GRPO run, into --out/trajectory/")
+    _devices_option(demo, "checkpoints (with --trajectory)")
     _trust_options(demo)
     demo.set_defaults(run=_demo)
 
@@ -109,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("file", help="study file (TOML; see docs/study.md)")
     study.add_argument("--out", required=True, help="output directory (reused to resume)")
     study.add_argument("--quiet", action="store_true", help="no log lines")
+    _devices_option(study, "settings")
     study.set_defaults(run=_study)
 
     trajectory = commands.add_parser(
@@ -123,8 +128,15 @@ def _parser() -> argparse.ArgumentParser:
     trajectory.add_argument("--log", dest="training_log", metavar="FILE",
                             help="trainer_state.json or CSV of per-step values (reward, ...) to correlate with")
     _pipeline_options(trajectory)
+    _devices_option(trajectory, "checkpoints")
     trajectory.set_defaults(run=_trajectory)
     return parser
+
+
+def _devices_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--devices", type=lambda text: [d.strip() for d in text.split(",") if d.strip()],
+                        metavar="LIST", help=f"spread the {what} over these devices, one process each "
+                                             "(e.g. cuda:0,cuda:1; default: one process)")
 
 
 def _pipeline_options(parser: argparse.ArgumentParser) -> None:
@@ -215,12 +227,17 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from circuitdiff.demo import demo_config, run_demo
+    from circuitdiff.demo import demo_config, run_demo, run_demo_trajectory
 
     config = demo_config(n=args.n, max_questions=args.max_questions, level=args.level, scorer=args.scorer,
                          progress=not args.quiet, fresh=args.fresh, robustness=args.robustness,
                          robustness_samples=args.robustness_samples, cross_score=args.cross_score)
-    run_demo(args.out, config, log=_log(args))
+    if args.trajectory:
+        _log(args)(run_demo_trajectory(args.out, config, log=_log(args), devices=args.devices).to_markdown())
+    elif args.devices:
+        raise ArgumentError("--devices spreads a trajectory's checkpoints; use it with --trajectory.")
+    else:
+        run_demo(args.out, config, log=_log(args))
     return 0
 
 
@@ -250,7 +267,7 @@ def _trajectory(args: argparse.Namespace) -> int:
     checkpoints = args.checkpoints[0] if len(args.checkpoints) == 1 else args.checkpoints
     logs = read_training_log(args.training_log) if args.training_log else None
     result = run_trajectory(args.initial, checkpoints, args.questions, args.out, _config(args),
-                            initial_step=args.initial_step, logs=logs, log=_log(args))
+                            initial_step=args.initial_step, logs=logs, devices=args.devices, log=_log(args))
     _log(args)(result.to_markdown())
     return 0
 
@@ -258,7 +275,7 @@ def _trajectory(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     from circuitdiff.study import run_study
 
-    result = run_study(args.file, args.out, log=_log(args))
+    result = run_study(args.file, args.out, log=_log(args), devices=args.devices)
     print(result.to_markdown())
     return 1 if result.failures else 0
 

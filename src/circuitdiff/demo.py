@@ -8,10 +8,14 @@ Three tiny Llama checkpoints ship inside the package (``circuitdiff/demo_data/``
 - ``grpo``: ``base`` + online RL (TRL ``GRPOTrainer``, reward = correct final answer);
 - ``dpo``: ``base`` + DPO (TRL ``DPOTrainer``) on pairs sampled once from ``base``.
 
+``demo_data/grpo-run/`` is a second GRPO run from ``base`` with the same seed and
+settings, its weights saved every 100 steps (``checkpoint-100`` ... ``checkpoint-600``)
+and its ``trainer_state.json`` (the reward logged every 20 steps).
 ``demo_data/questions.jsonl`` holds held-out problems and ``demo_data/manifest.json``
 records how everything was made (seed, budgets, accuracies, library versions) and the
 SHA-256 of every file. :func:`run_demo` runs :func:`circuitdiff.pipeline.run_compare`
-for base vs grpo and base vs dpo and puts the two summaries side by side.
+for base vs grpo and base vs dpo and puts the two summaries side by side;
+:func:`run_demo_trajectory` follows the GRPO run checkpoint by checkpoint.
 """
 
 from __future__ import annotations
@@ -21,20 +25,24 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from circuitdiff.comparison import Comparison
 from circuitdiff.errors import DataError
 from circuitdiff.pipeline import PipelineConfig, run_compare, write_text
 from circuitdiff.report import change_cell, markdown_table
 from circuitdiff.robustness import Robustness
+from circuitdiff.trajectory import Trajectory, read_training_log, run_trajectory
 
-__all__ = ["DEMO_DATA", "TUNED_MODELS", "demo_config", "check_demo_files", "file_sha256", "run_demo", "side_by_side"]
+__all__ = ["DEMO_DATA", "TUNED_MODELS", "GRPO_RUN", "demo_config", "check_demo_files", "file_sha256", "run_demo",
+           "run_demo_trajectory", "side_by_side"]
 
 #: Where the bundled checkpoints, questions and manifest live.
 DEMO_DATA = Path(__file__).parent / "demo_data"
 #: The tuned checkpoints compared with ``base``, in report order.
 TUNED_MODELS = ("grpo", "dpo")
+#: The GRPO run's folder (``checkpoint-N`` folders and ``trainer_state.json``) in the demo data.
+GRPO_RUN = "grpo-run"
 
 
 def demo_config(**overrides) -> PipelineConfig:
@@ -107,7 +115,7 @@ def run_demo(
     results = {}
     for name in TUNED_MODELS:
         log(f"--- base vs {name} ---")
-        _reuse_base_generations(out, name)
+        _reuse_base_generations(out, out / f"base-vs-{name}" / "base.generations.jsonl")
         results[name] = run_compare(data_dir / "base", data_dir / name, data_dir / "questions.jsonl",
                                     out / f"base-vs-{name}", config, log=log)
     table = side_by_side(results)
@@ -121,11 +129,32 @@ def run_demo(
     return results
 
 
-def _reuse_base_generations(out: Path, name: str) -> None:
-    """Start ``base-vs-{name}`` with the base answers another comparison already generated."""
-    target = out / f"base-vs-{name}" / "base.generations.jsonl"
-    done = [out / f"base-vs-{other}" / "base.generations.jsonl" for other in TUNED_MODELS if other != name]
-    source = next((path for path in done if path.is_file()), None)
+def run_demo_trajectory(
+    out: str | os.PathLike[str] = "circuitdiff-demo",
+    config: PipelineConfig | None = None,
+    data_dir: str | os.PathLike[str] = DEMO_DATA,
+    log: Callable[[str], None] = print,
+    devices: Sequence[str] | None = None,
+) -> Trajectory:
+    """``base`` (step 0) against every checkpoint of the bundled GRPO run, with its reward log.
+
+    Writes ``out/trajectory/`` (see :func:`~circuitdiff.trajectory.run_trajectory`);
+    started again, it reuses finished work, and the base answers of an earlier
+    :func:`run_demo` in ``out``.
+    """
+    check_demo_files(data_dir)
+    data_dir, out = Path(data_dir), Path(out)
+    run = data_dir / GRPO_RUN
+    reward = read_training_log(run / "trainer_state.json")["reward"]
+    _reuse_base_generations(out, out / "trajectory" / "step-0.generations.jsonl")
+    return run_trajectory(data_dir / "base", run, data_dir / "questions.jsonl", out / "trajectory",
+                          config or demo_config(), logs={"reward": reward}, devices=devices, log=log)
+
+
+def _reuse_base_generations(out: Path, target: Path) -> None:
+    """Start ``target`` with the base answers a demo comparison in ``out`` already generated."""
+    done = [out / f"base-vs-{name}" / "base.generations.jsonl" for name in TUNED_MODELS]
+    source = next((path for path in done if path.is_file() and path != target), None)
     if source is not None and not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)  # the cache checks that model and settings match

@@ -98,7 +98,7 @@ class MemoryPlanError(DataError):
 
 
 class DistributedError(CircuitDiffError, RuntimeError):
-    """A torchrun process group is misconfigured, or another process failed."""
+    """A torchrun process group is misconfigured, or another process (a rank, a device worker) failed."""
 
 
 class ShapeError(ArgumentError):

@@ -230,9 +230,10 @@ def plot_trajectory(trajectory: "Trajectory", path: str | os.PathLike[str], *, m
     """Each metric's difference from the initial model against the step, with its confidence band.
 
     One panel per metric (default: every one), the paper's Figure 5 style: the line is
-    checkpoint - initial at each step, the band its confidence interval, the dashed line
-    zero. Where the trajectory's logs have ``accuracy``, it is drawn on a twin axis (grey).
-    The title says the Mann-Kendall trend and its p-value.
+    checkpoint - initial at each step, starting at 0 at the initial step (the series the
+    trend is tested on), the band its confidence interval, the dashed line zero. Where
+    the trajectory's logs have ``accuracy``, it is drawn on a twin axis (grey). The title
+    says the Mann-Kendall trend and its p-value.
     """
     trends = {t.metric: t for t in trajectory.trends(group)}
     names = list(metrics) if metrics is not None else list(trends)
@@ -250,13 +251,13 @@ def plot_trajectory(trajectory: "Trajectory", path: str | os.PathLike[str], *, m
         values = np.array([r.difference for r in rows[name]])
         ax.fill_between(steps, [r.ci_low for r in rows[name]], [r.ci_high for r in rows[name]], color=COLORS["tuned"],
                         alpha=0.25, linewidth=0)
-        ax.plot(steps, values, marker="o", color=COLORS["tuned"])
+        ax.plot([trajectory.initial_step, *steps], [0.0, *values], marker="o", color=COLORS["tuned"])
         ax.axhline(0.0, color="0.3", linestyle="--", linewidth=1)
         t = trends[name]
         ax.set_title(f"{name}: trend {t.direction} (tau {t.tau:.2f}, p {t.p_value:.2g})", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel(f"{name}, checkpoint - step {trajectory.initial_step}")
-        shown = [s for s in trajectory.steps if s in log]
+        shown = [s for s in (trajectory.initial_step, *trajectory.steps) if s in log]
         if shown:
             twin = ax.twinx()
             twin.plot(shown, [log[s] for s in shown], color="0.5", marker=".", linewidth=1)

@@ -69,7 +69,10 @@ def difference_test(x: Float[np.ndarray, "n_base"], y: Float[np.ndarray, "n_tune
     """``(test name, statistic, two-sided p-value)`` of tuned ``y`` against base ``x``.
 
     Paired: Wilcoxon signed-rank (p = 1 when every difference is 0); else Mann-Whitney U.
-    NaN statistic and p-value without values.
+    NaN statistic and p-value without values. scipy's p-values throughout; for a paired
+    sample of at most 13 with ties or zeros, scipy's exact sign-flip permutation test is
+    run with a vectorised statistic (:func:`_small_tied_wilcoxon`), the same p-value
+    ~1000x faster.
     """
     if paired:
         name = "wilcoxon signed-rank"
@@ -77,6 +80,9 @@ def difference_test(x: Float[np.ndarray, "n_base"], y: Float[np.ndarray, "n_tune
             return name, math.nan, math.nan
         if np.all(y - x == 0):
             return name, 0.0, 1.0  # no difference at all: nothing to test
+        d = y - x
+        if d.size <= SMALL_WILCOXON and ((d == 0).any() or np.unique(np.abs(d)).size < d.size):  # zeros or ties
+            return name, *_small_tied_wilcoxon(d)
         result = stats.wilcoxon(y, x)
     else:
         name = "mann-whitney u"
@@ -84,6 +90,30 @@ def difference_test(x: Float[np.ndarray, "n_base"], y: Float[np.ndarray, "n_tune
             return name, math.nan, math.nan
         result = stats.mannwhitneyu(y, x)
     return name, float(result.statistic), float(result.pvalue)
+
+
+#: The largest paired sample whose tied Wilcoxon test scipy runs as an exact permutation test (2^n sign flips).
+SMALL_WILCOXON = 13
+
+
+def _small_tied_wilcoxon(d: np.ndarray) -> tuple[float, float]:
+    """``(min(R+, R-), two-sided p)`` for differences ``d`` with ties or zeros: the exact test over all sign flips.
+
+    What ``scipy.stats.wilcoxon`` computes for such a sample (zeros ranked 0, the others
+    by the midranks of their ``|d|``; ``scipy.stats.permutation_test`` over the 2^n sign
+    flips), with the statistic vectorised: a flip changes the signs, never the ranks.
+    """
+    nonzero = d != 0
+    ranks = np.zeros(d.shape)
+    ranks[nonzero] = stats.rankdata(np.abs(d[nonzero]))
+
+    def r_plus(flipped: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.sum(ranks * (flipped > 0), axis=axis)
+
+    test = stats.permutation_test((d,), r_plus, permutation_type="samples", vectorized=True, n_resamples=np.inf,
+                                  alternative="two-sided")
+    plus = float(r_plus(d))
+    return min(plus, float(ranks.sum()) - plus), float(test.pvalue)
 
 
 def holm(p_values: Float[np.ndarray, "m"]) -> Float[np.ndarray, "m"]:

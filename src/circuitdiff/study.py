@@ -35,11 +35,12 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from circuitdiff.comparison import Comparison
+from circuitdiff.devices import check_devices, map_on_devices
 from circuitdiff.errors import ArgumentError, DataError, MissingPathError
 from circuitdiff.meta import Pooled, meta_analysis
 from circuitdiff.pipeline import PipelineConfig, run_compare, write_text
@@ -177,24 +178,29 @@ def _resolve(root: Path, value: str) -> Path:
 
 
 def run_study(study: str | os.PathLike[str], out: str | os.PathLike[str],
-              log: Callable[[str], None] = print) -> Study:
+              log: Callable[[str], None] = print, devices: Sequence[str] | None = None) -> Study:
     """Run (or resume) every setting of a study file into ``out``, then pool the comparisons.
 
     Each setting runs :func:`~circuitdiff.pipeline.run_compare` in ``out/<setting name>``
     (resumable, with its identity checks). A setting that raises is recorded in
     ``Study.failures`` with its error and left out of the summary; the others go on.
+    ``devices`` (e.g. ``["cuda:0", "cuda:1"]``) spreads the settings over one worker
+    process per device (:func:`circuitdiff.devices.map_on_devices`), each setting run
+    on its worker's device; by default they run here, each on its own config's device.
     """
     settings = read_study(study)
+    targets: list[Any] = check_devices(devices) if devices is not None else [None]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = Study(settings)
-    for index, setting in enumerate(settings, 1):
-        log(f"--- setting {index}/{len(settings)}: {setting.name} ---")
-        try:
-            result.comparisons[setting.name] = run_compare(setting.base, setting.tuned, setting.questions,
-                                                           out / setting.name, setting.config, log=log)
-        except Exception as exc:  # noqa: BLE001 - a failed setting is reported, the study goes on
-            result.failures[setting.name] = f"{type(exc).__name__}: {exc}"
+    items = [(index, len(settings), setting, out) for index, setting in enumerate(settings, 1)]
+    outcomes = map_on_devices(_run_setting, items, targets, log=log,
+                              verbose=all(s.config.progress for s in settings))
+    for setting, (comparison, error) in zip(settings, outcomes, strict=True):
+        if error is None:
+            result.comparisons[setting.name] = comparison
+        else:
+            result.failures[setting.name] = f"{type(error).__name__}: {error}"
             log(f"setting {setting.name} failed: {result.failures[setting.name]}")
     if result.comparisons:
         try:
@@ -208,6 +214,14 @@ def run_study(study: str | os.PathLike[str], out: str | os.PathLike[str],
         _forest_plots(result, out / "figures")
     log(f"study: {out / 'study.md'}")
     return result
+
+
+def _run_setting(item: tuple, device: str | None, log: Callable[[str], None]) -> Comparison:
+    """One setting's comparison (a :func:`~circuitdiff.devices.map_on_devices` job), on ``device`` if given."""
+    index, total, setting, out = item
+    log(f"--- setting {index}/{total}: {setting.name} ---")
+    config = setting.config if device is None else replace(setting.config, device=device)
+    return run_compare(setting.base, setting.tuned, setting.questions, out / setting.name, config, log=log)
 
 
 def _forest_plots(result: Study, directory: Path) -> None:

@@ -42,6 +42,7 @@ import numpy as np
 
 from circuitdiff import metrics
 from circuitdiff.comparison import Comparison, MetricComparison, compare
+from circuitdiff.devices import check_devices, map_on_devices
 from circuitdiff.errors import ArgumentError, DataError, MissingPathError
 from circuitdiff.io import write_atomically
 from circuitdiff.report import json_ready, markdown_table, number_cell
@@ -213,16 +214,20 @@ class Trajectory:
                reward: str = "reward") -> list[Trend]:
         """The :class:`~circuitdiff.trends.Trend` of every metric's differences on ``group``.
 
-        ``accuracy`` and ``reward`` name the logs to correlate with (absent: NaN).
+        The series starts at the initial step, whose difference is 0 by definition (no
+        interval), so the trend is that of the metric's own values from the initial model
+        on: a change made in the first steps and kept counts. ``accuracy`` and ``reward``
+        name the logs to correlate with (absent: NaN).
         """
         by_metric: dict[str, list[MetricComparison]] = {}
         for _, row in self.rows(group):
             by_metric.setdefault(row.metric, []).append(row)
         if not by_metric:
             raise ArgumentError(f"no metric rows on group {group!r}; groups: {self.comparisons[0].groups}.")
-        return [trend(metric, group, self.steps, [r.difference for r in rs], [r.ci_low for r in rs],
-                      [r.ci_high for r in rs], accuracy=self.logs.get(accuracy), reward=self.logs.get(reward),
-                      alpha=alpha)
+        steps = (self.initial_step, *self.steps)
+        return [trend(metric, group, steps, [0.0, *(r.difference for r in rs)], [math.nan, *(r.ci_low for r in rs)],
+                      [math.nan, *(r.ci_high for r in rs)], accuracy=self.logs.get(accuracy),
+                      reward=self.logs.get(reward), alpha=alpha)
                 for metric, rs in by_metric.items()]
 
     def changing_edges(self, k: int = 20) -> tuple[list[str], np.ndarray]:
@@ -248,7 +253,7 @@ class Trajectory:
                   number_cell(t.with_accuracy), number_cell(t.with_reward)] for t in self.trends(group)]
         head = (f"Trajectory: {len(self.steps)} checkpoints (steps {self.steps[0]}-{self.steps[-1]}) against the "
                 f"initial model (step {self.initial_step}), edge group '{group}'; Mann-Kendall trend of each "
-                "metric's difference, two-sided.\n\n")
+                "metric's difference from the initial step (0 there) on, two-sided.\n\n")
         return head + markdown_table(["metric", "trend", "tau", "p", "first step CI excludes 0", "tau accuracy",
                                       "tau reward"], cells)
 
@@ -324,6 +329,7 @@ def run_trajectory(
     *,
     initial_step: int = 0,
     logs: Mapping[str, Mapping[int, float]] | None = None,
+    devices: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> Trajectory:
     """A training run's checkpoints against its initial model, from checkpoint folders.
@@ -353,8 +359,11 @@ def run_trajectory(
         config: a :class:`~circuitdiff.pipeline.PipelineConfig` (the pipeline's defaults;
             ``robustness`` and ``cross_score`` do not apply).
         logs: more per-step logs (e.g. ``reward`` from :func:`read_training_log`).
+        devices: spread the checkpoints over these devices, one worker process each
+            (:func:`circuitdiff.devices.map_on_devices`); default: the config's device,
+            in this process.
     """
-    from circuitdiff.pipeline import _chosen, _generate, _load, _score, _start, output_lock, write_text
+    from circuitdiff.pipeline import _chosen, _start, output_lock, write_text
 
     found = find_checkpoints(checkpoints)
     if found[0].step <= initial_step:
@@ -367,17 +376,16 @@ def run_trajectory(
     outputs = ("trajectory.json", "report.md", "run.json",
                *(f"step-{step}.{kind}" for step, _ in models for kind in ("cdiff", "generations.jsonl")))
     config, questions, out, device = _start(config, questions_path, out, outputs)
-    dtype = config.torch_dtype(device)
+    devices = check_devices(devices) if devices is not None else [device]
+
+    def each_step(job: Callable[..., Any], *arguments: Any) -> dict[int, Any]:
+        outcomes = map_on_devices(job, [(step, path, *arguments) for step, path in models], devices, log=log,
+                                  verbose=config.progress, stop_on_error=True)
+        return {step: value for (step, _), (value, _) in zip(models, outcomes, strict=True)}
+
     with output_lock(out):
-        generations, accuracy = {}, {}
-        for step, path in models:
-            log(f"--- step {step}: {path} (answers) ---")
-            model = _load(path, device, dtype, config.level)
-            generations[step] = _generate(model, questions, out / f"step-{step}.generations.jsonl", config)
-            accuracy[step] = sum(g.correct for g in generations[step]) / len(questions)
-            log(f"step {step}: {accuracy[step]:.1%} answered correctly")
-            del model
-            _free_memory()
+        generations = each_step(_answers, questions, out, config)
+        accuracy = {step: sum(g.correct for g in answers) / len(questions) for step, answers in generations.items()}
         first, last = generations[initial_step], generations[models[-1][0]]
         for step, _ in models[1:]:
             if [g.prompt_length for g in generations[step]] != [g.prompt_length for g in first]:
@@ -404,14 +412,8 @@ def run_trajectory(
         # shards keyed by the selection: a series that grows (a new checkpoint, so other questions) resumes
         # its answers and scores the earlier steps again in new shard folders instead of refusing the old ones
         key = hashlib.sha256(json.dumps([[questions[i].id for i in chosen], selection.t_cut]).encode()).hexdigest()[:8]
-        scores = {}
-        for step, path in models:
-            log(f"--- step {step}: {path} (scores) ---")
-            model = _load(path, device, dtype, config.level)
-            scores[step] = _score(model, questions, generations[step], chosen, selection.t_cut, config, out,
-                                  f"step-{step}", cache=f"step-{step}-{key}")
-            del model
-            _free_memory()
+        scores = each_step(_step_scores, questions, {step: generations[step] for step, _ in models}, chosen,
+                           selection.t_cut, config, out, key)
         common = [i for i in scores[initial_step].sample_ids if all(i in s.sample_ids for s in scores.values())]
         if any(s.sample_ids != tuple(common) for s in scores.values()):  # nonfinite="drop" left some out
             counts["left out: non-finite scores at some step"] = len(chosen) - len(common)
@@ -422,13 +424,41 @@ def run_trajectory(
         write_text(out / "report.md", f"# circuitdiff trajectory\n\n{result.to_markdown()}\n")
         write_text(out / "run.json", json.dumps(json_ready({
             "initial": str(initial), "checkpoints": {str(step): str(path) for step, path in models[1:]},
-            "questions": str(questions_path), "device": device, "counts": counts,
+            "questions": str(questions_path), "device": devices[0] if len(devices) == 1 else devices, "counts": counts,
             "config": {k: v for k, v in asdict(config).items() if k not in ("robustness", "robustness_samples",
                                                                               "reference_scorer", "cross_score")},
             "t_cut": selection.t_cut, "accuracy": accuracy, "figures": _trajectory_plots(result, out / "figures"),
         }), indent=2))
     log(f"report: {out / 'report.md'}")
     return result
+
+
+def _answers(item: tuple, device: str, log: Callable[[str], None]) -> list[Any]:
+    """One step's answers (a :func:`~circuitdiff.devices.map_on_devices` job; the model is freed after)."""
+    from circuitdiff.pipeline import _generate, _load
+
+    step, path, questions, out, config = item
+    log(f"--- step {step}: {path} (answers) ---")
+    model = _load(path, device, config.torch_dtype(device), config.level)
+    answers = _generate(model, questions, out / f"step-{step}.generations.jsonl", config)
+    log(f"step {step}: {sum(g.correct for g in answers) / len(questions):.1%} answered correctly")
+    del model
+    _free_memory()
+    return answers
+
+
+def _step_scores(item: tuple, device: str, log: Callable[[str], None]) -> EdgeScores:
+    """One step's scores on its own answers to the chosen questions (a job, like :func:`_answers`)."""
+    from circuitdiff.pipeline import _load, _score
+
+    step, path, questions, generations, chosen, t_cut, config, out, key = item
+    log(f"--- step {step}: {path} (scores) ---")
+    model = _load(path, device, config.torch_dtype(device), config.level)
+    scores = _score(model, questions, generations[step], chosen, t_cut, config, out, f"step-{step}",
+                    cache=f"step-{step}-{key}")
+    del model
+    _free_memory()
+    return scores
 
 
 def _free_memory() -> None:

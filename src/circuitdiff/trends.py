@@ -16,7 +16,9 @@ series:
 
 Every checkpoint is compared with the same initial samples, so the differences share
 the initial model's value: a trend in the differences is a trend in the checkpoints'
-own metric. The test's false-positive rate is at most its alpha when the differences
+own metric. :meth:`circuitdiff.Trajectory.trends` starts the series at the initial
+step with difference 0 (the initial model's own value), so a change made early and
+kept counts towards the trend. The test's false-positive rate is at most its alpha when the differences
 are exchangeable across steps: independent estimation noise around a constant
 (``tests/test_trajectory.py`` checks it). Checkpoints of one run are serially
 dependent; a metric that wanders as a random walk moves monotonically often enough to
