@@ -140,9 +140,12 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert run["counts"]["questions"] == 80 and run["figures"] and all(Path(f).is_file() for f in run["figures"])
 
 
-def test_devices_without_trajectory_are_refused(capsys):
+def test_devices_without_trajectory_or_without_a_name_are_refused(capsys):
     assert main(["demo", "--devices", "cpu,cpu"]) == 2
     assert "use it with --trajectory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--trajectory", "--devices", " , "])
+    assert exit_info.value.code == 2 and "no device named" in capsys.readouterr().err
 
 
 def test_side_by_side_reads_each_comparison(get_model):

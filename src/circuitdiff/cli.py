@@ -134,9 +134,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _devices_option(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--devices", type=lambda text: [d.strip() for d in text.split(",") if d.strip()],
-                        metavar="LIST", help=f"spread the {what} over these devices, one process each "
-                                             "(e.g. cuda:0,cuda:1; default: one process)")
+    parser.add_argument("--devices", type=_device_list, metavar="LIST",
+                        help=f"spread the {what} over these devices, one process each (e.g. cuda:0,cuda:1; default: "
+                             "one process)")
+
+
+def _device_list(text: str) -> list[str]:
+    """``cuda:0, cuda:1`` as ``["cuda:0", "cuda:1"]``; nothing named is an error."""
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices:
+        raise argparse.ArgumentTypeError(f"no device named in {text!r}; e.g. cuda:0,cuda:1")
+    return devices
 
 
 def _pipeline_options(parser: argparse.ArgumentParser) -> None:

@@ -70,9 +70,9 @@ def difference_test(x: Float[np.ndarray, "n_base"], y: Float[np.ndarray, "n_tune
 
     Paired: Wilcoxon signed-rank (p = 1 when every difference is 0); else Mann-Whitney U.
     NaN statistic and p-value without values. scipy's p-values throughout; for a paired
-    sample of at most 13 with ties or zeros, scipy's exact sign-flip permutation test is
-    run with a vectorised statistic (:func:`_small_tied_wilcoxon`), the same p-value
-    ~1000x faster.
+    sample of at most 13 finite differences with ties or zeros, scipy's exact sign-flip
+    permutation test is run with a vectorised statistic (:func:`_small_tied_wilcoxon`):
+    the same p-value, 30-60x faster.
     """
     if paired:
         name = "wilcoxon signed-rank"
@@ -81,7 +81,8 @@ def difference_test(x: Float[np.ndarray, "n_base"], y: Float[np.ndarray, "n_tune
         if np.all(y - x == 0):
             return name, 0.0, 1.0  # no difference at all: nothing to test
         d = y - x
-        if d.size <= SMALL_WILCOXON and ((d == 0).any() or np.unique(np.abs(d)).size < d.size):  # zeros or ties
+        tied = (d == 0).any() or np.unique(np.abs(d)).size < d.size  # zeros or ties
+        if d.size <= SMALL_WILCOXON and tied and np.isfinite(d).all():
             return name, *_small_tied_wilcoxon(d)
         result = stats.wilcoxon(y, x)
     else:

@@ -195,7 +195,7 @@ def run_study(study: str | os.PathLike[str], out: str | os.PathLike[str],
     result = Study(settings)
     items = [(index, len(settings), setting, out) for index, setting in enumerate(settings, 1)]
     outcomes = map_on_devices(_run_setting, items, targets, log=log,
-                              verbose=all(s.config.progress for s in settings))
+                              progress=all(s.config.progress for s in settings))
     for setting, (comparison, error) in zip(settings, outcomes, strict=True):
         if error is None:
             result.comparisons[setting.name] = comparison

@@ -378,13 +378,12 @@ def run_trajectory(
     config, questions, out, device = _start(config, questions_path, out, outputs)
     devices = check_devices(devices) if devices is not None else [device]
 
-    def each_step(job: Callable[..., Any], *arguments: Any) -> dict[int, Any]:
-        outcomes = map_on_devices(job, [(step, path, *arguments) for step, path in models], devices, log=log,
-                                  verbose=config.progress, stop_on_error=True)
+    def each_step(job: Callable[..., Any], items: list[tuple]) -> dict[int, Any]:
+        outcomes = map_on_devices(job, items, devices, log=log, progress=config.progress, stop_on_error=True)
         return {step: value for (step, _), (value, _) in zip(models, outcomes, strict=True)}
 
     with output_lock(out):
-        generations = each_step(_answers, questions, out, config)
+        generations = each_step(_answers, [(step, path, questions, out, config) for step, path in models])
         accuracy = {step: sum(g.correct for g in answers) / len(questions) for step, answers in generations.items()}
         first, last = generations[initial_step], generations[models[-1][0]]
         for step, _ in models[1:]:
@@ -412,8 +411,9 @@ def run_trajectory(
         # shards keyed by the selection: a series that grows (a new checkpoint, so other questions) resumes
         # its answers and scores the earlier steps again in new shard folders instead of refusing the old ones
         key = hashlib.sha256(json.dumps([[questions[i].id for i in chosen], selection.t_cut]).encode()).hexdigest()[:8]
-        scores = each_step(_step_scores, questions, {step: generations[step] for step, _ in models}, chosen,
-                           selection.t_cut, config, out, key)
+        each_step(_step_scores, [(step, path, questions, generations[step], chosen, selection.t_cut, config, out, key)
+                                 for step, path in models])
+        scores = {step: EdgeScores.load(out / f"step-{step}.cdiff") for step, _ in models}
         common = [i for i in scores[initial_step].sample_ids if all(i in s.sample_ids for s in scores.values())]
         if any(s.sample_ids != tuple(common) for s in scores.values()):  # nonfinite="drop" left some out
             counts["left out: non-finite scores at some step"] = len(chosen) - len(common)
@@ -447,18 +447,20 @@ def _answers(item: tuple, device: str, log: Callable[[str], None]) -> list[Any]:
     return answers
 
 
-def _step_scores(item: tuple, device: str, log: Callable[[str], None]) -> EdgeScores:
-    """One step's scores on its own answers to the chosen questions (a job, like :func:`_answers`)."""
+def _step_scores(item: tuple, device: str, log: Callable[[str], None]) -> None:
+    """One step's scores on its own answers to the chosen questions, saved to ``out/step-N.cdiff``.
+
+    A job like :func:`_answers`; the scores are read back from the file (not returned,
+    so a large per-sample tensor does not travel between processes).
+    """
     from circuitdiff.pipeline import _load, _score
 
-    step, path, questions, generations, chosen, t_cut, config, out, key = item
+    step, path, questions, answers, chosen, t_cut, config, out, key = item
     log(f"--- step {step}: {path} (scores) ---")
     model = _load(path, device, config.torch_dtype(device), config.level)
-    scores = _score(model, questions, generations[step], chosen, t_cut, config, out, f"step-{step}",
-                    cache=f"step-{step}-{key}")
+    _score(model, questions, answers, chosen, t_cut, config, out, f"step-{step}", cache=f"step-{step}-{key}")
     del model
     _free_memory()
-    return scores
 
 
 def _free_memory() -> None:

@@ -18,9 +18,10 @@ Every checkpoint is compared with the same initial samples, so the differences s
 the initial model's value: a trend in the differences is a trend in the checkpoints'
 own metric. :meth:`circuitdiff.Trajectory.trends` starts the series at the initial
 step with difference 0 (the initial model's own value), so a change made early and
-kept counts towards the trend. The test's false-positive rate is at most its alpha when the differences
-are exchangeable across steps: independent estimation noise around a constant
-(``tests/test_trajectory.py`` checks it). Checkpoints of one run are serially
+kept counts towards the trend. The test's false-positive rate is at most its alpha when
+the metric's values at every step, the initial one included, are exchangeable: the
+same model measured again with independent noise (``tests/test_trajectory.py`` checks
+it). A change made before the first checkpoint and kept is, by design, a trend. Checkpoints of one run are serially
 dependent; a metric that wanders as a random walk moves monotonically often enough to
 be called a trend (38% of 2,000 driftless Gaussian random walks of 8 steps, at alpha 0.05). Read
 "up" as "moved up along the run", not as a drift beyond what such wandering explains.
