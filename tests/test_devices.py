@@ -65,10 +65,18 @@ def test_several_devices_get_one_worker_process_each():
 def test_a_dead_worker_is_reported_and_an_interrupt_stops_the_workers():
     dead = map_on_devices(job, [-1], ["cpu", "cpu"], progress=False)
     assert dead[0][0] is None and isinstance(dead[0][1], cd.DistributedError)
-    threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C to this process only (a notebook's)
+    # Ctrl-C to this process only (a notebook's interrupt); Python's handler installed even where the shell that
+    # started the tests ignores SIGINT (a background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGINT))
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        map_on_devices(job, [-2, -2, -2], ["cpu", "cpu"], progress=False)
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            map_on_devices(job, [-2, -2, -2], ["cpu", "cpu"], progress=False)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - started < 60  # the hanging jobs were stopped, not waited for (120 s each)
 
 

@@ -64,10 +64,14 @@ def _own_docstring(value: object) -> str | None:
 
 
 def _assignment(module_name: str, name: str, seen: frozenset = frozenset()) -> tuple[Path, ast.stmt] | None:
-    """The module-level statement that assigns ``name``, following ``from ... import name`` re-exports."""
+    """The module-level statement that assigns ``name``, following ``from ... import name`` re-exports
+    and the package's lazy exports."""
     if (module_name, name) in seen:
         return None
     module = importlib.import_module(module_name)
+    lazy = getattr(module, "_EXPORTS", {})  # the package's names imported on first use
+    if name in lazy:
+        return _assignment(lazy[name], name, seen | {(module_name, name)})
     path = Path(module.__file__)
     tree = ast.parse(path.read_text())
     for statement in tree.body:

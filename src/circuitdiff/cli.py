@@ -24,7 +24,7 @@ from dataclasses import fields
 
 from circuitdiff.choices import Level
 from circuitdiff.errors import ArgumentError, CircuitDiffError
-from circuitdiff.robustness import DEFAULT_SAMPLES, EXACT_EDGE_LIMIT
+from circuitdiff.defaults import DEFAULT_SAMPLES, EXACT_EDGE_LIMIT
 
 __all__ = ["main"]
 

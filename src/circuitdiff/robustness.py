@@ -48,6 +48,7 @@ import torch
 
 from circuitdiff.agreement import Agreement, agreement
 from circuitdiff.data import Batch
+from circuitdiff.defaults import DEFAULT_SAMPLES, EXACT_EDGE_LIMIT
 from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.pairing import pair
@@ -62,11 +63,6 @@ __all__ = ["DEFAULT_SAMPLES", "EXACT_EDGE_LIMIT", "UNCLEAR", "Finding", "MetricV
            "choose_reference", "no_reference_reason", "reference_cost", "select_batches", "scorer_robustness",
            "check_scorer_robustness"]
 
-#: Paired samples re-scored with the reference scorer by default.
-DEFAULT_SAMPLES = 16
-#: At head level, exact ablation is the reference up to this many edges (one forward pass
-#: per edge and sample); above it EAP-IG is, for an EAP comparison.
-EXACT_EDGE_LIMIT = 20_000
 #: Forward-pass equivalents of one forward and backward pass.
 _BACKWARD_COST = 3
 #: A finding's direction when its interval contains 0 (or is undefined).
