@@ -274,10 +274,17 @@ def test_real_generation_with_no_correct_answer(run_files, tmp_path, capsys):
     """Without stub caches the tiny random models really generate (and get nothing right)."""
     args = cli_args(run_files, tmp_path / "run")
     args[args.index("--max-new-tokens") + 1] = "3"
-    assert main(args) == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 2
     assert "no questions to select from" in capsys.readouterr().err
-    lines = (tmp_path / "run" / "base.generations.jsonl").read_text().splitlines()
-    assert len(lines) == 6 and all(len(json.loads(line)["answer_ids"]) <= 3 for line in lines)
+    for side in ("base", "tuned"):
+        lines = (tmp_path / "run" / f"{side}.generations.jsonl").read_text().splitlines()
+        assert len(lines) == 6 and all(len(json.loads(line)["answer_ids"]) <= 3 for line in lines)
+        cut = sum(len(json.loads(line)["answer_ids"]) == 3 for line in lines)  # no end token within 3 tokens
+        warned = [str(w.message) for w in caught if str(w.message).startswith(f"{side}: ")]
+        assert warned == ([f"{side}: {cut} of 6 answers reached max_new_tokens=3"] if cut else []) or \
+            warned[0].startswith(f"{side}: {cut} of 6 answers reached max_new_tokens=3 without an end token")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 
@@ -28,6 +29,15 @@ OUTPUTS = [  # (model output, reference, expected extraction, correct?)
     ("The answer is 17.", "71", "17", False),
     ("I cannot solve this problem.", "4", None, False),
     ("Unfinished \\boxed{12", "12", "12", True),  # unbalanced box: fall back to the last number
+    ("The angle is \\boxed{30^{\\circ}}.", "30", "30^{\\circ}", True),
+    ("It is \\boxed{45\u00b0}.", "45", "45\u00b0", True),
+    ("So \\boxed{x = -2}", "-2", "x = -2", True),
+    ("So \\boxed{x = -2}", "2", "x = -2", False),
+    ("She pays \\boxed{18 \\text{ dollars}}.", "18", "18 \\text{ dollars}", True),
+    ("She pays \\boxed{18\\text{ dollars}}.", "18", "18\\text{ dollars}", True),
+    ("The answer is \\boxed{(C)}", "C", "(C)", True),
+    ("The answer is \\boxed{2 x}", "2", "2 x", False),  # one letter is a variable, not a unit
+    ("The answer is \\boxed{3x}", "3", "3x", False),
 ]
 
 
@@ -41,6 +51,14 @@ def test_numeric_tolerance():
     assert answers_match("0.1", "0.1000000001") and not answers_match("0.1", "0.11")
     assert answers_match("1e-12", "0") is False  # not a number in our grammar: compared as strings
     assert not answers_match("3/0", "3")  # division by zero is no number
+
+
+def test_last_boxed():
+    from circuitdiff.data.answers import last_boxed
+
+    assert last_boxed("a \\boxed{1} b \\fbox{ {2} } c") == "{2}"
+    assert last_boxed("\\boxed{\\frac{1}{2}} then \\boxed{3") == "\\frac{1}{2}"  # an unclosed box is skipped
+    assert last_boxed("no box, 7") is None
 
 
 # ---------------------------------------------------------------------- questions files
@@ -109,6 +127,18 @@ def test_code_rule_by_hand():
     assert s.dropped == {"length window": 1, "balance": 1, "equal prompt length": 1, "shorter than T_cut": 0}
 
 
+def test_paper_code_rule_truncates_the_bounds_to_integers():
+    base, tuned = [5, 17] + [12] * 6, [6, 18] + [12] * 6
+    # ref = min(94/8, 100/8) = 11.75. code: [5.875, 17.625] keeps average 17.5, drops 5.5.
+    # paper-code: [int(5.875), int(17.625)] = [5, 17] keeps 5.5, drops 17.5.
+    code = select_by_length(base, tuned, alpha=0.1, rule="code", n=None)
+    truncated = select_by_length(base, tuned, alpha=0.1, rule="paper-code", n=None)
+    assert code.reference_length == truncated.reference_length == pytest.approx(11.75)
+    assert code.kept == [1, 2, 3, 4, 5, 6, 7] and code.removed == {0: "length window"}
+    assert truncated.kept == [0, 2, 3, 4, 5, 6, 7] and truncated.removed == {1: "length window"}
+    assert truncated.parameters["rule"] == "paper-code"
+
+
 def test_sampling_is_seeded_and_capped():
     lengths = [100] * 50
     a = select_by_length(lengths, lengths, alpha=0.1, n=10, seed=42)
@@ -116,6 +146,16 @@ def test_sampling_is_seeded_and_capped():
     c = select_by_length(lengths, lengths, alpha=0.1, n=10, seed=7)
     assert a.kept == b.kept != c.kept and len(a.kept) == 10 and a.dropped["not sampled"] == 40
     assert len(select_by_length(lengths, lengths, alpha=0.1, n=100).kept) == 50  # fewer than n: all
+
+
+def test_sampling_draws_what_the_public_code_draws():
+    """The paper's code samples with random.seed(seed); random.sample(pool, n) on the pool in question order."""
+    lengths = [100] * 40
+    pool = [f"q{i}" for i in range(40)]
+    random.seed(42)
+    expected = set(random.sample(pool, 10))
+    s = select_by_length(lengths, lengths, alpha=0.1, rule="paper-code", n=10, seed=42)
+    assert {pool[i] for i in s.kept} == expected
 
 
 def test_alpha_above_beta_drops_short_answers():

@@ -25,8 +25,8 @@ from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
 #: The public submodules, imported on first use.
-_SUBMODULES = ("choices", "circuits", "distributed", "engine", "faithfulness", "metrics", "objectives", "planner",
-               "report", "scorers")
+_SUBMODULES = ("choices", "circuits", "distributed", "engine", "export", "faithfulness", "hub", "metrics", "objectives",
+               "planner", "report", "scorers")
 #: Each public name and the module it lives in, imported on first use.
 _EXPORTS = {
     "ACDCResult": "circuitdiff.acdc",
@@ -98,7 +98,9 @@ if TYPE_CHECKING:  # what static tools see; tests/test_lazy_import.py keeps it e
         circuits,
         distributed,
         engine,
+        export,
         faithfulness,
+        hub,
         metrics,
         objectives,
         planner,
@@ -237,9 +239,11 @@ __all__ = [
     "engine",
     "estimate_memory",
     "evaluate_circuit",
+    "export",
     "faithfulness",
     "faithfulness_curve",
     "find_checkpoints",
+    "hub",
     "interventions",
     "load_model",
     "make_batches",

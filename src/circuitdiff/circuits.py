@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError, Unkn
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.scores import EdgeScores
 from circuitdiff.typecheck import shape_checked
+
+if TYPE_CHECKING:
+    import networkx
 
 __all__ = ["Circuit", "greedy", "receiver_owners", "sizes_for_curve", "threshold", "top_n"]
 
@@ -189,6 +193,28 @@ class Circuit:
                 f"this circuitdiff reads {_FORMAT!r} version {_FORMAT_VERSION}."
             )
         return cls.from_edge_names(AttributionGraph.from_dict(data["graph"]), list(data["edges"]))
+
+    # ------------------------------------------------------------ exports (circuitdiff.export)
+    @classmethod
+    def from_eap_ig_json(cls, path: str | os.PathLike[str]) -> Circuit:
+        """The edges marked ``in_graph`` in an EAP-IG / MIB graph JSON file:
+        :func:`circuitdiff.export.read_eap_ig_json`."""
+        from circuitdiff.export import read_eap_ig_json
+
+        return read_eap_ig_json(path)[1]
+
+    def to_networkx(self, scores: EdgeScores | None = None) -> networkx.DiGraph:
+        """A networkx DiGraph of the circuit's edges (with ``scores``' means):
+        :func:`circuitdiff.export.to_networkx`."""
+        from circuitdiff.export import to_networkx
+
+        return to_networkx(scores, circuit=self)
+
+    def to_dot(self, scores: EdgeScores | None = None, **style: Any) -> str:
+        """Graphviz DOT text of the circuit, coloured by ``scores``' signs: :func:`circuitdiff.export.to_dot`."""
+        from circuitdiff.export import to_dot
+
+        return to_dot(scores, circuit=self, **style)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Circuit) and self.graph == other.graph and torch.equal(self.edges, other.edges)

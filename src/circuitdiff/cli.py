@@ -24,7 +24,7 @@ from dataclasses import fields
 
 from circuitdiff.choices import Level
 from circuitdiff.errors import ArgumentError, CircuitDiffError
-from circuitdiff.defaults import DEFAULT_SAMPLES, EXACT_EDGE_LIMIT
+from circuitdiff.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLES, EXACT_EDGE_LIMIT
 
 __all__ = ["main"]
 
@@ -60,9 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="generate, filter, score and compare two checkpoints",
                                   description="The paper's pipeline on two local Hugging Face checkpoints.",
                                   parents=[common])
-    compare.add_argument("base", help="base checkpoint directory")
-    compare.add_argument("tuned", help="tuned checkpoint directory (same tokenizer family)")
+    compare.add_argument("base", nargs="?", help="base checkpoint: a directory or the Hub id of a cached model")
+    compare.add_argument("tuned", nargs="?", help="tuned checkpoint (same tokenizer family), likewise")
+    compare.add_argument("--pair", metavar="NAME",
+                         help="instead of BASE TUNED: one of the paper's model pairs by name (Hub ids, read from the "
+                              "Hugging Face cache; their template and max new tokens): deepseek-math-grpo, "
+                              "math-shepherd-ppo, qwen2.5-dpo, r1-distill-acereason")
     _pipeline_options(compare)
+    _dry_run_option(compare)
     _trust_options(compare)
     compare.add_argument("--reference-scorer", metavar="NAME",
                          help="robustness reference (default: exact at layer level; at head level exact up to "
@@ -71,8 +76,9 @@ def _parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="generate, filter and score one checkpoint",
                                 description="Score one model on the questions it answers correctly.", parents=[common])
-    score.add_argument("model", help="checkpoint directory")
+    score.add_argument("model", help="checkpoint: a directory or the Hub id of a cached model")
     _pipeline_options(score)
+    _dry_run_option(score)
     score.set_defaults(run=_score)
 
     demo = commands.add_parser("demo", help="compare the bundled tiny base, GRPO and DPO models (no download)",
@@ -154,7 +160,9 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=0.5, help="lower length bound, fraction of the mean (0.5)")
     parser.add_argument("--gamma", type=float, default=1.5, help="upper length bound, multiple of the mean (1.5)")
     parser.add_argument("--delta", type=float, default=0.5, help="balance threshold (0.5)")
-    parser.add_argument("--rule", choices=["paper", "code"], default="paper", help="length rule (paper)")
+    parser.add_argument("--rule", choices=["paper", "code", "paper-code"], default="paper",
+                        help="length rule: paper (default), code (the public code's criteria), paper-code (the "
+                             "public code as it runs: its integer-truncated bounds; see docs/reproducing.md)")
     parser.add_argument("--n", type=int, default=100, help="questions to sample (100)")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed (42)")
     parser.add_argument("--max-questions", type=int, help="read only the first N questions of the file")
@@ -167,7 +175,8 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intervention", default="zero",
                         help="zero (the only one the pipeline runs; use cd.attribute for the others)")
     parser.add_argument("--batch-size", type=int, default=8, help="(8)")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="generation length limit (512)")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help=f"generation length limit (the pair's with --pair, else {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
@@ -175,6 +184,12 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
                         help="discard cached generations and score shards of an earlier run in --out")
     parser.add_argument("--drop-nonfinite", dest="nonfinite", action="store_const", const="drop", default="error",
                         help="leave samples with NaN/inf scores out (listed in the report) instead of stopping")
+
+
+def _dry_run_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="resolve the models, questions and settings, print the plan and a memory estimate, and "
+                             "stop (no weights loaded, nothing written)")
 
 
 def _trust_options(parser: argparse.ArgumentParser) -> None:
@@ -207,11 +222,14 @@ def _scorer_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", dest="scorer", action=_DeprecatedAlias, help="deprecated alias of --scorer")
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace, pair=None):
+    """The run's PipelineConfig from the options; a pair supplies what the options leave unset."""
     from circuitdiff.pipeline import PipelineConfig
 
     names = {f.name for f in fields(PipelineConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "max_new_tokens" not in values:
+        values["max_new_tokens"] = pair.max_new_tokens if pair is not None else DEFAULT_MAX_NEW_TOKENS
     return PipelineConfig(**values, progress=not args.quiet)
 
 
@@ -220,16 +238,34 @@ def _log(args: argparse.Namespace):
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from circuitdiff.pipeline import run_compare
+    from circuitdiff.pipeline import plan_run, run_compare
 
-    result = run_compare(args.base, args.tuned, args.questions, args.out, _config(args), log=_log(args))
+    pair = None
+    if args.pair is not None:
+        from circuitdiff.hub import get_pair
+
+        if args.base is not None:
+            raise ArgumentError("give either --pair NAME or the two checkpoints BASE TUNED, not both.")
+        pair = get_pair(args.pair)
+        args.base, args.tuned = pair.base, pair.tuned
+    elif args.tuned is None:
+        raise ArgumentError("compare needs two checkpoints, BASE and TUNED (directories or cached Hub ids), or "
+                            "--pair NAME.")
+    config = _config(args, pair)
+    if args.dry_run:
+        print(plan_run({"base": args.base, "tuned": args.tuned}, args.questions, args.out, config))
+        return 0
+    result = run_compare(args.base, args.tuned, args.questions, args.out, config, log=_log(args))
     _log(args)(result.to_markdown())
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
-    from circuitdiff.pipeline import run_score
+    from circuitdiff.pipeline import plan_run, run_score
 
+    if args.dry_run:
+        print(plan_run({"model": args.model}, args.questions, args.out, _config(args)))
+        return 0
     run_score(args.model, args.questions, args.out, _config(args), log=_log(args))
     return 0
 

@@ -21,6 +21,7 @@ import torch
 from circuitdiff.engine.architectures import SUPPORTED_ARCHITECTURES, ModelSpec, describe_model, supported_levels
 from circuitdiff.engine.bridge import attribution_mode, rotate_in_model_dtype
 from circuitdiff.errors import ArgumentError, MissingPathError, UnsupportedModelError
+from circuitdiff.hub import resolve_checkpoint
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -47,6 +48,9 @@ def load_model(
         source: one of
             - a path to a local checkpoint directory written by ``save_pretrained``
               (model + tokenizer); nothing is downloaded;
+            - a Hugging Face Hub id (``"org/name"`` or ``"org/name@revision"``) of a model
+              in the local Hugging Face cache (:func:`circuitdiff.hub.resolve_checkpoint`;
+              never downloaded);
             - a Hugging Face ``PreTrainedModel`` (then ``tokenizer`` is required);
             - an existing ``TransformerBridge`` (validated and returned as is).
         tokenizer: the tokenizer for an in-memory Hugging Face model.
@@ -87,9 +91,9 @@ def load_model(
         bridge = _boot_from_hf_model(source, tokenizer, dtype=dtype, device=device)
         _keep_checkpoint_bos(bridge, tokenizer)
     elif isinstance(source, (str, os.PathLike)):
-        bridge = _boot_from_directory(Path(source), dtype=dtype, device=device, device_map=device_map,
-                                      max_memory=max_memory)
-        _keep_checkpoint_bos(bridge, _checkpoint_tokenizer(Path(source)))
+        path = resolve_checkpoint(source)
+        bridge = _boot_from_directory(path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory)
+        _keep_checkpoint_bos(bridge, _checkpoint_tokenizer(path))
     else:
         raise UnsupportedModelError(
             f"load_model got a {type(source).__name__}; pass a local checkpoint directory, "
@@ -115,8 +119,8 @@ def _boot_from_directory(path: Path, *, dtype: torch.dtype | None, device: Any, 
     if not path.is_dir():
         raise MissingPathError(
             f"{str(path)!r} is not a local directory. circuitdiff never downloads weights: "
-            "fetch the checkpoint first (e.g. `huggingface-cli download NAME --local-dir DIR`) "
-            "and pass the directory."
+            "fetch the checkpoint first (e.g. `hf download NAME`) and pass its Hub id (read from the "
+            "Hugging Face cache) or a directory."
         )
     if not (path / "config.json").is_file():
         raise MissingPathError(

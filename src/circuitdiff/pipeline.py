@@ -29,6 +29,7 @@ import contextlib
 import gc
 import json
 import os
+import warnings
 from dataclasses import InitVar, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -43,9 +44,11 @@ from circuitdiff.comparison import Comparison, compare
 from circuitdiff.crossscore import cross_compare
 from circuitdiff.data import Generation, Question, generate_answers, make_batches, read_questions, select_by_length
 from circuitdiff.data.selection import LengthSelection, check_parameters
+from circuitdiff.defaults import DEFAULT_MAX_NEW_TOKENS
 from circuitdiff.engine.architectures import check_level
 from circuitdiff.errors import ArgumentError, DataError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
+from circuitdiff.hub import resolve_checkpoint
 from circuitdiff.io import write_atomically
 from circuitdiff.models import describe_model, load_model
 from circuitdiff.report import json_ready
@@ -55,7 +58,7 @@ from circuitdiff.scorers.base import renamed_method
 from circuitdiff.scores import EdgeScores
 
 __all__ = ["PipelineConfig", "score_answers", "check_tokenizers", "check_device", "prepare_output_dir", "output_lock",
-           "run_compare", "run_score", "write_text"]
+           "run_compare", "run_score", "plan_run", "write_text"]
 
 
 @dataclass
@@ -80,7 +83,7 @@ class PipelineConfig:
     contraction_dtype: str | None = None  # "bfloat16": the eap scorer's bfloat16 contraction (memory)
     intervention: str = "zero"
     batch_size: int = 8
-    max_new_tokens: int = 512
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
@@ -220,12 +223,12 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
     log(f"{len(questions)} questions from {questions_path}")
     counts: dict[str, Any] = {"questions": len(questions)}
 
-    models = {side: _load(directory, device, dtype, config.level) for side, directory in (("base", base_dir),
-                                                                                            ("tuned", tuned_dir))}
+    paths = {"base": resolve_checkpoint(base_dir), "tuned": resolve_checkpoint(tuned_dir)}  # both, before loading
+    models = {side: _load(path, device, dtype, config.level) for side, path in paths.items()}
     check_tokenizers(models["base"], models["tuned"], [q.prompt for q in questions])
     generations: dict[str, list[Generation]] = {}
     for side, model in models.items():
-        generations[side] = _generate(model, questions, out / f"{side}.generations.jsonl", config)
+        generations[side] = _generate(model, questions, out / f"{side}.generations.jsonl", config, counts, side)
         counts[f"correct ({side})"] = sum(g.correct for g in generations[side])
         log(f"{side}: {counts[f'correct ({side})']}/{len(questions)} answered correctly")
     both = [i for i in range(len(questions)) if generations["base"][i].correct and generations["tuned"][i].correct]
@@ -292,9 +295,10 @@ def _run_score(model_dir: str | os.PathLike[str], questions_path: str | os.PathL
     from circuitdiff.metrics import summarize
 
     model = _load(model_dir, device, config.torch_dtype(device), config.level)
-    generations = _generate(model, questions, out / "model.generations.jsonl", config)
+    counts: dict[str, Any] = {"questions": len(questions)}
+    generations = _generate(model, questions, out / "model.generations.jsonl", config, counts)
     correct = [i for i, g in enumerate(generations) if g.correct]
-    counts: dict[str, Any] = {"questions": len(questions), "correct": len(correct)}
+    counts["correct"] = len(correct)
     lengths = [len(generations[i].answer_ids) for i in correct]
     selection = config.select(lengths, lengths)
     chosen = _chosen(correct, selection, counts)
@@ -331,6 +335,19 @@ def _start(config: PipelineConfig | None, questions_path: str | os.PathLike[str]
     questions = read_questions(questions_path)[:config.max_questions]
     out = prepare_output_dir(out, outputs)
     return config, questions, out, config.resolved_device()
+
+
+def plan_run(models: dict[str, str | os.PathLike[str]], questions_path: str | os.PathLike[str],
+             out: str | os.PathLike[str], config: PipelineConfig | None = None) -> str:
+    """What :func:`run_compare` (models ``base`` and ``tuned``) or :func:`run_score` (``model``) would do, as
+    markdown: models resolved, questions read, graph size and memory estimate; no weights loaded, nothing written
+    (:func:`circuitdiff.dryrun.describe_plan`)."""
+    from circuitdiff.dryrun import describe_plan
+
+    config = config or PipelineConfig()
+    config.validate()
+    questions = read_questions(questions_path)[:config.max_questions]
+    return describe_plan(models, questions, config, str(questions_path), out)
 
 
 def check_device(device: str) -> None:
@@ -373,9 +390,20 @@ def write_text(path: Path, text: str) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _generate(model: Any, questions: list[Question], cache: Path, config: PipelineConfig) -> list[Generation]:
-    return generate_answers(model, questions, cache=cache, batch_size=config.batch_size,
-                            max_new_tokens=config.max_new_tokens, progress=config.progress, fresh=config.fresh)
+def _generate(model: Any, questions: list[Question], cache: Path, config: PipelineConfig,
+              counts: dict[str, Any] | None = None, name: str = "model") -> list[Generation]:
+    """The model's answers (cached in ``cache``); warns about answers cut at ``max_new_tokens`` and counts them in
+    ``counts`` under ``"cut at N tokens (name)"``."""
+    generations = generate_answers(model, questions, cache=cache, batch_size=config.batch_size,
+                                   max_new_tokens=config.max_new_tokens, progress=config.progress, fresh=config.fresh)
+    cut = sum(len(g.answer_ids) >= config.max_new_tokens for g in generations)
+    if cut:
+        if counts is not None:
+            counts[f"cut at {config.max_new_tokens} tokens ({name})"] = cut
+        warnings.warn(f"{name}: {cut} of {len(generations)} answers reached max_new_tokens={config.max_new_tokens} "
+                      "without an end token; they were cut, may lack their final answer and then count as wrong. "
+                      "Raise --max-new-tokens for long chain-of-thought models.", stacklevel=2)
+    return generations
 
 
 def _chosen(candidates: list[int], selection: LengthSelection, counts: dict[str, Any]) -> list[int]:
@@ -472,10 +500,10 @@ def _selection_record(selection: LengthSelection) -> dict[str, Any]:
 
 def _load(directory: str | os.PathLike[str], device: str, dtype: torch.dtype, level: str) -> Any:
     """The model, refused before any generation if it cannot be attributed at ``level``."""
-    path = Path(directory)
+    path = resolve_checkpoint(directory)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise DataError(f"{str(path)!r} is not a checkpoint directory (a folder with config.json, written by "
-                        "save_pretrained).")
+                        "save_pretrained) nor the Hub id of a cached model.")
     model = load_model(path, device=device, dtype=dtype)
     check_level(describe_model(model).architecture, level)
     return model

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -15,6 +16,12 @@ from circuitdiff.errors import ArgumentError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.io import check_metadata, read_scores_file, write_scores_file
 from circuitdiff.typecheck import shape_checked
+
+if TYPE_CHECKING:
+    import networkx
+    import pandas
+
+    from circuitdiff.circuits import Circuit
 
 __all__ = ["EdgeScores", "save_scores", "load_scores"]
 
@@ -181,6 +188,46 @@ class EdgeScores:
         format version 1 hold no sample ids; they load with positional ones.
         """
         return cls(**read_scores_file(path, mmap=mmap))
+
+    # ------------------------------------------------------------ exports (circuitdiff.export)
+    def to_pandas(self, per_sample: bool | None = None) -> pandas.DataFrame:
+        """Long format, one row per (sample, edge): :func:`circuitdiff.export.to_pandas` (needs pandas)."""
+        from circuitdiff.export import to_pandas
+
+        return to_pandas(self, per_sample)
+
+    def to_csv(self, path: str | os.PathLike[str], per_sample: bool | None = None) -> Path:
+        """The rows of :meth:`to_pandas` as CSV, without pandas: :func:`circuitdiff.export.to_csv`."""
+        from circuitdiff.export import to_csv
+
+        return to_csv(self, path, per_sample)
+
+    def to_networkx(self, circuit: Circuit | None = None) -> networkx.DiGraph:
+        """A networkx DiGraph of the edges (all, or ``circuit``'s), mean scores as attributes:
+        :func:`circuitdiff.export.to_networkx`."""
+        from circuitdiff.export import to_networkx
+
+        return to_networkx(self, circuit=circuit)
+
+    def to_dot(self, circuit: Circuit | None = None, **style: Any) -> str:
+        """Graphviz DOT text of the edges (all, or ``circuit``'s): :func:`circuitdiff.export.to_dot`."""
+        from circuitdiff.export import to_dot
+
+        return to_dot(self, circuit=circuit, **style)
+
+    def to_eap_ig_json(self, path: str | os.PathLike[str], *, circuit: Circuit | None = None,
+                       d_model: int | None = None) -> Path:
+        """Write the mean scores as an EAP-IG / MIB graph JSON file: :func:`circuitdiff.export.to_eap_ig_json`."""
+        from circuitdiff.export import to_eap_ig_json
+
+        return to_eap_ig_json(self, path, circuit=circuit, d_model=d_model)
+
+    @classmethod
+    def from_eap_ig_json(cls, path: str | os.PathLike[str]) -> "EdgeScores":
+        """The edge scores of an EAP-IG / MIB graph JSON file: :func:`circuitdiff.export.read_eap_ig_json`."""
+        from circuitdiff.export import read_eap_ig_json
+
+        return read_eap_ig_json(path)[0]
 
     def __repr__(self) -> str:
         kind = "per-sample" if self.per_sample is not None else "mean only"

@@ -440,7 +440,7 @@ def _answers(item: tuple, device: str, log: Callable[[str], None]) -> list[Any]:
     step, path, questions, out, config = item
     log(f"--- step {step}: {path} (answers) ---")
     model = _load(path, device, config.torch_dtype(device), config.level)
-    answers = _generate(model, questions, out / f"step-{step}.generations.jsonl", config)
+    answers = _generate(model, questions, out / f"step-{step}.generations.jsonl", config, name=f"step {step}")
     log(f"step {step}: {sum(g.correct for g in answers) / len(questions):.1%} answered correctly")
     del model
     _free_memory()

@@ -6,10 +6,15 @@ correctly. Two rules choose the questions and the truncation length ``T_cut``:
 - ``rule="paper"`` (default): ``T_bar`` = mean over questions of ``(T_base + T_tuned) / 2``.
   Keep a question if both lengths lie in ``[beta * T_bar, gamma * T_bar]`` and
   ``|T_base - T_tuned| / ((T_base + T_tuned) / 2) < delta``. ``T_cut = alpha * T_bar``.
-- ``rule="code"`` (the paper's public code): the reference is
-  ``min(mean T_base, mean T_tuned)``; the *average* of the two lengths must lie in
+- ``rule="code"``: the paper's public code's criteria with exact bounds: the reference
+  is ``min(mean T_base, mean T_tuned)``; the *average* of the two lengths must lie in
   ``[beta * ref, gamma * ref]``; the same balance rule; if prompt lengths are given the
   two models' prompts must have the same length. ``T_cut = alpha * ref``.
+- ``rule="paper-code"``: the public code as it runs: the ``code`` rule with its bounds
+  truncated to integers, ``[int(beta * ref), int(gamma * ref)]``. On a pool of a few
+  hundred questions this moves a question or two across each bound, and so changes
+  the sampled subset (the sampler below is the code's ``random.seed(seed);
+  random.sample(pool, n)`` on the pool in question order).
 
 ``T_cut`` is rounded down, at least 1 token; a question whose answer is shorter than
 ``T_cut`` on either side is dropped (only possible when ``alpha > beta``). Then ``n``
@@ -28,7 +33,7 @@ from circuitdiff.errors import DataError
 
 __all__ = ["LengthSelection", "select_by_length", "check_parameters", "RULES"]
 
-RULES = ("paper", "code")
+RULES = ("paper", "code", "paper-code")
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class LengthSelection:
     Attributes:
         kept: positions (into the input lists) of the questions to score, ascending.
         t_cut: answer tokens each model is scored on.
-        reference_length: ``T_bar`` (paper rule) or ``min`` of the mean lengths (code rule).
+        reference_length: ``T_bar`` (paper rule) or ``min`` of the mean lengths (code rules).
         dropped: rule -> number of questions it removed, in the order applied.
         parameters: the rule and every parameter, for the run's report.
         removed: position -> the rule that removed that question (``"not sampled"``
@@ -76,10 +81,10 @@ def select_by_length(
         beta: lower end of the length window, ``0 <= beta <= 1 <= gamma``.
         gamma: upper end of the length window.
         delta: balance threshold, ``> 0``.
-        rule: ``"paper"`` or ``"code"`` (see the module docstring).
+        rule: ``"paper"``, ``"code"`` or ``"paper-code"`` (see the module docstring).
         n: questions to sample; None keeps all.
         seed: of the sampling.
-        prompt_lengths: ``(base, tuned)`` prompt lengths in tokens, for the code rule.
+        prompt_lengths: ``(base, tuned)`` prompt lengths in tokens, for the code rules.
 
     Raises:
         DataError: bad parameters, no questions, or none left (naming the rule that
@@ -99,7 +104,10 @@ def select_by_length(
                   if all(beta * reference <= x <= gamma * reference for x in (b, t))}
     else:
         reference = min(sum(base_lengths) / len(pairs), sum(tuned_lengths) / len(pairs))
-        window = {i for i, (b, t) in enumerate(pairs) if beta * reference <= (b + t) / 2 <= gamma * reference}
+        low, high = beta * reference, gamma * reference
+        if rule == "paper-code":
+            low, high = int(low), int(high)
+        window = {i for i, (b, t) in enumerate(pairs) if low <= (b + t) / 2 <= high}
     t_cut = max(1, math.floor(alpha * reference))
     remaining = list(range(len(pairs)))
     dropped: dict[str, int] = {}
@@ -117,7 +125,7 @@ def select_by_length(
 
     apply("length window", lambda i: i in window)
     apply("balance", lambda i: abs(pairs[i][0] - pairs[i][1]) / ((pairs[i][0] + pairs[i][1]) / 2) < delta)
-    if rule == "code" and prompt_lengths is not None:
+    if rule != "paper" and prompt_lengths is not None:
         base_prompts, tuned_prompts = prompt_lengths
         apply("equal prompt length", lambda i: base_prompts[i] == tuned_prompts[i])
     apply("shorter than T_cut", lambda i: min(pairs[i]) >= t_cut)

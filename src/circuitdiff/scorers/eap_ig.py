@@ -8,9 +8,13 @@ ablated run (``alpha = 0``) to the clean run (``alpha = 1``):
     score[b, u, v] = sum over positions, d_model of
                      delta_u * (1/steps) * sum_{k=1..steps} dL_b/d(input of v) at alpha = k/steps
 
-The points are right endpoints (``alpha = 1/steps, ..., 1``), so ``steps=1`` is
-exactly EAP, and a score approaches the integrated-gradients value along the path as
-``steps`` grows.
+By default the points are right endpoints (``alpha = 1/steps, ..., 1``), so ``steps=1``
+is exactly EAP, and a score approaches the integrated-gradients value along the path as
+``steps`` grows. ``points="left"`` takes ``alpha = 0, 1/steps, ..., (steps-1)/steps``
+instead: the rule of hannamw/EAP-IG's ``get_scores_eap_ig`` (its
+``get_scores_ig_activations`` uses right endpoints). Both sums converge to the same
+integral; at a finite ``steps`` they differ by ``(grad at alpha=1 - grad at alpha=0) / steps``
+times ``delta``.
 
 - ``"eap-ig-inputs"``: the path interpolates the input embeddings (``blocks.0.hook_in``)
   from their replacement to their clean value; everything downstream follows. With
@@ -39,6 +43,7 @@ from torch import Tensor
 from circuitdiff.data import Batch
 from circuitdiff.engine.architectures import FAMILIES
 from circuitdiff.engine.sources import Window
+from circuitdiff.errors import ArgumentError
 from circuitdiff.scorers.base import ScoresAndLosses, positive_int
 
 if TYPE_CHECKING:
@@ -46,6 +51,9 @@ if TYPE_CHECKING:
     from circuitdiff.graph import AttributionGraph
 
 __all__ = ["EAPIGInputs", "EAPIGActivations"]
+
+#: Where along the path the gradients are taken (see the module docstring).
+POINTS = ("right", "left")
 
 #: ``(hook point, source rows whose delta it adds times 1 - alpha, rows scored)``
 Path = tuple[str, slice, slice]
@@ -56,11 +64,20 @@ class _IntegratedGradients:
     """The shared loop: fixed ``delta``, gradients averaged over interpolation steps."""
 
     steps: int = 5
+    points: str = "right"
 
     name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         positive_int(self.name, "steps", self.steps)
+        if self.points not in POINTS:
+            raise ArgumentError(f"{self.name}: points must be one of {POINTS} (where along the path the gradient is "
+                             f"taken); got {self.points!r}.")
+
+    def alphas(self) -> list[float]:
+        """The interpolation points: ``k/steps`` for ``k = 1..steps`` (right) or ``0..steps-1`` (left)."""
+        first = 1 if self.points == "right" else 0
+        return [k / self.steps for k in range(first, first + self.steps)]
 
     def paths(self, run: "AttributionRun") -> list[Path]:
         """The interpolation paths and the rows each scores."""
@@ -82,8 +99,8 @@ class _IntegratedGradients:
         bar = run.progress_bar(len(paths) * self.steps, f"{self.name} steps")
         for hook_name, shifted, rows in paths:
             difference = delta[:, shifted].sum(1)  # [batch, pos, d_model]: the block's replacement - clean
-            for step in range(1, self.steps + 1):
-                shift = _add((1.0 - step / self.steps) * difference)
+            for alpha in self.alphas():
+                shift = _add((1.0 - alpha) * difference)
                 hooks = [(hook_name, shift)] + run.receivers.hooks(delta, scores, window, source_rows=rows)
                 with torch.enable_grad(), run.hooked(hooks):
                     logits = run.model(batch.input_ids, attention_mask=mask)
@@ -107,6 +124,8 @@ class EAPIGInputs(_IntegratedGradients):
 
     Args:
         steps: interpolation points (default 5, as in Hanna et al.); ``steps=1`` is EAP.
+        points: ``"right"`` (default; ``alpha = 1/steps..1``) or ``"left"`` (``0..(steps-1)/steps``,
+            hannamw/EAP-IG's rule for this scorer).
     """
 
     name: ClassVar[str] = "eap-ig-inputs"
@@ -122,6 +141,7 @@ class EAPIGActivations(_IntegratedGradients):
 
     Args:
         steps: interpolation points per block (default 5); ``steps=1`` is EAP.
+        points: ``"right"`` (default) or ``"left"``, as for :class:`EAPIGInputs`.
     """
 
     name: ClassVar[str] = "eap-ig-activations"
