@@ -15,7 +15,7 @@ import tiny_models as tm
 from circuitdiff.data.generation import answer_identity, generation_settings
 from circuitdiff.identity import model_identity
 
-MAX_NEW_TOKENS = 16
+MAX_NEW_TOKENS = 32  # above every stub answer (30 tokens at most): none counts as cut
 ANSWER_LENGTHS = {"base": [10, 12, 11, 13, 12, 9], "tuned": [11, 12, 12, 12, 13, 30]}
 WRONG = {"base": {4}, "tuned": set()}  # base gets q4 wrong; q5's tuned answer is too long for the window
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +102,57 @@ def test_curve_points_equal_single_evaluations(get_model):
     table = curve.to_markdown()
     assert "| edges | objective | faithfulness |" in table and table.count("\n|") == 2 + 4  # header, separator, one row per size
     assert curve.to_dict()["faithfulness"] == curve.faithfulness
+    # CPR and CMD from the losses, with numpy's trapezoid rule over the requested fractions
+    x = np.array([0, 5, 20, graph.n_edges]) / graph.n_edges
+    clean, ablated = curve.clean_losses.mean().item(), curve.ablated_losses.mean().item()
+    f = (curve.circuit_losses.mean(1).numpy() - ablated) / (clean - ablated)
+    assert curve.total_edges == graph.n_edges and curve.fractions == pytest.approx(x.tolist())
+    assert curve.cpr == pytest.approx(np.trapezoid(f, x), rel=1e-9)
+    assert curve.cmd == pytest.approx(np.trapezoid(np.abs(1 - f), x), rel=1e-9)
+    assert f"CPR {curve.cpr:.3f} (higher is better), CMD {curve.cmd:.3f}" in table
+    assert curve.to_dict()["cpr"] == curve.cpr and curve.to_dict()["cmd"] == curve.cmd
+
+
+def curve_of(faithfulness: list[float], requested: list[int], total_edges: int) -> cd.faithfulness.FaithfulnessCurve:
+    """A curve of one sample whose points have the given faithfulness: clean loss 0, all-ablated 1."""
+    circuit = torch.tensor([[1.0 - f] for f in faithfulness], dtype=torch.float64)
+    return cd.faithfulness.FaithfulnessCurve(requested, list(requested), torch.zeros(1, dtype=torch.float64),
+                                             torch.ones(1, dtype=torch.float64), circuit, "top_n", total_edges)
+
+
+def test_cpr_and_cmd_by_hand():
+    # x = 0, 0.1, 0.5, 1 (of 100 edges); f = 0, 0.5, 1.2, 1, so |1 - f| = 1, 0.5, 0.2, 0
+    # CPR = 0.1 * (0 + 0.5) / 2 + 0.4 * (0.5 + 1.2) / 2 + 0.5 * (1.2 + 1) / 2 = 0.025 + 0.34 + 0.55 = 0.915
+    # CMD = 0.1 * (1 + 0.5) / 2 + 0.4 * (0.5 + 0.2) / 2 + 0.5 * (0.2 + 0) / 2 = 0.075 + 0.14 + 0.05 = 0.265
+    curve = curve_of([0.0, 0.5, 1.2, 1.0], [0, 10, 50, 100], 100)
+    assert curve.fractions == pytest.approx([0.0, 0.1, 0.5, 1.0])
+    assert curve.cpr == pytest.approx(0.915, abs=1e-12)
+    assert curve.cmd == pytest.approx(0.265, abs=1e-12)
+    # the same points in another order
+    shuffled = curve_of([1.0, 0.5, 0.0, 1.2], [100, 10, 0, 50], 100)
+    assert shuffled.cpr == pytest.approx(0.915, abs=1e-12) and shuffled.cmd == pytest.approx(0.265, abs=1e-12)
+    table = curve.to_markdown()
+    assert "CMD 0.265 (lower is better)" in table and "fractions 0 to 1 of 100 edges" in table
+
+
+def test_cpr_and_cmd_at_mib_sizes_of_a_perfect_circuit():
+    # MIB's fractions of 1000 edges: 1, 2, 5, ..., 1000 edges; f = 1 everywhere integrates 1 over [0.001, 1]
+    sizes = [int(f * 1000) for f in cd.faithfulness.MIB_FRACTIONS]
+    assert sizes == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+    curve = curve_of([1.0] * 10, sizes, 1000)
+    assert curve.cpr == pytest.approx(0.999, abs=1e-12) and curve.cmd == 0.0
+
+
+def test_cpr_and_cmd_are_nan_when_undefined():
+    assert math.isnan(curve_of([0.7], [10], 100).cpr) and math.isnan(curve_of([0.7], [10], 100).cmd)
+    assert math.isnan(curve_of([0.2, 0.2], [10, 10], 100).cpr)  # one distinct size: no width
+    assert math.isnan(curve_of([0.0, math.nan, 1.0], [0, 10, 100], 100).cpr)
+    assert math.isnan(curve_of([0.0, math.nan, 1.0], [0, 10, 100], 100).cmd)
+    flat = cd.faithfulness.FaithfulnessCurve([0, 100], [0, 100], torch.ones(1, dtype=torch.float64),
+                                             torch.ones(1, dtype=torch.float64),
+                                             torch.ones(2, 1, dtype=torch.float64), "top_n", 100)
+    assert math.isnan(flat.cpr) and math.isnan(flat.cmd)  # ablating everything changes nothing
+    assert "CPR nan" in flat.to_markdown()
 
 
 def test_curve_default_sizes_and_selections(get_model):

@@ -15,7 +15,7 @@ import torch
 import circuitdiff as cd
 import tiny_models as tm
 from circuitdiff.cli import main
-from circuitdiff.pipeline import PipelineConfig
+from circuitdiff.pipeline import PipelineConfig, run_compare
 from circuitdiff.scorers.eap import EAP
 from circuitdiff.scorers.eap_ig import EAPIGInputs
 
@@ -63,12 +63,14 @@ def test_compare_end_to_end(run_files, tmp_path):
     assert set(verdicts.values()) <= {"robust", "scorer-dependent", "inconclusive"}
     assert "**Scorer robustness**" in report and "Robustness check: exact on 4 paired samples" in report
     # every question left out is listed with its reason
-    assert (out / "base.reference-exact-4.shards" / "manifest.json").is_file()  # named by reference and size
+    assert (out / "base.reference-4.exact.shards" / "manifest.json").is_file()  # named by reference and size
     edges = np.load(out / "edge_tests.npz")  # every edge's test, not just the report's top tables
     assert edges["edge"].tolist() == base.edge_names() and edges["q_value"].shape == (base.graph.n_edges,)
     assert {"side": "both", "id": "q4", "reason": "answered incorrectly by base"} in comparison["dropped"]
     assert {"side": "both", "id": "q5", "reason": "length rule: length window"} in comparison["dropped"]
     assert "- questions: 1 left out (length rule: length window): q5" in report
+    assert run["template"]["name"] == "plain" and not run["template"]["chat"]
+    assert "**base** = `" in report and f"{run_files['tuned'].parent.name}/tuned`" in report  # the models' names
 
 
 def test_cross_scoring_another_reference_and_sampling(run_files, tmp_path, monkeypatch):
@@ -132,7 +134,7 @@ def test_interrupted_run_resumes_to_the_same_result(run_files, tmp_path, monkeyp
 
     monkeypatch.setattr(EAP, "score_batch", crash_on_third)
     assert main(cli_args(run_files, interrupted)) == 130  # base shards 0, 1 done; tuned shard 0 interrupted
-    assert sorted(p.name for p in (interrupted / "base.shards").glob("shard-*")) == ["shard-00000.safetensors",
+    assert sorted(p.name for p in (interrupted / "base.eap.shards").glob("shard-*")) == ["shard-00000.safetensors",
                                                                                      "shard-00001.safetensors"]
     calls.clear()
     monkeypatch.setattr(EAP, "score_batch", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
@@ -158,7 +160,7 @@ def test_eap_memory_options_reach_the_scorer(run_files, tmp_path):
     assert config["positions_per_pass"] == 4 and config["contraction_dtype"] == "bfloat16"
     assert config["scorer"] == "eap" and "method" not in config and config["level"] == "layer"
     assert PipelineConfig.from_dict(config) == PipelineConfig(**config)
-    manifest = json.loads((tmp_path / "options" / "base.shards" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "options" / "base.eap.shards" / "manifest.json").read_text())
     assert manifest["identity"]["scorer"]["options"] == {"contraction_dtype": "torch.bfloat16"}  # windows: memory only
     difference = (scores["options"] - scores["default"]).norm() / scores["default"].norm()
     assert 1e-5 < difference < 1e-2  # the bfloat16 rounding, and nothing more
@@ -309,7 +311,54 @@ def test_killed_process_resumes(run_files, tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script, *cli_args(run_files, killed)], capture_output=True)
     assert result.returncode == -9  # killed, mid-run
-    assert not (killed / "comparison.json").exists() and len(list((killed / "base.shards").glob("shard-*"))) == 2
+    assert not (killed / "comparison.json").exists() and len(list((killed / "base.eap.shards").glob("shard-*"))) == 2
     assert main(cli_args(run_files, killed)) == 0
     for name in ("base.cdiff", "tuned.cdiff"):
         assert torch.equal(cd.EdgeScores.load(reference / name).per_sample, cd.EdgeScores.load(killed / name).per_sample)
+
+
+def test_template_and_dataset_options_reach_the_questions(run_files, tmp_path, capsys):
+    """--dataset-format reads GSM8K records, --template renders them; a chat template the tokenizer lacks is refused
+    before any model loads, and the output folder is not left behind."""
+    gsm8k = tmp_path / "mine.jsonl"
+    gsm8k.write_text('{"question": "Ann has 3 boxes of 6 pens?", "answer": "3 * 6 = 18\\n#### 18"}\n'
+                     '{"question": "1,000 + 234?", "answer": "#### 1,234"}\n')
+    args = ["compare", str(run_files["base"]), str(run_files["tuned"]), "--questions", str(gsm8k), "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "plan"), "--dataset-format", "gsm8k", "--template",
+                 "mistral-math-shepherd", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "- questions: 2 from" in plan and "template 'mistral-math-shepherd'" in plan
+    out = tmp_path / "chat"
+    assert main([*args, "--out", str(out), "--dataset-format", "gsm8k", "--template", "chat", "--quiet"]) == 2
+    assert "needs a chat template" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--out", str(out), "--template", "nope"]) == 2
+    assert "'nope'" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_but_keeps_an_existing_one(run_files, tmp_path):
+    config = PipelineConfig(device="cpu", robustness=False, progress=False)
+    for out, existed in ((tmp_path / "new" / "run", False), (tmp_path / "mine", True)):
+        if existed:
+            out.mkdir()
+        with pytest.raises(cd.MissingPathError, match="absent-org/absent"):
+            run_compare(run_files["base"], "absent-org/absent", run_files["questions"], out, config,
+                        log=lambda _: None)
+        assert out.exists() == existed
+
+
+def test_the_command_line_switches_off_checkpoint_loading_bars(run_files, tmp_path, monkeypatch, capsys):
+    """transformers' per-model loading bars would bury circuitdiff's own; HF_HUB_DISABLE_PROGRESS_BARS=0 keeps them."""
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    args = ["score", str(run_files["base"]), "--questions", str(run_files["questions"]), "--out", str(tmp_path),
+            "--device", "cpu", "--dry-run"]
+    try:
+        transformers_logging.enable_progress_bar()
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+        assert main(args) == 0 and transformers_logging.is_progress_bar_enabled()
+        monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
+        assert main(args) == 0 and not transformers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.enable_progress_bar()
+    capsys.readouterr()

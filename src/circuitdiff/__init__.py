@@ -44,6 +44,9 @@ _EXPORTS = {
     "IGNORE": "circuitdiff.data",
     "Batch": "circuitdiff.data",
     "make_batches": "circuitdiff.data",
+    "grading": "circuitdiff.data",
+    "load_questions": "circuitdiff.data",
+    "template_identity": "circuitdiff.data",
     "AttributionRun": "circuitdiff.engine",
     "interventions": "circuitdiff.engine",
     "ArgumentError": "circuitdiff.errors",
@@ -114,7 +117,7 @@ if TYPE_CHECKING:  # what static tools see; tests/test_lazy_import.py keeps it e
     from circuitdiff.comparison import Comparison, compare
     from circuitdiff.crossscore import CrossComparison, cross_compare
     from circuitdiff.differential import EdgeTests, edge_tests
-    from circuitdiff.data import IGNORE, Batch, make_batches
+    from circuitdiff.data import IGNORE, Batch, grading, load_questions, make_batches, template_identity
     from circuitdiff.engine import AttributionRun, interventions
     from circuitdiff.errors import (
         ArgumentError,
@@ -234,6 +237,7 @@ __all__ = [
     "cross_compare",
     "describe_model",
     "supported_levels",
+    "template_identity",
     "distributed",
     "edge_tests",
     "engine",
@@ -243,9 +247,11 @@ __all__ = [
     "faithfulness",
     "faithfulness_curve",
     "find_checkpoints",
+    "grading",
     "hub",
     "interventions",
     "load_model",
+    "load_questions",
     "make_batches",
     "meta_analysis",
     "metrics",

@@ -18,6 +18,7 @@ to stderr and exit with status 2; ``--debug`` prints the traceback too. Ctrl-C e
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from dataclasses import fields
@@ -35,10 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if getattr(args, "quiet", False):
+    # Checkpoint-loading bars (one per model, per shard) would bury circuitdiff's own progress bars; they stay off
+    # unless HF_HUB_DISABLE_PROGRESS_BARS=0 is set. Read when huggingface_hub is imported, which is after this line.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if getattr(args, "quiet", False) or ("transformers" in sys.modules
+                                         and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"):
         from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()  # its checkpoint-loading bars too
+        transformers_logging.disable_progress_bar()  # already imported (main called from Python): switch them off
     try:
         return args.run(args)
     except (CircuitDiffError, OSError) as exc:  # OSError: missing files, permissions, a full disk
@@ -154,7 +159,17 @@ def _device_list(text: str) -> list[str]:
 
 
 def _pipeline_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--questions", required=True, help="JSONL questions file (see docs/pipeline.md)")
+    parser.add_argument("--questions", required=True,
+                        help="questions: a .jsonl/.json/.parquet file, or a dataset cached by Hugging Face (math500, "
+                             "gsm8k, college-math, or a Hub id); see docs/datasets.md")
+    parser.add_argument("--template", help="prompt template: plain (default), chat, qwen2.5-math, deepseek-math, "
+                                           "r1-distill, mistral-math-shepherd, or a plugin's (the pair's with --pair)")
+    parser.add_argument("--grader", help="answer checker: math-verify (default), boxed (the hand checker), or a "
+                                         "plugin's; see docs/graders.md")
+    parser.add_argument("--dataset-format", metavar="NAME",
+                        help="the records' format when the file or Hub dataset is not named after it (math500, gsm8k, "
+                             "college-math, questions)")
+    parser.add_argument("--split", help="split of a Hub dataset (default: the format's, test)")
     parser.add_argument("--out", required=True, help="output directory (reused to resume)")
     parser.add_argument("--alpha", type=float, default=0.1, help="truncation fraction of the mean length (0.1)")
     parser.add_argument("--beta", type=float, default=0.5, help="lower length bound, fraction of the mean (0.5)")
@@ -230,6 +245,8 @@ def _config(args: argparse.Namespace, pair=None):
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if "max_new_tokens" not in values:
         values["max_new_tokens"] = pair.max_new_tokens if pair is not None else DEFAULT_MAX_NEW_TOKENS
+    if "template" not in values and pair is not None:
+        values["template"] = pair.template
     return PipelineConfig(**values, progress=not args.quiet)
 
 

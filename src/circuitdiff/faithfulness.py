@@ -14,6 +14,12 @@ so the full graph scores 1 and the empty circuit 0 (method.md, section 4). With
 Each circuit costs ONE forward pass per batch (see :mod:`circuitdiff.engine.ablation`); the
 clean and the all-ablated pass are run once per batch and shared by every circuit of
 a curve.
+
+A curve is summarised by the circuit track's two numbers of MIB (Mueller et al. 2025,
+"MIB: A Mechanistic Interpretability Benchmark"), over ``x``, the requested size as a
+fraction of the graph's real edges, with the trapezoid rule between the curve's points:
+CPR, the area under faithfulness (higher is better), and CMD, the area under
+``|1 - faithfulness|`` (lower is better).
 """
 
 from __future__ import annotations
@@ -36,7 +42,10 @@ from circuitdiff.report import markdown_table
 from circuitdiff.scores import EdgeScores
 from circuitdiff.typecheck import shape_checked
 
-__all__ = ["CircuitEvaluation", "FaithfulnessCurve", "evaluate_circuit", "faithfulness_curve"]
+__all__ = ["MIB_FRACTIONS", "CircuitEvaluation", "FaithfulnessCurve", "evaluate_circuit", "faithfulness_curve"]
+
+#: The edge fractions at which MIB's circuit track evaluates circuits (``int(fraction * n_edges)`` edges each).
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 SELECTIONS: dict[str, Callable[..., Circuit]] = {"top_n": top_n, "greedy": greedy}
 
@@ -94,6 +103,7 @@ class FaithfulnessCurve:
         ablated_losses: ``[n_samples]`` every edge ablated.
         circuit_losses: ``[n_points, n_samples]`` each circuit's values.
         selection: how circuits were chosen (e.g. ``"top_n"``).
+        total_edges: real edges of the graph (the denominator of :attr:`fractions`).
     """
 
     requested: list[int]
@@ -102,6 +112,7 @@ class FaithfulnessCurve:
     ablated_losses: Float[Tensor, "n_samples"]
     circuit_losses: Float[Tensor, "n_points n_samples"]
     selection: str
+    total_edges: int
 
     @property
     def faithfulness(self) -> list[float]:
@@ -109,26 +120,63 @@ class FaithfulnessCurve:
         clean, ablated = self.clean_losses.mean().item(), self.ablated_losses.mean().item()
         return [normalized(c, clean, ablated) for c in self.circuit_losses.mean(1).tolist()]
 
+    @property
+    def fractions(self) -> list[float]:
+        """Each requested size as a fraction of the graph's real edges (``requested / total_edges``)."""
+        return [n / self.total_edges for n in self.requested]
+
+    @property
+    def cpr(self) -> float:
+        """MIB's CPR: the area under faithfulness against :attr:`fractions` (trapezoids; higher is better).
+
+        Only the range of the curve's sizes is integrated (no extrapolation), so compare
+        curves with the same sizes. NaN when a point's faithfulness is NaN or the curve
+        has fewer than two distinct sizes.
+        """
+        return self._area(self.faithfulness)
+
+    @property
+    def cmd(self) -> float:
+        """MIB's CMD: the area under ``|1 - faithfulness|`` against :attr:`fractions` (lower is better).
+
+        0 when every circuit matches the full model. Integrated and NaN as :attr:`cpr`.
+        """
+        return self._area([abs(1.0 - f) for f in self.faithfulness])
+
+    def _area(self, heights: list[float]) -> float:
+        """Trapezoid-rule area of ``heights`` over :attr:`fractions`, the points sorted by fraction."""
+        points = sorted(zip(self.fractions, heights), key=lambda point: point[0])
+        if len({x for x, _ in points}) < 2:
+            return math.nan
+        return sum((x2 - x1) * (y1 + y2) / 2 for (x1, y1), (x2, y2) in zip(points, points[1:]))
+
     def to_dict(self) -> dict[str, Any]:
-        """Sizes, means and faithfulness as plain numbers (JSON-ready)."""
+        """Sizes, means, faithfulness, CPR and CMD as plain numbers (JSON-ready)."""
         return {
             "selection": self.selection,
             "requested": list(self.requested),
             "n_edges": list(self.n_edges),
+            "total_edges": self.total_edges,
+            "fractions": self.fractions,
             "clean": self.clean_losses.mean().item(),
             "ablated": self.ablated_losses.mean().item(),
             "circuit": self.circuit_losses.mean(1).tolist(),
             "faithfulness": self.faithfulness,
+            "cpr": self.cpr,
+            "cmd": self.cmd,
             "n_samples": int(self.clean_losses.shape[0]),
         }
 
     def to_markdown(self) -> str:
-        """A table: edges, mean objective, faithfulness."""
+        """A table (edges, mean objective, faithfulness), then CPR and CMD."""
         rows = [[str(n), f"{loss:.4g}", f"{f:.3f}"]
                 for n, loss, f in zip(self.n_edges, self.circuit_losses.mean(1).tolist(), self.faithfulness)]
         return (f"clean {self.clean_losses.mean().item():.4g}, all edges ablated "
                 f"{self.ablated_losses.mean().item():.4g} ({self.selection} circuits)\n\n"
-                + markdown_table(["edges", "objective", "faithfulness"], rows, align="rrr"))
+                + markdown_table(["edges", "objective", "faithfulness"], rows, align="rrr")
+                + f"\n\nCPR {self.cpr:.3f} (higher is better), CMD {self.cmd:.3f} (lower is better): areas under "
+                f"faithfulness and |1 - faithfulness| over edge fractions {min(self.fractions):.3g} to "
+                f"{max(self.fractions):.3g} of {self.total_edges} edges")
 
 
 def evaluate_circuit(
@@ -190,7 +238,8 @@ def faithfulness_curve(
         reference_batches: as in :func:`circuitdiff.attribute`.
         progress: as in :func:`circuitdiff.attribute`.
         sizes: circuit sizes in edges; default :func:`~circuitdiff.circuits.sizes_for_curve`
-            (10 points, log-spaced, ending at every edge).
+            (10 points, log-spaced, ending at every edge). MIB's sizes:
+            ``[int(f * graph.n_edges) for f in MIB_FRACTIONS]``.
         selection: ``"top_n"`` or ``"greedy"`` (by ``|score|``, pruned; see
             :mod:`circuitdiff.circuits`), or a callable ``(scores, n) -> Circuit``.
 
@@ -214,7 +263,7 @@ def faithfulness_curve(
     circuits = [select(scores, n) for n in sizes]
     clean, ablated, losses = _evaluate(model, circuits, batches, objective, intervention, reference_batches,
                                        progress)
-    return FaithfulnessCurve(sizes, [c.n_edges for c in circuits], clean, ablated, losses, selection_name)
+    return FaithfulnessCurve(sizes, [c.n_edges for c in circuits], clean, ablated, losses, selection_name, n_real)
 
 
 def _evaluate(

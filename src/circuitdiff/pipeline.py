@@ -6,12 +6,12 @@ and writes everything into one output directory:
 | file | what |
 |---|---|
 | ``base.generations.jsonl``, ``tuned.generations.jsonl`` | generation caches (resumable) |
-| ``base.shards/``, ``tuned.shards/`` | per-batch score shards (resumable) |
+| ``base.SCORER.shards/``, ``tuned.SCORER.shards/`` | per-batch score shards (resumable; one folder per scorer) |
 | ``base.cdiff``, ``tuned.cdiff`` | the per-sample edge scores |
 | ``comparison.json``, ``report.md`` | :func:`circuitdiff.compare` and its tables |
-| ``base.reference.cdiff``, ``tuned.reference.cdiff`` (and ``.reference-SCORER-N.shards/``) | the scorer robustness check's re-scored subsample |
+| ``base.reference.cdiff``, ``tuned.reference.cdiff`` (and ``.reference-N.SCORER.shards/``) | the scorer robustness check's re-scored subsample |
 | ``edge_tests.npz`` | every edge's per-edge test (:meth:`circuitdiff.differential.EdgeTests.save`) |
-| ``base-on-tuned-text.cdiff``, ``tuned-on-base-text.cdiff`` (and ``.shards/``), ``cross.json`` | cross-scoring, with ``cross_score`` |
+| ``base-on-tuned-text.cdiff``, ``tuned-on-base-text.cdiff`` (and ``.SCORER.shards/``), ``cross.json`` | cross-scoring, with ``cross_score`` |
 | ``figures/`` | plots, when matplotlib is installed |
 | ``run.json`` | parameters, every filter count, versions |
 
@@ -29,10 +29,11 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import warnings
 from dataclasses import InitVar, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -42,13 +43,16 @@ from circuitdiff.checkpoint import directory_lock
 from circuitdiff.choices import Level, NonFinitePolicy
 from circuitdiff.comparison import Comparison, compare
 from circuitdiff.crossscore import cross_compare
-from circuitdiff.data import Generation, Question, generate_answers, make_batches, read_questions, select_by_length
+from circuitdiff.data import Generation, Question, generate_answers, grading, make_batches, select_by_length
+from circuitdiff.data.datasets import load_questions
+from circuitdiff.data.grading import DEFAULT_GRADER
 from circuitdiff.data.selection import LengthSelection, check_parameters
+from circuitdiff.data.templates import get_template, template_identity
 from circuitdiff.defaults import DEFAULT_MAX_NEW_TOKENS
 from circuitdiff.engine.architectures import check_level
 from circuitdiff.errors import ArgumentError, DataError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
-from circuitdiff.hub import resolve_checkpoint
+from circuitdiff.hub import is_hub_id, resolve_checkpoint
 from circuitdiff.io import write_atomically
 from circuitdiff.models import describe_model, load_model
 from circuitdiff.report import json_ready
@@ -77,6 +81,10 @@ class PipelineConfig:
     n: int | None = 100
     seed: int = 42
     max_questions: int | None = None  # read only the file's first N questions (quick trials)
+    grader: str = DEFAULT_GRADER  # checks the answers (circuitdiff.data.grading); recomputed from cached text
+    template: str = "plain"  # the prompt template (circuitdiff.data.templates); chat ones use the base tokenizer
+    dataset_format: str | None = None  # the questions' record format (circuitdiff.data.datasets.DATASETS)
+    split: str | None = None  # the split of a Hub dataset (default: the format's)
     level: str = "layer"
     scorer: str = "eap"
     positions_per_pass: int | None = None  # the eap scorer's position windows (memory)
@@ -122,6 +130,8 @@ class PipelineConfig:
         check_parameters(self.alpha, self.beta, self.gamma, self.delta, self.rule, self.n)
         Level.parse(self.level)
         NonFinitePolicy.parse(self.nonfinite)
+        get_template(self.template)
+        grading.resolve(self.grader)  # an unknown grader, or math-verify not installed
         if self.scorer not in scorers.available():
             raise UnknownNameError(f"unknown scorer {self.scorer!r}; available: {', '.join(scorers.available())}.")
         check_device(self.resolved_device())
@@ -211,8 +221,9 @@ def run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[s
                 questions_path: str | os.PathLike[str], out: str | os.PathLike[str],
                 config: PipelineConfig | None = None, log: Callable[[str], None] = print) -> Comparison:
     """The whole pipeline for two checkpoints; see the module docstring for the files written."""
-    config, questions, out, device = _start(config, questions_path, out, _COMPARE_OUTPUTS)
-    with output_lock(out):
+    new = not Path(out).exists()
+    config, questions, out, device = _start(config, questions_path, out, _COMPARE_OUTPUTS, base_dir)
+    with output_lock(out, remove_if_left_empty=new):
         return _run_compare(base_dir, tuned_dir, questions_path, out, config, questions, device, log)
 
 
@@ -226,6 +237,7 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
     paths = {"base": resolve_checkpoint(base_dir), "tuned": resolve_checkpoint(tuned_dir)}  # both, before loading
     models = {side: _load(path, device, dtype, config.level) for side, path in paths.items()}
     check_tokenizers(models["base"], models["tuned"], [q.prompt for q in questions])
+    template = template_identity(config.template, models["base"].tokenizer)
     generations: dict[str, list[Generation]] = {}
     for side, model in models.items():
         generations[side] = _generate(model, questions, out / f"{side}.generations.jsonl", config, counts, side)
@@ -259,7 +271,9 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
     if result.edge_tests is not None:
         result.edge_tests.save(out / "edge_tests.npz")
     report = result.to_markdown(result.groups)  # every group: all, by receiver and source kind, by layer
-    sections = [f"# circuitdiff compare\n\n{_describe(counts, selection.t_cut, config)}"]
+    models_line = " vs ".join(f"**{side}** = `{_display_name(source)}`" for side, source in (("base", base_dir),
+                                                                                            ("tuned", tuned_dir)))
+    sections = [f"# circuitdiff compare\n\n{models_line}\n\n{_describe(counts, selection.t_cut, config)}"]
     if reference is None:
         sections.append(f"**Scorer robustness**: {robustness_note}")
     sections.append(report)
@@ -269,9 +283,11 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
         write_text(out / "cross.json", json.dumps(json_ready(crossed.to_dict()), indent=2))
         sections.append(f"## Cross-scoring: model effect and text effect\n\n{crossed.to_markdown()}")
     write_text(out / "report.md", "\n\n".join(sections) + "\n")
-    figures = _plots(result, out / "figures")
+    names = (_display_name(base_dir), _display_name(tuned_dir))
+    figures = _plots(result, out / "figures", names if names[0] != names[1] else ("base", "tuned"))
     write_text(out / "run.json", json.dumps({
-        "base": str(base_dir), "tuned": str(tuned_dir), "questions": str(questions_path), "config": asdict(config),
+        "base": str(base_dir), "tuned": str(tuned_dir), "questions": str(questions_path), "template": template,
+        "config": asdict(config),
         "device": device, "dtype": str(dtype).replace("torch.", ""), "counts": counts,
         "selection": _selection_record(selection), "figures": figures,
         "versions": scores["base"].metadata.get("versions", {}),
@@ -283,10 +299,11 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
 def run_score(model_dir: str | os.PathLike[str], questions_path: str | os.PathLike[str], out: str | os.PathLike[str],
               config: PipelineConfig | None = None, log: Callable[[str], None] = print) -> EdgeScores:
     """One model: generate, keep its correct answers, apply the length rules to its own
-    lengths, score; writes ``model.generations.jsonl``, ``model.shards/``, ``scores.cdiff``
+    lengths, score; writes ``model.generations.jsonl``, ``model.SCORER.shards/``, ``scores.cdiff``
     and ``run.json`` into ``out``."""
-    config, questions, out, device = _start(config, questions_path, out, _SCORE_OUTPUTS)
-    with output_lock(out):
+    new = not Path(out).exists()
+    config, questions, out, device = _start(config, questions_path, out, _SCORE_OUTPUTS, model_dir)
+    with output_lock(out, remove_if_left_empty=new):
         return _run_score(model_dir, questions_path, out, config, questions, device, log)
 
 
@@ -306,7 +323,8 @@ def _run_score(model_dir: str | os.PathLike[str], questions_path: str | os.PathL
     scores = _score(model, questions, generations, chosen, selection.t_cut, config, out, "scores", cache="model")
     summary = summarize(scores)["all"] if scores.n_samples >= 2 else {}
     write_text(out / "run.json", json.dumps({
-        "model": str(model_dir), "questions": str(questions_path), "config": asdict(config), "device": device,
+        "model": str(model_dir), "questions": str(questions_path),
+        "template": template_identity(config.template, model.tokenizer), "config": asdict(config), "device": device,
         "counts": counts, "selection": _selection_record(selection), "metrics": summary,
         "versions": scores.metadata.get("versions", {}),
     }, indent=2, default=float))
@@ -321,20 +339,51 @@ _COMPARE_OUTPUTS = ("comparison.json", "report.md", "run.json", "base.cdiff", "t
 _SCORE_OUTPUTS = ("scores.cdiff", "run.json", "model.generations.jsonl")
 
 
-def output_lock(out: Path) -> contextlib.AbstractContextManager[None]:
-    """Hold ``out/.lock`` for the run: a second process writing into ``out`` gets a RunLockedError."""
-    return directory_lock(out, f"another circuitdiff run is writing into {str(out)!r}; wait for it to finish or "
-                               "choose another --out.")
+@contextlib.contextmanager
+def output_lock(out: Path, remove_if_left_empty: bool = False) -> Iterator[None]:
+    """Hold ``out/.lock`` for the run: a second process writing into ``out`` gets a RunLockedError.
+
+    With ``remove_if_left_empty`` (the run created ``out``), a run that fails before writing any file leaves no
+    folder behind: ``out`` is removed when it holds nothing but the lock and empty folders.
+    """
+    try:
+        with directory_lock(out, f"another circuitdiff run is writing into {str(out)!r}; wait for it to finish or "
+                                 "choose another --out."):
+            yield
+    except BaseException:
+        if remove_if_left_empty and all(p.is_dir() or p.name == ".lock" for p in out.rglob("*")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _start(config: PipelineConfig | None, questions_path: str | os.PathLike[str],
-           out: str | os.PathLike[str], outputs: Sequence[str] = ()) -> tuple[PipelineConfig, list[Question], Path, str]:
-    """Check the settings, the questions and the output directory (before any model loads); create ``out``."""
+           out: str | os.PathLike[str], outputs: Sequence[str] = (),
+           model: str | os.PathLike[str] | None = None) -> tuple[PipelineConfig, list[Question], Path, str]:
+    """Check the settings, the questions and the output directory (before any model loads); create ``out``.
+
+    ``model`` (a checkpoint directory or cached Hub id) lends its tokenizer to a chat template.
+    """
     config = config or PipelineConfig()
     config.validate()
-    questions = read_questions(questions_path)[:config.max_questions]
+    questions = _questions(config, questions_path, model)
     out = prepare_output_dir(out, outputs)
     return config, questions, out, config.resolved_device()
+
+
+def _questions(config: PipelineConfig, source: str | os.PathLike[str],
+               model: str | os.PathLike[str] | None) -> list[Question]:
+    """The run's questions, their prompts rendered with the config's template (a chat template with ``model``'s
+    tokenizer: both models of a comparison see the same text)."""
+    tokenizer = None
+    if get_template(config.template).chat:
+        from transformers import AutoTokenizer
+
+        if model is None:
+            raise ArgumentError(f"the {config.template!r} template renders prompts with a model's chat template; "
+                                "this run has no model to take it from.")
+        tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(model))
+    return load_questions(source, template=config.template, tokenizer=tokenizer, dataset_format=config.dataset_format,
+                          split=config.split, max_questions=config.max_questions)
 
 
 def plan_run(models: dict[str, str | os.PathLike[str]], questions_path: str | os.PathLike[str],
@@ -346,7 +395,7 @@ def plan_run(models: dict[str, str | os.PathLike[str]], questions_path: str | os
 
     config = config or PipelineConfig()
     config.validate()
-    questions = read_questions(questions_path)[:config.max_questions]
+    questions = _questions(config, questions_path, next(iter(models.values())))
     return describe_plan(models, questions, config, str(questions_path), out)
 
 
@@ -395,7 +444,8 @@ def _generate(model: Any, questions: list[Question], cache: Path, config: Pipeli
     """The model's answers (cached in ``cache``); warns about answers cut at ``max_new_tokens`` and counts them in
     ``counts`` under ``"cut at N tokens (name)"``."""
     generations = generate_answers(model, questions, cache=cache, batch_size=config.batch_size,
-                                   max_new_tokens=config.max_new_tokens, progress=config.progress, fresh=config.fresh)
+                                   max_new_tokens=config.max_new_tokens, progress=config.progress, fresh=config.fresh,
+                                   grader=config.grader)
     cut = sum(len(g.answer_ids) >= config.max_new_tokens for g in generations)
     if cut:
         if counts is not None:
@@ -419,12 +469,15 @@ def _score(model: Any, questions: list[Question], answers: list[Generation], pic
            answered_by: str = "own", cache: str | None = None) -> EdgeScores:
     """Score the questions at ``picked`` on ``answers`` (one per question); save them to ``out/{name}.cdiff``.
 
-    Resumable in ``out/{cache or name}.shards``. ``scorer`` defaults to the config's;
+    Resumable in ``out/{cache or name}.{scorer name}.shards``, so runs of another scorer in the same ``out`` keep
+    their own shards (and the answers: generations do not depend on the scorer). ``scorer`` defaults to the config's;
     ``answered_by`` ("own", "base", "tuned") is recorded as ``metadata["answers"]``.
     """
     graph = AttributionGraph.from_model(model, level=config.level)
+    scorer = scorer or config.make_scorer()
+    scorer_name = scorer if isinstance(scorer, str) else scorer.name
     scores = score_answers(model, graph, [questions[i].prompt for i in picked], [answers[i].answer_ids for i in picked],
-                           t_cut=t_cut, shards=out / f"{cache or name}.shards", scorer=scorer or config.make_scorer(),
+                           t_cut=t_cut, shards=out / f"{cache or name}.{scorer_name}.shards", scorer=scorer,
                            intervention=config.intervention, batch_size=config.batch_size, progress=config.progress,
                            sample_ids=[questions[i].id for i in picked], fresh=config.fresh,
                            nonfinite=config.nonfinite)
@@ -439,7 +492,7 @@ def _reference_scores(models: dict[str, Any], questions: list[Question], generat
     """Both models re-scored with the reference scorer on a seeded subsample, and a line on the cost.
 
     None (and the reason) when the check is off or there is no affordable reference. The
-    shards live in ``{side}.reference-{scorer}-{n}.shards``, so another reference or
+    shards live in ``{side}.reference-{n}.{scorer}.shards``, so another reference or
     subsample size starts its own cache instead of clashing with this one.
     """
     if not config.robustness:
@@ -456,7 +509,7 @@ def _reference_scores(models: dict[str, Any], questions: list[Question], generat
     for side, model in models.items():
         rescored[side] = _score(model, questions, generations[side], picked, t_cut, config, out,
                                 f"{side}.reference", scorer=reference,
-                                cache=f"{side}.reference-{reference}-{len(picked)}")
+                                cache=f"{side}.reference-{len(picked)}")
     return (rescored["base"], rescored["tuned"]), cost
 def _cross_scores(models: dict[str, Any], questions: list[Question], generations: dict[str, list[Generation]],
                   chosen: list[int], t_cut: int, config: PipelineConfig, out: Path) -> dict[str, EdgeScores]:
@@ -509,20 +562,27 @@ def _load(directory: str | os.PathLike[str], device: str, dtype: torch.dtype, le
     return model
 
 
+def _display_name(source: str | os.PathLike[str]) -> str:
+    """A model's name for reports and plots: a Hub id as given, a directory by its last two path parts."""
+    text = os.fspath(source)
+    return text if is_hub_id(text) else "/".join(Path(text).resolve().parts[-2:])
+
+
 def _describe(counts: dict[str, Any], t_cut: int, config: PipelineConfig) -> str:
     lines = ["| step | questions |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in counts.items()]
     settings = (f"alpha {config.alpha}, beta {config.beta}, gamma {config.gamma}, delta {config.delta}, "
-                f"length rule {config.rule}, n {config.n}, seed {config.seed}; T_cut {t_cut} tokens; "
+                f"length rule {config.rule}, n {config.n}, seed {config.seed}; template {config.template}, grader "
+                f"{config.grader}, at most {config.max_new_tokens} new tokens; T_cut {t_cut} tokens; "
                 f"{config.level}-level graph, {config.scorer}, {config.intervention} ablation, answer_nll")
     return "\n".join(lines) + f"\n\nSettings: {settings}."
 
 
-def _plots(result: Comparison, directory: Path) -> list[str]:
-    """Plot files written, or none when matplotlib is not installed."""
+def _plots(result: Comparison, directory: Path, names: tuple[str, str] = ("base", "tuned")) -> list[str]:
+    """Plot files written (``names``: the models' display names), or none when matplotlib is not installed."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         return []
     from circuitdiff.plots import plot_comparison
 
-    return [str(p) for p in plot_comparison(result, directory).values()]
+    return [str(p) for p in plot_comparison(result, directory, names=names).values()]

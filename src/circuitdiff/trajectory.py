@@ -375,14 +375,15 @@ def run_trajectory(
     models = [(initial_step, Path(initial))] + [(c.step, c.path) for c in found]
     outputs = ("trajectory.json", "report.md", "run.json",
                *(f"step-{step}.{kind}" for step, _ in models for kind in ("cdiff", "generations.jsonl")))
-    config, questions, out, device = _start(config, questions_path, out, outputs)
+    new = not Path(out).exists()
+    config, questions, out, device = _start(config, questions_path, out, outputs, initial)
     devices = check_devices(devices) if devices is not None else [device]
 
     def each_step(job: Callable[..., Any], items: list[tuple]) -> dict[int, Any]:
         outcomes = map_on_devices(job, items, devices, log=log, progress=config.progress, stop_on_error=True)
         return {step: value for (step, _), (value, _) in zip(models, outcomes, strict=True)}
 
-    with output_lock(out):
+    with output_lock(out, remove_if_left_empty=new):
         generations = each_step(_answers, [(step, path, questions, out, config) for step, path in models])
         accuracy = {step: sum(g.correct for g in answers) / len(questions) for step, answers in generations.items()}
         first, last = generations[initial_step], generations[models[-1][0]]

@@ -1,11 +1,12 @@
-"""Final answers of math solutions: extract them and check them against a reference.
+"""Final answers of math solutions: extract them and check them against a reference (the ``"boxed"`` grader).
 
 :func:`extract_answer` takes the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``),
-braces balanced, else the last number in the text. :func:`answers_match` compares two
-answers numerically when both parse as numbers (integers, decimals, thousands
+braces balanced (:func:`last_boxed`), else the last number in the text. :func:`answers_match`
+compares two answers numerically when both parse as numbers (integers, decimals, thousands
 separators, ``a/b``, ``\\frac{a}{b}``, percentages), with a tolerance, and otherwise as
-normalised strings (LaTeX spacing, ``\\text{}``, ``$``, ``\\left``/``\\right``, case and
-whitespace removed).
+normalised strings (LaTeX spacing, ``\\text{}``, ``$``, ``\\left``/``\\right``, degree signs,
+a leading ``x =``, trailing unit words, parentheses around a choice letter, case and
+whitespace removed). There is no symbolic equivalence: ``\\sqrt{8}`` is not ``2\\sqrt{2}``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["extract_answer", "answers_match", "to_number", "normalize"]
+__all__ = ["extract_answer", "last_boxed", "answers_match", "to_number", "normalize"]
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
@@ -26,26 +27,37 @@ def extract_answer(text: str) -> str | None:
     The last ``\\boxed{...}``/``\\fbox{...}`` wins (nested braces allowed); without one,
     the last number (``"#### 72"``, ``"the answer is 1,234.5."``).
     """
-    boxed = list(_BOXED.finditer(text))
-    for match in reversed(boxed):
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    numbers = _NUMBER.findall(text.replace("\u2212", "-"))
+    return numbers[-1] if numbers else None
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last complete ``\\boxed{...}``/``\\fbox{...}`` in ``text`` (braces balanced), or None."""
+    for match in reversed(list(_BOXED.finditer(text))):
         depth, start = 1, match.end()
         for i in range(start, len(text)):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             if depth == 0:
                 return text[start:i].strip()
-    numbers = _NUMBER.findall(text.replace("\u2212", "-"))
-    return numbers[-1] if numbers else None
+    return None
 
 
 def normalize(answer: str) -> str:
-    """A canonical string form: LaTeX decoration, ``$``, spaces and case removed."""
+    """A canonical string form: LaTeX decoration, ``$``, degree signs, a leading ``x =``, trailing
+    unit words, parentheses around a choice letter, spaces and case removed."""
     s = answer.replace("\u2212", "-").strip()
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}", r" \1", s)  # "18\\text{ dollars}" keeps its space
     s = re.sub(r"\\(?:left|right|!|,|;|:|\s)", "", s)
+    s = re.sub(r"\^\s*\{?\\circ\}?|\u00b0", "", s)
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "%")
     s = s.replace("dfrac", "frac").replace("tfrac", "frac")
+    s = re.sub(r"^[a-zA-Z]\s*=", "", s.strip())  # "x = 3"
+    s = re.sub(r"(?<=\d)\s+[a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*\.?$", "", s)  # "18 dollars", not "2 x"
     s = re.sub(r"\s+", "", s).rstrip(".").lower()
-    return s
+    return re.sub(r"^\(([a-z])\)$", r"\1", s)  # "(B)" is choice "b"
 
 
 def to_number(answer: str) -> float | None:

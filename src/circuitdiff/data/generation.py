@@ -25,8 +25,10 @@ without it, generation runs without the cache (correct, slower) and warns. NaN o
 infinite logits in that check raise :class:`~circuitdiff.NonFiniteError` naming the
 parameters that hold NaN or inf.
 
-Correctness is not cached: it is recomputed from the cached text on every call, so a
-change to the answer checking applies to old generations too.
+Grading is not cached: every call grades the (cached or new) text again with its
+``grader`` (:mod:`circuitdiff.data.grading`; ``"math-verify"`` by default), so another grader
+or a change to one applies to old generations too. The grader is therefore not part of a
+record's identity.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from circuitdiff.data.answers import answers_match, extract_answer
+from circuitdiff.data.grading import DEFAULT_GRADER, Grader, grade, resolve
 from circuitdiff.data.questions import Question
 from circuitdiff.errors import DataError, IdentityMismatchError, MissingPathError, NonFiniteError
 from circuitdiff.identity import differences, fingerprint, library_version, model_identity
@@ -63,8 +65,8 @@ class Generation:
         answer_ids: the generated token ids, up to (excluding) the first end-of-sequence token
             of the model's generation config.
         prompt_length: tokens in the prompt.
-        extracted: the final answer found in ``text`` (None if none).
-        correct: whether ``extracted`` matches the question's reference answer.
+        extracted: the final answer the grader found in ``text`` (None if none).
+        correct: the grader's verdict: whether ``extracted`` equals the question's reference answer.
     """
 
     id: str
@@ -84,14 +86,24 @@ def generate_answers(
     batch_size: int = 8,
     max_new_tokens: int = 512,
     progress: bool = True,
+    grader: str | Grader = DEFAULT_GRADER,
 ) -> list[Generation]:
-    """Greedy answers of ``model`` (a TransformerBridge from ``cd.load_model``) to ``questions``.
+    """Greedy answers of ``model`` (a TransformerBridge from ``cd.load_model``) to ``questions``, graded.
 
     Returns the generations in question order. See the module docstring for the cache;
-    ``fresh=True`` deletes ``cache`` first and generates every answer again.
+    ``fresh=True`` deletes ``cache`` first and generates every answer again. ``grader`` is a
+    registered name (``circuitdiff.data.grading.available()``) or a callable
+    ``grader(text, reference) -> (extracted, correct)``; it is resolved before anything is
+    generated, and it grades cached answers as well as new ones (it is not part of the cache
+    identity).
+
+    Raises:
+        UnknownNameError: no grader of that name (the message lists the available ones).
+        MissingDependencyError: the grader needs a package that is not installed.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise DataError(f"batch_size and max_new_tokens must be >= 1; got {batch_size} and {max_new_tokens}.")
+    grader = resolve(grader)
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise DataError("question ids must be unique.")
@@ -126,9 +138,8 @@ def generate_answers(
     out = []
     for q in questions:
         r = cached[q.id]
-        extracted = extract_answer(r["text"])
-        out.append(Generation(q.id, r["text"], list(r["answer_ids"]), int(r["prompt_length"]), extracted,
-                              answers_match(extracted, q.answer)))
+        extracted, correct = grade(grader, r["text"], q.answer)
+        out.append(Generation(q.id, r["text"], list(r["answer_ids"]), int(r["prompt_length"]), extracted, correct))
     return out
 
 

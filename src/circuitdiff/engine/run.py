@@ -110,9 +110,9 @@ class AttributionRun:
             _check_tokens(self, batch, index)
             yield index, batch.to(self.device)
 
-    def progress_bar(self, total: int, desc: str) -> tqdm:
+    def progress_bar(self, total: int, desc: str, unit: str = "it") -> tqdm:
         """A transient progress bar for work inside one batch (the caller closes it)."""
-        return tqdm(total=total, desc=desc, leave=False, disable=not self.progress)
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not self.progress)
 
     # ------------------------------------------------------------------ buffers
     def delta_dtype(self, window: Window = Window()) -> torch.dtype:

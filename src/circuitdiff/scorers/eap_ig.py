@@ -96,7 +96,8 @@ class _IntegratedGradients:
         clean_losses = run.loss(clean_logits, batch, batch_index)
         scores = run.new_scores(batch)
         paths = self.paths(run)
-        bar = run.progress_bar(len(paths) * self.steps, f"{self.name} steps")
+        bar = run.progress_bar(len(paths) * self.steps, f"{self.name}: {len(paths)} path(s) x {self.steps} steps",
+                               unit="pass")
         for hook_name, shifted, rows in paths:
             difference = delta[:, shifted].sum(1)  # [batch, pos, d_model]: the block's replacement - clean
             for alpha in self.alphas():

@@ -54,7 +54,8 @@ class Exact:
         samples = torch.arange(batch.size).repeat_interleave(n_edges)
         sources, receivers = sources.repeat(batch.size), receivers.repeat(batch.size)
         scores = run.new_scores(batch)
-        bar = run.progress_bar(samples.shape[0], "exact: edges ablated")
+        bar = run.progress_bar(samples.shape[0], f"exact: {n_edges:,} edges x {batch.size} samples ablated",
+                               unit="ablation")
         for start in range(0, samples.shape[0], self.edges_per_forward):
             chunk = slice(start, start + self.edges_per_forward)
             rows, u, v = samples[chunk], sources[chunk], receivers[chunk]
