@@ -1,12 +1,15 @@
 """The bundled demo: files match the manifest, the models load, answer and score, and
-``circuitdiff demo`` runs end to end on a reduced setting."""
+``circuitdiff demo`` runs end to end on a reduced setting, from the installed wheel."""
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
 import json
+import os
+import re
 import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import circuitdiff as cd
 from circuitdiff.cli import main
 from circuitdiff.data import generate_answers, read_questions
 from circuitdiff.demo import DEMO_DATA, TUNED_MODELS, check_demo_files, side_by_side
+from test_packaging import build_wheel, install_in_fresh_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("base", *TUNED_MODELS)
@@ -88,14 +92,32 @@ def test_bundled_models_answer_as_the_manifest_says_and_score(name):
 
 
 @pytest.mark.slow
-def test_demo_command_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--max-questions", "80", "--n", "12", "--quiet"]) == 0
-    assert capsys.readouterr().out == ""
+def test_demo_runs_from_the_installed_wheel_end_to_end(tmp_path, capsys):
+    """``circuitdiff demo`` from the wheel, installed (not editable) into a fresh environment and
+    run in an empty folder; then a second run and ``--trajectory`` in this process reuse its work."""
+    wheel = build_wheel(tmp_path / "wheel")
+    documented = re.search(r"the wheel is ([\d.]+) MB", (ROOT / "docs" / "demo.md").read_text())
+    assert documented and abs(wheel.stat().st_size / 1e6 - float(documented.group(1))) < 0.5, \
+        f"the wheel is {wheel.stat().st_size / 1e6:.1f} MB; update the size in docs/demo.md"
+    bin_dir = install_in_fresh_environment(wheel, tmp_path / "env")
+    work = tmp_path / "work"
+    work.mkdir()
+    # one OpenMP thread unless the caller set one (see test_examples._environment); no src/ on the path
+    env = {"OMP_NUM_THREADS": "1", **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+           "HF_HUB_OFFLINE": "1"}
+    where = subprocess.run([bin_dir / "python", "-c", "import circuitdiff; print(circuitdiff.__file__)"],
+                           cwd=work, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where).is_relative_to(tmp_path / "env"), f"circuitdiff was imported from {where}, not the wheel"
+    done = subprocess.run([bin_dir / "circuitdiff", "demo", "--max-questions", "80", "--n", "12", "--quiet"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert done.stdout == ""
+    out = work / "circuitdiff-demo"  # the default --out, relative to the working folder
+    assert list(work.iterdir()) == [out]
     for name in TUNED_MODELS:
         run = json.loads((out / f"base-vs-{name}" / "run.json").read_text())
         assert run["counts"]["questions"] == 80 and run["counts"]["scored"] == 12
-        assert len(run["figures"]) == 5 and all(Path(f).is_file() for f in run["figures"])  # 4 + volcano
+        assert len(run["figures"]) == 5 and all((work / f).is_file() for f in run["figures"])  # 4 + volcano
     report = (out / "report.md").read_text()
     assert "| metric (all edges) | base -> grpo | base -> dpo |" in report
     # each cell is the per-comparison JSON's row, in % of base

@@ -1,7 +1,10 @@
 """The examples run, so they cannot rot.
 
-- ``examples/quickstart.ipynb`` is executed cell by cell with nbclient; it must be stored
-  with its outputs stripped (no outputs, no execution counts, no widget state).
+- ``examples/quickstart.ipynb`` is stored with the outputs of one run from top to bottom, so
+  it can be read on GitHub without running it. The test executes it again with nbclient and
+  compares: every code cell must give outputs of the same kinds, and the same printed text up
+  to float noise, so the stored outputs cannot go stale. After changing the notebook or what it
+  prints, store a fresh run with ``python tests/test_examples.py --store-notebook``.
 - ``examples/quickstart.py`` is run as a script.
 - ``examples/train_demo_models.py`` is not run: it needs the ``train`` extra (TRL) and
   takes about 20 minutes (``--quick`` still about a minute of training). Its ``--help``
@@ -18,10 +21,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -54,22 +59,59 @@ def test_every_example_is_covered():
         f"{sorted(present - set(COVERED))}; listed but missing: {sorted(set(COVERED) - present)}"
 
 
-def test_notebook_is_stored_without_outputs():
+def test_notebook_is_stored_with_the_outputs_of_one_clean_run():
     nbformat = pytest.importorskip("nbformat")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
-    dirty = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
-             and (cell.outputs or cell.execution_count is not None)]
-    assert not dirty, f"cells {dirty} of {NOTEBOOK.name} have outputs or execution counts; strip them " \
-        "(jupyter nbconvert --clear-output --inplace examples/quickstart.ipynb)"
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1)), \
+        f"{NOTEBOOK.name} is not stored from one run from top to bottom; {STORE}"
+    for i, cell in enumerate(code):
+        kinds = [output.output_type for output in cell.outputs]
+        assert kinds and not {"error"} & set(kinds), f"code cell {i} has no output or an error; {STORE}"
+        assert not any(output.get("name") == "stderr" for output in cell.outputs), \
+            f"code cell {i} stores stderr (warnings, progress bars); {STORE}"
+    texts = [text for cell in code for output in cell.outputs
+             for text in (output.get("text", ""), *(v for k, v in output.get("data", {}).items() if k.startswith("text/")))]
+    assert not [t for t in texts if re.search(r"/(work|tmp|home|root|Users)/", t)], "the outputs contain a local path"
+    size = len(json.dumps([cell.outputs for cell in code]))
+    assert size < 200_000, f"the outputs take {size} characters; keep them small"
     assert "widgets" not in nb.metadata, "the notebook stores widget state; strip it"
     for i, cell in enumerate(nb.cells):
         assert not set(cell.metadata) & {"execution", "collapsed", "scrolled"}, f"cell {i} stores run metadata"
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_runs(tmp_path):
-    """Runs the notebook in a fresh kernel of *this* interpreter.
+def test_quickstart_notebook_runs_and_gives_the_stored_outputs(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    stored = nbformat.read(NOTEBOOK, as_version=4)
+    nb, work = execute_notebook(NOTEBOOK, tmp_path)  # raises CellExecutionError, with the traceback, on any error
+
+    text = "".join(output.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                   for output in cell.outputs if output.output_type == "stream" and output.name == "stdout")
+    kept = re.search(r"answered correctly by both; kept (\d+)", text)
+    assert kept and int(kept.group(1)) >= 30, text
+    assert "| intensity |" in text and "| all |" in text, "the comparison table is missing:\n" + text
+    assert "grpo: strongest edges" in text and "->" in text, text
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert any("image/png" in output.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
+                   for output in cell.outputs), "the figure was not displayed"
+    assert list(work.iterdir()) == [], "the notebook wrote into its working directory"
+
+    for i, (old, new) in enumerate(zip(_code_cells(stored), _code_cells(nb), strict=True)):
+        (printed_before, others_before), (printed_now, others_now) = _summary(old), _summary(new)
+        assert others_before == others_now, f"code cell {i} gives other outputs than stored; {STORE}"
+        assert _same_up_to_float_noise(printed_before, printed_now), \
+            f"code cell {i} prints\n{printed_now}\nbut the notebook stores\n{printed_before}\n{STORE}"
+
+
+STORE = "store a fresh run with: python tests/test_examples.py --store-notebook"
+_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+
+
+def execute_notebook(path: Path, tmp_path: Path):
+    """Runs the notebook at ``path`` in a fresh kernel of *this* interpreter, in the empty
+    folder ``tmp_path/work``; returns the executed notebook and that folder.
 
     The kernel is launched from a kernelspec written into ``tmp_path`` whose argv is
     ``sys.executable -m ipykernel_launcher``, given to nbclient through its own
@@ -78,10 +120,12 @@ def test_quickstart_notebook_runs(tmp_path):
     circuitdiff installed); this way only ipykernel in the test's own environment is needed,
     and neither ``jupyter kernelspec install`` nor ``JUPYTER_PATH`` is touched. The connection
     file and IPython's directory are in ``tmp_path`` too, so nothing is written to ``~``.
+    No timing metadata is recorded, the notebook's own metadata is kept as it was, and
+    outputs to stderr (warnings, the dependencies' progress bars) are dropped: they depend on
+    the installed versions, and they would store local paths.
     """
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
+    import nbclient
+    import nbformat
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
 
@@ -97,20 +141,49 @@ def test_quickstart_notebook_runs(tmp_path):
                             kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir.parent)]))
     work = tmp_path / "work"
     work.mkdir()
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, km=manager, timeout=300, resources={"metadata": {"path": str(work)}})
-    client.execute()  # raises CellExecutionError, with the traceback, on any cell error
+    nb = nbformat.read(path, as_version=4)
+    metadata = nb.metadata.copy()
+    for cell in _code_cells(nb):
+        cell.outputs, cell.execution_count = [], None
+    client = nbclient.NotebookClient(nb, km=manager, timeout=300, record_timing=False,
+                                     resources={"metadata": {"path": str(work)}})
+    client.execute()
+    nb.metadata = metadata
+    for cell in _code_cells(nb):
+        cell.outputs = [output for output in cell.outputs if output.get("name") != "stderr"]
+    return nb, work
 
-    text = "".join(output.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                   for output in cell.outputs if output.output_type == "stream" and output.name == "stdout")
-    kept = re.search(r"answered correctly by both; kept (\d+)", text)
-    assert kept and int(kept.group(1)) >= 30, text
-    assert "| intensity |" in text and "| all |" in text, "the comparison table is missing:\n" + text
-    assert "grpo: strongest edges" in text and "->" in text, text
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert any("image/png" in output.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
-                   for output in cell.outputs), "the figure was not displayed"
-    assert list(work.iterdir()) == [], "the notebook wrote into its working directory"
+
+def _code_cells(nb) -> list:
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def _summary(cell) -> tuple[str, list[tuple[str, ...]]]:
+    """A code cell's printed text (however the kernel split it into messages) and the types of
+    its other outputs with their MIME types."""
+    printed = "".join(output.text for output in cell.outputs if output.get("name") == "stdout")
+    others = [(output.output_type, *sorted(output.get("data", {}))) for output in cell.outputs
+              if output.output_type != "stream"]
+    return printed, others
+
+
+def _same_up_to_float_noise(before: str, now: str) -> bool:
+    """The same text, with whole numbers equal and decimals within 2% or one unit of their last digit.
+
+    The scores are deterministic, but another CPU or BLAS build changes them at the 1e-6
+    level, which can move a printed last digit or a p-value a little.
+    """
+    if _NUMBER.split(before) != _NUMBER.split(now):
+        return False
+    for old, new in zip(_NUMBER.findall(before), _NUMBER.findall(now)):
+        if old == new:
+            continue
+        if not re.search(r"[.eE]", old + new):  # counts, lengths, layer numbers
+            return False
+        unit = 10.0 ** Decimal(old).as_tuple().exponent
+        if not math.isclose(float(old), float(new), rel_tol=0.02, abs_tol=unit):
+            return False
+    return True
 
 
 @pytest.mark.slow
@@ -156,3 +229,17 @@ def test_train_demo_models_reproduces_the_bundled_questions_and_tokenizer(monkey
     tokenizer, bundled_tokenizer = script.build_tokenizer(), AutoTokenizer.from_pretrained(DEMO_DATA / "base")
     for text in (bundled[0]["prompt"], "Q: 12+7*3= 7*3=21 12+21=33 \\boxed{33}"):
         assert tokenizer(text)["input_ids"] == bundled_tokenizer(text)["input_ids"]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--store-notebook"]:
+        sys.exit("usage: python tests/test_examples.py --store-notebook  (runs the quickstart notebook and "
+                 "stores it with its outputs)")
+    import tempfile
+
+    import nbformat
+
+    with tempfile.TemporaryDirectory() as scratch:
+        executed, _ = execute_notebook(NOTEBOOK, Path(scratch))
+    nbformat.write(executed, NOTEBOOK)
+    print(f"stored {NOTEBOOK} with its outputs")
