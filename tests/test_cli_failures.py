@@ -134,6 +134,7 @@ def test_fresh_discards_cached_generations(run_files, tmp_path, capsys):
     out = tmp_path / "run"
     write_caches(run_files, out)
     assert main(cli_args(run_files, out)) == 0
+    capsys.readouterr()  # write_caches loaded the models (with transformers' loading bars)
     edited = run_files["root"] / "edited.jsonl"  # the prompts changed: the cached answers are stale
     edited.write_text(run_files["questions"].read_text().replace('"w0 w1 w2"', '"w0 w1 w3"'))
     args = cli_args({**run_files, "questions": edited}, out)

@@ -270,8 +270,8 @@ def test_a_mirror_read_with_a_named_format(hf_home):
 
 def test_not_cached_says_how_to_fetch(hf_home):
     with pytest.raises(cd.DataError, match=r"'openai/gsm8k' is not in the Hugging Face cache .*Nothing is "
-                                           r"downloaded here.*huggingface-cli download --repo-type dataset "
-                                           r"openai/gsm8k"):
+                                           r"downloaded here.*hf download openai/gsm8k --repo-type "
+                                           r"dataset"):
         load_questions("gsm8k")
     assert not (hf_home / "hub" / "datasets--openai--gsm8k").exists()  # and nothing was fetched
 

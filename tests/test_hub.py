@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def test_a_cached_hub_id_loads_the_same_model_as_its_directory(tmp_path, hub_cac
 
 
 def test_a_model_not_in_the_cache_is_refused_with_the_command_to_fetch_it(hub_cache):
-    with pytest.raises(cd.MissingPathError, match=r"never downloads.*hf download other-org/absent"):
+    with pytest.raises(cd.MissingPathError, match=r"nothing is downloaded.*hf download other-org/absent"):
         resolve_checkpoint("other-org/absent")
     with pytest.raises(cd.MissingPathError, match="--revision v2"):
         resolve_checkpoint("other-org/absent@v2")
@@ -58,7 +59,7 @@ def test_a_partial_snapshot_is_refused(tmp_path, hub_cache):
     snapshot = fake_cache(hub_cache, "tiny-org/partial", checkpoint)
     for weights in snapshot.glob("*.safetensors"):
         weights.unlink()
-    with pytest.raises(cd.MissingPathError, match="no weights"):
+    with pytest.raises(cd.MissingPathError, match="no model weights"):
         resolve_checkpoint("tiny-org/partial")
     (snapshot / "config.json").unlink()
     with pytest.raises(cd.MissingPathError, match="no config.json"):
@@ -110,7 +111,12 @@ def test_dry_run_prints_the_plan_without_loading_or_writing(run_files, tmp_path,
     assert f"{graph.n_edges:,} edges" in plan and "- questions: 6 from" in plan
     longest = max(len(model.tokenizer(f"w{i} w{i + 1} w{i + 2}")["input_ids"]) for i in range(6))
     assert f"batch 2 x {longest + 10} tokens" in plan  # the longest prompt + alpha * max_new_tokens
-    assert "GiB" in plan and "at most 20 new tokens" in plan
+    assert "at most 20 new tokens" in plan
+    # the peak: the base model's attribution batch plus the tuned model's weights (both stay loaded)
+    configs = [json.loads((run_files[side] / "config.json").read_text()) for side in ("base", "tuned")]
+    peak = cd.estimate_memory(configs[0], graph, batch_size=2, seq_len=longest + 10, dtype=torch.float32).total
+    weights = cd.ModelShape.from_config(configs[1], torch.float32).parameter_bytes()
+    assert f"**{(peak + weights) / 2**20:.1f} MiB**, the other model's weights ({weights / 2**20:.1f} MiB)" in plan
     assert main(["compare", "--pair", "qwen2.5-dpo", "--questions", str(run_files["questions"]), "--out", str(out),
                  "--dry-run", "--device", "cpu"]) == 2
     assert "hf download RLHFlow/Qwen2.5-7B-SFT" in capsys.readouterr().err and not out.exists()
@@ -126,3 +132,29 @@ def test_pair_and_checkpoints_are_exclusive_and_one_checkpoint_is_not_enough(tmp
     assert "compare needs two checkpoints" in capsys.readouterr().err
     assert main(["compare", "--pair", "nope", *base]) == 2
     assert "unknown model pair 'nope'" in capsys.readouterr().err
+
+
+def test_a_pair_supplies_its_template_and_answer_length(tmp_path, hub_cache, run_files, capsys):
+    """--pair fills in what the options leave unset: the pair's Hub ids, template and max_new_tokens."""
+    from circuitdiff.cli import main
+
+    pair = get_pair("deepseek-math-grpo")
+    for side, repo in (("base", pair.base), ("tuned", pair.tuned)):
+        snapshot = fake_cache(hub_cache, repo, run_files[side])
+        config = json.loads((snapshot / "tokenizer_config.json").read_text())
+        config["chat_template"] = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+        (snapshot / "tokenizer_config.json").write_text(json.dumps(config))
+    args = ["compare", "--pair", pair.name, "--questions", str(run_files["questions"]), "--out", str(tmp_path / "o"),
+            "--device", "cpu", "--dry-run"]
+    assert main([*args, "--max-new-tokens", "16"]) == 0
+    plan = capsys.readouterr().out
+    assert "template 'deepseek-math'" in plan and "at most 16 new tokens" in plan and pair.tuned in plan
+    assert main(args) == 2  # the pair's 1024 new tokens do not fit the tiny models' context
+    assert "max_new_tokens=1024" in capsys.readouterr().err
+
+
+def test_an_invalid_hub_id_is_a_clear_error(tmp_path, hub_cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("models/base--v2", "org/name..x"):
+        with pytest.raises(cd.MissingPathError, match="neither a local path nor a valid Hub id"):
+            resolve_checkpoint(name)

@@ -63,7 +63,7 @@ def test_compare_end_to_end(run_files, tmp_path):
     assert set(verdicts.values()) <= {"robust", "scorer-dependent", "inconclusive"}
     assert "**Scorer robustness**" in report and "Robustness check: exact on 4 paired samples" in report
     # every question left out is listed with its reason
-    assert (out / "base.reference-4.exact.shards" / "manifest.json").is_file()  # named by reference and size
+    assert len(list(out.glob("base.reference-*.exact.shards/manifest.json"))) == 1  # named by subsample and scorer
     edges = np.load(out / "edge_tests.npz")  # every edge's test, not just the report's top tables
     assert edges["edge"].tolist() == base.edge_names() and edges["q_value"].shape == (base.graph.n_edges,)
     assert {"side": "both", "id": "q4", "reason": "answered incorrectly by base"} in comparison["dropped"]
@@ -134,7 +134,7 @@ def test_interrupted_run_resumes_to_the_same_result(run_files, tmp_path, monkeyp
 
     monkeypatch.setattr(EAP, "score_batch", crash_on_third)
     assert main(cli_args(run_files, interrupted)) == 130  # base shards 0, 1 done; tuned shard 0 interrupted
-    assert sorted(p.name for p in (interrupted / "base.eap.shards").glob("shard-*")) == ["shard-00000.safetensors",
+    assert sorted(p.name for p in interrupted.glob("base-*.eap.shards/shard-*")) == ["shard-00000.safetensors",
                                                                                      "shard-00001.safetensors"]
     calls.clear()
     monkeypatch.setattr(EAP, "score_batch", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
@@ -160,7 +160,7 @@ def test_eap_memory_options_reach_the_scorer(run_files, tmp_path):
     assert config["positions_per_pass"] == 4 and config["contraction_dtype"] == "bfloat16"
     assert config["scorer"] == "eap" and "method" not in config and config["level"] == "layer"
     assert PipelineConfig.from_dict(config) == PipelineConfig(**config)
-    manifest = json.loads((tmp_path / "options" / "base.eap.shards" / "manifest.json").read_text())
+    manifest = json.loads(next((tmp_path / "options").glob("base-*.eap.shards/manifest.json")).read_text())
     assert manifest["identity"]["scorer"]["options"] == {"contraction_dtype": "torch.bfloat16"}  # windows: memory only
     difference = (scores["options"] - scores["default"]).norm() / scores["default"].norm()
     assert 1e-5 < difference < 1e-2  # the bfloat16 rounding, and nothing more
@@ -285,8 +285,9 @@ def test_real_generation_with_no_correct_answer(run_files, tmp_path, capsys):
         assert len(lines) == 6 and all(len(json.loads(line)["answer_ids"]) <= 3 for line in lines)
         cut = sum(len(json.loads(line)["answer_ids"]) == 3 for line in lines)  # no end token within 3 tokens
         warned = [str(w.message) for w in caught if str(w.message).startswith(f"{side}: ")]
-        assert warned == ([f"{side}: {cut} of 6 answers reached max_new_tokens=3"] if cut else []) or \
-            warned[0].startswith(f"{side}: {cut} of 6 answers reached max_new_tokens=3 without an end token")
+        assert len(warned) == (1 if cut else 0)
+        assert all(w.startswith(f"{side}: {cut} of 6 answers reached max_new_tokens=3 without an end token")
+                   for w in warned)
 
 
 @pytest.mark.slow
@@ -311,7 +312,7 @@ def test_killed_process_resumes(run_files, tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script, *cli_args(run_files, killed)], capture_output=True)
     assert result.returncode == -9  # killed, mid-run
-    assert not (killed / "comparison.json").exists() and len(list((killed / "base.eap.shards").glob("shard-*"))) == 2
+    assert not (killed / "comparison.json").exists() and len(list(killed.glob("base-*.eap.shards/shard-*"))) == 2
     assert main(cli_args(run_files, killed)) == 0
     for name in ("base.cdiff", "tuned.cdiff"):
         assert torch.equal(cd.EdgeScores.load(reference / name).per_sample, cd.EdgeScores.load(killed / name).per_sample)
@@ -323,7 +324,8 @@ def test_template_and_dataset_options_reach_the_questions(run_files, tmp_path, c
     gsm8k = tmp_path / "mine.jsonl"
     gsm8k.write_text('{"question": "Ann has 3 boxes of 6 pens?", "answer": "3 * 6 = 18\\n#### 18"}\n'
                      '{"question": "1,000 + 234?", "answer": "#### 1,234"}\n')
-    args = ["compare", str(run_files["base"]), str(run_files["tuned"]), "--questions", str(gsm8k), "--device", "cpu"]
+    args = ["compare", str(run_files["base"]), str(run_files["tuned"]), "--questions", str(gsm8k), "--device", "cpu",
+            "--max-new-tokens", "16"]
     assert main([*args, "--out", str(tmp_path / "plan"), "--dataset-format", "gsm8k", "--template",
                  "mistral-math-shepherd", "--dry-run"]) == 0
     plan = capsys.readouterr().out
@@ -353,12 +355,40 @@ def test_the_command_line_switches_off_checkpoint_loading_bars(run_files, tmp_pa
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     args = ["score", str(run_files["base"]), "--questions", str(run_files["questions"]), "--out", str(tmp_path),
             "--device", "cpu", "--dry-run"]
+    seen = []
+    monkeypatch.setattr("circuitdiff.pipeline.plan_run",
+                        lambda *a, **k: seen.append(transformers_logging.is_progress_bar_enabled()) or "plan")
     try:
         transformers_logging.enable_progress_bar()
         monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
-        assert main(args) == 0 and transformers_logging.is_progress_bar_enabled()
+        assert main(args) == 0 and seen.pop()  # kept on
         monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
-        assert main(args) == 0 and not transformers_logging.is_progress_bar_enabled()
+        assert main(args) == 0 and not seen.pop()  # off during the run
+        assert transformers_logging.is_progress_bar_enabled()  # and on again for the caller
     finally:
         transformers_logging.enable_progress_bar()
     capsys.readouterr()
+
+
+def test_a_grader_must_be_a_registered_name(tmp_path):
+    config = PipelineConfig(device="cpu", grader=lambda output, reference: (None, False))
+    with pytest.raises(cd.ArgumentTypeError, match="registered grader's name"):
+        config.validate()
+    with pytest.raises(cd.UnknownNameError, match="boxed"):
+        PipelineConfig(device="cpu", grader="nope").validate()
+
+
+def test_a_run_refused_by_the_lock_leaves_the_holders_folder_alone(tmp_path):
+    from circuitdiff.pipeline import output_lock
+
+    out = tmp_path / "shared"
+    out.mkdir()
+    with output_lock(out, remove_if_left_empty=True):  # the first run holds the lock, nothing written yet
+        with pytest.raises(cd.RunLockedError):
+            with output_lock(out, remove_if_left_empty=True):
+                pass
+        assert out.is_dir()
+    with pytest.raises(KeyboardInterrupt):  # the holder itself fails before writing: its new folder goes
+        with output_lock(out, remove_if_left_empty=True):
+            raise KeyboardInterrupt
+    assert not out.exists()

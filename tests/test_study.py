@@ -114,6 +114,17 @@ def test_a_study_file_expands_into_its_grid(tmp_path):
     assert {s.config.rule for s in settings} == {"paper", "code"} and all(s.config.n == 12 for s in settings)
 
 
+def test_a_study_names_models_by_hub_id_and_datasets_by_name(tmp_path):
+    base_line, questions_line = f'base = "{DEMO_DATA / "base"}"', f'questions = "{DEMO_DATA / "questions.jsonl"}"'
+    body = DEMO_STUDY.replace(base_line, 'base = "some-org/base-model"', 1).replace(questions_line, 'questions = "gsm8k"')
+    settings = study_module.read_study(write_study(tmp_path, body))
+    assert str(settings[0].base) == "some-org/base-model" and str(settings[0].questions) == "gsm8k"
+    assert settings[0].tuned == DEMO_DATA / "grpo"
+    missing = DEMO_STUDY.replace(questions_line, 'questions = "q/missing.jsonl"')
+    with pytest.raises(cd.MissingPathError, match="does not exist"):
+        study_module.read_study(write_study(tmp_path, missing))
+
+
 @pytest.mark.parametrize("change, message", [
     ("[extra]\n", "unknown sections"),
     ('[grid]\nrule = "paper"\n', "non-empty lists"),

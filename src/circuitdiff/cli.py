@@ -37,13 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     # Checkpoint-loading bars (one per model, per shard) would bury circuitdiff's own progress bars; they stay off
-    # unless HF_HUB_DISABLE_PROGRESS_BARS=0 is set. Read when huggingface_hub is imported, which is after this line.
+    # unless HF_HUB_DISABLE_PROGRESS_BARS=0 is set (read when huggingface_hub is imported, after this line). When
+    # main() is called from Python with transformers already imported, they are switched off for the call only.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    restore = None
     if getattr(args, "quiet", False) or ("transformers" in sys.modules
                                          and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"):
         from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()  # already imported (main called from Python): switch them off
+        if transformers_logging.is_progress_bar_enabled():
+            restore = transformers_logging.enable_progress_bar
+        transformers_logging.disable_progress_bar()
     try:
         return args.run(args)
     except (CircuitDiffError, OSError) as exc:  # OSError: missing files, permissions, a full disk
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("circuitdiff: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+    finally:
+        if restore is not None:
+            restore()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Each model answers the questions (one model in memory at a time); the questions every model "
                     "answers correctly are scored for each; every checkpoint is compared with the initial model and "
                     "each metric is tested for a trend along the steps (see docs/trajectory.md).", parents=[common])
-    trajectory.add_argument("initial", help="the initial model's checkpoint directory")
+    trajectory.add_argument("initial", help="the initial model: a checkpoint directory or a cached Hub id")
     trajectory.add_argument("checkpoints", nargs="+",
                             help="a run folder of checkpoint-N folders, a glob ('run/checkpoint-*'), or the folders")
     trajectory.add_argument("--initial-step", type=int, default=0, help="the initial model's step (0)")
@@ -167,8 +174,8 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grader", help="answer checker: math-verify (default), boxed (the hand checker), or a "
                                          "plugin's; see docs/graders.md")
     parser.add_argument("--dataset-format", metavar="NAME",
-                        help="the records' format when the file or Hub dataset is not named after it (math500, gsm8k, "
-                             "college-math, questions)")
+                        help="the records' format: math500, gsm8k, college-math or questions (default: the named "
+                             "dataset's; a local file or other Hub id is read as the questions schema)")
     parser.add_argument("--split", help="split of a Hub dataset (default: the format's, test)")
     parser.add_argument("--out", required=True, help="output directory (reused to resume)")
     parser.add_argument("--alpha", type=float, default=0.1, help="truncation fraction of the mean length (0.1)")

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from circuitdiff.errors import MissingPathError, UnknownNameError
 
-__all__ = ["resolve_checkpoint", "is_hub_id", "ModelPair", "PAIRS", "get_pair", "hub_cache_dir"]
+__all__ = ["resolve_checkpoint", "cached_snapshot", "is_hub_id", "ModelPair", "PAIRS", "get_pair", "hub_cache_dir"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$")
 
@@ -33,11 +32,38 @@ def is_hub_id(source: str | os.PathLike[str]) -> bool:
 
 
 def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache folder, read from the environment at call time."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
+    """The Hugging Face hub cache folder (models and datasets), read from the environment at call time:
+    ``HF_HUB_CACHE`` (or its old name ``HUGGINGFACE_HUB_CACHE``), else ``HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub`` (``~/.cache/huggingface/hub``)."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(home).expanduser() / "hub"
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None, repo_type: str = "model") -> Path:
+    """The folder of ``repo_id``'s snapshot in :func:`hub_cache_dir`, never downloaded.
+
+    Raises:
+        MissingPathError: not cached, or ``repo_id`` is not a valid Hub id (the message says how to fetch it).
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    kind = "" if repo_type == "model" else f" --repo-type {repo_type}"
+    fetch = (f"fetch it first on a machine with network: `hf download {repo_id}{kind}"
+             f"{f' --revision {revision}' if revision else ''}` (it lands in that cache; set HF_HOME or "
+             "HF_HUB_CACHE to use another)")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type, cache_dir=cache,
+                                      local_files_only=True))
+    except HFValidationError as exc:
+        raise MissingPathError(f"{repo_id!r} is neither a local path nor a valid Hub id ({exc}).") from None
+    except LocalEntryNotFoundError:
+        raise MissingPathError(f"{repo_id!r} is not in the Hugging Face cache {str(cache)!r} (nothing is "
+                               f"downloaded); {fetch}.") from None
 
 
 def resolve_checkpoint(source: str | os.PathLike[str]) -> Path:
@@ -50,25 +76,14 @@ def resolve_checkpoint(source: str | os.PathLike[str]) -> Path:
     path = Path(source)
     if path.is_dir() or not is_hub_id(source):
         return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     repo_id, _, revision = os.fspath(source).partition("@")
-    cache = hub_cache_dir()
-    fetch = (f"fetch it first on a machine with network: `hf download {repo_id}"
-             f"{f' --revision {revision}' if revision else ''}` (it lands in that cache; set HF_HOME or "
-             "HF_HUB_CACHE to use another), or pass a local checkpoint directory")
-    try:
-        snapshot = Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True))
-    except LocalEntryNotFoundError:
-        raise MissingPathError(f"{os.fspath(source)!r} is neither a local directory nor a model in the Hugging Face "
-                               f"cache {str(cache)!r}; circuitdiff never downloads: {fetch}.") from None
+    snapshot = cached_snapshot(repo_id, revision or None)
+    again = f"the download was partial; fetch it again (`hf download {repo_id}`)"
     if not (snapshot / "config.json").is_file():
-        raise MissingPathError(f"the cached snapshot of {repo_id!r} ({snapshot}) has no config.json: the download "
-                               f"was partial; {fetch}.")
-    if not any(snapshot.glob("*.safetensors")) and not any(snapshot.glob("*.bin")):
-        raise MissingPathError(f"the cached snapshot of {repo_id!r} ({snapshot}) has no weights (*.safetensors): "
-                               f"the download was partial or filtered; {fetch}.")
+        raise MissingPathError(f"the cached snapshot of {repo_id!r} ({snapshot}) has no config.json: {again}.")
+    if not any(snapshot.glob("*.safetensors")) and not any(snapshot.glob("pytorch_model*.bin")):
+        raise MissingPathError(f"the cached snapshot of {repo_id!r} ({snapshot}) has no model weights "
+                               f"(*.safetensors or pytorch_model*.bin): {again}.")
     return snapshot
 
 
@@ -96,10 +111,6 @@ class ModelPair:
     max_new_tokens: int
     dataset: str
     note: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (run.json records the pair)."""
-        return asdict(self)
 
 
 #: The paper's four pairs (method.md, section 6: its headline table).

@@ -6,12 +6,12 @@ and writes everything into one output directory:
 | file | what |
 |---|---|
 | ``base.generations.jsonl``, ``tuned.generations.jsonl`` | generation caches (resumable) |
-| ``base.SCORER.shards/``, ``tuned.SCORER.shards/`` | per-batch score shards (resumable; one folder per scorer) |
+| ``base-KEY.SCORER.shards/``, ``tuned-KEY.SCORER.shards/`` | per-batch score shards (resumable; KEY names the questions scored, T_cut and level, so other settings keep their own) |
 | ``base.cdiff``, ``tuned.cdiff`` | the per-sample edge scores |
 | ``comparison.json``, ``report.md`` | :func:`circuitdiff.compare` and its tables |
-| ``base.reference.cdiff``, ``tuned.reference.cdiff`` (and ``.reference-N.SCORER.shards/``) | the scorer robustness check's re-scored subsample |
+| ``base.reference.cdiff``, ``tuned.reference.cdiff`` (and ``.reference-KEY.SCORER.shards/``) | the scorer robustness check's re-scored subsample |
 | ``edge_tests.npz`` | every edge's per-edge test (:meth:`circuitdiff.differential.EdgeTests.save`) |
-| ``base-on-tuned-text.cdiff``, ``tuned-on-base-text.cdiff`` (and ``.SCORER.shards/``), ``cross.json`` | cross-scoring, with ``cross_score`` |
+| ``base-on-tuned-text.cdiff``, ``tuned-on-base-text.cdiff`` (and ``-KEY.SCORER.shards/``), ``cross.json`` | cross-scoring, with ``cross_score`` |
 | ``figures/`` | plots, when matplotlib is installed |
 | ``run.json`` | parameters, every filter count, versions |
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -50,7 +51,7 @@ from circuitdiff.data.selection import LengthSelection, check_parameters
 from circuitdiff.data.templates import get_template, template_identity
 from circuitdiff.defaults import DEFAULT_MAX_NEW_TOKENS
 from circuitdiff.engine.architectures import check_level
-from circuitdiff.errors import ArgumentError, DataError, UnknownNameError
+from circuitdiff.errors import ArgumentError, ArgumentTypeError, DataError, UnknownNameError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.hub import is_hub_id, resolve_checkpoint
 from circuitdiff.io import write_atomically
@@ -131,6 +132,9 @@ class PipelineConfig:
         Level.parse(self.level)
         NonFinitePolicy.parse(self.nonfinite)
         get_template(self.template)
+        if not isinstance(self.grader, str):
+            raise ArgumentTypeError(f"grader must be a registered grader's name (run.json records it); got "
+                                    f"{self.grader!r}. Register a callable with cd.grading.register(name, grader).")
         grading.resolve(self.grader)  # an unknown grader, or math-verify not installed
         if self.scorer not in scorers.available():
             raise UnknownNameError(f"unknown scorer {self.scorer!r}; available: {', '.join(scorers.available())}.")
@@ -299,7 +303,7 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
 def run_score(model_dir: str | os.PathLike[str], questions_path: str | os.PathLike[str], out: str | os.PathLike[str],
               config: PipelineConfig | None = None, log: Callable[[str], None] = print) -> EdgeScores:
     """One model: generate, keep its correct answers, apply the length rules to its own
-    lengths, score; writes ``model.generations.jsonl``, ``model.SCORER.shards/``, ``scores.cdiff``
+    lengths, score; writes ``model.generations.jsonl``, ``model-KEY.SCORER.shards/``, ``scores.cdiff``
     and ``run.json`` into ``out``."""
     new = not Path(out).exists()
     config, questions, out, device = _start(config, questions_path, out, _SCORE_OUTPUTS, model_dir)
@@ -346,14 +350,14 @@ def output_lock(out: Path, remove_if_left_empty: bool = False) -> Iterator[None]
     With ``remove_if_left_empty`` (the run created ``out``), a run that fails before writing any file leaves no
     folder behind: ``out`` is removed when it holds nothing but the lock and empty folders.
     """
-    try:
-        with directory_lock(out, f"another circuitdiff run is writing into {str(out)!r}; wait for it to finish or "
-                                 "choose another --out."):
+    with directory_lock(out, f"another circuitdiff run is writing into {str(out)!r}; wait for it to finish or "
+                             "choose another --out."):
+        try:
             yield
-    except BaseException:
-        if remove_if_left_empty and all(p.is_dir() or p.name == ".lock" for p in out.rglob("*")):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        except BaseException:  # only the lock's holder may remove the folder (a refused run must not)
+            if remove_if_left_empty and all(p.is_dir() or p.name == ".lock" for p in out.rglob("*")):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _start(config: PipelineConfig | None, questions_path: str | os.PathLike[str],
@@ -374,16 +378,21 @@ def _questions(config: PipelineConfig, source: str | os.PathLike[str],
                model: str | os.PathLike[str] | None) -> list[Question]:
     """The run's questions, their prompts rendered with the config's template (a chat template with ``model``'s
     tokenizer: both models of a comparison see the same text)."""
-    tokenizer = None
-    if get_template(config.template).chat:
-        from transformers import AutoTokenizer
+    return load_questions(source, template=config.template, tokenizer=template_tokenizer(config.template, model),
+                          dataset_format=config.dataset_format, split=config.split,
+                          max_questions=config.max_questions)
 
-        if model is None:
-            raise ArgumentError(f"the {config.template!r} template renders prompts with a model's chat template; "
-                                "this run has no model to take it from.")
-        tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(model))
-    return load_questions(source, template=config.template, tokenizer=tokenizer, dataset_format=config.dataset_format,
-                          split=config.split, max_questions=config.max_questions)
+
+def template_tokenizer(template: str, model: str | os.PathLike[str] | None) -> Any:
+    """``model``'s tokenizer when ``template`` renders through a chat template, else None (plain text needs none)."""
+    if not get_template(template).chat:
+        return None
+    from transformers import AutoTokenizer
+
+    if model is None:
+        raise ArgumentError(f"the {template!r} template renders prompts with a model's chat template; this run has no "
+                            "model to take it from.")
+    return AutoTokenizer.from_pretrained(resolve_checkpoint(model))
 
 
 def plan_run(models: dict[str, str | os.PathLike[str]], questions_path: str | os.PathLike[str],
@@ -469,15 +478,18 @@ def _score(model: Any, questions: list[Question], answers: list[Generation], pic
            answered_by: str = "own", cache: str | None = None) -> EdgeScores:
     """Score the questions at ``picked`` on ``answers`` (one per question); save them to ``out/{name}.cdiff``.
 
-    Resumable in ``out/{cache or name}.{scorer name}.shards``, so runs of another scorer in the same ``out`` keep
-    their own shards (and the answers: generations do not depend on the scorer). ``scorer`` defaults to the config's;
-    ``answered_by`` ("own", "base", "tuned") is recorded as ``metadata["answers"]``.
+    Resumable in ``out/{cache or name}-{KEY}.{scorer name}.shards``, KEY a hash of the questions scored, ``t_cut``
+    and the level (:func:`selection_key`): a rerun in the same ``out`` with another scorer, grader, ``alpha``, seed
+    or level reuses the answers and scores into its own shards instead of clashing with the earlier ones.
+    ``scorer`` defaults to the config's; ``answered_by`` ("own", "base", "tuned") is recorded as
+    ``metadata["answers"]``.
     """
     graph = AttributionGraph.from_model(model, level=config.level)
     scorer = scorer or config.make_scorer()
     scorer_name = scorer if isinstance(scorer, str) else scorer.name
+    key = selection_key([questions[i].id for i in picked], t_cut, config.level)
     scores = score_answers(model, graph, [questions[i].prompt for i in picked], [answers[i].answer_ids for i in picked],
-                           t_cut=t_cut, shards=out / f"{cache or name}.{scorer_name}.shards", scorer=scorer,
+                           t_cut=t_cut, shards=out / f"{cache or name}-{key}.{scorer_name}.shards", scorer=scorer,
                            intervention=config.intervention, batch_size=config.batch_size, progress=config.progress,
                            sample_ids=[questions[i].id for i in picked], fresh=config.fresh,
                            nonfinite=config.nonfinite)
@@ -486,14 +498,19 @@ def _score(model: Any, questions: list[Question], answers: list[Generation], pic
     return scores
 
 
+def selection_key(sample_ids: Sequence[str], t_cut: int, level: str) -> str:
+    """Eight hex digits naming what a score-shard folder scores: the sample ids in order, ``t_cut`` and the level."""
+    return hashlib.sha256(json.dumps([list(sample_ids), t_cut, str(level)]).encode()).hexdigest()[:8]
+
+
 def _reference_scores(models: dict[str, Any], questions: list[Question], generations: dict[str, list[Generation]],
                       chosen: list[int], t_cut: int, config: PipelineConfig, scores: dict[str, EdgeScores], out: Path,
                       log: Callable[[str], None]) -> tuple[tuple[EdgeScores, EdgeScores] | None, str]:
     """Both models re-scored with the reference scorer on a seeded subsample, and a line on the cost.
 
     None (and the reason) when the check is off or there is no affordable reference. The
-    shards live in ``{side}.reference-{n}.{scorer}.shards``, so another reference or
-    subsample size starts its own cache instead of clashing with this one.
+    shards live in ``{side}.reference-{KEY}.{scorer}.shards``, so another reference or
+    subsample starts its own cache instead of clashing with this one.
     """
     if not config.robustness:
         return None, "not run (--no-robustness)."
@@ -508,9 +525,10 @@ def _reference_scores(models: dict[str, Any], questions: list[Question], generat
     rescored = {}
     for side, model in models.items():
         rescored[side] = _score(model, questions, generations[side], picked, t_cut, config, out,
-                                f"{side}.reference", scorer=reference,
-                                cache=f"{side}.reference-{len(picked)}")
+                                f"{side}.reference", scorer=reference)
     return (rescored["base"], rescored["tuned"]), cost
+
+
 def _cross_scores(models: dict[str, Any], questions: list[Question], generations: dict[str, list[Generation]],
                   chosen: list[int], t_cut: int, config: PipelineConfig, out: Path) -> dict[str, EdgeScores]:
     """Each model scored on the other model's answers: ``{"base": B(t), "tuned": T(b)}``."""

@@ -41,7 +41,9 @@ from typing import Any, Callable, Sequence
 
 from circuitdiff.comparison import Comparison
 from circuitdiff.devices import check_devices, map_on_devices
+from circuitdiff.data.datasets import DATASETS
 from circuitdiff.errors import ArgumentError, DataError, MissingPathError
+from circuitdiff.hub import is_hub_id
 from circuitdiff.meta import Pooled, meta_analysis
 from circuitdiff.pipeline import PipelineConfig, run_compare, write_text
 from circuitdiff.report import json_ready, markdown_table, number_cell
@@ -144,11 +146,12 @@ def read_study(path: str | os.PathLike[str]) -> list[Setting]:
             config.validate()
         except (ArgumentError, DataError, TypeError) as exc:
             raise DataError(f"{str(path)!r}, setting {name!r}: {exc}") from None
-        files = {key: _resolve(root, value) for key, value in
+        files = {key: _resolve(root, key, value) for key, value in
                  (("base", pair["base"]), ("tuned", pair["tuned"]), ("questions", dataset["questions"]))}
         for key, file in files.items():
-            if not file.exists():
-                raise MissingPathError(f"{str(path)!r}, setting {name!r}: {key} {str(file)!r} does not exist.")
+            if not file.exists() and not _by_name(key, str(file)):
+                raise MissingPathError(f"{str(path)!r}, setting {name!r}: {key} {str(file)!r} does not exist (nor is "
+                                       "it a Hub id or a named dataset).")
         settings.append(Setting(name, files["base"], files["tuned"], files["questions"], config))
     names = [s.name for s in settings]
     if len(set(names)) != len(names):
@@ -172,9 +175,19 @@ def _entries(data: dict[str, Any], section: str, keys: tuple[str, ...], path: Pa
     return entries
 
 
-def _resolve(root: Path, value: str) -> Path:
+def _resolve(root: Path, key: str, value: str) -> Path:
+    """``value`` relative to the study file's folder; a Hub id or dataset name that is no path there stays as is."""
     path = Path(value).expanduser()
-    return path if path.is_absolute() else root / path
+    if path.is_absolute() or (root / path).exists() or not _by_name(key, value):
+        return path if path.is_absolute() else root / path
+    return path
+
+
+def _by_name(key: str, value: str) -> bool:
+    """Whether ``value`` names a model (a Hub id, read from the cache when run) or a dataset, not a path."""
+    if key != "questions":
+        return is_hub_id(value)
+    return value in DATASETS or (is_hub_id(value) and Path(value).suffix.lower() not in (".jsonl", ".json", ".parquet"))
 
 
 def run_study(study: str | os.PathLike[str], out: str | os.PathLike[str],

@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import gc
 import glob
-import hashlib
 import json
 import math
 import os
@@ -345,7 +344,7 @@ def run_trajectory(
        compares every checkpoint with the initial model.
 
     Writes ``out/step-N.generations.jsonl``, ``out/step-N.cdiff`` (resumable in
-    ``out/step-N-KEY.shards/``, KEY naming the selection), ``out/trajectory.json``,
+    ``out/step-N-KEY.SCORER.shards/``, KEY naming the selection), ``out/trajectory.json``,
     ``out/report.md``, ``out/run.json`` and, with matplotlib, ``out/figures/``. Started
     again it reuses every finished generation and score shard (identity-checked like
     every pipeline run); with a checkpoint added, the answers of the others are reused
@@ -363,7 +362,8 @@ def run_trajectory(
             (:func:`circuitdiff.devices.map_on_devices`); default: the config's device,
             in this process.
     """
-    from circuitdiff.pipeline import _chosen, _start, output_lock, write_text
+    from circuitdiff.data.templates import template_identity
+    from circuitdiff.pipeline import _chosen, _start, output_lock, template_tokenizer, write_text
 
     found = find_checkpoints(checkpoints)
     if found[0].step <= initial_step:
@@ -396,6 +396,10 @@ def run_trajectory(
             raise DataError("no question is answered correctly at every step (accuracy per step: "
                             f"{ {step: round(a, 3) for step, a in accuracy.items()} }); use more questions.")
         counts: dict[str, Any] = {"questions": len(questions), "correct at every step": len(everywhere)}
+        for step, answers in generations.items():  # warned about by each step's job (a worker's, with devices)
+            cut = sum(len(g.answer_ids) >= config.max_new_tokens for g in answers)
+            if cut:
+                counts[f"cut at {config.max_new_tokens} tokens (step {step})"] = cut
         selection = config.select([len(first[i].answer_ids) for i in everywhere],
                                   [len(last[i].answer_ids) for i in everywhere],
                                   prompt_lengths=([first[i].prompt_length for i in everywhere],
@@ -409,10 +413,9 @@ def run_trajectory(
             raise DataError(f"no question is left to score after the length rule (counts: {counts}).")
         log(f"{len(everywhere)} questions answered correctly at every step; kept {len(chosen)}; "
             f"T_cut = {selection.t_cut} tokens")
-        # shards keyed by the selection: a series that grows (a new checkpoint, so other questions) resumes
-        # its answers and scores the earlier steps again in new shard folders instead of refusing the old ones
-        key = hashlib.sha256(json.dumps([[questions[i].id for i in chosen], selection.t_cut]).encode()).hexdigest()[:8]
-        each_step(_step_scores, [(step, path, questions, generations[step], chosen, selection.t_cut, config, out, key)
+        # shards keyed by the selection (pipeline.selection_key): a series that grows (a new checkpoint, so other
+        # questions) resumes its answers and scores the earlier steps again in new shard folders
+        each_step(_step_scores, [(step, path, questions, generations[step], chosen, selection.t_cut, config, out)
                                  for step, path in models])
         scores = {step: EdgeScores.load(out / f"step-{step}.cdiff") for step, _ in models}
         common = [i for i in scores[initial_step].sample_ids if all(i in s.sample_ids for s in scores.values())]
@@ -425,7 +428,9 @@ def run_trajectory(
         write_text(out / "report.md", f"# circuitdiff trajectory\n\n{result.to_markdown()}\n")
         write_text(out / "run.json", json.dumps(json_ready({
             "initial": str(initial), "checkpoints": {str(step): str(path) for step, path in models[1:]},
-            "questions": str(questions_path), "device": devices[0] if len(devices) == 1 else devices, "counts": counts,
+            "questions": str(questions_path),
+            "template": template_identity(config.template, template_tokenizer(config.template, initial)),
+            "device": devices[0] if len(devices) == 1 else devices, "counts": counts,
             "config": {k: v for k, v in asdict(config).items() if k not in ("robustness", "robustness_samples",
                                                                               "reference_scorer", "cross_score")},
             "t_cut": selection.t_cut, "accuracy": accuracy, "figures": _trajectory_plots(result, out / "figures"),
@@ -456,10 +461,10 @@ def _step_scores(item: tuple, device: str, log: Callable[[str], None]) -> None:
     """
     from circuitdiff.pipeline import _load, _score
 
-    step, path, questions, answers, chosen, t_cut, config, out, key = item
+    step, path, questions, answers, chosen, t_cut, config, out = item
     log(f"--- step {step}: {path} (scores) ---")
     model = _load(path, device, config.torch_dtype(device), config.level)
-    _score(model, questions, answers, chosen, t_cut, config, out, f"step-{step}", cache=f"step-{step}-{key}")
+    _score(model, questions, answers, chosen, t_cut, config, out, f"step-{step}")
     del model
     _free_memory()
 

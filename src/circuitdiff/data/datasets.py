@@ -17,7 +17,7 @@ Without an id field, ids are ``"line-{n}"`` (JSONL line), ``"row-{n}"`` (JSON or
 row, from 1) or ``"{dataset}/{split}/{index}"`` (Hub dataset, index from 0).
 
 Hub datasets are read from the local caches only, never downloaded: first the snapshot
-that ``huggingface-cli download --repo-type dataset NAME`` (or ``datasets.load_dataset``
+that ``hf download NAME --repo-type dataset`` (or ``datasets.load_dataset``
 on a machine with network) leaves in the Hugging Face hub cache (``$HF_HUB_CACHE``,
 default ``$HF_HOME/hub``), else the ``datasets`` library's prepared cache
 (``$HF_DATASETS_CACHE``). Offline mode is forced for the call. Problems are
@@ -37,7 +37,8 @@ from typing import Any, Iterator, Mapping
 
 from circuitdiff.data.questions import Question
 from circuitdiff.data.templates import PromptTemplate, get_template
-from circuitdiff.errors import ArgumentError, DataError, MissingDependencyError, UnknownNameError
+from circuitdiff.errors import ArgumentError, DataError, MissingDependencyError, MissingPathError, UnknownNameError
+from circuitdiff.hub import cached_snapshot, hub_cache_dir, is_hub_id
 
 __all__ = ["DatasetFormat", "DATASETS", "load_questions"]
 
@@ -152,7 +153,7 @@ def load_questions(
     name = os.fspath(source)
     local = Path(name).suffix.lower() in _SUFFIXES or Path(name).exists()
     named = None if local else _named(name, on_hub=True)
-    if not local and named is None and name.count("/") != 1:
+    if not local and named is None and not is_hub_id(name):
         raise DataError(f"{name!r} is neither a questions file (.jsonl, .json, .parquet) nor a known dataset "
                         f"({', '.join(n for n, f in DATASETS.items() if f.hub)}) nor a Hub id 'org/name'.")
     if isinstance(dataset_format, DatasetFormat):
@@ -271,20 +272,20 @@ def _load_cached(name: str, config: str | None, split: str) -> Any:
     except ImportError as error:
         raise MissingDependencyError(f"loading the dataset {name!r} by name needs the datasets package ({error}): "
                                      "pip install datasets, or pass a local .jsonl/.parquet file.") from error
-    fetch = (f"Nothing is downloaded here: fetch it on a machine with network (`huggingface-cli download "
-             f"--repo-type dataset {name}`, or datasets.load_dataset({name!r}{f', {config!r}' if config else ''})) "
+    fetch = (f"Nothing is downloaded here: fetch it on a machine with network (`hf download {name} --repo-type "
+             f"dataset`, or datasets.load_dataset({name!r}{f', {config!r}' if config else ''})) "
              "and copy its Hugging Face cache here, or pass a local .jsonl/.parquet file.")
     with _offline(datasets, huggingface_hub):
         try:
-            snapshot = huggingface_hub.snapshot_download(name, repo_type="dataset", local_files_only=True)
-        except huggingface_hub.errors.LocalEntryNotFoundError:
+            snapshot: Path | None = cached_snapshot(name, repo_type="dataset")
+        except MissingPathError:
             snapshot = None
         try:
-            return datasets.load_dataset(snapshot or name, config, split=split)
+            return datasets.load_dataset(str(snapshot) if snapshot else name, config, split=split)
         except Exception as error:  # datasets raises many kinds; every one means "not usable offline"
             if snapshot is None:
                 raise DataError(f"the dataset {name!r} is not in the Hugging Face cache "
-                                f"({huggingface_hub.constants.HF_HUB_CACHE}) nor in the datasets cache "
+                                f"({hub_cache_dir()}) nor in the datasets cache "
                                 f"({datasets.config.HF_DATASETS_CACHE}), and no local file has that name. "
                                 f"{fetch}") from None
             raise DataError(f"the cached snapshot of {name!r} ({snapshot}) has no usable config {config!r}, split "

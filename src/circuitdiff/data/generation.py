@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from circuitdiff.data.grading import DEFAULT_GRADER, Grader, grade, resolve
 from circuitdiff.data.questions import Question
+from circuitdiff.defaults import DEFAULT_MAX_NEW_TOKENS
 from circuitdiff.errors import DataError, IdentityMismatchError, MissingPathError, NonFiniteError
 from circuitdiff.identity import differences, fingerprint, library_version, model_identity
 
@@ -84,7 +85,7 @@ def generate_answers(
     cache: str | os.PathLike[str] | None = None,
     fresh: bool = False,
     batch_size: int = 8,
-    max_new_tokens: int = 512,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     progress: bool = True,
     grader: str | Grader = DEFAULT_GRADER,
 ) -> list[Generation]:

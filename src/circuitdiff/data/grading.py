@@ -78,7 +78,8 @@ class MathVerify:
     name = "math-verify"
 
     def __post_init__(self) -> None:
-        if self.timeout_seconds is not None and (not isinstance(self.timeout_seconds, int)
+        if self.timeout_seconds is not None and (isinstance(self.timeout_seconds, bool)
+                                                 or not isinstance(self.timeout_seconds, int)
                                                  or self.timeout_seconds < 1):
             raise ArgumentError(f"timeout_seconds must be a whole number of seconds >= 1, or None for no limit; "
                                 f"got {self.timeout_seconds!r}.")

@@ -1,7 +1,7 @@
 """Which questions to score, and how much of each answer (method.md, section 4).
 
 Input: the answer lengths (tokens) of the two models on the questions BOTH answered
-correctly. Two rules choose the questions and the truncation length ``T_cut``:
+correctly. Three rules choose the questions and the truncation length ``T_cut``:
 
 - ``rule="paper"`` (default): ``T_bar`` = mean over questions of ``(T_base + T_tuned) / 2``.
   Keep a question if both lengths lie in ``[beta * T_bar, gamma * T_bar]`` and

@@ -171,7 +171,8 @@ def get_template(template: str | PromptTemplate) -> PromptTemplate:
 
 
 def template_identity(template: str | PromptTemplate, tokenizer: Any = None) -> dict[str, Any]:
-    """What a run records about its prompt template, to refuse mixing templates on resume.
+    """What a run records about its prompt template (``run.json``'s ``"template"``). A resumed run with another
+    template is refused through the cached answers' identity, which holds each rendered prompt's SHA-256.
 
     Returns:
         ``{"name", "chat": bool, "sha256"}``: the SHA-256 covers :data:`PLACEHOLDER`
