@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from importlib import resources
 
 import pytest
@@ -318,3 +319,63 @@ def test_nan_weights_raise_naming_the_parameter(checkpoints):
     with pytest.raises(cd.NonFiniteError, match=r"1 parameter\(s\) hold NaN or inf \(model\.layers\.1\.mlp\.up_proj"
                                                 r"\.weight\)\. The checkpoint is damaged"):
         generate_answers(model, QUESTIONS, max_new_tokens=3, progress=False)
+
+
+class StandInVLLM:
+    """vLLM's API as generate_answers uses it (``LLM(...).generate(prompts, SamplingParams)``), backed by plain
+    Hugging Face greedy generation of the checkpoint at ``model``: vLLM itself needs a GPU."""
+
+    def __init__(self):
+        self.engines = []
+
+    def SamplingParams(self, **options):
+        return dict(options)
+
+    def LLM(self, **options):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        stand_in = self
+        tokenizer, hf = AutoTokenizer.from_pretrained(options["model"]), AutoModelForCausalLM.from_pretrained(
+            options["model"], dtype=getattr(torch, options["dtype"]))
+
+        class Engine:
+            def generate(self, prompts, params, use_tqdm):
+                assert params == {"temperature": 0.0, "max_tokens": params["max_tokens"]} and not use_tqdm
+                outputs = []
+                for prompt in prompts:
+                    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+                    new = hf.generate(input_ids=ids, max_new_tokens=params["max_tokens"], do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+                    completion = type("Completion", (), {"token_ids": tuple(new)})  # vLLM keeps the stop token
+                    outputs.append(type("RequestOutput", (), {"prompt_token_ids": ids[0].tolist(),
+                                                              "outputs": [completion]}))
+                return outputs
+
+        stand_in.engines.append(options)
+        return Engine()
+
+
+def test_the_vllm_backend_gives_the_answers_plain_generation_gives(get_model, checkpoints, tmp_path, monkeypatch):
+    stand_in = StandInVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", stand_in)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (60, 100))
+    model = get_model("llama", "float64")
+    cache = tmp_path / "answers.jsonl"
+    answers = generate_answers(model, QUESTIONS, cache=cache, batch_size=2, max_new_tokens=6, progress=False,
+                               backend="vllm")
+    for q, g in zip(QUESTIONS, answers):
+        ids, prompt_length = plain_generation(checkpoints["llama"], q, 6)
+        assert (g.answer_ids, g.prompt_length) == (ids, prompt_length), q.id
+        assert g.text == model.tokenizer.decode(ids, skip_special_tokens=True)
+    (engine,) = stand_in.engines  # one engine for the call, on the checkpoint's files, within the free memory
+    assert engine["model"] == str(checkpoints["llama"]) and engine["dtype"] == "float64" and engine["seed"] == 0
+    assert engine["gpu_memory_utilization"] == pytest.approx(0.54)
+    records = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert all(r["identity"]["generation"]["backend"] == "vllm" for r in records)
+    with pytest.raises(cd.IdentityMismatchError, match="another identity"):  # never mixed with the hf backend's
+        generate_answers(model, QUESTIONS, cache=cache, max_new_tokens=6, progress=False)
+    with pytest.raises(cd.ArgumentError, match="unknown generation backend"):
+        generate_answers(model, QUESTIONS, backend="sglang")
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
+    with pytest.raises(cd.MissingDependencyError, match=r"circuitdiff\[vllm\]"):
+        generate_answers(model, QUESTIONS, max_new_tokens=6, progress=False, backend="vllm")

@@ -392,3 +392,10 @@ def test_a_run_refused_by_the_lock_leaves_the_holders_folder_alone(tmp_path):
         with output_lock(out, remove_if_left_empty=True):
             raise KeyboardInterrupt
     assert not out.exists()
+
+
+def test_the_vllm_backend_is_refused_off_cuda_and_unknown_backends_are_named():
+    with pytest.raises(cd.ArgumentError, match="CUDA only"):
+        PipelineConfig(device="cpu", generation_backend="vllm").validate()
+    with pytest.raises(cd.ArgumentError, match="unknown generation backend 'sglang'"):
+        PipelineConfig(device="cpu", generation_backend="sglang").validate()

@@ -197,6 +197,8 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intervention", default="zero",
                         help="zero (the only one the pipeline runs; use cd.attribute for the others)")
     parser.add_argument("--batch-size", type=int, default=8, help="(8)")
+    parser.add_argument("--generation-backend", choices=["hf", "vllm"],
+                        help="hf (default: the model's own generate) or vllm (CUDA; pip install \"circuitdiff[vllm]\")")
     parser.add_argument("--max-new-tokens", type=int,
                         help=f"generation length limit (the pair's with --pair, else {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--device", help="default: cuda if available, else cpu")

@@ -46,6 +46,7 @@ from circuitdiff.comparison import Comparison, compare
 from circuitdiff.crossscore import cross_compare
 from circuitdiff.data import Generation, Question, generate_answers, grading, make_batches, select_by_length
 from circuitdiff.data.datasets import load_questions
+from circuitdiff.data.generation import BACKENDS
 from circuitdiff.data.grading import DEFAULT_GRADER
 from circuitdiff.data.selection import LengthSelection, check_parameters
 from circuitdiff.data.templates import get_template, template_identity
@@ -83,6 +84,7 @@ class PipelineConfig:
     seed: int = 42
     max_questions: int | None = None  # read only the file's first N questions (quick trials)
     grader: str = DEFAULT_GRADER  # checks the answers (circuitdiff.data.grading); recomputed from cached text
+    generation_backend: str = "hf"  # "vllm": generate with vLLM (CUDA, circuitdiff[vllm]); see data.generation
     template: str = "plain"  # the prompt template (circuitdiff.data.templates); chat ones use the base tokenizer
     dataset_format: str | None = None  # the questions' record format (circuitdiff.data.datasets.DATASETS)
     split: str | None = None  # the split of a Hub dataset (default: the format's)
@@ -136,6 +138,11 @@ class PipelineConfig:
             raise ArgumentTypeError(f"grader must be a registered grader's name (run.json records it); got "
                                     f"{self.grader!r}. Register a callable with cd.grading.register(name, grader).")
         grading.resolve(self.grader)  # an unknown grader, or math-verify not installed
+        if self.generation_backend not in BACKENDS:
+            raise ArgumentError(f"unknown generation backend {self.generation_backend!r}; use one of {BACKENDS}.")
+        if self.generation_backend == "vllm" and not self.resolved_device().startswith("cuda"):
+            raise ArgumentError(f"generation_backend='vllm' runs on CUDA only; the device is "
+                                f"{self.resolved_device()!r}. Use the default backend 'hf' there.")
         if self.scorer not in scorers.available():
             raise UnknownNameError(f"unknown scorer {self.scorer!r}; available: {', '.join(scorers.available())}.")
         check_device(self.resolved_device())
@@ -454,7 +461,7 @@ def _generate(model: Any, questions: list[Question], cache: Path, config: Pipeli
     ``counts`` under ``"cut at N tokens (name)"``."""
     generations = generate_answers(model, questions, cache=cache, batch_size=config.batch_size,
                                    max_new_tokens=config.max_new_tokens, progress=config.progress, fresh=config.fresh,
-                                   grader=config.grader)
+                                   grader=config.grader, backend=config.generation_backend)
     cut = sum(len(g.answer_ids) >= config.max_new_tokens for g in generations)
     if cut:
         if counts is not None:

@@ -25,6 +25,14 @@ without it, generation runs without the cache (correct, slower) and warns. NaN o
 infinite logits in that check raise :class:`~circuitdiff.NonFiniteError` naming the
 parameters that hold NaN or inf.
 
+``backend="vllm"`` generates with vLLM instead (``pip install "circuitdiff[vllm]"``, CUDA
+only): an engine on the files of the checkpoint the bridge was loaded from, greedy
+(``temperature=0``), with at most 90% of the GPU memory still free, freed after the call.
+Its answers are cut at the same stop tokens and carry the backend in their identity, so
+they are never mixed with the Hugging Face backend's. vLLM's kernels need not give
+bit-identical logits, so a near tie can turn the other way; this backend has been
+tested against a stand-in of vLLM's API, not yet against vLLM itself (no GPU).
+
 Grading is not cached: every call grades the (cached or new) text again with its
 ``grader`` (:mod:`circuitdiff.data.grading`; ``"math-verify"`` by default), so another grader
 or a change to one applies to old generations too. The grader is therefore not part of a
@@ -33,6 +41,7 @@ record's identity.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -41,7 +50,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -49,11 +58,15 @@ from tqdm.auto import tqdm
 from circuitdiff.data.grading import DEFAULT_GRADER, Grader, grade, resolve
 from circuitdiff.data.questions import Question
 from circuitdiff.defaults import DEFAULT_MAX_NEW_TOKENS
-from circuitdiff.errors import DataError, IdentityMismatchError, MissingPathError, NonFiniteError
+from circuitdiff.errors import (ArgumentError, DataError, IdentityMismatchError, MissingDependencyError,
+                               MissingPathError, NonFiniteError)
 from circuitdiff.identity import differences, fingerprint, library_version, model_identity
 
-__all__ = ["Generation", "generate_answers", "answer_identity", "generation_settings", "kv_cache_compat",
+__all__ = ["BACKENDS", "Generation", "generate_answers", "answer_identity", "generation_settings", "kv_cache_compat",
            "kv_cache_is_sound"]
+
+#: Generation backends: ``"hf"``, the bridge's Hugging Face model (default), and ``"vllm"``.
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,7 @@ def generate_answers(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     progress: bool = True,
     grader: str | Grader = DEFAULT_GRADER,
+    backend: str = "hf",
 ) -> list[Generation]:
     """Greedy answers of ``model`` (a TransformerBridge from ``cd.load_model``) to ``questions``, graded.
 
@@ -96,14 +110,18 @@ def generate_answers(
     registered name (``circuitdiff.data.grading.available()``) or a callable
     ``grader(text, reference) -> (extracted, correct)``; it is resolved before anything is
     generated, and it grades cached answers as well as new ones (it is not part of the cache
-    identity).
+    identity). ``backend`` is one of :data:`BACKENDS`: ``"hf"`` (default) generates with the
+    bridge's Hugging Face model; ``"vllm"`` with vLLM on the checkpoint's files (CUDA only;
+    see the module docstring). The backend is part of each answer's identity.
 
     Raises:
         UnknownNameError: no grader of that name (the message lists the available ones).
-        MissingDependencyError: the grader needs a package that is not installed.
+        MissingDependencyError: the grader or the backend needs a package that is not installed.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise DataError(f"batch_size and max_new_tokens must be >= 1; got {batch_size} and {max_new_tokens}.")
+    if backend not in BACKENDS:
+        raise ArgumentError(f"unknown generation backend {backend!r}; use one of {BACKENDS}.")
     grader = resolve(grader)
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
@@ -114,23 +132,18 @@ def generate_answers(
     if cache is not None and fresh:
         Path(cache).unlink(missing_ok=True)
     identity = model_identity(model) if cache is not None else {}  # once per call: hashes the weights
-    settings = generation_settings(model, max_new_tokens)
+    settings = generation_settings(model, max_new_tokens, backend)
     identities = {q.id: answer_identity(identity, q.prompt, settings) for q in questions}
     cached = _read_cache(Path(cache), identities) if cache is not None else {}
     todo = [q for q in questions if q.id not in cached]
-    hf_model, tokenizer = model.original_model, model.tokenizer
     _check_context(model, todo, max_new_tokens)
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="generating", unit="question",
                disable=not progress)
-    with kv_cache_compat(hf_model):
-        use_cache = not todo or kv_cache_is_sound(hf_model, tokenizer, todo[0].prompt, min(8, max_new_tokens))
-        if not use_cache:
-            warnings.warn("generation with the KV cache gives other logits than without it on this TransformerLens/"
-                          "transformers pair; generating without the cache (correct, but slower for long answers).",
-                          stacklevel=2)
+    engine = _vllm_batches if backend == "vllm" else _hf_batches
+    with engine(model, todo, max_new_tokens) as generate_batch:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            records = _generate(hf_model, tokenizer, batch, max_new_tokens, use_cache)
+            records = generate_batch(batch)
             if cache is not None:
                 _append(Path(cache), [{**r, "identity": identities[r["id"]]} for r in records])
             cached.update((r["id"], r) for r in records)
@@ -144,12 +157,59 @@ def generate_answers(
     return out
 
 
-def generation_settings(model: Any, max_new_tokens: int) -> dict[str, Any]:
-    """What decides how answers are generated besides the weights: ``max_new_tokens``, greedy decoding, and a
-    fingerprint of the model's ``generation_config`` (stop tokens, penalties; without its version stamp)."""
+def generation_settings(model: Any, max_new_tokens: int, backend: str = "hf") -> dict[str, Any]:
+    """What decides how answers are generated besides the weights: ``max_new_tokens``, greedy decoding, a
+    fingerprint of the model's ``generation_config`` (stop tokens, penalties; without its version stamp), and the
+    backend unless it is ``"hf"`` (so answers cached before backends existed keep their identity)."""
     config = {k: v for k, v in model.original_model.generation_config.to_dict().items()
               if not k.startswith("_") and k != "transformers_version"}
-    return {"max_new_tokens": max_new_tokens, "greedy": True, "config": fingerprint(config)}
+    settings = {"max_new_tokens": max_new_tokens, "greedy": True, "config": fingerprint(config)}
+    return settings if backend == "hf" else {**settings, "backend": backend}
+
+
+@contextmanager
+def _hf_batches(model: Any, todo: Sequence[Question], max_new_tokens: int) -> Iterator[Callable[..., list[dict]]]:
+    """Batches generated by the bridge's Hugging Face model, with the KV cache when it is sound."""
+    hf_model, tokenizer = model.original_model, model.tokenizer
+    with kv_cache_compat(hf_model):
+        use_cache = not todo or kv_cache_is_sound(hf_model, tokenizer, todo[0].prompt, min(8, max_new_tokens))
+        if not use_cache:
+            warnings.warn("generation with the KV cache gives other logits than without it on this TransformerLens/"
+                          "transformers pair; generating without the cache (correct, but slower for long answers).",
+                          stacklevel=4)
+        yield lambda batch: _generate(hf_model, tokenizer, batch, max_new_tokens, use_cache)
+
+
+@contextmanager
+def _vllm_batches(model: Any, todo: Sequence[Question], max_new_tokens: int) -> Iterator[Callable[..., list[dict]]]:
+    """Batches generated by a vLLM engine on the checkpoint the bridge was loaded from; the engine is freed after."""
+    if not todo:
+        yield lambda batch: []
+        return
+    try:
+        import vllm
+    except ImportError as error:
+        raise MissingDependencyError(f"backend='vllm' needs vLLM ({error}): pip install \"circuitdiff[vllm]\" on a "
+                                     "CUDA machine, or use backend='hf'.") from error
+    hf_model, tokenizer = model.original_model, model.tokenizer
+    path = Path(getattr(hf_model.config, "_name_or_path", "") or "")
+    if not (path / "config.json").is_file():
+        raise ArgumentError("backend='vllm' loads the checkpoint's own files, but this model was not loaded from a "
+                            "checkpoint directory (load it with cd.load_model(path or Hub id)), or use backend='hf'.")
+    free, total = torch.cuda.mem_get_info()  # the bridges already hold their weights: vLLM takes part of the rest
+    dtype = str(next(hf_model.parameters()).dtype).removeprefix("torch.")
+    llm = vllm.LLM(model=str(path), tokenizer=str(path), dtype=dtype, seed=0,
+                   gpu_memory_utilization=0.9 * free / total, max_model_len=model.cfg.n_ctx)
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    stops = _stop_tokens(hf_model)
+    try:
+        yield lambda batch: [_record(q, len(o.prompt_token_ids), list(o.outputs[0].token_ids), stops, tokenizer)
+                             for q, o in zip(batch, llm.generate([q.prompt for q in batch], params, use_tqdm=False),
+                                             strict=True)]
+    finally:
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def answer_identity(model: dict[str, Any], prompt: str, generation: dict[str, Any]) -> dict[str, Any]:
@@ -240,16 +300,22 @@ def _generate(hf_model: Any, tokenizer: Any, batch: Sequence[Question], max_new_
     """One batched greedy ``generate`` call; JSON-ready records."""
     output, encoded = _greedy(hf_model, tokenizer, [q.prompt for q in batch], max_new_tokens, use_cache)
     width = encoded["input_ids"].shape[1]
-    stops = hf_model.generation_config.eos_token_id  # what generate stops at: an id, a list, or None
-    stops = set(stops if isinstance(stops, list) else [] if stops is None else [stops])
-    records = []
-    for i, q in enumerate(batch):
-        new = output[i, width:].tolist()
-        end = next((j for j, t in enumerate(new) if t in stops), len(new))
-        new = new[:end]
-        records.append({"id": q.id, "text": tokenizer.decode(new, skip_special_tokens=True), "answer_ids": new,
-                        "prompt_length": int(encoded["attention_mask"][i].sum())})
-    return records
+    stops = _stop_tokens(hf_model)
+    return [_record(q, int(encoded["attention_mask"][i].sum()), output[i, width:].tolist(), stops, tokenizer)
+            for i, q in enumerate(batch)]
+
+
+def _stop_tokens(hf_model: Any) -> set[int]:
+    """What generation stops at: the generation config's end-of-sequence id(s)."""
+    stops = hf_model.generation_config.eos_token_id  # an id, a list, or None
+    return set(stops if isinstance(stops, list) else [] if stops is None else [stops])
+
+
+def _record(question: Question, prompt_length: int, new: list[int], stops: set[int], tokenizer: Any) -> dict:
+    """A cache record: the generated ids up to (excluding) the first stop token, their text, the prompt's length."""
+    new = new[:next((j for j, t in enumerate(new) if t in stops), len(new))]
+    return {"id": question.id, "text": tokenizer.decode(new, skip_special_tokens=True), "answer_ids": new,
+            "prompt_length": prompt_length}
 
 
 def _nonfinite_logits(hf_model: Any) -> str:
