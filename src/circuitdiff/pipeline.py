@@ -282,8 +282,8 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
     if result.edge_tests is not None:
         result.edge_tests.save(out / "edge_tests.npz")
     report = result.to_markdown(result.groups)  # every group: all, by receiver and source kind, by layer
-    models_line = " vs ".join(f"**{side}** = `{_display_name(source)}`" for side, source in (("base", base_dir),
-                                                                                            ("tuned", tuned_dir)))
+    names = (_display_name(base_dir), _display_name(tuned_dir))
+    models_line = f"**base** = `{names[0]}` vs **tuned** = `{names[1]}`"
     sections = [f"# circuitdiff compare\n\n{models_line}\n\n{_describe(counts, selection.t_cut, config)}"]
     if reference is None:
         sections.append(f"**Scorer robustness**: {robustness_note}")
@@ -294,7 +294,6 @@ def _run_compare(base_dir: str | os.PathLike[str], tuned_dir: str | os.PathLike[
         write_text(out / "cross.json", json.dumps(json_ready(crossed.to_dict()), indent=2))
         sections.append(f"## Cross-scoring: model effect and text effect\n\n{crossed.to_markdown()}")
     write_text(out / "report.md", "\n\n".join(sections) + "\n")
-    names = (_display_name(base_dir), _display_name(tuned_dir))
     figures = _plots(result, out / "figures", names if names[0] != names[1] else ("base", "tuned"))
     write_text(out / "run.json", json.dumps({
         "base": str(base_dir), "tuned": str(tuned_dir), "questions": str(questions_path), "template": template,
@@ -462,7 +461,7 @@ def _generate(model: Any, questions: list[Question], cache: Path, config: Pipeli
     generations = generate_answers(model, questions, cache=cache, batch_size=config.batch_size,
                                    max_new_tokens=config.max_new_tokens, progress=config.progress, fresh=config.fresh,
                                    grader=config.grader, backend=config.generation_backend)
-    cut = sum(len(g.answer_ids) >= config.max_new_tokens for g in generations)
+    cut = cut_answers(generations, config.max_new_tokens)
     if cut:
         if counts is not None:
             counts[f"cut at {config.max_new_tokens} tokens ({name})"] = cut
@@ -470,6 +469,11 @@ def _generate(model: Any, questions: list[Question], cache: Path, config: Pipeli
                       "without an end token; they were cut, may lack their final answer and then count as wrong. "
                       "Raise --max-new-tokens for long chain-of-thought models.", stacklevel=2)
     return generations
+
+
+def cut_answers(generations: Sequence[Generation], max_new_tokens: int) -> int:
+    """How many answers reached ``max_new_tokens`` without an end token (cut, so maybe without a final answer)."""
+    return sum(len(g.answer_ids) >= max_new_tokens for g in generations)
 
 
 def _chosen(candidates: list[int], selection: LengthSelection, counts: dict[str, Any]) -> list[int]:

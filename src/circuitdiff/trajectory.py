@@ -363,7 +363,7 @@ def run_trajectory(
             in this process.
     """
     from circuitdiff.data.templates import template_identity
-    from circuitdiff.pipeline import _chosen, _start, output_lock, template_tokenizer, write_text
+    from circuitdiff.pipeline import _chosen, _start, cut_answers, output_lock, template_tokenizer, write_text
 
     found = find_checkpoints(checkpoints)
     if found[0].step <= initial_step:
@@ -397,7 +397,7 @@ def run_trajectory(
                             f"{ {step: round(a, 3) for step, a in accuracy.items()} }); use more questions.")
         counts: dict[str, Any] = {"questions": len(questions), "correct at every step": len(everywhere)}
         for step, answers in generations.items():  # warned about by each step's job (a worker's, with devices)
-            cut = sum(len(g.answer_ids) >= config.max_new_tokens for g in answers)
+            cut = cut_answers(answers, config.max_new_tokens)
             if cut:
                 counts[f"cut at {config.max_new_tokens} tokens (step {step})"] = cut
         selection = config.select([len(first[i].answer_ids) for i in everywhere],
