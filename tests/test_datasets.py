@@ -157,7 +157,7 @@ def test_optional_dependencies_are_named(tmp_path, monkeypatch):
     with pytest.raises(cd.MissingDependencyError, match="pip install pyarrow"):
         load_questions(tmp_path / "q.parquet")
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(cd.MissingDependencyError, match="needs the datasets package .*pip install datasets"):
+    with pytest.raises(cd.MissingDependencyError, match="needs datasets, which is not installed .*pip install datasets"):
         load_questions("gsm8k")
 
 

@@ -3,7 +3,6 @@ math-verify off the main thread and without the package, and generate_answers(gr
 
 from __future__ import annotations
 
-import importlib
 import json
 import multiprocessing
 import re
@@ -17,6 +16,7 @@ import circuitdiff as cd
 from circuitdiff.data import Grade, Question, generate_answers, grading
 from circuitdiff.data.generation import answer_identity, generation_settings
 from circuitdiff.identity import model_identity
+from plugin_helpers import installed_package
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "graders.md"
 
@@ -79,7 +79,8 @@ BOXED_UNHANDLED = {"percent vs fraction", "set, other order", "sqrt, simplified"
 def cases(grader: str):
     for form, output, reference, correct in CASES:
         unhandled = grader == "boxed" and form in BOXED_UNHANDLED
-        marks = [pytest.mark.xfail(strict=True, reason="not handled")] if unhandled else []
+        marks = [pytest.mark.xfail(strict=True, reason="the hand checker has no symbolic equality; a known gap, tabled in "
+                                                  "docs/graders.md (strict: passing would mean the table is stale)")] if unhandled else []
         yield pytest.param(grader, output, reference, correct, id=f"{grader}: {form}", marks=marks)
 
 
@@ -143,19 +144,12 @@ def test_register_in_process():
 @pytest.fixture
 def plugin_site(tmp_path, monkeypatch):
     """A package ``my_graders`` installed after import, with an entry point in ``circuitdiff.graders``."""
-    site = tmp_path / "site-packages"
-    info = site / "my_graders-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-graders\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[circuitdiff.graders]\nlast-word = my_graders:LastWord\n")
-    (site / "my_graders.py").write_text(
-        "class LastWord:\n"
-        "    def __call__(self, output, reference):\n"
-        "        words = output.split()\n"
-        "        return (words[-1] if words else None), bool(words) and words[-1] == reference\n")
-    monkeypatch.syspath_prepend(str(site))
-    importlib.invalidate_caches()
-    yield site
+    source = ("class LastWord:\n"
+              "    def __call__(self, output, reference):\n"
+              "        words = output.split()\n"
+              "        return (words[-1] if words else None), bool(words) and words[-1] == reference\n")
+    yield installed_package(tmp_path, monkeypatch, "my-graders",
+                            {"circuitdiff.graders": {"last-word": "my_graders:LastWord"}}, {"my_graders": source})
     sys.modules.pop("my_graders", None)
 
 

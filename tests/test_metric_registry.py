@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import sys
@@ -12,6 +11,7 @@ import torch
 
 import circuitdiff as cd
 from circuitdiff import metrics
+from plugin_helpers import installed_package
 
 GRAPH = cd.AttributionGraph(2, 4, level="head")
 BUILTINS = ["intensity", "information_complexity", "kurtosis", "diversity", "node_entropy", "gini",
@@ -184,14 +184,9 @@ class LargestEdge(cd.metrics.SampleMetric):
 
 
 def test_entry_point_plugin_is_compared(tmp_path, monkeypatch):
-    site = tmp_path / "site-packages"
-    info = site / "metric_plugin-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: metric-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[circuitdiff.metrics]\nlargest_edge = metric_plugin:LargestEdge\n")
-    (site / "metric_plugin.py").write_text(PLUGIN_SOURCE)
-    monkeypatch.syspath_prepend(str(site))
-    importlib.invalidate_caches()
+    installed_package(tmp_path, monkeypatch, "metric-plugin",
+                      {"circuitdiff.metrics": {"largest_edge": "metric_plugin:LargestEdge"}},
+                      {"metric_plugin": PLUGIN_SOURCE})
     try:
         assert metrics.available() == BUILTINS + ["largest_edge"]
         assert "metric_plugin" not in sys.modules  # listed without being imported

@@ -13,6 +13,7 @@ import torch
 import circuitdiff as cd
 from circuitdiff import DuplicateNameError, PluginLoadError
 from circuitdiff.registry import Registry
+from plugin_helpers import install
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "plugin_example"
@@ -21,18 +22,6 @@ EXAMPLE_ENTRY_POINTS = {
     "circuitdiff.scorers": {"eap-abs": f"{PLUGIN}:AbsEAP"},
     "circuitdiff.objectives": {"answer_prob": f"{PLUGIN}:AnswerProb"},
 }
-
-
-# ---------------------------------------------------------------------------- helpers
-def install(site: Path, name: str, entry_points: dict[str, dict[str, str]]) -> None:
-    """A minimal installed distribution in ``site``: METADATA and entry_points.txt."""
-    info = site / f"{name.replace('-', '_')}-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("".join(
-        f"[{group}]\n" + "".join(f"{key} = {value}\n" for key, value in points.items()) + "\n"
-        for group, points in entry_points.items()
-    ))
 
 
 @pytest.fixture

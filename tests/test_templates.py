@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import circuitdiff as cd
 from circuitdiff.data.datasets import load_questions
 from circuitdiff.data.templates import (PLACEHOLDER, PromptTemplate, available_templates, get_template,
                                         register_template, registry, template_identity)
+from plugin_helpers import installed_package
 
 #: A small Jinja chat template in the usual shape: BOS, one tagged block a turn, the assistant tag last.
 CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -102,17 +102,11 @@ def test_register_a_template():
 
 def test_a_template_from_an_installed_package(tmp_path, monkeypatch):
     """An entry point in the group circuitdiff.templates, found after import, loaded only when asked for."""
-    site = tmp_path / "site-packages"
-    info = site / "my_prompts-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-prompts\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[circuitdiff.templates]\nsocratic = my_prompts:socratic\n")
-    (site / "my_prompts.py").write_text(
-        "from circuitdiff.data.templates import PromptTemplate\n"
-        "def socratic():\n"
-        "    return PromptTemplate('socratic', 'Let us think about {question} together.')\n")
-    monkeypatch.syspath_prepend(str(site))
-    importlib.invalidate_caches()
+    source = ("from circuitdiff.data.templates import PromptTemplate\n"
+              "def socratic():\n"
+              "    return PromptTemplate('socratic', 'Let us think about {question} together.')\n")
+    installed_package(tmp_path, monkeypatch, "my-prompts", {"circuitdiff.templates": {"socratic": "my_prompts:socratic"}},
+                      {"my_prompts": source})
     try:
         assert "socratic" in available_templates() and "my_prompts" not in sys.modules
         assert get_template("socratic").render("2 + 2") == "Let us think about 2 + 2 together."

@@ -4,12 +4,17 @@ Every error names the cause and the fix. All of them derive from
 :class:`CircuitDiffError`, so ``except cd.CircuitDiffError`` catches any failure the
 library raises on purpose; the subclasses also derive from the matching builtin
 (``ValueError``, ``TypeError``, ``RuntimeError``) so generic handlers keep working.
+``MissingDependencyError.importing`` imports an optional dependency or raises the error
+that says what to install.
 
 Bad arguments raise :class:`ArgumentError` (a ``ValueError``), or
 :class:`ArgumentTypeError` (also a ``TypeError``) when the argument has the wrong type.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "CircuitDiffError",
@@ -91,6 +96,15 @@ class PluginLoadError(CircuitDiffError, ImportError):
 
 class MissingDependencyError(CircuitDiffError, ImportError):
     """An optional dependency is not installed; the message says what to install."""
+
+    @classmethod
+    def importing(cls, module: str, needed_for: str, fix: str) -> Any:
+        """``import module`` (a dotted name), or this error:
+        ``"{needed_for} needs {module}, which is not installed ({error}): {fix}"``."""
+        try:
+            return importlib.import_module(module)
+        except ImportError as error:
+            raise cls(f"{needed_for} needs {module}, which is not installed ({error}): {fix}") from error
 
 
 class MemoryPlanError(DataError):

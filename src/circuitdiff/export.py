@@ -21,7 +21,6 @@ examples and MIB) the signs agree. See ``docs/export.md``.
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import math
 import os
@@ -65,15 +64,6 @@ COLORS: dict[str, str] = {"positive": "#2166ac", "negative": "#b2182b", "neutral
 _EAP_IG_CFG = ("n_layers", "n_heads", "parallel_attn_mlp", "d_model")
 _EAP_IG_SIGN = ("as in the file: EAP-IG writes metric(ablated) - metric(clean); "
                 "positive = helps when the metric is a loss")
-
-
-def _require(module: str, caller: str) -> Any:
-    """``import module``, or a MissingDependencyError that says what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise MissingDependencyError(f"{caller} needs {module}, which is not installed: "
-                                     f"pip install {module}") from error
 
 
 def _check_scores(scores: object, caller: str) -> EdgeScores:
@@ -276,7 +266,7 @@ def to_pandas(scores: EdgeScores, per_sample: bool | None = None) -> pandas.Data
             :func:`to_csv`, which needs no pandas).
         ArgumentError: ``per_sample=True`` on scores without per-sample values.
     """
-    pd = _require("pandas", "to_pandas")
+    pd = MissingDependencyError.importing("pandas", "to_pandas", 'pip install pandas (or "circuitdiff[export]")')
     scores = _check_scores(scores, "to_pandas")
     ids, values = _long_values(scores, per_sample)
     n_blocks, n_edges = values.shape
@@ -370,7 +360,7 @@ def to_networkx(scores: EdgeScores | None = None, *, circuit: Circuit | None = N
         MissingDependencyError: networkx is not installed (``pip install networkx``).
         ArgumentError: neither scores nor circuit, or a circuit of another graph.
     """
-    nx = _require("networkx", "to_networkx")
+    nx = MissingDependencyError.importing("networkx", "to_networkx", 'pip install networkx (or "circuitdiff[export]")')
     nodes, edges = _network(scores, circuit)
     network = nx.DiGraph()
     network.add_nodes_from((node.name, {"kind": node.kind, "layer": node.layer}) for node in nodes)

@@ -246,11 +246,8 @@ def _read_file(path: Path) -> list[tuple[str, str, Any]]:
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as error:
-        raise MissingDependencyError(f"reading {str(path)!r} needs pyarrow ({error}): pip install pyarrow, or "
-                                     "convert the file to JSONL.") from error
+    pq = MissingDependencyError.importing("pyarrow.parquet", f"reading {str(path)!r}", "pip install pyarrow, or convert the file to "
+                         "JSONL.")
     try:
         return pq.read_table(path).to_pylist()
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
@@ -266,12 +263,10 @@ def _hub_records(hub: str, short: str, config: str | None, split: str) -> Iterat
 
 def _load_cached(name: str, config: str | None, split: str) -> Any:
     """The rows of Hub dataset ``name`` from the local caches, offline."""
-    try:
-        import datasets
-        import huggingface_hub
-    except ImportError as error:
-        raise MissingDependencyError(f"loading the dataset {name!r} by name needs the datasets package ({error}): "
-                                     "pip install datasets, or pass a local .jsonl/.parquet file.") from error
+    import huggingface_hub  # a dependency of transformers
+
+    datasets = MissingDependencyError.importing("datasets", f"loading the dataset {name!r} by name",
+                               "pip install datasets, or pass a local .jsonl/.parquet file.")
     fetch = (f"Nothing is downloaded here: fetch it on a machine with network (`hf download {name} --repo-type "
              f"dataset`, or datasets.load_dataset({name!r}{f', {config!r}' if config else ''})) "
              "and copy its Hugging Face cache here, or pass a local .jsonl/.parquet file.")

@@ -58,8 +58,8 @@ from tqdm.auto import tqdm
 from circuitdiff.data.grading import DEFAULT_GRADER, Grader, grade, resolve
 from circuitdiff.data.questions import Question
 from circuitdiff.defaults import DEFAULT_MAX_NEW_TOKENS
-from circuitdiff.errors import (ArgumentError, DataError, IdentityMismatchError, MissingDependencyError,
-                               MissingPathError, NonFiniteError)
+from circuitdiff.errors import (ArgumentError, DataError, IdentityMismatchError, MissingPathError, NonFiniteError,
+                               MissingDependencyError)
 from circuitdiff.identity import differences, fingerprint, library_version, model_identity
 
 __all__ = ["BACKENDS", "Generation", "generate_answers", "answer_identity", "generation_settings", "kv_cache_compat",
@@ -186,11 +186,8 @@ def _vllm_batches(model: Any, todo: Sequence[Question], max_new_tokens: int) -> 
     if not todo:
         yield lambda batch: []
         return
-    try:
-        import vllm
-    except ImportError as error:
-        raise MissingDependencyError(f"backend='vllm' needs vLLM ({error}): pip install \"circuitdiff[vllm]\" on a "
-                                     "CUDA machine, or use backend='hf'.") from error
+    vllm = MissingDependencyError.importing("vllm", "backend='vllm'", 'pip install "circuitdiff[vllm]" on a CUDA machine, or use '
+                           "backend='hf'.")
     hf_model, tokenizer = model.original_model, model.tokenizer
     path = Path(getattr(hf_model.config, "_name_or_path", "") or "")
     if not (path / "config.json").is_file():

@@ -119,14 +119,9 @@ class Boxed:
 
 def _math_verify() -> Any:
     """The ``math_verify`` module, imported on first use (it loads SymPy: about half a second)."""
-    try:
-        import math_verify
-    except ImportError as error:
-        raise MissingDependencyError(
-            f"the math-verify grader needs the math-verify package ({error}): pip install math-verify, or "
-            "grade with grader='boxed' (the built-in checker, no dependency)."
-        ) from error
-    return math_verify
+    return MissingDependencyError.importing("math_verify", "the math-verify grader",
+                           "pip install math-verify, or grade with grader='boxed' (the built-in checker, no "
+                           "dependency).")
 
 
 #: The grader registry; ``register``, ``get`` and ``available`` are its methods.
