@@ -81,23 +81,48 @@ def test_attention_receiver_gradients_match_autograd_through_the_norm(edge_hooks
 
 
 @pytest.mark.parametrize("dtype, device", DTYPES_AND_DEVICES)
-@pytest.mark.parametrize("level", ["head", "layer"])
-def test_attention_source_outputs_are_exact_sums_of_the_models_products(edge_hooks, dtype, level, device):
+def test_attention_source_outputs_are_exact_sums_of_the_models_products(edge_hooks, dtype, device):
+    """Head level: each head's output ``z_h @ W_O[h]``, formed from the model's ``z`` and ``W_O``."""
+    level = "head"
     hooks = edge_hooks("llama", dtype, level, device)
     layer = 2
     w_o = hooks.bridge.layers[layer].w_o  # [d_model, heads * d_head]
     heads, d_head = hooks.graph.n_heads, w_o.shape[1] // hooks.graph.n_heads
     z = torch.randn(2, 5, heads, d_head).to(w_o.dtype)
-    written = {}
-    hooks.sources.attention_hook(layer, lambda rows, value: written.update(rows=rows, value=value),
-                                 Window())(z.to(device), None)
-
-    per_head = torch.einsum("bphe,dhe->bhpd", z.double(), w_o.double().cpu().view(-1, heads, d_head))
-    expected = per_head if level == "head" else per_head.sum(1, keepdim=True)
-    assert written["rows"] == hooks.graph.attention_sources(layer)
-    assert written["value"].dtype == torch.float32 and written["value"].device.type == device
-    torch.testing.assert_close(written["value"].double().cpu(), expected, rtol=1e-5,
+    ids, mask = torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
+    expected = torch.einsum("bphe,dhe->bhpd", z.double(), w_o.double().cpu().view(-1, heads, d_head))
+    rows = hooks.graph.attention_sources(layer)
+    for record, sign in (("set", 1.0), ("negate", -1.0)):  # written straight into delta's rows
+        delta = hooks.sources.new_delta(ids, Window()).fill_(float("nan"))  # uninitialised memory is ignored
+        attention = dict(hooks.sources.hooks(delta, mask.to(device), record, Window()))
+        attention[hooks.bridge.attention_values_hook(layer)](z.to(device), None)
+        assert delta.dtype == torch.float32 and delta.device.type == device
+        torch.testing.assert_close(delta[:, rows].double().cpu(), sign * expected, rtol=1e-5,
+                                   atol=1e-5 * expected.abs().max().item())
+    delta[:, rows] = 1.0  # "subtract": the replacement minus the clean outputs
+    attention = dict(hooks.sources.hooks(delta, mask.to(device), "subtract", Window()))
+    attention[hooks.bridge.attention_values_hook(layer)](z.to(device), None)
+    torch.testing.assert_close(delta[:, rows].double().cpu(), 1.0 - expected, rtol=1e-5,
                                atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # W_O with a bias and without
+def test_layer_level_attention_sources_are_the_models_outputs_less_the_bias(edge_hooks, arch):
+    """Layer level: the attention output the model computed (no second product), less W_O's bias."""
+    hooks = edge_hooks(arch, "float32", "layer", "cpu")
+    ids = torch.randint(0, hooks.spec.d_vocab, (2, 5))
+    mask = torch.ones_like(ids)
+    delta, seen = hooks.sources.new_delta(ids, Window()), {}
+    recording = hooks.sources.hooks(delta, mask, "set", Window())
+    outputs = [(hooks.bridge.attention_output_hook(layer), lambda x, hook: seen.__setitem__(hook.name, x.clone()))
+               for layer in range(hooks.graph.n_layers)]
+    with torch.no_grad(), hooks.hooked(outputs + recording):
+        hooks.model(ids, attention_mask=mask)
+    for layer in range(hooks.graph.n_layers):
+        bias = hooks.bridge.layers[layer].b_o
+        assert (bias is not None) == (arch == "gpt2")
+        expected = seen[hooks.bridge.attention_output_hook(layer)] - (0 if bias is None else bias)
+        torch.testing.assert_close(delta[:, hooks.graph.attention_sources(layer)].squeeze(1), expected)
 
 
 @pytest.mark.parametrize("slice_elements", [2**24, 64])  # 64: the factors are upcast a slice of k at a time

@@ -41,13 +41,14 @@ class NormParams:
 @dataclass(frozen=True)
 class AttentionWeights:
     """Views of one layer's weights: q, k, v as ``[heads, d_head, d_model]`` (k, v with the kv heads),
-    o as ``[d_model, n_heads * d_head]`` (nn.Linear layout), and the attention norm (None where
-    attention reads the residual stream directly)."""
+    o as ``[d_model, n_heads * d_head]`` (nn.Linear layout) and its bias (None without one), and the
+    attention norm (None where attention reads the residual stream directly)."""
 
     w_q: Tensor
     w_k: Tensor
     w_v: Tensor
     w_o: Tensor
+    b_o: Tensor | None
     norm: NormParams | None
 
 
@@ -75,6 +76,7 @@ class Bridge:
             w_k=linear_weight(block.attn.k).reshape(s.n_kv_heads, s.d_head, s.d_model),
             w_v=linear_weight(block.attn.v).reshape(s.n_kv_heads, s.d_head, s.d_model),
             w_o=linear_weight(block.attn.o),
+            b_o=getattr(block.attn.o.original_component, "bias", None),
             norm=norm_params(block.ln1) if self.pre_norm else None,
         ) for block in model.blocks]
 
@@ -107,6 +109,10 @@ class Bridge:
     def projection_hook(self, layer: int, projection: Projection) -> str:
         """The q, k or v projection's output ``[batch, pos, heads, d_head]``."""
         return getattr(self.model.blocks[layer].attn, projection).hook_out.name
+
+    def projection_input_hook(self, layer: int, projection: Projection) -> str:
+        """The q, k or v projection's own input (the attention norm's output, one per projection)."""
+        return getattr(self.model.blocks[layer].attn, projection).hook_in.name
 
     def attention_input_hook(self, layer: int) -> str:
         """The residual stream the attention reads, at its norm's input or the attention's own

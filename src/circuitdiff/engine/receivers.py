@@ -26,7 +26,7 @@ from circuitdiff.engine.sources import HookList, Window
 if TYPE_CHECKING:
     from circuitdiff.graph import AttributionGraph, ReceiverGroup
 
-__all__ = ["ReceiverGradients", "transient_bytes"]
+__all__ = ["ReceiverGradients", "transient_bytes", "MEAN_CHUNKS"]
 
 Stash = dict[tuple[int, str], Tensor]
 
@@ -62,12 +62,15 @@ class ReceiverGradients:
             gradient = gradient.to(delta.device, delta.dtype)  # device: a no-op unless layers sit on several
             rows = reads(group)
             sources = rearrange(delta[:, rows], "b s p d -> b s (p d)")
-            gradient = rearrange(gradient, "b r p d -> b r (p d)")
-            # One matrix product per sample, not one batched product: cuBLAS splits a single
-            # product's long p*d reduction over the GPU, a batched one's not (on an H200,
-            # batch 2 x 1024 tokens ran 7x slower than batch 1 x 2048 with bmm).
+            gradient = rearrange(gradient, "b r p d -> b (p d) r")
+            if delta.device.type != "cuda":
+                scores[:, rows, group.columns] += product(sources, gradient)
+                return
+            # On CUDA one matrix product per sample, not one batched product: cuBLAS splits a
+            # single product's long p*d reduction over the GPU, a batched one's not (on an
+            # H200, batch 2 x 1024 tokens ran 7x slower than batch 1 x 2048 with bmm).
             for i in range(gradient.shape[0]):
-                scores[i, rows, group.columns] += product(sources[i], gradient[i].T)
+                scores[i, rows, group.columns] += product(sources[i], gradient[i])
 
         def watch(on_gradient: Callable[[Tensor], None], keep_as: tuple[int, str] | None = None) -> Callable[..., Tensor]:
             # Return a fresh view so the gradient hook sees only the path behind this hook point.
@@ -94,6 +97,9 @@ class ReceiverGradients:
                 for proj in ("q", "k", "v"):
                     hooks.append((bridge.projection_hook(layer, proj),
                                   watch(lambda g, key=(layer, proj): stash.__setitem__(key, g))))
+                    if graph.level == "layer":  # the model's own W^T g, per projection
+                        hooks.append((bridge.projection_input_hook(layer, proj),
+                                      watch(lambda g, key=(layer, proj + "_in"): stash.__setitem__(key, g))))
                 # the attention input's gradient arrives after all of q, k and v have their gradients.
                 on_attention = (lambda _, layer=layer, group=attention:
                                 contract(group, self.attention_gradients(layer, stash, window)))
@@ -103,6 +109,7 @@ class ReceiverGradients:
         hooks.append((bridge.logits_input_hook, watch(residual_receiver(graph.group("logits")))))
         return hooks
 
+    @torch.no_grad()
     @torch.profiler.record_function(PROFILER_LABELS[1])
     def attention_gradients(
         self, layer: int, stash: Stash, window: Window = Window()
@@ -120,8 +127,9 @@ class ReceiverGradients:
 
         and likewise for k and v. ``v`` is one product of the model's own gradients and
         weights (:func:`~circuitdiff.engine.products.product`: for bfloat16 models, exact
-        products summed in float32); the rest is one reduction and two in-place updates
-        over the ``[receivers, batch * pos, d_model]`` result (three for LayerNorm).
+        products summed in float32); the rest is in-place updates of the
+        ``[receivers, batch * pos, d_model]`` result and its row means, taken an eighth of
+        the receivers at a time (:data:`MEAN_CHUNKS`) so that their temporary stays small.
         Without an attention norm (OLMo 2), ``G_h = v``.
         """
         weights = self.bridge.layers[layer]
@@ -129,7 +137,7 @@ class ReceiverGradients:
         x = stash.pop((layer, "x"))[:, positions]
         b, p, d = x.shape
         mats = (weights.w_q, weights.w_k, weights.w_v)
-        grads = []
+        grads, inputs = [], [stash.pop((layer, proj + "_in"), None) for proj in "qkv"]
         for proj, w in zip("qkv", mats, strict=True):
             g = stash.pop((layer, proj), None)
             if g is None:  # the objective does not depend on this projection
@@ -140,7 +148,12 @@ class ReceiverGradients:
         if self.graph.level == "head":  # v: [heads, batch*pos, d_model]
             v = product(rearrange(torch.cat(grads, 1), "bp h e -> h bp e"), torch.cat(mats, 0))
         else:
-            v = torch.stack([product(g.flatten(1), w.flatten(0, 1)) for g, w in zip(grads, mats, strict=True)])
+            v = torch.empty(3, b * p, d, dtype=self.bridge.dtype, device=x.device)
+            for i, (g, w, u) in enumerate(zip(grads, mats, inputs, strict=True)):
+                if u is not None:
+                    v[i] = u[:, positions].reshape(b * p, d)
+                else:
+                    product(g.flatten(1), w.flatten(0, 1), out=v[i])
         if norm is None:
             return rearrange(v, "r (b p) d -> b r p d", b=b)
         x = x.to(self.bridge.dtype)
@@ -148,14 +161,33 @@ class ReceiverGradients:
             x = x - x.mean(-1, keepdim=True)
         scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()  # [batch, pos, 1]
         x_hat = (x / scale).reshape(b * p, d)
-        a = (norm.weight.to(x.device, self.bridge.dtype) / scale).reshape(b * p, d)
-        basis = torch.stack([x_hat * a] if norm.rms else [x_hat * a, a], -1)  # [b*p, d_model, 1 or 2]
-        means = torch.bmm(v.transpose(0, 1), basis).transpose(0, 1) / d  # [heads, b*p, 1 or 2]
-        v.mul_(a)
-        v.addcmul_(x_hat.unsqueeze(0), means[..., :1], value=-1.0)
-        if not norm.rms:
-            v.sub_(means[..., 1:])
+        v.mul_((norm.weight.to(x.device, self.bridge.dtype) / scale).reshape(b * p, d))  # v * a
+        centre = None if norm.rms else v.mean(-1, keepdim=True)
+        v.addcmul_(x_hat, _means_of_products(v, x_hat), value=-1.0)
+        if centre is not None:
+            v.sub_(centre)
         return rearrange(v, "r (b p) d -> b r p d", b=b)
+
+
+#: The receivers' row means (:func:`_means_of_products`) are taken in this many slices of receivers.
+MEAN_CHUNKS = 8
+
+
+def _means_of_products(v: Tensor, x: Tensor) -> Tensor:
+    """``mean(v[r] * x, -1)`` for every receiver ``r`` of ``v [receivers, n, d]``, as ``[receivers, n, 1]``.
+
+    The products are formed a slice of :data:`MEAN_CHUNKS` at a time in one buffer
+    (a batched matrix-vector product over ``n`` would need no buffer but runs about 3x
+    slower on CPU).
+    """
+    step = -(-v.shape[0] // MEAN_CHUNKS)
+    means = v.new_empty(v.shape[0], v.shape[1], 1)
+    buffer = v.new_empty(min(step, v.shape[0]), *v.shape[1:])
+    for start in range(0, v.shape[0], step):
+        part = v[start:start + step]
+        products = torch.mul(part, x, out=buffer[:part.shape[0]])
+        torch.mean(products, -1, keepdim=True, out=means[start:start + step])
+    return means
 
 
 def transient_bytes(graph: "AttributionGraph", n_heads: int, n_kv_heads: int, d_head: int, d_model: int,
@@ -167,10 +199,13 @@ def transient_bytes(graph: "AttributionGraph", n_heads: int, n_kv_heads: int, d_
     = batch x window positions, ``tokens`` = batch x every position):
 
     - ``v [receivers, window_tokens, d_model]`` in the accumulation dtype (q+k+v heads
-      at head level; at layer level three products and their stack, twice 3);
+      at head level, 3 at layer level);
     - the concatenated projection gradients over the window and, at head level, the
       concatenated q/k/v weights, in the model's dtype;
-    - ``x``, ``x_hat``, ``weight / s`` and ``x_hat * weight / s`` over the window, accumulation dtype;
+    - at layer level, the model's own gradients at the three projections' inputs, kept
+      from their arrival until the attention input's (every position, model dtype);
+    - ``x``, its copy in the accumulation dtype, ``x_hat`` and ``weight / s`` over the window, and
+      the buffer of :func:`_means_of_products` (an eighth of the receivers), accumulation dtype;
     - the stashed projection gradients of every position, model dtype;
     - with a contraction dtype other than the accumulation dtype, ``v``'s copy in it.
 
@@ -182,12 +217,13 @@ def transient_bytes(graph: "AttributionGraph", n_heads: int, n_kv_heads: int, d_
         v = (n_q + n_k + n_v) * window_tokens * d_model * accumulation_bytes
         qkv = window_tokens * proj * model_bytes + proj * d_model * model_bytes
     else:
-        v = 2 * 3 * window_tokens * d_model * accumulation_bytes
-        qkv = window_tokens * proj * model_bytes
-    norm_terms = 4 * window_tokens * d_model * accumulation_bytes
+        v = 3 * window_tokens * d_model * accumulation_bytes
+        qkv = window_tokens * proj * model_bytes + 3 * tokens * d_model * model_bytes
+    receivers = n_q + n_k + n_v if graph.level == "head" else 3
+    norm_terms = (4 + -(-receivers // MEAN_CHUNKS)) * window_tokens * d_model * accumulation_bytes
     total = v + qkv + norm_terms + tokens * proj * model_bytes
     if contraction_bytes != accumulation_bytes:
-        total += (n_q + n_k + n_v if graph.level == "head" else 3) * window_tokens * d_model * contraction_bytes
+        total += receivers * window_tokens * d_model * contraction_bytes
     return total
 
 

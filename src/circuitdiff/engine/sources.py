@@ -26,7 +26,7 @@ from torch import Tensor
 
 from circuitdiff.engine.architectures import check_level
 from circuitdiff.engine.bridge import Bridge
-from circuitdiff.engine.products import CONTRACTION_DTYPES, PROFILER_LABELS, product
+from circuitdiff.engine.products import CONTRACTION_DTYPES, PROFILER_LABELS, add_product, product
 from circuitdiff.errors import ArgumentError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -92,10 +92,15 @@ class SourceRecorder:
         return window.dtype
 
     def new_delta(self, input_ids: Tensor, window: Window) -> Float[Tensor, "batch n_sources window d_model"]:
-        """An uninitialised ``delta`` for the window of ``input_ids [batch, pos]`` (every pass that records fills it)."""
-        shape = delta_shape(self.graph, input_ids.shape[0], len(window.within(input_ids.shape[1])),
-                            self.bridge.spec.d_model)
-        return torch.empty(shape, dtype=self.delta_dtype(window), device=self.bridge.device)
+        """An uninitialised ``delta`` for the window of ``input_ids [batch, pos]`` (every pass that records fills it).
+
+        Stored source-major (``[n_sources, batch, window, d_model]`` in memory, returned as a
+        ``[batch, n_sources, ...]`` view), so each source's rows are one block that the
+        head outputs are multiplied straight into (:func:`add_product`).
+        """
+        b, n, w, d = delta_shape(self.graph, input_ids.shape[0], len(window.within(input_ids.shape[1])),
+                                 self.bridge.spec.d_model)
+        return torch.empty((n, b, w, d), dtype=self.delta_dtype(window), device=self.bridge.device).transpose(0, 1)
 
     def record(self, input_ids: Tensor, attention_mask: Tensor, delta: Tensor, window: Window) -> None:
         """Write every source's output on ``input_ids`` into ``delta`` (no gradients).
@@ -146,20 +151,43 @@ class SourceRecorder:
             else:
                 torch.neg(value, out=target)
 
+        def write_product(rows: slice, a: Tensor, b: Tensor) -> None:
+            # a @ b: [n, batch * window, d_model], the outputs of the n sources in rows.
+            target = delta[:, rows].transpose(0, 1)  # [n, batch, window, d_model]
+            # detached (the weights' views may carry autograd history); with layers on several
+            # devices (device_map), delta lives on the first one
+            a, b = a.detach().to(delta.device), b.detach().to(delta.device)
+            if not target.is_contiguous():  # an intervention's own buffer: form the product, then write it
+                write(rows, rearrange(product(a, b), "n (b p) d -> b n p d", b=target.shape[1]))
+                return
+            alpha, beta = (-1.0, 1.0) if record == "subtract" else (-1.0, 0.0) if record == "negate" else (1.0, 0.0)
+            add_product(target.view(a.shape[0], a.shape[1], -1), a, b, alpha=alpha, beta=beta)
+            if padded:
+                target.mul_(mask.transpose(0, 1))
+
         def residual(rows: slice) -> Callable[..., None]:
             return lambda x, hook: write(rows, x[:, positions].unsqueeze(1))
 
+        def attention_output(layer: int) -> Callable[..., None]:
+            # layer level: the attention's output as the model computed it, less W_O's bias
+            rows, bias = self.graph.attention_sources(layer), self.bridge.layers[layer].b_o
+            if bias is None or bridge.post_norm:
+                return residual(rows)
+            return lambda x, hook: write(rows, (x[:, positions].to(delta.device, delta.dtype)
+                                                    - bias.detach().to(delta.device, delta.dtype)).unsqueeze(1))
+
         hooks: HookList = [(bridge.input_hook, residual(slice(0, 1)))]
         for layer in range(self.graph.n_layers):
-            if bridge.post_norm:  # layer level only: the normalised layer output is what the stream receives
-                hooks.append((bridge.attention_output_hook(layer), residual(self.graph.attention_sources(layer))))
+            if self.graph.level == "layer":
+                hooks.append((bridge.attention_output_hook(layer), attention_output(layer)))
             else:
-                hooks.append((bridge.attention_values_hook(layer), self.attention_hook(layer, write, window)))
+                hooks.append((bridge.attention_values_hook(layer), self.attention_hook(layer, write_product, window)))
             row = self.graph.mlp_source(layer)
             hooks.append((bridge.mlp_output_hook(layer), residual(slice(row, row + 1))))
         return hooks
 
-    def attention_hook(self, layer: int, write: Callable[[slice, Tensor], None], window: Window) -> Callable[..., None]:
+    def attention_hook(self, layer: int, write_product: Callable[[slice, Tensor, Tensor], None],
+                       window: Window) -> Callable[..., None]:
         """The hook on ``layer``'s attention values ``z`` that writes its heads' outputs (``z_h @ W_O[h]``)."""
         w_o = self.bridge.layers[layer].w_o
         rows = self.graph.attention_sources(layer)
@@ -169,14 +197,10 @@ class SourceRecorder:
         def hook(z: Tensor, hook: Any) -> None:
             # z: [batch, pos, n_heads, d_head]; head h writes z_h @ W_O[h] (no bias), summed in float32.
             z = z[:, window.positions].detach()
-            b, p, h, _ = z.shape
             if per_head:
-                w_per_head = rearrange(w_o, "d (h e) -> h e d", h=h)
-                outputs = product(rearrange(z, "b p h e -> h (b p) e"), w_per_head)
-                write(rows, rearrange(outputs, "h (b p) d -> b h p d", b=b))
+                write_product(rows, rearrange(z, "b p h e -> h (b p) e"), rearrange(w_o, "d (h e) -> h e d", h=z.shape[2]))
             else:
-                outputs = product(rearrange(z, "b p h e -> (b p) (h e)"), w_o.T)
-                write(rows, rearrange(outputs, "(b p) d -> b 1 p d", b=b))
+                write_product(rows, rearrange(z, "b p h e -> 1 (b p) (h e)"), w_o.T.unsqueeze(0))
 
         return hook
 
