@@ -88,6 +88,7 @@ class MemoryEstimate:
     method: str
     positions_per_pass: int | None = None
     contraction_dtype: torch.dtype | None = None
+    checkpoint_blocks: bool = False
 
     @property
     def total(self) -> int:
@@ -102,7 +103,8 @@ class MemoryEstimate:
 
     def to_markdown(self) -> str:
         """A two-column table: part, GiB (and share of the peak)."""
-        rows = [("weights", self.weights), ("activations saved for backward (plain model)", self.saved_activations),
+        saved = "every block's input and one block's activations" if self.checkpoint_blocks else "plain model"
+        rows = [("weights", self.weights), (f"activations saved for backward ({saved})", self.saved_activations),
                 ("logits", self.logits), ("objective (float32 log-softmax)", self.objective),
                 (f"source buffer delta ({str(self.contraction_dtype or 'float32').removeprefix('torch.')})",
                  self.source_buffer), ("score buffer", self.scores),
@@ -155,6 +157,7 @@ def estimate_memory(
     positions_per_pass: int | None = None,
     contraction_dtype: torch.dtype | None = None,
     method: str | None = None,
+    checkpoint_blocks: bool = False,
 ) -> MemoryEstimate:
     """Estimated peak memory (bytes) of one ``cd.attribute`` batch.
 
@@ -174,14 +177,17 @@ def estimate_memory(
         contraction_dtype: the ``eap`` scorer's ``contraction_dtype`` (e.g.
             ``torch.bfloat16``); default: the accumulation dtype (float32).
         method: deprecated alias of ``scorer`` (warns).
+        checkpoint_blocks: the scorer's ``checkpoint_blocks``: autograd keeps each block's
+            input (``d_model`` per token and layer) and the activations of the one block
+            being rerun, instead of every block's.
 
     Returns:
         :class:`MemoryEstimate` (``.total`` is the peak, weights included; ``.plain`` the
         plain forward+backward peak). Intervention passes other than the scored one run
         without gradients and stay below the peak.
     """
-    method, positions_per_pass, contraction_dtype = _scorer_options(scorer, method, positions_per_pass,
-                                                                    contraction_dtype)
+    method, positions_per_pass, contraction_dtype, checkpoint_blocks = _scorer_options(
+        scorer, method, positions_per_pass, contraction_dtype, checkpoint_blocks)
     if batch_size < 1 or seq_len < 1:
         raise DataError(f"batch_size and seq_len must be positive; got {batch_size} and {seq_len}.")
     s = _shape_of(model_or_spec, dtype)
@@ -207,7 +213,10 @@ def estimate_memory(
     if family.moe:  # each routed expert's hidden units and output; the router's float32 logits and softmax
         mlp = s.experts_per_token * (mlp + e * d) + 2 * 4 * s.n_experts
     per_layer = norms + 3 * e * qkv_heads + probs + mlp
-    saved = tokens * (s.n_layers * per_layer + norm_input)
+    if checkpoint_blocks:  # every block's input (the residual stream), and one block rerun at a time
+        saved = tokens * (s.n_layers * d * e + per_layer + norm_input)
+    else:
+        saved = tokens * (s.n_layers * per_layer + norm_input)
     logits = tokens * s.d_vocab * e * (2 if s.logit_softcap else 1)  # and the tanh of soft-capped logits
     loss_tokens = b * min(loss_positions or p, p)
     objective = loss_tokens * s.d_vocab * 4
@@ -229,6 +238,7 @@ def estimate_memory(
         source_buffer=source_buffer, scores=scores, receiver_gradients=receivers, backward_transient=backward,
         clean_logits=clean_logits, batch_size=b, seq_len=p, level=graph.level, method=method,
         positions_per_pass=positions_per_pass, contraction_dtype=contraction_dtype,
+        checkpoint_blocks=checkpoint_blocks,
     )
 
 
@@ -254,6 +264,7 @@ def plan_batch_size(
     positions_per_pass: int | None = None,
     contraction_dtype: torch.dtype | None = None,
     method: str | None = None,
+    checkpoint_blocks: bool = False,
 ) -> int:
     """The largest batch size whose estimated peak fits ``max_memory`` bytes.
 
@@ -270,6 +281,7 @@ def plan_batch_size(
         positions_per_pass: as for :func:`estimate_memory`.
         contraction_dtype: as for :func:`estimate_memory`.
         method: deprecated alias of ``scorer`` (warns).
+        checkpoint_blocks: as for :func:`estimate_memory`.
 
     Raises:
         MemoryPlanError: even batch size 1 does not fit; the message gives the layer-level
@@ -277,8 +289,8 @@ def plan_batch_size(
             window that fits, the bfloat16 contraction, and other ways out.
         ValueError: ``max_memory`` is missing for a model that is not on CUDA.
     """
-    method, positions_per_pass, contraction_dtype = _scorer_options(scorer, method, positions_per_pass,
-                                                                    contraction_dtype)
+    method, positions_per_pass, contraction_dtype, checkpoint_blocks = _scorer_options(
+        scorer, method, positions_per_pass, contraction_dtype, checkpoint_blocks)
     if max_memory is None:
         resident = _model_bytes_on_cuda(model)
         if resident is None:
@@ -290,13 +302,15 @@ def plan_batch_size(
     graph = _graph_of(shape, graph)
 
     def peak(batch: int, length: int = seq_len, g: AttributionGraph = graph,
-             window: int | None = positions_per_pass, contraction: torch.dtype | None = contraction_dtype) -> int:
+             window: int | None = positions_per_pass, contraction: torch.dtype | None = contraction_dtype,
+             checkpointed: bool = checkpoint_blocks) -> int:
         return estimate_memory(shape, g, batch_size=batch, seq_len=length, scorer=method,
                                loss_positions=loss_positions, positions_per_pass=window,
-                               contraction_dtype=contraction).total
+                               contraction_dtype=contraction, checkpoint_blocks=checkpointed).total
 
     if peak(1) > max_memory:
-        raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, method, contraction_dtype))
+        raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, method, contraction_dtype,
+                                            checkpoint_blocks))
     low, high = 1, 2
     while peak(high) <= max_memory:  # the estimate grows linearly with the batch size
         low, high = high, high * 2
@@ -307,16 +321,18 @@ def plan_batch_size(
 
 
 def _scorer_options(scorer: Any, method: str | None, positions_per_pass: int | None,
-                    contraction_dtype: torch.dtype | None) -> tuple[str, int | None, torch.dtype | None]:
-    """``(scorer name, positions_per_pass, contraction_dtype)``, validated by the scorer's own options class."""
+                    contraction_dtype: torch.dtype | None,
+                    checkpoint_blocks: bool) -> tuple[str, int | None, torch.dtype | None, bool]:
+    """``(scorer name, positions_per_pass, contraction_dtype, checkpoint_blocks)``, validated by the scorer's own options class."""
     scorer = renamed_method(scorer, method, stacklevel=3)
     if not isinstance(scorer, str):
-        if positions_per_pass is not None or contraction_dtype is not None:
-            raise ArgumentError("pass positions_per_pass and contraction_dtype through the scorer object "
-                                f"({scorer!r}), not beside it.")
+        if positions_per_pass is not None or contraction_dtype is not None or checkpoint_blocks:
+            raise ArgumentError("pass positions_per_pass, contraction_dtype and checkpoint_blocks through the scorer "
+                                f"object ({scorer!r}), not beside it.")
         name = getattr(scorer, "name", None)
         positions_per_pass = getattr(scorer, "positions_per_pass", None)
         contraction_dtype = getattr(scorer, "contraction_dtype", None)
+        checkpoint_blocks = getattr(scorer, "checkpoint_blocks", False)
     else:
         name = scorer
     if name not in METHODS:
@@ -324,12 +340,12 @@ def _scorer_options(scorer: Any, method: str | None, positions_per_pass: int | N
     if (positions_per_pass is not None or contraction_dtype is not None) and name != "eap":
         raise ArgumentError(f"positions_per_pass and contraction_dtype are options of scorer='eap'; got them with "
                             f"scorer={name!r}.")
-    EAP(positions_per_pass, contraction_dtype)  # validates them
-    return name, positions_per_pass, contraction_dtype
+    EAP(positions_per_pass, contraction_dtype, checkpoint_blocks)  # validates them
+    return name, positions_per_pass, contraction_dtype, checkpoint_blocks
 
 
 def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_memory: int, peak: Any,
-                  method: str, contraction_dtype: torch.dtype | None) -> str:
+                  method: str, contraction_dtype: torch.dtype | None, checkpoint_blocks: bool) -> str:
     need = peak(1)
     parts = [f"even batch size 1 does not fit: {graph.level}-level attribution of {seq_len} tokens needs about "
              f"{need / GIB:.1f} GiB, but {max_memory / GIB:.1f} GiB are available. What would fit:"]
@@ -358,6 +374,12 @@ def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_
         parts.append(f"- a bfloat16 contraction: scorer=cd.scorers.EAP(contraction_dtype=torch.bfloat16) "
                      f"halves the source buffer: about {half / GIB:.1f} GiB at batch 1 ({verdict}; it combines "
                      "with positions_per_pass);")
+    if not checkpoint_blocks:
+        checkpointed = peak(1, seq_len, graph, None, contraction_dtype, True)
+        verdict = "fits" if checkpointed <= max_memory else "does not fit either"
+        parts.append(f"- checkpointed blocks: scorer=cd.scorers.get({method!r}, checkpoint_blocks=True) keeps one "
+                     f"block's activations, not every block's: about {checkpointed / GIB:.1f} GiB at batch 1 "
+                     f"({verdict}; one more forward pass; it combines with the options above);")
     parts.append("- a device with more memory, or a lower-precision dtype for the weights.")
     return "\n".join(parts)
 

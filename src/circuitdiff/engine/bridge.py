@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 import torch
+import torch.utils.checkpoint
 from jaxtyping import Float
 from torch import Tensor
 
@@ -66,6 +67,9 @@ class Bridge:
         family = FAMILIES[self.spec.architecture]
         self.pre_norm, self.post_norm = family.pre_norm, family.post_norm
         rotate_in_model_dtype(model)
+        #: True while a checkpointed block reruns its forward inside the backward pass
+        #: (:meth:`checkpointed_blocks`): the engine's hooks then neither record nor watch again.
+        self.recomputing = False
         first = next(model.parameters())
         self.device = first.device
         #: float32, or float64 for float64 models: what scores and ``delta`` accumulate in.
@@ -79,6 +83,45 @@ class Bridge:
             b_o=getattr(block.attn.o.original_component, "bias", None),
             norm=norm_params(block.ln1) if self.pre_norm else None,
         ) for block in model.blocks]
+
+    @contextlib.contextmanager
+    def checkpointed_blocks(self) -> Iterator[None]:
+        """Per-block activation checkpointing inside the block.
+
+        Each transformer block keeps only its inputs for the backward pass and runs its
+        forward again there, one block at a time (``torch.utils.checkpoint``, non-reentrant),
+        so the activations the backward needs are those of one block plus every block's
+        input, not those of every block. The rerun fires the same hooks; :attr:`recomputing`
+        tells the engine's hooks to leave ``delta`` and their gradient hooks alone then.
+        Costs one more forward pass of the blocks.
+        """
+        blocks = list(self.model.blocks)
+        for block in blocks:  # an instance attribute (past the bridge's own __setattr__) shadows the method
+            object.__setattr__(block, "forward", self._checkpointed(block.forward))
+        try:
+            yield
+        finally:
+            for block in blocks:
+                object.__delattr__(block, "forward")
+
+    def _checkpointed(self, forward: Any) -> Any:
+        def checkpointed(*args: Any, **kwargs: Any) -> Any:
+            # A key/value cache would be written a second time by the rerun: off, as
+            # transformers' own gradient checkpointing does.
+            kwargs = {k: (False if k == "use_cache" else None) if k in _CACHE_ARGUMENTS else v for k, v in kwargs.items()}
+            runs = 0
+
+            def run(*args: Any, **kwargs: Any) -> Any:
+                nonlocal runs
+                runs += 1
+                self.recomputing = runs > 1
+                try:
+                    return forward(*args, **kwargs)
+                finally:
+                    self.recomputing = False
+
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return checkpointed
 
     # Hook names, read from the bridge's own hook points.
     @property
@@ -125,6 +168,9 @@ class Bridge:
         block = self.model.blocks[layer]
         return (block.ln2 if self.pre_norm else block.mlp).hook_in.name
 
+
+
+_CACHE_ARGUMENTS = ("use_cache", "cache", "layer_past", "past_key_values", "past_key_value")
 
 
 @contextlib.contextmanager

@@ -73,10 +73,11 @@ class ReceiverGradients:
                 scores[i, rows, group.columns] += product(sources[i], gradient[i])
 
         def watch(on_gradient: Callable[[Tensor], None], keep_as: tuple[int, str] | None = None) -> Callable[..., Tensor]:
-            # Return a fresh view so the gradient hook sees only the path behind this hook point.
+            # Return a fresh view so the gradient hook sees only the path behind this hook point
+            # (also when a checkpointed block reruns, so that it rebuilds the same graph).
             def hook(x: Tensor, hook: Any) -> Tensor:
                 y = x.view_as(x)
-                if y.requires_grad:
+                if y.requires_grad and not bridge.recomputing:
                     if keep_as is not None:
                         stash[keep_as] = x
                     y.register_hook(on_gradient)

@@ -132,6 +132,21 @@ class AttributionRun:
         """The model with ``hooks`` attached for the block; they are removed after, also on errors."""
         return self.model.hooks(fwd_hooks=hooks)
 
+    def backward_pass(self, batch: Batch, batch_index: int, hooks: HookList, *, checkpoint_blocks: bool = False,
+                      clean_logits: Tensor | None = None) -> Float[Tensor, "batch"]:
+        """One forward and backward of ``batch`` with ``hooks`` attached; returns the (detached) losses.
+
+        The receivers' gradient hooks run in the backward. ``checkpoint_blocks``: keep only
+        each block's input and rerun the blocks one at a time in the backward
+        (:meth:`~circuitdiff.engine.bridge.Bridge.checkpointed_blocks`).
+        """
+        blocks = self.bridge.checkpointed_blocks() if checkpoint_blocks else contextlib.nullcontext()
+        with torch.enable_grad(), self.hooked(hooks), blocks:
+            logits = self.model(batch.input_ids, attention_mask=batch.attention_mask)
+            losses = self.loss(logits, batch, batch_index, clean_logits=clean_logits)
+            losses.sum().backward()
+        return losses.detach()
+
     def loss(self, logits: Tensor, batch: Batch, batch_index: int,
              clean_logits: Tensor | None = None) -> Float[Tensor, "batch"]:
         """The objective's per-sample losses, checked (see :func:`circuitdiff.objectives.evaluate`)."""

@@ -139,6 +139,8 @@ class SourceRecorder:
         def write(rows: slice, value: Tensor) -> None:
             # value: [batch, n, window, d_model]; delta is our own buffer, edited in place.
             # With layers on several devices (device_map), delta lives on the first one.
+            if bridge.recomputing:  # a checkpointed block's second forward: recorded already
+                return
             target, value = delta[:, rows], value.detach().to(delta.device, delta.dtype)
             if record == "subtract" and padded:
                 target.addcmul_(value, mask, value=-1.0)
@@ -153,6 +155,8 @@ class SourceRecorder:
 
         def write_product(rows: slice, a: Tensor, b: Tensor) -> None:
             # a @ b: [n, batch * window, d_model], the outputs of the n sources in rows.
+            if bridge.recomputing:
+                return
             target = delta[:, rows].transpose(0, 1)  # [n, batch, window, d_model]
             # detached (the weights' views may carry autograd history); with layers on several
             # devices (device_map), delta lives on the first one

@@ -10,6 +10,10 @@ line from reading ``a_u`` to reading ``a_u'``, i.e. the first-order Taylor estim
 ``L_b(edge ablated) - L_b(clean)``. Cost per batch: one hooked forward and backward
 (plus one forward without gradients for patching).
 
+Checkpointed blocks (``EAP(checkpoint_blocks=True)``): the model's own saved activations
+are bounded to one block's (plus every block's input) by rerunning each block's forward
+in the backward pass; the scores are the same.
+
 Position windows (``EAP(positions_per_pass=w)``): the sum over positions is split into
 windows of ``w`` positions, one forward and backward per window (and one intervention
 pass per window for patching). The float32 source buffer and the per-layer receiver
@@ -58,18 +62,25 @@ class EAP:
             run the products on bfloat16 matrix units; products are summed in float32
             and scores stay float32.
             Default None: the accumulation dtype (float32, float64 for float64 models).
+        checkpoint_blocks: keep only each transformer block's input for the backward pass
+            and rerun the blocks' forwards there, one block at a time: the model's saved
+            activations shrink from every block's to one block's (plus each block's
+            input), for one more forward pass of the blocks. Same scores.
     """
 
     positions_per_pass: int | None = None
     contraction_dtype: torch.dtype | None = None
+    checkpoint_blocks: bool = False
 
     name: ClassVar[str] = "eap"
     #: Options that change memory and speed, not the scores (beyond float32 summation order): a run
     #: resumed with another window size reuses its shards (see :mod:`circuitdiff.identity`).
-    not_in_identity: ClassVar[tuple[str, ...]] = ("positions_per_pass",)
+    not_in_identity: ClassVar[tuple[str, ...]] = ("positions_per_pass", "checkpoint_blocks")
 
     def __post_init__(self) -> None:
         positive_int("eap", "positions_per_pass", self.positions_per_pass, allow_none=True)
+        if not isinstance(self.checkpoint_blocks, bool):
+            raise ArgumentError(f"eap: checkpoint_blocks must be True or False; got {self.checkpoint_blocks!r}.")
         if self.contraction_dtype is not None and not is_contraction_dtype(self.contraction_dtype):
             raise ArgumentError(
                 f"eap: contraction_dtype must be None (the accumulation dtype), torch.float32, torch.float64 or one "
@@ -95,8 +106,4 @@ class EAP:
         delta = run.new_delta(batch, window) if delta is None else delta
         hooks = (run.sources.hooks(delta, batch.attention_mask, record, window)
                  + run.receivers.hooks(delta, scores, window))
-        with torch.enable_grad(), run.hooked(hooks):
-            logits = run.model(batch.input_ids, attention_mask=batch.attention_mask)
-            losses = run.loss(logits, batch, batch_index)
-            losses.sum().backward()
-        return losses.detach()
+        return run.backward_pass(batch, batch_index, hooks, checkpoint_blocks=self.checkpoint_blocks)

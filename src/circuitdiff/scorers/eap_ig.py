@@ -65,11 +65,16 @@ class _IntegratedGradients:
 
     steps: int = 5
     points: str = "right"
+    checkpoint_blocks: bool = False
 
     name: ClassVar[str] = ""
+    #: Options that change memory and speed, not the scores (see :mod:`circuitdiff.identity`).
+    not_in_identity: ClassVar[tuple[str, ...]] = ("checkpoint_blocks",)
 
     def __post_init__(self) -> None:
         positive_int(self.name, "steps", self.steps)
+        if not isinstance(self.checkpoint_blocks, bool):
+            raise ArgumentError(f"{self.name}: checkpoint_blocks must be True or False; got {self.checkpoint_blocks!r}.")
         if self.points not in POINTS:
             raise ArgumentError(f"{self.name}: points must be one of {POINTS} (where along the path the gradient is "
                              f"taken); got {self.points!r}.")
@@ -91,7 +96,7 @@ class _IntegratedGradients:
                           "integrated gradients miss those jumps, so the scores need not add up to the ablation "
                           "effect however many steps; use scorer='exact' as the reference (docs/support.md).",
                           stacklevel=2)
-        mask, window = batch.attention_mask, Window()
+        window = Window()
         delta, clean_logits = run.clean_pass(batch, record=True)
         clean_losses = run.loss(clean_logits, batch, batch_index)
         scores = run.new_scores(batch)
@@ -103,10 +108,8 @@ class _IntegratedGradients:
             for alpha in self.alphas():
                 shift = _add((1.0 - alpha) * difference)
                 hooks = [(hook_name, shift)] + run.receivers.hooks(delta, scores, window, source_rows=rows)
-                with torch.enable_grad(), run.hooked(hooks):
-                    logits = run.model(batch.input_ids, attention_mask=mask)
-                    losses = run.loss(logits, batch, batch_index, clean_logits=clean_logits)
-                    losses.sum().backward()
+                run.backward_pass(batch, batch_index, hooks, checkpoint_blocks=self.checkpoint_blocks,
+                                  clean_logits=clean_logits)
                 bar.update(1)
         bar.close()
         return scores / self.steps, clean_losses
@@ -127,6 +130,8 @@ class EAPIGInputs(_IntegratedGradients):
         steps: interpolation points (default 5, as in Hanna et al.); ``steps=1`` is EAP.
         points: ``"right"`` (default; ``alpha = 1/steps..1``) or ``"left"`` (``0..(steps-1)/steps``,
             hannamw/EAP-IG's rule for this scorer).
+        checkpoint_blocks: keep only each block's input for the backward passes and rerun
+            the blocks there (as ``EAP(checkpoint_blocks=True)``); same scores.
     """
 
     name: ClassVar[str] = "eap-ig-inputs"
@@ -143,6 +148,7 @@ class EAPIGActivations(_IntegratedGradients):
     Args:
         steps: interpolation points per block (default 5); ``steps=1`` is EAP.
         points: ``"right"`` (default) or ``"left"``, as for :class:`EAPIGInputs`.
+        checkpoint_blocks: as for :class:`EAPIGInputs`.
     """
 
     name: ClassVar[str] = "eap-ig-activations"
