@@ -37,7 +37,6 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-import torch
 from torch import Tensor
 
 from circuitdiff.data import Batch
