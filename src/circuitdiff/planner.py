@@ -89,6 +89,7 @@ class MemoryEstimate:
     positions_per_pass: int | None = None
     contraction_dtype: torch.dtype | None = None
     checkpoint_blocks: bool = False
+    positions_per_chunk: int | None = None
 
     @property
     def total(self) -> int:
@@ -108,7 +109,9 @@ class MemoryEstimate:
                 ("logits", self.logits), ("objective (float32 log-softmax)", self.objective),
                 (f"source buffer delta ({str(self.contraction_dtype or 'float32').removeprefix('torch.')})",
                  self.source_buffer), ("score buffer", self.scores),
-                ("receiver gradients (one layer, transient)", self.receiver_gradients),
+                ("receiver gradients (one layer" + (f", {self.positions_per_chunk} positions at a time"
+                                                    if self.positions_per_chunk else "") + ", transient)",
+                 self.receiver_gradients),
                 ("plain backward transient", self.backward_transient)]
         if self.clean_logits:
             rows.append(("clean logits (EAP-IG)", self.clean_logits))
@@ -158,6 +161,7 @@ def estimate_memory(
     contraction_dtype: torch.dtype | None = None,
     method: str | None = None,
     checkpoint_blocks: bool = False,
+    positions_per_chunk: int | None = None,
 ) -> MemoryEstimate:
     """Estimated peak memory (bytes) of one ``cd.attribute`` batch.
 
@@ -180,14 +184,16 @@ def estimate_memory(
         checkpoint_blocks: the scorer's ``checkpoint_blocks``: autograd keeps each block's
             input (``d_model`` per token and layer) and the activations of the one block
             being rerun, instead of every block's.
+        positions_per_chunk: the scorer's ``positions_per_chunk``: the receivers' per-layer
+            transients cover that many positions instead of the window's.
 
     Returns:
         :class:`MemoryEstimate` (``.total`` is the peak, weights included; ``.plain`` the
         plain forward+backward peak). Intervention passes other than the scored one run
         without gradients and stay below the peak.
     """
-    method, positions_per_pass, contraction_dtype, checkpoint_blocks = _scorer_options(
-        scorer, method, positions_per_pass, contraction_dtype, checkpoint_blocks)
+    method, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk = _scorer_options(
+        scorer, method, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk)
     if batch_size < 1 or seq_len < 1:
         raise DataError(f"batch_size and seq_len must be positive; got {batch_size} and {seq_len}.")
     s = _shape_of(model_or_spec, dtype)
@@ -230,7 +236,8 @@ def estimate_memory(
     width = min(positions_per_pass or p, p)  # positions in one window
     source_buffer = math.prod(delta_shape(graph, b, width, d)) * c
     scores = math.prod(scores_shape(graph, b)) * acc
-    receivers = transient_bytes(graph, s.n_heads, s.n_kv_heads, s.d_head, d, window_tokens=b * width, tokens=tokens,
+    chunk = min(positions_per_chunk or width, width)  # positions whose receiver gradients are formed at once
+    receivers = transient_bytes(graph, s.n_heads, s.n_kv_heads, s.d_head, d, window_tokens=b * chunk, tokens=tokens,
                                 model_bytes=e, accumulation_bytes=acc, contraction_bytes=c)
     clean_logits = logits if method.startswith("eap-ig") else 0
     return MemoryEstimate(
@@ -238,7 +245,7 @@ def estimate_memory(
         source_buffer=source_buffer, scores=scores, receiver_gradients=receivers, backward_transient=backward,
         clean_logits=clean_logits, batch_size=b, seq_len=p, level=graph.level, method=method,
         positions_per_pass=positions_per_pass, contraction_dtype=contraction_dtype,
-        checkpoint_blocks=checkpoint_blocks,
+        checkpoint_blocks=checkpoint_blocks, positions_per_chunk=positions_per_chunk,
     )
 
 
@@ -265,6 +272,7 @@ def plan_batch_size(
     contraction_dtype: torch.dtype | None = None,
     method: str | None = None,
     checkpoint_blocks: bool = False,
+    positions_per_chunk: int | None = None,
 ) -> int:
     """The largest batch size whose estimated peak fits ``max_memory`` bytes.
 
@@ -282,6 +290,7 @@ def plan_batch_size(
         contraction_dtype: as for :func:`estimate_memory`.
         method: deprecated alias of ``scorer`` (warns).
         checkpoint_blocks: as for :func:`estimate_memory`.
+        positions_per_chunk: as for :func:`estimate_memory`.
 
     Raises:
         MemoryPlanError: even batch size 1 does not fit; the message gives the layer-level
@@ -289,8 +298,8 @@ def plan_batch_size(
             window that fits, the bfloat16 contraction, and other ways out.
         ValueError: ``max_memory`` is missing for a model that is not on CUDA.
     """
-    method, positions_per_pass, contraction_dtype, checkpoint_blocks = _scorer_options(
-        scorer, method, positions_per_pass, contraction_dtype, checkpoint_blocks)
+    method, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk = _scorer_options(
+        scorer, method, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk)
     if max_memory is None:
         resident = _model_bytes_on_cuda(model)
         if resident is None:
@@ -306,7 +315,8 @@ def plan_batch_size(
              checkpointed: bool = checkpoint_blocks) -> int:
         return estimate_memory(shape, g, batch_size=batch, seq_len=length, scorer=method,
                                loss_positions=loss_positions, positions_per_pass=window,
-                               contraction_dtype=contraction, checkpoint_blocks=checkpointed).total
+                               contraction_dtype=contraction, checkpoint_blocks=checkpointed,
+                               positions_per_chunk=positions_per_chunk).total
 
     if peak(1) > max_memory:
         raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, method, contraction_dtype,
@@ -321,18 +331,21 @@ def plan_batch_size(
 
 
 def _scorer_options(scorer: Any, method: str | None, positions_per_pass: int | None,
-                    contraction_dtype: torch.dtype | None,
-                    checkpoint_blocks: bool) -> tuple[str, int | None, torch.dtype | None, bool]:
-    """``(scorer name, positions_per_pass, contraction_dtype, checkpoint_blocks)``, validated by the scorer's own options class."""
+                    contraction_dtype: torch.dtype | None, checkpoint_blocks: bool,
+                    positions_per_chunk: int | None) -> tuple[str, int | None, torch.dtype | None, bool, int | None]:
+    """``(scorer name, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk)``,
+    validated by the scorer's own options class."""
     scorer = renamed_method(scorer, method, stacklevel=3)
     if not isinstance(scorer, str):
-        if positions_per_pass is not None or contraction_dtype is not None or checkpoint_blocks:
-            raise ArgumentError("pass positions_per_pass, contraction_dtype and checkpoint_blocks through the scorer "
-                                f"object ({scorer!r}), not beside it.")
+        if (positions_per_pass is not None or contraction_dtype is not None or checkpoint_blocks
+                or positions_per_chunk is not None):
+            raise ArgumentError("pass positions_per_pass, contraction_dtype, checkpoint_blocks and positions_per_chunk "
+                                f"through the scorer object ({scorer!r}), not beside it.")
         name = getattr(scorer, "name", None)
         positions_per_pass = getattr(scorer, "positions_per_pass", None)
         contraction_dtype = getattr(scorer, "contraction_dtype", None)
         checkpoint_blocks = getattr(scorer, "checkpoint_blocks", False)
+        positions_per_chunk = getattr(scorer, "positions_per_chunk", None)
     else:
         name = scorer
     if name not in METHODS:
@@ -340,8 +353,8 @@ def _scorer_options(scorer: Any, method: str | None, positions_per_pass: int | N
     if (positions_per_pass is not None or contraction_dtype is not None) and name != "eap":
         raise ArgumentError(f"positions_per_pass and contraction_dtype are options of scorer='eap'; got them with "
                             f"scorer={name!r}.")
-    EAP(positions_per_pass, contraction_dtype, checkpoint_blocks)  # validates them
-    return name, positions_per_pass, contraction_dtype, checkpoint_blocks
+    EAP(positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk)  # validates them
+    return name, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk
 
 
 def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_memory: int, peak: Any,

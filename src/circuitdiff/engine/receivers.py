@@ -37,7 +37,8 @@ class ReceiverGradients:
     def __init__(self, bridge: Bridge, graph: "AttributionGraph") -> None:
         self.bridge, self.graph = bridge, graph
 
-    def hooks(self, delta: Tensor, scores: Tensor, window: Window, source_rows: slice | None = None) -> HookList:
+    def hooks(self, delta: Tensor, scores: Tensor, window: Window, source_rows: slice | None = None,
+              positions_per_chunk: int | None = None) -> HookList:
         """Forward hooks whose gradient hooks contract ``delta`` with every receiver's gradient.
 
         Args:
@@ -47,6 +48,10 @@ class ReceiverGradients:
             window: the positions ``delta`` covers; gradients elsewhere are not contracted.
             source_rows: contract only these rows of ``delta`` (default: all sources).
                 Receivers that read none of them get no hooks.
+            positions_per_chunk: form and contract the attention receivers' gradients this
+                many positions of the window at a time (default: all at once). A score sums
+                over positions, so the chunks' contributions add up to the window's; the
+                per-layer transients (:func:`transient_bytes`) then scale with the chunk.
         """
         graph, bridge, positions = self.graph, self.bridge, window.positions
         source_rows = source_rows or slice(0, graph.n_sources)
@@ -57,11 +62,11 @@ class ReceiverGradients:
             return slice(source_rows.start, min(source_rows.stop, group.n_sources_read))
 
         @torch.profiler.record_function(PROFILER_LABELS[2])
-        def contract(group: "ReceiverGroup", gradient: Tensor) -> None:
-            # gradient: [batch, receivers in group, window, d_model] (any strides); real edges only.
+        def contract(group: "ReceiverGroup", gradient: Tensor, chunk: slice = slice(None)) -> None:
+            # gradient: [batch, receivers in group, chunk of the window, d_model] (any strides); real edges only.
             gradient = gradient.to(delta.device, delta.dtype)  # device: a no-op unless layers sit on several
             rows = reads(group)
-            sources = rearrange(delta[:, rows], "b s p d -> b s (p d)")
+            sources = rearrange(delta[:, rows, chunk], "b s p d -> b s (p d)")
             gradient = rearrange(gradient, "b r p d -> b (p d) r")
             if delta.device.type != "cuda":
                 scores[:, rows, group.columns] += product(sources, gradient)
@@ -84,6 +89,15 @@ class ReceiverGradients:
                 return y
             return hook
 
+        def attention_receivers(layer: int, group: "ReceiverGroup") -> None:
+            width, first = delta.shape[2], window.positions.start or 0
+            step = positions_per_chunk or width
+            for start in range(0, width, step):
+                chunk = slice(start, min(start + step, width))
+                last = chunk.stop == width
+                part = Window(slice(first + chunk.start, first + chunk.stop), window.dtype)
+                contract(group, self.attention_gradients(layer, stash, part, keep=not last), chunk)
+
         def residual_receiver(group: "ReceiverGroup") -> Callable[[Tensor], None]:
             return lambda g: contract(group, g[:, positions].unsqueeze(1))
 
@@ -102,8 +116,7 @@ class ReceiverGradients:
                         hooks.append((bridge.projection_input_hook(layer, proj),
                                       watch(lambda g, key=(layer, proj + "_in"): stash.__setitem__(key, g))))
                 # the attention input's gradient arrives after all of q, k and v have their gradients.
-                on_attention = (lambda _, layer=layer, group=attention:
-                                contract(group, self.attention_gradients(layer, stash, window)))
+                on_attention = (lambda _, layer=layer, group=attention: attention_receivers(layer, group))
                 hooks.append((bridge.attention_input_hook(layer), watch(on_attention, keep_as=(layer, "x"))))
             if needed(graph.group("mlp", layer)):
                 hooks.append((bridge.mlp_input_hook(layer), watch(residual_receiver(graph.group("mlp", layer)))))
@@ -113,12 +126,14 @@ class ReceiverGradients:
     @torch.no_grad()
     @torch.profiler.record_function(PROFILER_LABELS[1])
     def attention_gradients(
-        self, layer: int, stash: Stash, window: Window = Window()
+        self, layer: int, stash: Stash, window: Window = Window(), keep: bool = False
     ) -> Float[Tensor, "batch receivers window d_model"]:
         """Gradients at the q, k, v inputs of ``layer`` (per head, or summed at layer level), in the window.
 
-        ``stash`` holds the layer's norm input ``(layer, "x")`` and the gradients at its
-        q, k, v outputs ``(layer, "q")`` ... (popped here). The input of q head h is read
+        ``stash`` holds the layer's norm input ``(layer, "x")``, the gradients at its q, k,
+        v outputs ``(layer, "q")`` ... and, at layer level, the model's own gradients at the
+        projections' inputs ``(layer, "q_in")`` ... (popped here unless ``keep``, for a later
+        chunk of positions). The input of q head h is read
         through the norm: ``q_h = norm(x) @ W_Q[h]^T``, ``norm(x) = weight * x_hat``,
         ``x_hat = (x - [mean x]) / s`` (mean for LayerNorm only),
         ``s = sqrt(mean((x - [mean x])^2) + eps)``. With ``v = W_Q[h]^T dL/dq_h`` and
@@ -135,12 +150,13 @@ class ReceiverGradients:
         """
         weights = self.bridge.layers[layer]
         norm, positions = weights.norm, window.positions
-        x = stash.pop((layer, "x"))[:, positions]
+        take = stash.get if keep else stash.pop
+        x = take((layer, "x"))[:, positions]
         b, p, d = x.shape
         mats = (weights.w_q, weights.w_k, weights.w_v)
-        grads, inputs = [], [stash.pop((layer, proj + "_in"), None) for proj in "qkv"]
+        grads, inputs = [], [take((layer, proj + "_in"), None) for proj in "qkv"]
         for proj, w in zip("qkv", mats, strict=True):
-            g = stash.pop((layer, proj), None)
+            g = take((layer, proj), None)
             if g is None:  # the objective does not depend on this projection
                 g = torch.zeros(b, p, w.shape[0], w.shape[1], dtype=w.dtype, device=x.device)
             else:

@@ -14,6 +14,11 @@ Checkpointed blocks (``EAP(checkpoint_blocks=True)``): the model's own saved act
 are bounded to one block's (plus every block's input) by rerunning each block's forward
 in the backward pass; the scores are the same.
 
+Position chunks (``EAP(positions_per_chunk=c)``): inside the one backward pass, the
+attention receivers' gradients are formed and contracted ``c`` positions at a time, so
+their per-layer transients scale with ``c``; the scores are the same up to float32
+summation order, at no extra pass.
+
 Position windows (``EAP(positions_per_pass=w)``): the sum over positions is split into
 windows of ``w`` positions, one forward and backward per window (and one intervention
 pass per window for patching). The float32 source buffer and the per-layer receiver
@@ -62,6 +67,11 @@ class EAP:
             run the products on bfloat16 matrix units; products are summed in float32
             and scores stay float32.
             Default None: the accumulation dtype (float32, float64 for float64 models).
+        positions_per_chunk: form and contract the attention receivers' gradients this many
+            positions at a time inside the one backward pass (default None: all positions
+            of the window at once). Bounds the per-layer receiver transients (at head level
+            ``[3 x heads, batch x positions, d_model]`` float32) by the chunk instead of the
+            sequence, at no extra pass. Same scores up to float32 summation order.
         checkpoint_blocks: keep only each transformer block's input for the backward pass
             and rerun the blocks' forwards there, one block at a time: the model's saved
             activations shrink from every block's to one block's (plus each block's
@@ -71,14 +81,16 @@ class EAP:
     positions_per_pass: int | None = None
     contraction_dtype: torch.dtype | None = None
     checkpoint_blocks: bool = False
+    positions_per_chunk: int | None = None
 
     name: ClassVar[str] = "eap"
     #: Options that change memory and speed, not the scores (beyond float32 summation order): a run
     #: resumed with another window size reuses its shards (see :mod:`circuitdiff.identity`).
-    not_in_identity: ClassVar[tuple[str, ...]] = ("positions_per_pass", "checkpoint_blocks")
+    not_in_identity: ClassVar[tuple[str, ...]] = ("positions_per_pass", "checkpoint_blocks", "positions_per_chunk")
 
     def __post_init__(self) -> None:
         positive_int("eap", "positions_per_pass", self.positions_per_pass, allow_none=True)
+        positive_int("eap", "positions_per_chunk", self.positions_per_chunk, allow_none=True)
         if not isinstance(self.checkpoint_blocks, bool):
             raise ArgumentError(f"eap: checkpoint_blocks must be True or False; got {self.checkpoint_blocks!r}.")
         if self.contraction_dtype is not None and not is_contraction_dtype(self.contraction_dtype):
@@ -105,5 +117,5 @@ class EAP:
         record = "negate" if delta is None else "subtract"
         delta = run.new_delta(batch, window) if delta is None else delta
         hooks = (run.sources.hooks(delta, batch.attention_mask, record, window)
-                 + run.receivers.hooks(delta, scores, window))
+                 + run.receivers.hooks(delta, scores, window, positions_per_chunk=self.positions_per_chunk))
         return run.backward_pass(batch, batch_index, hooks, checkpoint_blocks=self.checkpoint_blocks)

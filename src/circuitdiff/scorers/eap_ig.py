@@ -65,13 +65,15 @@ class _IntegratedGradients:
     steps: int = 5
     points: str = "right"
     checkpoint_blocks: bool = False
+    positions_per_chunk: int | None = None
 
     name: ClassVar[str] = ""
     #: Options that change memory and speed, not the scores (see :mod:`circuitdiff.identity`).
-    not_in_identity: ClassVar[tuple[str, ...]] = ("checkpoint_blocks",)
+    not_in_identity: ClassVar[tuple[str, ...]] = ("checkpoint_blocks", "positions_per_chunk")
 
     def __post_init__(self) -> None:
         positive_int(self.name, "steps", self.steps)
+        positive_int(self.name, "positions_per_chunk", self.positions_per_chunk, allow_none=True)
         if not isinstance(self.checkpoint_blocks, bool):
             raise ArgumentError(f"{self.name}: checkpoint_blocks must be True or False; got {self.checkpoint_blocks!r}.")
         if self.points not in POINTS:
@@ -106,7 +108,8 @@ class _IntegratedGradients:
             difference = delta[:, shifted].sum(1)  # [batch, pos, d_model]: the block's replacement - clean
             for alpha in self.alphas():
                 shift = _add((1.0 - alpha) * difference)
-                hooks = [(hook_name, shift)] + run.receivers.hooks(delta, scores, window, source_rows=rows)
+                hooks = [(hook_name, shift)] + run.receivers.hooks(delta, scores, window, source_rows=rows,
+                                                                       positions_per_chunk=self.positions_per_chunk)
                 run.backward_pass(batch, batch_index, hooks, checkpoint_blocks=self.checkpoint_blocks,
                                   clean_logits=clean_logits)
                 bar.update(1)
@@ -131,6 +134,7 @@ class EAPIGInputs(_IntegratedGradients):
             hannamw/EAP-IG's rule for this scorer).
         checkpoint_blocks: keep only each block's input for the backward passes and rerun
             the blocks there (as ``EAP(checkpoint_blocks=True)``); same scores.
+        positions_per_chunk: as ``EAP(positions_per_chunk=...)``.
     """
 
     name: ClassVar[str] = "eap-ig-inputs"
@@ -147,7 +151,7 @@ class EAPIGActivations(_IntegratedGradients):
     Args:
         steps: interpolation points per block (default 5); ``steps=1`` is EAP.
         points: ``"right"`` (default) or ``"left"``, as for :class:`EAPIGInputs`.
-        checkpoint_blocks: as for :class:`EAPIGInputs`.
+        checkpoint_blocks, positions_per_chunk: as for :class:`EAPIGInputs`.
     """
 
     name: ClassVar[str] = "eap-ig-activations"

@@ -1,10 +1,14 @@
-"""Checkpointed blocks (``checkpoint_blocks=True``): the same scores, one block's activations kept.
+"""The scorers' memory options: the same scores with less memory.
 
-Each block keeps only its input for the backward pass and reruns its forward there
-(``Bridge.checkpointed_blocks``). The rerun fires every hook again, so the engine's hooks
-must leave ``delta`` and their gradient hooks alone then; these tests pin that the scores
-are those of the plain run for every architecture, level, scorer and intervention, that
-the blocks really are rerun, and what the memory planner counts.
+- ``checkpoint_blocks=True``: each block keeps only its input for the backward pass and
+  reruns its forward there (``Bridge.checkpointed_blocks``). The rerun fires every hook
+  again, so the engine's hooks must leave ``delta`` and their gradient hooks alone then.
+- ``positions_per_chunk=c``: the attention receivers' gradients are formed and contracted
+  ``c`` positions at a time inside the one backward pass.
+
+Pinned here: the scores are those of the plain run for every architecture, level, scorer
+and intervention; the blocks really are rerun; what the memory planner counts; and that
+with both options the engine's own memory grows linearly with the sequence length.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 import circuitdiff as cd
 import tiny_models as tm
 from test_eap_correctness import make_data, reference_batches_for
+from circuitdiff.engine.receivers import _requires_grad
 from test_planner import CPU_SHAPES, _cpu_model, cpu_answer_batch, cpu_peak
 
 SCORERS = {"eap": {}, "eap-ig-inputs": {"steps": 2}, "eap-ig-activations": {"steps": 2}}
@@ -42,15 +47,22 @@ def _cases():
                 yield from (pytest.param(a, level, s, "zero", marks=marks) for s in SCORERS if s != "eap")
 
 
+# -m "not slow" (llama): each option on its own and both; the other families: both at once.
+OPTIONS = {"checkpointed": {"checkpoint_blocks": True}, "chunked": {"positions_per_chunk": 2},
+           "both": {"checkpoint_blocks": True, "positions_per_chunk": 3}}
+
+
 @pytest.mark.parametrize("arch, level, scorer, intervention", list(_cases()))
-def test_checkpointed_blocks_give_the_plain_runs_scores(get_model, arch, level, scorer, intervention):
+def test_memory_options_give_the_plain_runs_scores(get_model, arch, level, scorer, intervention):
     model = get_model(arch)
     plain = _scores(model, level, scorer, intervention)
-    checkpointed = _scores(model, level, scorer, intervention, checkpoint_blocks=True)
-    torch.testing.assert_close(checkpointed.per_sample, plain.per_sample, rtol=1e-6,
-                               atol=1e-6 * plain.per_sample.abs().max().item())
-    torch.testing.assert_close(checkpointed.objective_values, plain.objective_values)
-    assert checkpointed.metadata["identity"]["fingerprint"] == plain.metadata["identity"]["fingerprint"]
+    for name in OPTIONS if arch == "llama" else ["both"]:
+        other = _scores(model, level, scorer, intervention, **OPTIONS[name])
+        # chunks add the positions' contributions in another order: float32 rounding
+        torch.testing.assert_close(other.per_sample, plain.per_sample, rtol=1e-5,
+                                   atol=1e-6 * plain.per_sample.abs().max().item(), msg=name)
+        torch.testing.assert_close(other.objective_values, plain.objective_values)
+        assert other.metadata["identity"]["fingerprint"] == plain.metadata["identity"]["fingerprint"]
 
 
 def test_the_blocks_are_rerun_and_the_hooks_record_once(get_model):
@@ -70,14 +82,18 @@ def test_the_blocks_are_rerun_and_the_hooks_record_once(get_model):
     assert all("forward" not in vars(block) for block in model.blocks)  # the blocks' own forward again
 
 
-def test_checkpoint_blocks_is_a_bool_and_not_part_of_the_identity():
+def test_the_options_are_checked_and_not_part_of_the_identity():
     with pytest.raises(cd.ArgumentError, match="checkpoint_blocks must be True or False"):
         cd.scorers.get("eap", checkpoint_blocks="yes")
     with pytest.raises(cd.ArgumentError, match="checkpoint_blocks must be True or False"):
         cd.scorers.get("eap-ig-inputs", checkpoint_blocks=1)
+    for bad in (0, -3, 2.5):
+        with pytest.raises(cd.ArgumentError, match="positions_per_chunk"):
+            cd.scorers.get("eap-ig-activations", positions_per_chunk=bad)
     from circuitdiff.identity import describe_component
 
-    assert "checkpoint_blocks" not in describe_component("scorer", cd.scorers.get("eap", checkpoint_blocks=True))["options"]
+    options = describe_component("scorer", cd.scorers.get("eap", checkpoint_blocks=True, positions_per_chunk=8))
+    assert "checkpoint_blocks" not in options["options"] and "positions_per_chunk" not in options["options"]
 
 
 def test_checkpointed_peak_keeps_one_blocks_activations_and_the_planner_counts_it():
@@ -99,3 +115,38 @@ def test_checkpointed_peak_keeps_one_blocks_activations_and_the_planner_counts_i
     # the measured saving is the planned one, within 30% (the profiler counts every tensor)
     assert abs((peaks[False] - peaks[True]) / saved - 1) < 0.30, (peaks, saved)
     assert CPU_SHAPES[name].n_layers == 4
+
+
+def test_with_both_options_the_engines_own_memory_grows_linearly_with_the_sequence():
+    """EAP's peak minus that of the same checkpointed pass without the engine's hooks (CPU profiler).
+
+    What is left is the engine's own memory: the source buffer, the stashed gradients and,
+    with positions_per_chunk, receiver transients of a fixed size. It doubles with the
+    sequence. (The pass itself does not grow linearly: the bridge's eager attention keeps
+    one block's ``heads x pos x pos`` pattern, see docs/benchmarks.md.)
+    """
+    model = _cpu_model("llama-256")
+    graph = cd.AttributionGraph.from_model(model, level="head")
+    run = graph.bind(model, objective="answer_nll", progress=False)
+    scorer = cd.scorers.get("eap", checkpoint_blocks=True, positions_per_chunk=16)
+    extra = []
+    for length in (64, 128, 256, 512):
+        data = cpu_answer_batch("llama-256", 1, length)
+        with run:
+            engine = cpu_peak(model, lambda: scorer.score_batch(run, data, 0))
+            bare = cpu_peak(model, lambda: run.backward_pass(data, 0, [(run.bridge.input_hook, _requires_grad)],
+                                                              checkpoint_blocks=True))
+        extra.append(engine - bare)
+    ratios = [b / a for a, b in zip(extra, extra[1:])]
+    assert all(abs(r - 2) < 0.1 for r in ratios), (extra, ratios)
+
+
+@pytest.mark.parametrize("level", ["head", "layer"])
+def test_the_planner_counts_both_options_within_30_percent_of_the_cpu_peak(level):
+    from test_planner import planned_and_measured_peak
+
+    planned, _ = planned_and_measured_peak("llama-256", level, 1, 256, checkpoint_blocks=True, positions_per_chunk=32)
+    whole = cd.estimate_memory(_cpu_model("llama-256"), level, batch_size=1, seq_len=256, loss_positions=64)
+    chunked = cd.estimate_memory(_cpu_model("llama-256"), level, batch_size=1, seq_len=256, loss_positions=64,
+                                 positions_per_chunk=32)
+    assert chunked.receiver_gradients < whole.receiver_gradients and planned < whole.total
