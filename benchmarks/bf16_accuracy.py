@@ -38,9 +38,9 @@ def mean_scores(shape: gpu_7b.Shape, dtype: torch.dtype, tokens: int, tmp: Path,
     graphs = {level: cd.AttributionGraph.from_model(model, level=level) for level in LEVELS}
     out = {}
     for level in LEVELS:
-        out["circuitdiff", level] = gpu_7b.eap_pass(model, graphs[level], batch, objective).mean.float()
+        out["circuitdiff", level] = gpu_7b.eap_pass(model, graphs[level], batch, objective, {}).mean.float()
         out["circuitdiff-bf16-contraction", level] = gpu_7b.eap_pass(
-            model, graphs[level], batch, objective, contraction_dtype=torch.bfloat16).mean.float()
+            model, graphs[level], batch, objective, {"contraction_dtype": torch.bfloat16}).mean.float()
     model.set_use_split_qkv_input(True)  # circuitdiff refuses such a bridge, so its passes come first
     model.set_use_attn_result(True)
     model.set_use_hook_mlp_in(True)

@@ -15,14 +15,17 @@ measures (1 warm-up, then the median of ``--repeats`` timed passes, each between
 ``torch.cuda.synchronize()`` calls; then one more pass for the peak):
 
 - ``eap``: one ``cd.attribute(..., scorer="eap", intervention="zero")`` call
-  (per-sample scores kept; ``--positions-per-pass`` and ``--contraction-dtype`` set the
-  scorer's options, and ``--contraction-dtype float32 bfloat16`` measures both side by
-  side): seconds per sample, tokens/s, peak memory; with ``--profile``, one
+  (per-sample scores kept; ``--positions-per-pass``, ``--contraction-dtype``,
+  ``--checkpoint-blocks`` and ``--positions-per-chunk`` set the scorer's options, and
+  ``--contraction-dtype float32 bfloat16`` measures both side by side): seconds per
+  sample, tokens/s, peak memory, and the memory planner's estimate against that peak
+  (``estimate_error``); with ``--profile``, one
   more profiled pass of each kind, reporting the time under circuitdiff's profiler labels
   (per-head outputs, receiver gradients, contractions) and the operators that took longest;
 - ``plain``: a forward+backward of the same model and batch, no hooks, no parameter
   gradients, the same objective (the backward starts from input embeddings that
-  require grad), and the ratio eap / plain;
+  require grad), and the ratio eap / plain (``--skip-plain`` leaves it out, for lengths
+  where it cannot fit);
 - ``tl_flags``: the same bridge with TransformerLens's ``set_use_split_qkv_input``,
   ``set_use_attn_result`` and ``set_use_hook_mlp_in`` switched on (what EAP-IG and the
   paper's code run on), doing the same zero-ablation EAP the way those codes do: forward
@@ -140,8 +143,8 @@ def plain_pass(model: Any, batch: cd.Batch, objective: Callable[..., torch.Tenso
 
 
 def eap_pass(model: Any, graph: cd.AttributionGraph, batch: cd.Batch, objective: Callable[..., torch.Tensor],
-             positions_per_pass: int | None = None, contraction_dtype: torch.dtype | None = None) -> cd.EdgeScores:
-    eap = cd.scorers.get("eap", positions_per_pass=positions_per_pass, contraction_dtype=contraction_dtype)
+             options: dict[str, Any]) -> cd.EdgeScores:
+    eap = cd.scorers.get("eap", **options)
     return cd.attribute(model, graph, [batch], objective=objective, scorer=eap, intervention="zero",
                         per_sample=True, progress=False)
 
@@ -351,7 +354,8 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
     for tokens in args.seq:
         batch = make_batch(shape.vocab, tokens, args.answer_fraction, args.device, batch_size=args.batch)
         key = f"{name}/plain/-/{tokens}"
-        plain = meter.measure(key, lambda batch=batch: plain_pass(model, batch, objective), weight_bytes)
+        plain = "skipped" if args.skip_plain else meter.measure(
+            key, lambda batch=batch: plain_pass(model, batch, objective), weight_bytes)
         print(f"  {tokens} tokens, plain: {show(plain, meter.oom_details.get(key))}", flush=True)
         plain_profile = None
         if args.profile and isinstance(plain, dict):
@@ -360,11 +364,13 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
         for level in args.levels:
             for contraction_name in args.contraction_dtype:  # side by side, against the same plain pass
                 contraction = getattr(torch, contraction_name)
+                options = dict(positions_per_pass=args.positions_per_pass, contraction_dtype=contraction,
+                               checkpoint_blocks=args.checkpoint_blocks, positions_per_chunk=args.positions_per_chunk)
                 last: list[cd.EdgeScores] = []
 
                 def eap(graph: cd.AttributionGraph = graphs[level], batch: cd.Batch = batch, last: list = last,
-                        contraction: torch.dtype = contraction) -> None:
-                    last[:] = [eap_pass(model, graph, batch, objective, args.positions_per_pass, contraction)]
+                        options: dict[str, Any] = options) -> None:
+                    last[:] = [eap_pass(model, graph, batch, objective, options)]
 
                 key = f"{name}/eap/{level}/{tokens}/{contraction_name}"
                 result = meter.measure(key, eap, weight_bytes)
@@ -381,20 +387,23 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
                 if args.profile and isinstance(result, dict):
                     eap_profile = meter.profile(key, eap)
                     print(f"    profile: {show_profile(eap_profile, contraction_flop)}", flush=True)
+                estimate = cd.estimate_memory(model, graph, batch_size=args.batch, seq_len=tokens,
+                                              loss_positions=max(1, int(tokens * args.answer_fraction)), **options)
                 cells[level, tokens, contraction_name] = {
                     "model": name, "architecture": spec.architecture, "level": level, "tokens": tokens,
                     "contraction_dtype": contraction_name, "eap": result, "plain": plain,
+                    "options": {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
+                                for k, v in options.items()},
                     **({"profile": {"eap": eap_profile, "plain": plain_profile}} if eap_profile else {}),
                     # circuitdiff's [batch, n_sources, window, d_model] buffer
                     "eap_buffer_bytes": args.batch * graph.n_sources * spec.d_model * contraction.itemsize
                     * min(args.positions_per_pass or tokens, tokens),
                     "n_sources": graph.n_sources, "n_receivers": graph.n_receivers, "n_edges": graph.n_edges,
                     "contraction_flop": contraction_flop,
-                    # circuitdiff's memory planner, for comparison with the measured peak
-                    "estimate_bytes": cd.estimate_memory(
-                        model, graph, batch_size=args.batch, seq_len=tokens,
-                        loss_positions=max(1, int(tokens * args.answer_fraction)),
-                        positions_per_pass=args.positions_per_pass, contraction_dtype=contraction).total}
+                    # circuitdiff's memory planner, against the measured peak (estimate / peak - 1)
+                    "estimate_bytes": estimate.total,
+                    "estimate_error": (estimate.total / result["peak_bytes"] - 1) if isinstance(result, dict)
+                    else None}
         del batch
 
     # TransformerLens's own per-head path: switch the flags on (circuitdiff refuses
@@ -516,6 +525,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-tl", action="store_true", help="leave out TransformerLens's flags path")
     parser.add_argument("--positions-per-pass", type=int,
                         help="EAP in position windows of this many tokens (default: one pass)")
+    parser.add_argument("--checkpoint-blocks", action="store_true",
+                        help="EAP with checkpoint_blocks=True (one block's activations kept for the backward)")
+    parser.add_argument("--positions-per-chunk", type=int,
+                        help="EAP's positions_per_chunk (receiver gradients a chunk of positions at a time)")
+    parser.add_argument("--skip-plain", action="store_true",
+                        help="leave out the plain pass (long sequences, where it cannot fit)")
     parser.add_argument("--contraction-dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
                         help="EAP's source buffer and contraction dtype (scores are summed in float32); with both, "
                              "each EAP cell is measured with each, side by side")

@@ -3,14 +3,23 @@
 #
 # From the repository root, with the wheels in .whl/ (made by --make-wheels below):
 #
-#     OUT=/some/dir bash benchmarks/run_gpu_7b.sh            # the 7B benchmark (about 5 minutes)
-#     OUT=/tmp/outsim bash benchmarks/run_gpu_7b.sh --tiny   # the same path on CPU, tiny shapes
+#     OUT=/some/dir bash benchmarks/run_gpu_7b.sh            # issue 24's GPU figures (at most 8 minutes)
+#     OUT=/tmp/outsim bash benchmarks/run_gpu_7b.sh --tiny   # one run of gpu_7b.py on CPU, tiny shapes
 #
-# Arguments are passed on to gpu_7b.py. It installs into $SITE (default /tmp/site), with
+# Without arguments it runs gpu_7b.py three times, each under a time limit, so the whole
+# run ends within 8 minutes (a run cut short keeps the models it finished in its JSON):
+#   1. gpu_7b.json (4 min): EAP / plain at 512 and 2048 tokens, both 7B shapes, both levels;
+#   2. gpu_7b_long_head.json (2 min): head level at 8192 and 16384 tokens, batch 1, with
+#      checkpoint_blocks, positions_per_chunk 1024, a bfloat16 source buffer and position
+#      windows of 4096 (a 16k head-level buffer alone is 129 GB in bfloat16); no plain pass;
+#   3. gpu_7b_long_layer.json (2 min): layer level at 16384 and 32768 tokens, checkpoint_blocks,
+#      positions_per_chunk 2048; no plain pass.
+# Each cell has the measured peak and the planner's estimate (estimate_error). With
+# arguments, one run of gpu_7b.py with them. It installs into $SITE (default /tmp/site), with
 # `pip install --no-index --no-deps --target`, each wheel of .whl/ whose distribution the
 # machine lacks (or has older than transformer-lens needs), so nothing shadows the
 # machine's own torch stack; sets PYTHONPATH=$SITE:src; prints nvidia-smi and the versions;
-# then runs gpu_7b.py, writing $OUT/gpu_7b.json and $OUT/gpu_7b.log.
+# then runs gpu_7b.py, writing $OUT/<run>.json and $OUT/<run>.log.
 #
 # The expected machine: Python 3.12, torch, transformers >= 5.9, numpy, scipy, einops,
 # jaxtyping, safetensors, tqdm, accelerate. transformer-lens 4.3 imports `datasets` at
@@ -184,6 +193,24 @@ from transformer_lens import TransformerBridge  # noqa: F401  (the lazy, import-
 print(f"circuitdiff from {circuitdiff.__file__}; transformer_lens from {transformer_lens.__file__}")
 PY
 
-echo "== benchmarks/gpu_7b.py $*"
 set -o pipefail
-"$PYTHON" benchmarks/gpu_7b.py --json "$OUT/gpu_7b.json" "$@" 2>&1 | tee "$OUT/gpu_7b.log"
+run() {  # run NAME SECONDS ARGS...: gpu_7b.py ARGS, stopped after SECONDS, into $OUT/NAME.json and .log
+    local name=$1 limit=$2 status=0
+    shift 2
+    echo "== benchmarks/gpu_7b.py $* (at most $limit s)"
+    timeout --signal=TERM --kill-after=10 "$limit" "$PYTHON" benchmarks/gpu_7b.py --json "$OUT/$name.json" "$@" 2>&1 \
+        | tee "$OUT/$name.log" || status=$?
+    [[ $status -eq 124 ]] && echo "== $name: stopped after $limit s; $OUT/$name.json has the models it finished"
+    return $(( status == 124 ? 0 : status ))
+}
+if [[ $# -gt 0 ]]; then
+    run gpu_7b 600 "$@"
+else
+    failed=0
+    run gpu_7b 240 --skip-tl --seq 512 2048 || failed=1
+    run gpu_7b_long_head 120 --skip-tl --skip-plain --repeats 1 --levels head --seq 8192 16384 \
+        --checkpoint-blocks --positions-per-chunk 1024 --contraction-dtype bfloat16 --positions-per-pass 4096 || failed=1
+    run gpu_7b_long_layer 120 --skip-tl --skip-plain --repeats 1 --levels layer --seq 16384 32768 \
+        --checkpoint-blocks --positions-per-chunk 2048 || failed=1
+    exit $failed
+fi
