@@ -150,3 +150,36 @@ def test_the_planner_counts_both_options_within_30_percent_of_the_cpu_peak(level
     chunked = cd.estimate_memory(_cpu_model("llama-256"), level, batch_size=1, seq_len=256, loss_positions=64,
                                  positions_per_chunk=32)
     assert chunked.receiver_gradients < whole.receiver_gradients and planned < whole.total
+
+
+def test_plan_scorer_adds_the_cheapest_options_that_fit():
+    """The deepseek-math-7b shape (bfloat16) on budgets from roomy to tight, against the planner's own estimates."""
+    from test_planner import SHAPES_7B
+
+    shape = SHAPES_7B["deepseek-math-7b"]
+
+    def need(scorer, tokens=4096):
+        return cd.estimate_memory(shape, "head", batch_size=1, seq_len=tokens, scorer=scorer,
+                                  loss_positions=tokens // 4).total
+
+    plain = need("eap")
+    plan = lambda budget, tokens=4096: cd.plan_scorer(shape, "head", seq_len=tokens, max_memory=budget,
+                                                      loss_positions=tokens // 4)
+    assert plan(plain) == cd.scorers.get("eap")  # fits as it is: no options
+    chunked = plan(plain - 1)
+    assert chunked.positions_per_chunk and not chunked.checkpoint_blocks and need(chunked) <= plain - 1
+    assert need(cd.scorers.get("eap", positions_per_chunk=chunked.positions_per_chunk + 1)) > plain - 1  # the largest
+    checkpointed = cd.scorers.get("eap", checkpoint_blocks=True)
+    tight = plan(need(checkpointed))
+    assert tight.checkpoint_blocks and need(tight) <= need(checkpointed)
+    bf16 = cd.scorers.get("eap", checkpoint_blocks=True, contraction_dtype=torch.bfloat16, positions_per_chunk=1)
+    assert plan(need(bf16)).contraction_dtype is torch.bfloat16
+    windowed = plan(need(bf16) - 2**30)
+    assert windowed.positions_per_pass and windowed.positions_per_pass < 4096 and need(windowed) <= need(bf16) - 2**30
+    ig = cd.plan_scorer(shape, "head", seq_len=4096, max_memory=need(checkpointed), scorer="eap-ig-inputs",
+                        loss_positions=1024)
+    assert ig.name == "eap-ig-inputs" and ig.checkpoint_blocks
+    with pytest.raises(cd.MemoryPlanError, match="does not fit"):
+        plan(shape.parameter_bytes())
+    with pytest.raises(cd.UnknownNameError, match="plan_scorer plans"):
+        cd.plan_scorer(shape, "head", seq_len=16, max_memory=2**40, scorer="exact")

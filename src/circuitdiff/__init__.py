@@ -80,6 +80,7 @@ _EXPORTS = {
     "ModelShape": "circuitdiff.planner",
     "estimate_memory": "circuitdiff.planner",
     "plan_batch_size": "circuitdiff.planner",
+    "plan_scorer": "circuitdiff.planner",
     "Robustness": "circuitdiff.robustness",
     "check_scorer_robustness": "circuitdiff.robustness",
     "scorer_robustness": "circuitdiff.robustness",
@@ -143,7 +144,7 @@ if TYPE_CHECKING:  # what static tools see; tests/test_lazy_import.py keeps it e
     from circuitdiff.graph import AttributionGraph
     from circuitdiff.metrics import register_metric
     from circuitdiff.models import SUPPORTED_ARCHITECTURES, ModelSpec, describe_model, load_model, supported_levels
-    from circuitdiff.planner import MemoryEstimate, ModelShape, estimate_memory, plan_batch_size
+    from circuitdiff.planner import MemoryEstimate, ModelShape, estimate_memory, plan_batch_size, plan_scorer
     from circuitdiff.robustness import Robustness, check_scorer_robustness, scorer_robustness
     from circuitdiff.scores import EdgeScores
     from circuitdiff.meta import meta_analysis
@@ -257,6 +258,7 @@ __all__ = [
     "metrics",
     "objectives",
     "plan_batch_size",
+    "plan_scorer",
     "planner",
     "read_training_log",
     "register_metric",

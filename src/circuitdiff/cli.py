@@ -194,6 +194,12 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
                         help="eap only: score each batch in windows of W positions, to bound memory (one pass)")
     parser.add_argument("--contraction-dtype", choices=["bfloat16"],
                         help="eap only: bfloat16 source buffer and contraction, float32 sums (float32)")
+    parser.add_argument("--checkpoint-blocks", action="store_true",
+                        help="eap / eap-ig: keep one block's activations for the backward, not every block's "
+                             "(long sequences; one more forward pass)")
+    parser.add_argument("--positions-per-chunk", type=int, metavar="C",
+                        help="eap / eap-ig: form the receivers' gradients C positions at a time in the one backward "
+                             "(long sequences; all at once)")
     parser.add_argument("--intervention", default="zero",
                         help="zero (the only one the pipeline runs; use cd.attribute for the others)")
     parser.add_argument("--batch-size", type=int, default=8, help="(8)")

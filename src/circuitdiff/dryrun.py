@@ -73,9 +73,9 @@ def describe_plan(models: dict[str, str | os.PathLike[str]], questions: list[Any
     graph = AttributionGraph(shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.parallel_blocks, config.level)
     seq_len = longest + max(1, math.floor(config.alpha * config.max_new_tokens))
     dtype = config.torch_dtype(config.resolved_device())
-    planned = config.scorer if config.scorer in METHODS else "eap"
+    planned = config.make_scorer() if config.scorer in METHODS else "eap"
     memory = estimate_memory(hf_config, graph, batch_size=config.batch_size, seq_len=seq_len, scorer=planned,
-                             dtype=dtype, positions_per_pass=config.positions_per_pass)
+                             dtype=dtype)
     other_weights = sum(ModelShape.from_config(c, dtype).parameter_bytes() for _, c in rest)
     lines = ["# circuitdiff dry run (nothing loaded, nothing written)", "",
              markdown_table(["side", "given", "resolved", "architecture", "shape", "parameters"], rows), "",
@@ -93,7 +93,7 @@ def describe_plan(models: dict[str, str | os.PathLike[str]], questions: list[Any
              + (f", the other model's weights ({_size(other_weights)}) included" if rest else "")
              + f" (a plain forward+backward: {_size(memory.plain)}); generation's KV cache is not counted",
              f"- output: {os.fspath(out)}"]
-    if planned != config.scorer:
+    if config.scorer not in METHODS:
         lines.append(f"- the memory model covers {', '.join(METHODS)}; {config.scorer} is estimated as eap (its "
                      "passes run without gradients, so this bounds them)")
     return "\n".join(lines)

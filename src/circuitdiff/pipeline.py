@@ -92,6 +92,8 @@ class PipelineConfig:
     scorer: str = "eap"
     positions_per_pass: int | None = None  # the eap scorer's position windows (memory)
     contraction_dtype: str | None = None  # "bfloat16": the eap scorer's bfloat16 contraction (memory)
+    checkpoint_blocks: bool = False  # eap / eap-ig: one block's activations kept for the backward (memory)
+    positions_per_chunk: int | None = None  # eap / eap-ig: receiver gradients a chunk of positions at a time (memory)
     intervention: str = "zero"
     batch_size: int = 8
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -177,11 +179,12 @@ class PipelineConfig:
         self.torch_dtype(self.resolved_device())
 
     def make_scorer(self) -> str | Scorer:
-        """The scorer to run: the name ``scorer``, or a scorer object with the eap options when any is set."""
-        if self.positions_per_pass is None and self.contraction_dtype is None:
-            return self.scorer
-        dtype = None if self.contraction_dtype is None else getattr(torch, self.contraction_dtype)
-        return scorers.get(self.scorer, positions_per_pass=self.positions_per_pass, contraction_dtype=dtype)
+        """The scorer to run: the name ``scorer``, or a scorer object with the memory options that are set."""
+        options = {"positions_per_pass": self.positions_per_pass, "positions_per_chunk": self.positions_per_chunk,
+                   "contraction_dtype": None if self.contraction_dtype is None else getattr(torch, self.contraction_dtype),
+                   "checkpoint_blocks": self.checkpoint_blocks or None}
+        options = {k: v for k, v in options.items() if v is not None}
+        return scorers.get(self.scorer, **options) if options else self.scorer
 
     def select(self, base_lengths: Sequence[int], tuned_lengths: Sequence[int],
                prompt_lengths: tuple[Sequence[int], Sequence[int]] | None = None) -> LengthSelection:

@@ -55,8 +55,8 @@ from circuitdiff.report import markdown_table
 from circuitdiff.scorers.base import renamed_method
 from circuitdiff.scorers.eap import EAP
 
-__all__ = ["ModelShape", "MemoryEstimate", "MemoryPlanError", "estimate_memory", "plan_batch_size", "measure_peak",
-           "METHODS"]
+__all__ = ["ModelShape", "MemoryEstimate", "MemoryPlanError", "estimate_memory", "plan_batch_size", "plan_scorer",
+           "measure_peak", "METHODS"]
 
 #: Methods the planner knows: EAP, and EAP-IG (EAP's peak plus the clean logits kept across steps).
 METHODS: tuple[str, ...] = ("eap", "eap-ig-inputs", "eap-ig-activations")
@@ -300,13 +300,7 @@ def plan_batch_size(
     """
     method, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk = _scorer_options(
         scorer, method, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk)
-    if max_memory is None:
-        resident = _model_bytes_on_cuda(model)
-        if resident is None:
-            raise ArgumentError("max_memory is required unless the model is on a CUDA device "
-                             "(then the default is 90% of the free memory plus the model's weights).")
-        free, _ = torch.cuda.mem_get_info(resident[1])
-        max_memory = int(0.9 * (free + resident[0]))
+    max_memory = _max_memory(model, max_memory)
     shape = _shape_of(model, dtype)
     graph = _graph_of(shape, graph)
 
@@ -328,6 +322,93 @@ def plan_batch_size(
         mid = (low + high) // 2
         low, high = (mid, high) if peak(mid) <= max_memory else (low, mid)
     return low
+
+
+def plan_scorer(
+    model: Any,
+    graph: AttributionGraph | str,
+    *,
+    seq_len: int,
+    batch_size: int = 1,
+    max_memory: int | None = None,
+    scorer: str = "eap",
+    loss_positions: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """The cheapest settings of ``scorer`` under which one batch of ``batch_size x seq_len`` fits ``max_memory``.
+
+    Options are added in order of cost, each only when what came before does not fit:
+
+    1. none (the plain settings);
+    2. ``positions_per_chunk``: the largest chunk that fits (no extra pass);
+    3. ``checkpoint_blocks=True`` (one more forward pass of the blocks), with the largest
+       chunk that then fits, or none;
+    4. ``eap`` on a bfloat16 model: ``contraction_dtype=torch.bfloat16`` (the source buffer
+       halved; scores summed in float32);
+    5. ``eap``: ``positions_per_pass``, the largest window that fits (one pass per window).
+
+    Args:
+        model, graph, seq_len, loss_positions, dtype: as for :func:`estimate_memory`.
+        batch_size: samples per batch (1).
+        max_memory: bytes available, weights included; default as for :func:`plan_batch_size`
+            (90% of free memory plus the weights for a model on CUDA; required otherwise).
+        scorer: ``"eap"``, ``"eap-ig-inputs"`` or ``"eap-ig-activations"``.
+
+    Returns:
+        A scorer object (``cd.scorers.get(scorer, **options)``), e.g. ``EAP(checkpoint_blocks=True,
+        positions_per_chunk=1024)``; its estimate is ``estimate_memory(..., scorer=it)``.
+
+    Raises:
+        MemoryPlanError: nothing fits; the message lists what each way out would need.
+    """
+    from circuitdiff import scorers
+
+    if scorer not in METHODS:
+        raise UnknownNameError(f"plan_scorer plans {METHODS}; got {scorer!r}.")
+    max_memory = _max_memory(model, max_memory)
+    shape = _shape_of(model, dtype)
+    graph = _graph_of(shape, graph)
+
+    def fits(**options: Any) -> bool:
+        return estimate_memory(shape, graph, batch_size=batch_size, seq_len=seq_len, scorer=scorer,
+                               loss_positions=loss_positions, **options).total <= max_memory
+
+    def with_chunks(**options: Any) -> dict[str, Any] | None:
+        """``options``, with the largest fitting chunk if a chunk is needed; None if none fits."""
+        if fits(**options):
+            return options
+        width = min(options.get("positions_per_pass") or seq_len, seq_len)
+        chunk = _largest_fitting(width, lambda c: fits(**options, positions_per_chunk=c))
+        return {**options, "positions_per_chunk": chunk} if chunk else None
+
+    steps: list[dict[str, Any]] = [{}, {"checkpoint_blocks": True}]
+    if scorer == "eap" and shape.dtype == torch.bfloat16:
+        steps.append({"checkpoint_blocks": True, "contraction_dtype": torch.bfloat16})
+    for options in steps:
+        found = with_chunks(**options)
+        if found is not None:
+            return scorers.get(scorer, **found)
+    if scorer == "eap":
+        last = steps[-1]
+        window = _largest_fitting(seq_len, lambda w: fits(**last, positions_per_pass=w, positions_per_chunk=1))
+        if window:
+            return scorers.get(scorer, **with_chunks(**last, positions_per_pass=window))
+    peak = lambda batch, length=seq_len, g=graph, window=None, contraction=None, checkpointed=False: estimate_memory(
+        shape, g, batch_size=batch, seq_len=length, scorer=scorer, loss_positions=loss_positions,
+        positions_per_pass=window, contraction_dtype=contraction, checkpoint_blocks=checkpointed).total
+    raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, scorer, None, False))
+
+
+def _max_memory(model: Any, max_memory: int | None) -> int:
+    """``max_memory``, or for a model on CUDA 90% of (free memory + the model's parameter bytes, already resident)."""
+    if max_memory is not None:
+        return max_memory
+    resident = _model_bytes_on_cuda(model)
+    if resident is None:
+        raise ArgumentError("max_memory is required unless the model is on a CUDA device "
+                            "(then the default is 90% of the free memory plus the model's weights).")
+    free, _ = torch.cuda.mem_get_info(resident[1])
+    return int(0.9 * (free + resident[0]))
 
 
 def _scorer_options(scorer: Any, method: str | None, positions_per_pass: int | None,
