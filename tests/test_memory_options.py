@@ -142,10 +142,12 @@ def test_with_both_options_the_engines_own_memory_grows_linearly_with_the_sequen
 
 
 @pytest.mark.parametrize("level", ["head", "layer"])
-def test_the_planner_counts_both_options_within_30_percent_of_the_cpu_peak(level):
+def test_the_planner_counts_both_options_within_15_percent_of_the_cpu_peak(level):
     from test_planner import planned_and_measured_peak
 
-    planned, _ = planned_and_measured_peak("llama-256", level, 1, 256, checkpoint_blocks=True, positions_per_chunk=32)
+    planned, measured = planned_and_measured_peak("llama-256", level, 1, 256, checkpoint_blocks=True,
+                                                  positions_per_chunk=32)
+    assert abs(planned / measured - 1) < 0.15  # measured: +6.3% head, +8.5% layer
     whole = cd.estimate_memory(_cpu_model("llama-256"), level, batch_size=1, seq_len=256, loss_positions=64)
     chunked = cd.estimate_memory(_cpu_model("llama-256"), level, batch_size=1, seq_len=256, loss_positions=64,
                                  positions_per_chunk=32)

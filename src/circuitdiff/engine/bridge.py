@@ -86,7 +86,7 @@ class Bridge:
 
     @contextlib.contextmanager
     def checkpointed_blocks(self) -> Iterator[None]:
-        """Per-block activation checkpointing inside the block.
+        """Per-block activation checkpointing while the ``with`` block runs.
 
         Each transformer block keeps only its inputs for the backward pass and runs its
         forward again there, one block at a time (``torch.utils.checkpoint``, non-reentrant),

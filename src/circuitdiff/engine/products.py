@@ -67,8 +67,8 @@ def product(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
 
     Other factors: ``a @ b`` in their promoted dtype, at least float32.
 
-    ``out``: a tensor of the result's shape and dtype to write it into (a reused buffer
-    spares the CPU the page faults of a fresh large allocation).
+    ``out``: a tensor of the result's shape and dtype (e.g. a slice of a larger one) to
+    write the result into.
     """
     if a.dtype != b.dtype or a.dtype not in _EXACT_IN_FLOAT32:
         dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)

@@ -5,9 +5,11 @@
 every real edge, inside the backward pass.
 
 Per-receiver gradients are derived from the gradients at the q/k/v projection outputs,
-through the projection weights and the Jacobian of the attention norm, as transients of
-one layer (no per-receiver copies of the residual stream). Hooks never edit model
-tensors in place: each returns a fresh view so that a gradient hook sees exactly one path.
+through the projection weights (per head; at layer level the model's own backward has
+formed each projection's ``W^T g`` at its input, which is read instead) and the Jacobian
+of the attention norm, as transients of one layer (no per-receiver copies of the residual
+stream), optionally a chunk of positions at a time. Hooks never edit model tensors in
+place: each returns a fresh view so that a gradient hook sees exactly one path.
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@ returns the replacement outputs (corrupted run, means) and the clean forward sub
 the clean outputs; for zero ablation the clean forward writes ``-output`` directly.
 
 Per-head source outputs are computed from the attention values ``z`` and ``W_O``
-straight into ``delta``: the model runs without TransformerLens's split-qkv /
-attn-result flags, so the forward keeps the plain model's activations. Products of two
-of the model's own bfloat16 tensors are exact in float32 and summed in float32
-(:func:`~circuitdiff.engine.products.product`). In post-norm families (OLMo 2) the
-attention source is the post-norm's output, recorded as it is (layer level only).
+straight into ``delta`` (stored source-major, so each head's rows are one block of it):
+the model runs without TransformerLens's split-qkv / attn-result flags, so the forward
+keeps the plain model's activations. Products of two of the model's own bfloat16 tensors
+are exact in float32 and summed in float32 (:func:`~circuitdiff.engine.products.product`).
+At layer level the attention source is the attention output the model computed, less
+``W_O``'s bias (in post-norm families such as OLMo 2, the post-norm's output as it is).
 Hooks never edit model tensors.
 """
 
@@ -192,19 +193,15 @@ class SourceRecorder:
 
     def attention_hook(self, layer: int, write_product: Callable[[slice, Tensor, Tensor], None],
                        window: Window) -> Callable[..., None]:
-        """The hook on ``layer``'s attention values ``z`` that writes its heads' outputs (``z_h @ W_O[h]``)."""
+        """The hook on ``layer``'s attention values ``z`` that writes its heads' outputs (``z_h @ W_O[h]``; head level)."""
         w_o = self.bridge.layers[layer].w_o
         rows = self.graph.attention_sources(layer)
-        per_head = self.graph.level == "head"
 
         @torch.profiler.record_function(PROFILER_LABELS[0])
         def hook(z: Tensor, hook: Any) -> None:
             # z: [batch, pos, n_heads, d_head]; head h writes z_h @ W_O[h] (no bias), summed in float32.
             z = z[:, window.positions].detach()
-            if per_head:
-                write_product(rows, rearrange(z, "b p h e -> h (b p) e"), rearrange(w_o, "d (h e) -> h e d", h=z.shape[2]))
-            else:
-                write_product(rows, rearrange(z, "b p h e -> 1 (b p) (h e)"), w_o.T.unsqueeze(0))
+            write_product(rows, rearrange(z, "b p h e -> h (b p) e"), rearrange(w_o, "d (h e) -> h e d", h=z.shape[2]))
 
         return hook
 

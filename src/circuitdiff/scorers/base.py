@@ -55,3 +55,9 @@ def positive_int(scorer: str, option: str, value: object, allow_none: bool = Fal
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         extra = " or None" if allow_none else ""
         raise ArgumentError(f"{scorer}: {option} must be a positive integer{extra}; got {value!r}.")
+
+
+def boolean(scorer: str, option: str, value: object) -> None:
+    """Refuse ``value`` unless it is True or False; names the scorer's option."""
+    if not isinstance(value, bool):
+        raise ArgumentError(f"{scorer}: {option} must be True or False; got {value!r}.")

@@ -46,7 +46,7 @@ from circuitdiff.data import Batch
 from circuitdiff.engine.products import CONTRACTION_DTYPES, is_contraction_dtype
 from circuitdiff.engine.sources import Window
 from circuitdiff.errors import ArgumentError
-from circuitdiff.scorers.base import ScoresAndLosses, positive_int
+from circuitdiff.scorers.base import ScoresAndLosses, boolean, positive_int
 
 if TYPE_CHECKING:
     from circuitdiff.engine.run import AttributionRun
@@ -91,8 +91,7 @@ class EAP:
     def __post_init__(self) -> None:
         positive_int("eap", "positions_per_pass", self.positions_per_pass, allow_none=True)
         positive_int("eap", "positions_per_chunk", self.positions_per_chunk, allow_none=True)
-        if not isinstance(self.checkpoint_blocks, bool):
-            raise ArgumentError(f"eap: checkpoint_blocks must be True or False; got {self.checkpoint_blocks!r}.")
+        boolean("eap", "checkpoint_blocks", self.checkpoint_blocks)
         if self.contraction_dtype is not None and not is_contraction_dtype(self.contraction_dtype):
             raise ArgumentError(
                 f"eap: contraction_dtype must be None (the accumulation dtype), torch.float32, torch.float64 or one "

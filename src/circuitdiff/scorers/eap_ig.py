@@ -43,7 +43,7 @@ from circuitdiff.data import Batch
 from circuitdiff.engine.architectures import FAMILIES
 from circuitdiff.engine.sources import Window
 from circuitdiff.errors import ArgumentError
-from circuitdiff.scorers.base import ScoresAndLosses, positive_int
+from circuitdiff.scorers.base import ScoresAndLosses, boolean, positive_int
 
 if TYPE_CHECKING:
     from circuitdiff.engine.run import AttributionRun
@@ -74,8 +74,7 @@ class _IntegratedGradients:
     def __post_init__(self) -> None:
         positive_int(self.name, "steps", self.steps)
         positive_int(self.name, "positions_per_chunk", self.positions_per_chunk, allow_none=True)
-        if not isinstance(self.checkpoint_blocks, bool):
-            raise ArgumentError(f"{self.name}: checkpoint_blocks must be True or False; got {self.checkpoint_blocks!r}.")
+        boolean(self.name, "checkpoint_blocks", self.checkpoint_blocks)
         if self.points not in POINTS:
             raise ArgumentError(f"{self.name}: points must be one of {POINTS} (where along the path the gradient is "
                              f"taken); got {self.points!r}.")
