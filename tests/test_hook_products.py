@@ -107,22 +107,59 @@ def test_attention_source_outputs_are_exact_sums_of_the_models_products(edge_hoo
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])  # W_O with a bias and without
-def test_layer_level_attention_sources_are_the_models_outputs_less_the_bias(edge_hooks, arch):
-    """Layer level: the attention output the model computed (no second product), less W_O's bias."""
-    hooks = edge_hooks(arch, "float32", "layer", "cpu")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_level_attention_sources_are_z_times_w_o(edge_hooks, arch, dtype):
+    """Layer level: ``z @ W_O^T`` without the bias, against float64 from the model's own ``z``.
+
+    float32 models: read from the attention output the model computed (less W_O's bias);
+    bfloat16 models: formed from ``z`` and ``W_O`` with float32 sums (the model's output is rounded).
+    """
+    hooks = edge_hooks(arch, dtype, "layer", "cpu")
     ids = torch.randint(0, hooks.spec.d_vocab, (2, 5))
     mask = torch.ones_like(ids)
-    delta, seen = hooks.sources.new_delta(ids, Window()), {}
+    delta, z = hooks.sources.new_delta(ids, Window()), {}
     recording = hooks.sources.hooks(delta, mask, "set", Window())
-    outputs = [(hooks.bridge.attention_output_hook(layer), lambda x, hook: seen.__setitem__(hook.name, x.clone()))
-               for layer in range(hooks.graph.n_layers)]
-    with torch.no_grad(), hooks.hooked(outputs + recording):
+    values = [(hooks.bridge.attention_values_hook(layer), lambda x, hook: z.__setitem__(hook.name, x.clone()))
+              for layer in range(hooks.graph.n_layers)]
+    with torch.no_grad(), hooks.hooked(values + recording):
         hooks.model(ids, attention_mask=mask)
     for layer in range(hooks.graph.n_layers):
-        bias = hooks.bridge.layers[layer].b_o
-        assert (bias is not None) == (arch == "gpt2")
-        expected = seen[hooks.bridge.attention_output_hook(layer)] - (0 if bias is None else bias)
-        torch.testing.assert_close(delta[:, hooks.graph.attention_sources(layer)].squeeze(1), expected)
+        w_o = hooks.bridge.layers[layer].w_o.double()
+        expected = z[hooks.bridge.attention_values_hook(layer)].double().flatten(2) @ w_o.T
+        got = delta[:, hooks.graph.attention_sources(layer)].squeeze(1)
+        assert got.dtype == torch.float32
+        # float32: the model's own product (float32 rounding); bfloat16: exact products summed in float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype, reads", [("float32", "projection_input_hook"), ("bfloat16", "projection_hook")])
+def test_layer_level_receivers_read_the_models_input_gradients_only_in_full_precision(edge_hooks, dtype, reads):
+    """float32: the model's own ``W^T g`` at each projection's input; bfloat16: ``g`` at its output (exact products)."""
+    hooks = edge_hooks("llama", dtype, "layer", "cpu")
+    delta = hooks.sources.new_delta(torch.zeros(1, 3, dtype=torch.long), Window())
+    names = {name for name, _ in hooks.receivers.hooks(delta, hooks.new_scores(cd.Batch(torch.zeros(1, 3,
+                                                       dtype=torch.long))), Window())}
+    other = "projection_hook" if reads == "projection_input_hook" else "projection_input_hook"
+    for layer in range(hooks.graph.n_layers):
+        for proj in "qkv":
+            assert getattr(hooks.bridge, reads)(layer, proj) in names
+            assert getattr(hooks.bridge, other)(layer, proj) not in names
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bfloat16_layer_level_is_the_coarsened_head_level(get_model, arch):
+    """Both levels form their products exactly from the bfloat16 model's tensors: they agree to float32 rounding."""
+    model = get_model(arch, "bfloat16")
+    objective = cd.objectives.answer_nll()
+    ids = torch.randint(0, model.cfg.d_vocab, (3, 7), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = cd.IGNORE
+    batch = cd.Batch(ids, labels=labels)
+    scores = {level: cd.attribute(model, cd.AttributionGraph.from_model(model, level=level), [batch],
+                                  objective=objective, progress=False) for level in ("head", "layer")}
+    scale = scores["layer"].mean.abs().max().item()
+    torch.testing.assert_close(scores["head"].to_layer_level().mean, scores["layer"].mean, rtol=1e-5,
+                               atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("slice_elements", [2**24, 64])  # 64: the factors are upcast a slice of k at a time

@@ -185,3 +185,13 @@ def test_plan_scorer_adds_the_cheapest_options_that_fit():
         plan(shape.parameter_bytes())
     with pytest.raises(cd.UnknownNameError, match="plan_scorer plans"):
         cd.plan_scorer(shape, "head", seq_len=16, max_memory=2**40, scorer="exact")
+
+
+def test_the_pipeline_refuses_the_options_for_scorers_without_them():
+    from circuitdiff.pipeline import PipelineConfig
+
+    for options in ({"checkpoint_blocks": True}, {"positions_per_chunk": 64}):
+        with pytest.raises(cd.DataError, match="options of the eap and eap-ig scorers"):
+            PipelineConfig(scorer="exact", device="cpu", **options).validate()
+        scorer = PipelineConfig(scorer="eap-ig-inputs", device="cpu", **options).make_scorer()
+        assert scorer.name == "eap-ig-inputs" and any(getattr(scorer, k) == v for k, v in options.items())

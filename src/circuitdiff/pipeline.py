@@ -156,6 +156,10 @@ class PipelineConfig:
         if (self.positions_per_pass is not None or self.contraction_dtype is not None) and self.scorer != "eap":
             raise DataError(f"positions_per_pass and contraction_dtype are options of the eap scorer; got "
                             f"scorer={self.scorer!r}. Use scorer='eap' or leave them unset.")
+        if (self.checkpoint_blocks or self.positions_per_chunk is not None) and self.scorer not in (
+                "eap", "eap-ig-inputs", "eap-ig-activations"):
+            raise DataError(f"checkpoint_blocks and positions_per_chunk are options of the eap and eap-ig scorers; got "
+                            f"scorer={self.scorer!r}. Leave them unset.")
         if self.contraction_dtype not in (None, "float32", "bfloat16"):
             raise DataError(f"unknown contraction dtype {self.contraction_dtype!r}; use bfloat16 (or leave it unset "
                             "for float32).")

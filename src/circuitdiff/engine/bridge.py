@@ -74,6 +74,10 @@ class Bridge:
         self.device = first.device
         #: float32, or float64 for float64 models: what scores and ``delta`` accumulate in.
         self.dtype = accumulation_dtype(first.dtype)
+        #: The model computes in the accumulation dtype (float32, float64), so the layer level may
+        #: read the model's own products (each projection's input gradient, the attention output)
+        #: instead of forming them again; a bfloat16 model's are rounded, so they are formed exactly.
+        self.full_precision = first.dtype == self.dtype
         s = self.spec
         self.layers = [AttentionWeights(
             w_q=linear_weight(block.attn.q).reshape(s.n_heads, s.d_head, s.d_model),
@@ -96,13 +100,17 @@ class Bridge:
         Costs one more forward pass of the blocks.
         """
         blocks = list(self.model.blocks)
+        before = [vars(block).get("forward") for block in blocks]  # another wrapper's, put back after
         for block in blocks:  # an instance attribute (past the bridge's own __setattr__) shadows the method
             object.__setattr__(block, "forward", self._checkpointed(block.forward))
         try:
             yield
         finally:
-            for block in blocks:
-                object.__delattr__(block, "forward")
+            for block, forward in zip(blocks, before, strict=True):
+                if forward is None:
+                    object.__delattr__(block, "forward")
+                else:
+                    object.__setattr__(block, "forward", forward)
 
     def _checkpointed(self, forward: Any) -> Any:
         def checkpointed(*args: Any, **kwargs: Any) -> Any:

@@ -98,7 +98,7 @@ def add_product(out: Tensor, a: Tensor, b: Tensor, alpha: float, beta: float) ->
     """
     upcast = (a.dtype == b.dtype and a.dtype in _EXACT_IN_FLOAT32 and out.dtype == torch.float32
               and a.device.type not in _FLOAT32_OUTPUT_DEVICES and a.shape[-1] <= a.shape[-2] + b.shape[-1])
-    if a.dtype == b.dtype == out.dtype or upcast:
+    if (a.dtype == b.dtype == out.dtype and out.dtype in (torch.float32, torch.float64)) or upcast:
         return out.baddbmm_(a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha)
     result = product(a, b).to(out.dtype)
     if beta == 0:

@@ -5,8 +5,9 @@
 every real edge, inside the backward pass.
 
 Per-receiver gradients are derived from the gradients at the q/k/v projection outputs,
-through the projection weights (per head; at layer level the model's own backward has
-formed each projection's ``W^T g`` at its input, which is read instead) and the Jacobian
+through the projection weights (per head; at layer level in a float32 or float64 model
+the model's own backward has formed each projection's ``W^T g`` at its input, which is read
+instead) and the Jacobian
 of the attention norm, as transients of one layer (no per-receiver copies of the residual
 stream), optionally a chunk of positions at a time. Hooks never edit model tensors in
 place: each returns a fresh view so that a gradient hook sees exactly one path.
@@ -112,11 +113,12 @@ class ReceiverGradients:
             attention = graph.group("attn", layer)
             if needed(attention):
                 for proj in ("q", "k", "v"):
-                    hooks.append((bridge.projection_hook(layer, proj),
-                                  watch(lambda g, key=(layer, proj): stash.__setitem__(key, g))))
-                    if graph.level == "layer":  # the model's own W^T g, per projection
+                    if graph.level == "layer" and bridge.full_precision:  # the model's own W^T g, per projection
                         hooks.append((bridge.projection_input_hook(layer, proj),
                                       watch(lambda g, key=(layer, proj + "_in"): stash.__setitem__(key, g))))
+                    else:
+                        hooks.append((bridge.projection_hook(layer, proj),
+                                      watch(lambda g, key=(layer, proj): stash.__setitem__(key, g))))
                 # the attention input's gradient arrives after all of q, k and v have their gradients.
                 on_attention = (lambda _, layer=layer, group=attention: attention_receivers(layer, group))
                 hooks.append((bridge.attention_input_hook(layer), watch(on_attention, keep_as=(layer, "x"))))
@@ -156,23 +158,25 @@ class ReceiverGradients:
         x = take((layer, "x"))[:, positions]
         b, p, d = x.shape
         mats = (weights.w_q, weights.w_k, weights.w_v)
-        grads, inputs = [], [take((layer, proj + "_in"), None) for proj in "qkv"]
-        for proj, w in zip("qkv", mats, strict=True):
+
+        def output_gradient(proj: str, w: Tensor) -> Tensor:
+            """``dL/d(proj output)`` as ``[batch * pos, heads, d_head]`` (zero where the objective does not read it)."""
             g = take((layer, proj), None)
-            if g is None:  # the objective does not depend on this projection
-                g = torch.zeros(b, p, w.shape[0], w.shape[1], dtype=w.dtype, device=x.device)
-            else:
-                g = g[:, positions]
-            grads.append(rearrange(g, "b p h e -> (b p) h e"))
+            if g is None:
+                return torch.zeros(b * p, w.shape[0], w.shape[1], dtype=w.dtype, device=x.device)
+            return rearrange(g[:, positions], "b p h e -> (b p) h e")
+
         if self.graph.level == "head":  # v: [heads, batch*pos, d_model]
+            grads = [output_gradient(proj, w) for proj, w in zip("qkv", mats, strict=True)]
             v = product(rearrange(torch.cat(grads, 1), "bp h e -> h bp e"), torch.cat(mats, 0))
-        else:
+        else:  # v: [3, batch*pos, d_model], read from the model where it is exact (Bridge.full_precision)
             v = torch.empty(3, b * p, d, dtype=self.bridge.dtype, device=x.device)
-            for i, (g, w, u) in enumerate(zip(grads, mats, inputs, strict=True)):
+            for i, (proj, w) in enumerate(zip("qkv", mats, strict=True)):
+                u = take((layer, proj + "_in"), None)
                 if u is not None:
                     v[i] = u[:, positions].reshape(b * p, d)
                 else:
-                    product(g.flatten(1), w.flatten(0, 1), out=v[i])
+                    product(output_gradient(proj, w).flatten(1), w.flatten(0, 1), out=v[i])
         if norm is None:
             return rearrange(v, "r (b p) d -> b r p d", b=b)
         x = x.to(self.bridge.dtype)
@@ -221,8 +225,9 @@ def transient_bytes(graph: "AttributionGraph", n_heads: int, n_kv_heads: int, d_
       at head level, 3 at layer level);
     - the concatenated projection gradients over the window and, at head level, the
       concatenated q/k/v weights, in the model's dtype;
-    - at layer level, the model's own gradients at the three projections' inputs, kept
-      from their arrival until the attention input's (every position, model dtype);
+    - the stashed gradients of every position: at the projections' outputs, or at layer
+      level in a float32/float64 model (``model_bytes == accumulation_bytes``) at their
+      three inputs, kept from their arrival until the attention input's;
     - ``x``, its copy in the accumulation dtype, ``x_hat`` and ``weight / s`` over the window, and
       the buffer of :func:`_means_of_products` (an eighth of the receivers), accumulation dtype;
     - the stashed projection gradients of every position, model dtype;
@@ -237,10 +242,12 @@ def transient_bytes(graph: "AttributionGraph", n_heads: int, n_kv_heads: int, d_
         qkv = window_tokens * proj * model_bytes + proj * d_model * model_bytes
     else:
         v = 3 * window_tokens * d_model * accumulation_bytes
-        qkv = window_tokens * proj * model_bytes + 3 * tokens * d_model * model_bytes
+        qkv = window_tokens * proj * model_bytes
     receivers = n_q + n_k + n_v if graph.level == "head" else 3
     norm_terms = (4 + -(-receivers // MEAN_CHUNKS)) * window_tokens * d_model * accumulation_bytes
-    total = v + qkv + norm_terms + tokens * proj * model_bytes
+    model_inputs = graph.level == "layer" and model_bytes == accumulation_bytes
+    stashed = tokens * (3 * d_model if model_inputs else proj) * model_bytes
+    total = v + qkv + norm_terms + stashed
     if contraction_bytes != accumulation_bytes:
         total += receivers * window_tokens * d_model * contraction_bytes
     return total

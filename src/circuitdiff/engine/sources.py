@@ -10,8 +10,9 @@ straight into ``delta`` (stored source-major, so each head's rows are one block 
 the model runs without TransformerLens's split-qkv / attn-result flags, so the forward
 keeps the plain model's activations. Products of two of the model's own bfloat16 tensors
 are exact in float32 and summed in float32 (:func:`~circuitdiff.engine.products.product`).
-At layer level the attention source is the attention output the model computed, less
-``W_O``'s bias (in post-norm families such as OLMo 2, the post-norm's output as it is).
+At layer level in float32 and float64 models the attention source is the attention output
+the model computed, less ``W_O``'s bias (in post-norm families such as OLMo 2, the
+post-norm's output as it is, at any dtype).
 Hooks never edit model tensors.
 """
 
@@ -156,8 +157,6 @@ class SourceRecorder:
 
         def write_product(rows: slice, a: Tensor, b: Tensor) -> None:
             # a @ b: [n, batch * window, d_model], the outputs of the n sources in rows.
-            if bridge.recomputing:
-                return
             target = delta[:, rows].transpose(0, 1)  # [n, batch, window, d_model]
             # detached (the weights' views may carry autograd history); with layers on several
             # devices (device_map), delta lives on the first one
@@ -178,12 +177,15 @@ class SourceRecorder:
             rows, bias = self.graph.attention_sources(layer), self.bridge.layers[layer].b_o
             if bias is None or bridge.post_norm:
                 return residual(rows)
-            return lambda x, hook: write(rows, (x[:, positions].to(delta.device, delta.dtype)
-                                                    - bias.detach().to(delta.device, delta.dtype)).unsqueeze(1))
+            bias = bias.detach().to(delta.device, delta.dtype)
+            return lambda x, hook: write(rows, (x[:, positions].detach().to(delta.device, delta.dtype) - bias)
+                                         .unsqueeze(1))
 
         hooks: HookList = [(bridge.input_hook, residual(slice(0, 1)))]
         for layer in range(self.graph.n_layers):
-            if self.graph.level == "layer":
+            # The model's own attention output where it is exact (float32 and float64 models) or
+            # is the source itself (post-norm); else each head's output (or their sum) formed exactly.
+            if self.graph.level == "layer" and (bridge.full_precision or bridge.post_norm):
                 hooks.append((bridge.attention_output_hook(layer), attention_output(layer)))
             else:
                 hooks.append((bridge.attention_values_hook(layer), self.attention_hook(layer, write_product, window)))
@@ -193,15 +195,21 @@ class SourceRecorder:
 
     def attention_hook(self, layer: int, write_product: Callable[[slice, Tensor, Tensor], None],
                        window: Window) -> Callable[..., None]:
-        """The hook on ``layer``'s attention values ``z`` that writes its heads' outputs (``z_h @ W_O[h]``; head level)."""
+        """The hook on ``layer``'s attention values ``z`` that writes its heads' outputs (``z_h @ W_O[h]``, or their sum)."""
         w_o = self.bridge.layers[layer].w_o
         rows = self.graph.attention_sources(layer)
+        per_head = self.graph.level == "head"
 
         @torch.profiler.record_function(PROFILER_LABELS[0])
         def hook(z: Tensor, hook: Any) -> None:
             # z: [batch, pos, n_heads, d_head]; head h writes z_h @ W_O[h] (no bias), summed in float32.
+            if self.bridge.recomputing:  # a checkpointed block's second forward: recorded already
+                return
             z = z[:, window.positions].detach()
-            write_product(rows, rearrange(z, "b p h e -> h (b p) e"), rearrange(w_o, "d (h e) -> h e d", h=z.shape[2]))
+            if per_head:
+                write_product(rows, rearrange(z, "b p h e -> h (b p) e"), rearrange(w_o, "d (h e) -> h e d", h=z.shape[2]))
+            else:
+                write_product(rows, rearrange(z, "b p h e -> 1 (b p) (h e)"), w_o.T.unsqueeze(0))
 
         return hook
 

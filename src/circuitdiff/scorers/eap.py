@@ -70,7 +70,7 @@ class EAP:
         positions_per_chunk: form and contract the attention receivers' gradients this many
             positions at a time inside the one backward pass (default None: all positions
             of the window at once). Bounds the per-layer receiver transients (at head level
-            ``[3 x heads, batch x positions, d_model]`` float32) by the chunk instead of the
+            ``[heads + 2 x kv heads, batch x positions, d_model]`` float32) by the chunk instead of the
             sequence, at no extra pass. Same scores up to float32 summation order.
         checkpoint_blocks: keep only each transformer block's input for the backward pass
             and rerun the blocks' forwards there, one block at a time: the model's saved
