@@ -348,11 +348,15 @@ def plan_scorer(
     5. ``eap``: ``positions_per_pass``, the largest window that fits (one pass per window).
 
     Args:
-        model, graph, seq_len, loss_positions, dtype: as for :func:`estimate_memory`.
+        model: as for :func:`estimate_memory` (a bridge, a :class:`ModelShape` or a config).
+        graph: an :class:`AttributionGraph` or a level.
+        seq_len: the padded sequence length of the batch.
         batch_size: samples per batch (1).
         max_memory: bytes available, weights included; default as for :func:`plan_batch_size`
             (90% of free memory plus the weights for a model on CUDA; required otherwise).
         scorer: ``"eap"``, ``"eap-ig-inputs"`` or ``"eap-ig-activations"``.
+        loss_positions: as for :func:`estimate_memory`.
+        dtype: as for :func:`estimate_memory`.
 
     Returns:
         A scorer object (``cd.scorers.get(scorer, **options)``), e.g. ``EAP(checkpoint_blocks=True,

@@ -150,7 +150,8 @@ class EAPIGActivations(_IntegratedGradients):
     Args:
         steps: interpolation points per block (default 5); ``steps=1`` is EAP.
         points: ``"right"`` (default) or ``"left"``, as for :class:`EAPIGInputs`.
-        checkpoint_blocks, positions_per_chunk: as for :class:`EAPIGInputs`.
+        checkpoint_blocks: as for :class:`EAPIGInputs`.
+        positions_per_chunk: as for :class:`EAPIGInputs`.
     """
 
     name: ClassVar[str] = "eap-ig-activations"
