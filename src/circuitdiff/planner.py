@@ -467,13 +467,13 @@ def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_
     else:
         parts.append("- position chunking (EAP only, positions_per_pass): no window fits at this level;")
     if method == "eap" and contraction_dtype is not torch.bfloat16:
-        half = peak(1, seq_len, graph, None, torch.bfloat16)
+        half = peak(1, seq_len, graph, contraction=torch.bfloat16)
         verdict = "fits" if half <= max_memory else "does not fit either"
         parts.append(f"- a bfloat16 contraction: scorer=cd.scorers.EAP(contraction_dtype=torch.bfloat16) "
                      f"halves the source buffer: about {half / GIB:.1f} GiB at batch 1 ({verdict}; it combines "
                      "with positions_per_pass);")
     if not checkpoint_blocks:
-        checkpointed = peak(1, seq_len, graph, None, contraction_dtype, True)
+        checkpointed = peak(1, seq_len, graph, contraction=contraction_dtype, checkpointed=True)
         verdict = "fits" if checkpointed <= max_memory else "does not fit either"
         parts.append(f"- checkpointed blocks: scorer=cd.scorers.get({method!r}, checkpoint_blocks=True) keeps one "
                      f"block's activations, not every block's: about {checkpointed / GIB:.1f} GiB at batch 1 "
