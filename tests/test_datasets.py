@@ -57,7 +57,7 @@ def test_questions_file_schema_matches_read_questions():
 
 
 def test_parquet_file_and_field_mapping(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow.parquet as pq  # the test extra installs the data extra: a missing one is a failure
     import pyarrow as pa
 
     rows = [json.loads(line) for line in (FIXTURES / "math500.jsonl").read_text().splitlines()]
@@ -112,7 +112,7 @@ def test_bad_records_name_file_line_and_field(tmp_path, lines, options, message)
 
 
 def test_bad_json_and_parquet_files(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow.parquet as pq  # the test extra installs the data extra: a missing one is a failure
     import pyarrow as pa
 
     with pytest.raises(cd.DataError, match=r"q\.json: a \.json questions file holds an array of objects, got dict"):
@@ -188,8 +188,8 @@ def snapshot(hub: Path, repo: str) -> Path:
 @pytest.fixture
 def hf_home(tmp_path, monkeypatch) -> Path:
     """An empty Hugging Face home in tmp_path, online as far as the environment says."""
-    datasets = pytest.importorskip("datasets")
-    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import datasets  # the test extra installs the data extra: a missing one is a failure
+    import huggingface_hub
     home = tmp_path / "hf"
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -204,7 +204,7 @@ def hf_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def cached_gsm8k(hf_home) -> Path:
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow.parquet as pq  # the test extra installs the data extra: a missing one is a failure
     import pyarrow as pa
 
     folder = snapshot(hf_home / "hub", "openai/gsm8k")

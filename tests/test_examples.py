@@ -60,7 +60,7 @@ def test_every_example_is_covered():
 
 
 def test_notebook_is_stored_with_the_outputs_of_one_clean_run():
-    nbformat = pytest.importorskip("nbformat")
+    import nbformat  # in the test extra
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
@@ -83,7 +83,7 @@ def test_notebook_is_stored_with_the_outputs_of_one_clean_run():
 
 @pytest.mark.slow
 def test_quickstart_notebook_runs_and_gives_the_stored_outputs(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
+    import nbformat  # in the test extra
     stored = nbformat.read(NOTEBOOK, as_version=4)
     nb, work = execute_notebook(NOTEBOOK, tmp_path)  # raises CellExecutionError, with the traceback, on any error
 

@@ -304,14 +304,8 @@ def plan_batch_size(
     shape = _shape_of(model, dtype)
     graph = _graph_of(shape, graph)
 
-    def peak(batch: int, length: int = seq_len, g: AttributionGraph = graph,
-             window: int | None = positions_per_pass, contraction: torch.dtype | None = contraction_dtype,
-             checkpointed: bool = checkpoint_blocks) -> int:
-        return estimate_memory(shape, g, batch_size=batch, seq_len=length, scorer=method,
-                               loss_positions=loss_positions, positions_per_pass=window,
-                               contraction_dtype=contraction, checkpoint_blocks=checkpointed,
-                               positions_per_chunk=positions_per_chunk).total
-
+    peak = _peak_of(shape, graph, seq_len, method, loss_positions, positions_per_pass, contraction_dtype,
+                    checkpoint_blocks, positions_per_chunk)
     if peak(1) > max_memory:
         raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, method, contraction_dtype,
                                             checkpoint_blocks))
@@ -397,10 +391,23 @@ def plan_scorer(
         window = _largest_fitting(seq_len, lambda w: fits(**last, positions_per_pass=w, positions_per_chunk=1))
         if window:
             return scorers.get(scorer, **with_chunks(**last, positions_per_pass=window))
-    peak = lambda batch, length=seq_len, g=graph, window=None, contraction=None, checkpointed=False: estimate_memory(
-        shape, g, batch_size=batch, seq_len=length, scorer=scorer, loss_positions=loss_positions,
-        positions_per_pass=window, contraction_dtype=contraction, checkpoint_blocks=checkpointed).total
+    peak = _peak_of(shape, graph, seq_len, scorer, loss_positions)
     raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, scorer, None, False))
+
+
+def _peak_of(shape: ModelShape, graph: AttributionGraph, seq_len: int, method: str, loss_positions: int | None,
+             positions_per_pass: int | None = None, contraction_dtype: torch.dtype | None = None,
+             checkpoint_blocks: bool = False, positions_per_chunk: int | None = None) -> Any:
+    """``peak(batch, length, graph, window, contraction, checkpointed)``: the estimated peak, each argument
+    defaulting to the caller's settings (what :func:`_does_not_fit` varies one at a time)."""
+    def peak(batch: int, length: int = seq_len, g: AttributionGraph = graph,
+             window: int | None = positions_per_pass, contraction: torch.dtype | None = contraction_dtype,
+             checkpointed: bool = checkpoint_blocks) -> int:
+        return estimate_memory(shape, g, batch_size=batch, seq_len=length, scorer=method,
+                               loss_positions=loss_positions, positions_per_pass=window,
+                               contraction_dtype=contraction, checkpoint_blocks=checkpointed,
+                               positions_per_chunk=positions_per_chunk).total
+    return peak
 
 
 def _max_memory(model: Any, max_memory: int | None) -> int:

@@ -50,7 +50,7 @@ def _matmul_has_out_dtype() -> bool:
     return hasattr(torch.ops.aten.mm, "dtype")
 
 
-def product(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+def product(a: Tensor, b: Tensor) -> Tensor:
     """``a [..., m, k] @ b [..., k, n]`` (2-d or batched 3-d); bfloat16/float16 factors are summed in float32.
 
     Products of two bfloat16 (or two float16) numbers are exact in float32, so for such
@@ -66,29 +66,25 @@ def product(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     thread on a ``[3, 524288] @ [524288, 3]`` product, dies with SIGFPE.)
 
     Other factors: ``a @ b`` in their promoted dtype, at least float32.
-
-    ``out``: a tensor of the result's shape and dtype (e.g. a slice of a larger one) to
-    write the result into.
     """
     if a.dtype != b.dtype or a.dtype not in _EXACT_IN_FLOAT32:
         dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-        return torch.matmul(a.to(dtype), b.to(dtype), out=out)
+        return a.to(dtype) @ b.to(dtype)
     if a.device.type in _FLOAT32_OUTPUT_DEVICES and _matmul_has_out_dtype():
-        result = (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
-        return result if out is None else out.copy_(result)
+        return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
     (m, k), n = a.shape[-2:], b.shape[-1]
     if k <= m + n:
-        return torch.matmul(a.float(), b.float(), out=out)
+        return a.float() @ b.float()
     per_k = (a.numel() + b.numel()) // k  # float32 elements copied per unit of k
     step = max(1, min(-(-k // _CPU_SLICES), _CPU_SLICE_ELEMENTS // per_k))
-    out = a.new_zeros(*a.shape[:-1], b.shape[-1], dtype=torch.float32) if out is None else out.zero_()
+    out = torch.zeros(*a.shape[:-1], b.shape[-1], dtype=torch.float32, device=a.device)
     for start in range(0, k, step):
         out += a[..., start:start + step].float() @ b[..., start:start + step, :].float()
     return out
 
 
 def add_product(out: Tensor, a: Tensor, b: Tensor, alpha: float, beta: float) -> Tensor:
-    """``out = beta * out + alpha * (a @ b)`` in place, for ``a [batch, m, k] @ b [batch, k, n]``.
+    """``out = beta * out + alpha * (a @ b)`` in place, for ``a [batch, m, k] @ b [batch, k, n]``, ``beta`` 0 or 1.
 
     The same numbers as :func:`product` (factors that are exact in float32 multiplied in
     float32), written into ``out`` without a temporary where ``out`` has the factors'
@@ -101,6 +97,4 @@ def add_product(out: Tensor, a: Tensor, b: Tensor, alpha: float, beta: float) ->
     if (a.dtype == b.dtype == out.dtype and out.dtype in (torch.float32, torch.float64)) or upcast:
         return out.baddbmm_(a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha)
     result = product(a, b).to(out.dtype)
-    if beta == 0:
-        return torch.mul(result, alpha, out=out)
-    return out.mul_(beta).add_(result, alpha=alpha) if beta != 1 else out.add_(result, alpha=alpha)
+    return torch.mul(result, alpha, out=out) if beta == 0 else out.add_(result, alpha=alpha)

@@ -176,7 +176,7 @@ class ReceiverGradients:
                 if u is not None:
                     v[i] = u[:, positions].reshape(b * p, d)
                 else:
-                    product(output_gradient(proj, w).flatten(1), w.flatten(0, 1), out=v[i])
+                    v[i] = product(output_gradient(proj, w).flatten(1), w.flatten(0, 1))
         if norm is None:
             return rearrange(v, "r (b p) d -> b r p d", b=b)
         x = x.to(self.bridge.dtype)
