@@ -12,6 +12,9 @@ Prints, measured side by side in one run (medians of interleaved repeats):
   many-batch call costs, without the call's fixed costs (the run's binding and, above
   all, the fingerprint of the weights that binds the result to them, recomputed in
   every call; see ``benchmarks/fingerprint_cost.py``);
+- with fused attention (``EAP(fused_attention=True)``, modes ``<level>:<intervention>:batch:fused``)
+  against the plain pass with the same fused attention (mode ``plain:fused``) and against
+  the plain pass as the bridge runs it (eager attention);
 - peak memory of PyTorch tensors allocated by each pass (profiler allocation events
   on CPU, ``max_memory_allocated`` on CUDA), next to the goal "plain peak + source
   buffer + one layer's transients".
@@ -32,6 +35,7 @@ new / old.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -130,26 +134,30 @@ class Runner:
         levels = [level for level in ("head", "layer") if f"{level}:zero" in self.modes]
         self.graphs = {level: cd.AttributionGraph.from_model(self.model, level=level) for level in levels}
         self.runs: dict[tuple[str, str], object] = {}
-        self.eap = cd.scorers.get("eap")
+        self.eap = {fused: cd.scorers.get("eap", fused_attention=fused) if fused else cd.scorers.get("eap")
+                    for fused in (False, True)}
 
-    def plain(self) -> None:
-        embeddings = self.model.embed(self.batch.input_ids).detach().requires_grad_(True)
-        logits = self.model(embeddings)
-        self.objective(logits, self.batch).sum().backward()
+    def plain(self, fused: bool = False) -> None:
+        from circuitdiff.engine.bridge import Bridge
+
+        with Bridge(self.model).fused_attention() if fused else contextlib.nullcontext():
+            embeddings = self.model.embed(self.batch.input_ids).detach().requires_grad_(True)
+            logits = self.model(embeddings)
+            self.objective(logits, self.batch).sum().backward()
 
     def forward(self) -> None:
         """A forward pass without gradients: the extra cost patching pays per batch."""
         with torch.no_grad():
             self.model(self.batch.input_ids)
 
-    def score_batch(self, level: str, intervention: str) -> None:
+    def score_batch(self, level: str, intervention: str, fused: bool = False) -> None:
         """One batch through a run bound once (the engine's per-batch cost)."""
         key = (level, intervention)
         if key not in self.runs:
             self.runs[key] = self.graphs[level].bind(self.model, objective=self.objective, intervention=intervention,
                                                      progress=False)
         with self.runs[key] as run:
-            self.eap.score_batch(run, self.batch, 0)
+            self.eap[fused].score_batch(run, self.batch, 0)
 
     def attribute(self, level: str, intervention: str, contraction_dtype: torch.dtype | None = None) -> None:
         eap = cd.scorers.get("eap", contraction_dtype=contraction_dtype)
@@ -167,21 +175,26 @@ def modes(checkpoint: Path) -> list[str]:
     """The passes timed: plain, forward, and EAP per level and intervention (layer level only for post-norm families)."""
     from circuitdiff.engine.architectures import FAMILIES
 
-    family = FAMILIES.get(json.loads((checkpoint / "config.json").read_text())["architectures"][0])
+    config = json.loads((checkpoint / "config.json").read_text())
+    family = FAMILIES.get(config["architectures"][0])
     levels = ("layer",) if getattr(family, "post_norm", False) else ("head", "layer")
-    return ["plain", "forward"] + [f"{level}:{iv}" for level in levels
-                                   for iv in ("zero", "patching", "zero:bfloat16", "zero:batch", "patching:batch")]
+    fused = config.get("attn_logit_softcapping") is None  # the fused kernel does not soft-cap (Gemma 2)
+    return (["plain", "forward"] + ["plain:fused"] * fused
+            + [f"{level}:{iv}" for level in levels
+               for iv in ("zero", "patching", "zero:bfloat16", "zero:batch", "patching:batch")
+               + ("zero:batch:fused", "patching:batch:fused") * fused])
 
 
 def run_mode(runner: Runner, mode: str) -> None:
-    if mode in ("plain", "forward"):
-        getattr(runner, mode)()
+    name, *option = mode.split(":")
+    if name in ("plain", "forward"):
+        runner.plain(fused=True) if option == ["fused"] else getattr(runner, name)()
     else:
-        level, intervention, *option = mode.split(":")
-        if option == ["batch"]:
-            runner.score_batch(level, intervention)
+        intervention, *option = option
+        if option and option[0] == "batch":
+            runner.score_batch(name, intervention, fused=option[1:] == ["fused"])
         else:
-            runner.attribute(level, intervention, getattr(torch, option[0]) if option else None)
+            runner.attribute(name, intervention, getattr(torch, option[0]) if option else None)
 
 
 def time_modes(runner: Runner, repeats: int) -> dict[str, float]:
@@ -227,22 +240,32 @@ def report(name: str, checkpoint: Path, device: str, dtype: str, repeats: int) -
           f"median of {repeats}")
     print(f"plain forward+backward: {medians['plain'] * 1e3:.1f} ms, peak +{peaks['plain'] / mb:.1f} MB; "
           f"forward alone (no grad): {medians['forward'] / medians['plain']:.2f}x of it")
-    print(f"{'attribute() pass':<20}{'ms':>8}{'ratio':>8}{'goal':>7}  {'peak MB':>8}{'goal MB':>9}"
+    if "plain:fused" in medians:
+        print(f"plain forward+backward with fused attention: {medians['plain:fused'] * 1e3:.1f} ms "
+              f"({medians['plain:fused'] / medians['plain']:.2f}x), peak +{peaks['plain:fused'] / mb:.1f} MB; "
+              "the :fused rows' ratio is against it (and, after the slash, against the plain pass)")
+    print(f"{'attribute() pass':<24}{'ms':>8}{'ratio':>8}{'goal':>7}  {'peak MB':>8}{'goal MB':>9}"
           "  goal = plain + buffer + 2 x one layer's receiver gradients")
     rows = {}
     for level in runner.graphs:
         for intervention, buffer_bytes in (("zero", 4), ("patching", 4), ("zero:bfloat16", 2), ("zero:batch", 4),
-                                           ("patching:batch", 4)):
+                                           ("patching:batch", 4), ("zero:batch:fused", 4), ("patching:batch:fused", 4)):
+            mode = f"{level}:{intervention}"
+            if mode not in medians:
+                continue
             goal = GOALS[level, intervention.split(":")[0]]
             buffer, layer = expected_extra(runner.graphs[level], buffer_bytes)
-            mode = f"{level}:{intervention}"
-            ratio = medians[mode] / medians["plain"]
-            memory_goal = peaks["plain"] + buffer + 2 * layer
-            print(f"{mode:<20}{medians[mode] * 1e3:8.1f}{ratio:7.2f}x{goal:6.2f}x  {peaks[mode] / mb:8.1f}"
-                  f"{memory_goal / mb:9.1f}  ({peaks['plain'] / mb:.1f} + {buffer / mb:.1f} + 2 x {layer / mb:.1f})")
-            rows[mode] = {"ms": medians[mode] * 1e3, "ratio": ratio, "peak_bytes": peaks[mode],
-                          "memory_goal_bytes": memory_goal}
-    return {"plain_ms": medians["plain"] * 1e3, "plain_peak_bytes": peaks["plain"], "passes": rows}
+            plain = "plain:fused" if mode.endswith(":fused") else "plain"
+            ratio = medians[mode] / medians[plain]
+            memory_goal = peaks[plain] + buffer + 2 * layer
+            against_eager = f" / {medians[mode] / medians['plain']:.2f}x" if plain != "plain" else ""
+            print(f"{mode:<24}{medians[mode] * 1e3:8.1f}{ratio:7.2f}x{goal:6.2f}x  {peaks[mode] / mb:8.1f}"
+                  f"{memory_goal / mb:9.1f}  ({peaks[plain] / mb:.1f} + {buffer / mb:.1f} + 2 x {layer / mb:.1f})"
+                  + against_eager)
+            rows[mode] = {"ms": medians[mode] * 1e3, "ratio": ratio, "ratio_to_eager_plain": medians[mode] / medians["plain"],
+                          "peak_bytes": peaks[mode], "memory_goal_bytes": memory_goal}
+    return {"plain_ms": medians["plain"] * 1e3, "plain_peak_bytes": peaks["plain"],
+            "plain_fused_ms": medians["plain:fused"] * 1e3 if "plain:fused" in medians else None, "passes": rows}
 
 
 def worker(checkpoint: Path, device: str, dtype: str) -> None:
@@ -280,7 +303,7 @@ def compare_with_baseline(ref: str, name: str, checkpoint: Path, device: str, dt
         ready = process.stdout.readline().split()  # type: ignore[union-attr]
         if ready != ["ready", str(src.resolve())]:
             raise RuntimeError(f"the {side} worker did not start with circuitdiff from {src}: {ready}")
-    timed = modes(checkpoint)
+    timed = [mode for mode in modes(checkpoint) if not mode.endswith(":fused")]  # not in older checkouts
     times = {(side, mode): [] for side in sides for mode in timed}
     for _ in range(repeats):  # interleaved: drift hits both sides and every mode alike
         for mode in timed:

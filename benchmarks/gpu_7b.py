@@ -16,7 +16,9 @@ measures (1 warm-up, then the median of ``--repeats`` timed passes, each between
 
 - ``eap``: one ``cd.attribute(..., scorer="eap", intervention="zero")`` call
   (per-sample scores kept; ``--positions-per-pass``, ``--contraction-dtype``,
-  ``--checkpoint-blocks`` and ``--positions-per-chunk`` set the scorer's options, and
+  ``--checkpoint-blocks``, ``--positions-per-chunk`` and ``--fused-attention`` set the
+  scorer's options (with ``--fused-attention`` the plain pass runs the fused attention
+  too, so the ratio compares like with like), and
   ``--contraction-dtype float32 bfloat16`` measures both side by side): seconds per
   sample, tokens/s, peak memory, and the memory planner's estimate against that peak
   (``estimate_error``); with ``--profile``, one
@@ -135,11 +137,15 @@ def make_batch(vocab: int, tokens: int, answer_fraction: float, device: str, see
 
 
 # ---------------------------------------------------------------------------- passes
-def plain_pass(model: Any, batch: cd.Batch, objective: Callable[..., torch.Tensor]) -> None:
-    """Forward+backward without hooks or parameter gradients, from embeddings that require grad."""
-    embeddings = model.embed(batch.input_ids).detach().requires_grad_(True)
-    logits = model(embeddings)
-    objective(logits, batch).sum().backward()
+def plain_pass(model: Any, batch: cd.Batch, objective: Callable[..., torch.Tensor], fused: bool = False) -> None:
+    """Forward+backward without hooks or parameter gradients, from embeddings that require grad
+    (``fused``: with the attention the EAP scorer's ``fused_attention`` runs)."""
+    from circuitdiff.engine.bridge import Bridge
+
+    with Bridge(model).fused_attention() if fused else contextlib.nullcontext():
+        embeddings = model.embed(batch.input_ids).detach().requires_grad_(True)
+        logits = model(embeddings)
+        objective(logits, batch).sum().backward()
 
 
 def eap_pass(model: Any, graph: cd.AttributionGraph, batch: cd.Batch, objective: Callable[..., torch.Tensor],
@@ -355,17 +361,19 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
         batch = make_batch(shape.vocab, tokens, args.answer_fraction, args.device, batch_size=args.batch)
         key = f"{name}/plain/-/{tokens}"
         plain = "skipped" if args.skip_plain else meter.measure(
-            key, lambda batch=batch: plain_pass(model, batch, objective), weight_bytes)
+            key, lambda batch=batch: plain_pass(model, batch, objective, args.fused_attention), weight_bytes)
         print(f"  {tokens} tokens, plain: {show(plain, meter.oom_details.get(key))}", flush=True)
         plain_profile = None
         if args.profile and isinstance(plain, dict):
-            plain_profile = meter.profile(key, lambda batch=batch: plain_pass(model, batch, objective))
+            plain_profile = meter.profile(key, lambda batch=batch: plain_pass(model, batch, objective,
+                                                                              args.fused_attention))
             print(f"    profile: {show_profile(plain_profile)}", flush=True)
         for level in args.levels:
             for contraction_name in args.contraction_dtype:  # side by side, against the same plain pass
                 contraction = getattr(torch, contraction_name)
                 options = dict(positions_per_pass=args.positions_per_pass, contraction_dtype=contraction,
-                               checkpoint_blocks=args.checkpoint_blocks, positions_per_chunk=args.positions_per_chunk)
+                               checkpoint_blocks=args.checkpoint_blocks, positions_per_chunk=args.positions_per_chunk,
+                               fused_attention=args.fused_attention)
                 last: list[cd.EdgeScores] = []
 
                 def eap(graph: cd.AttributionGraph = graphs[level], batch: cd.Batch = batch, last: list = last,
@@ -527,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="EAP in position windows of this many tokens (default: one pass)")
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="EAP with checkpoint_blocks=True (one block's activations kept for the backward)")
+    parser.add_argument("--fused-attention", action="store_true",
+                        help="EAP with fused_attention=True (no pos x pos pattern), and the plain pass with it too")
     parser.add_argument("--positions-per-chunk", type=int,
                         help="EAP's positions_per_chunk (receiver gradients a chunk of positions at a time)")
     parser.add_argument("--skip-plain", action="store_true",

@@ -10,10 +10,11 @@
 # run ends within 8 minutes (a run cut short keeps the models it finished in its JSON):
 #   1. gpu_7b.json (4 min): EAP / plain at 512 and 2048 tokens, both 7B shapes, both levels;
 #   2. gpu_7b_long_head.json (2 min): head level at 8192 and 16384 tokens, batch 1, with
-#      checkpoint_blocks, positions_per_chunk 1024, a bfloat16 source buffer and position
-#      windows of 4096 (a 16k head-level buffer alone is 129 GB in bfloat16); no plain pass;
-#   3. gpu_7b_long_layer.json (2 min): layer level at 16384 and 32768 tokens, checkpoint_blocks,
-#      positions_per_chunk 2048; no plain pass.
+#      fused_attention, checkpoint_blocks, positions_per_chunk 1024, a bfloat16 source buffer
+#      and position windows of 4096 (a 16k head-level buffer alone is 129 GB in bfloat16);
+#      no plain pass;
+#   3. gpu_7b_long_layer.json (2 min): layer level at 16384 and 32768 tokens, fused_attention,
+#      checkpoint_blocks, positions_per_chunk 2048; no plain pass.
 # Each cell has the measured peak and the planner's estimate (estimate_error). With
 # arguments, one run of gpu_7b.py with them. It installs into $SITE (default /tmp/site), with
 # `pip install --no-index --no-deps --target`, each wheel of .whl/ whose distribution the
@@ -209,8 +210,9 @@ else
     failed=0
     run gpu_7b 240 --skip-tl --seq 512 2048 || failed=1
     run gpu_7b_long_head 120 --skip-tl --skip-plain --repeats 1 --levels head --seq 8192 16384 \
-        --checkpoint-blocks --positions-per-chunk 1024 --contraction-dtype bfloat16 --positions-per-pass 4096 || failed=1
+        --fused-attention --checkpoint-blocks --positions-per-chunk 1024 --contraction-dtype bfloat16 \
+        --positions-per-pass 4096 || failed=1
     run gpu_7b_long_layer 120 --skip-tl --skip-plain --repeats 1 --levels layer --seq 16384 32768 \
-        --checkpoint-blocks --positions-per-chunk 2048 || failed=1
+        --fused-attention --checkpoint-blocks --positions-per-chunk 2048 || failed=1
     exit $failed
 fi

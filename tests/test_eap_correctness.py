@@ -92,10 +92,16 @@ def eap_scores(model, level: str, intervention: str = "zero", batches=None, **op
                         intervention=intervention, reference_batches=refs, progress=False)
 
 
-@pytest.mark.parametrize("arch, intervention, level", [  # -m "not slow": llama only
-    pytest.param(a, i, level, marks=() if a == "llama" else pytest.mark.slow)
-    for a in ARCHS for i in ("zero", "patching", "mean", "mean-positional") for level in tm.levels(a)])
-def test_eap_equals_directional_derivative(get_model, get_reference, arch, intervention, level):
+#: Fused attention (``EAP(fused_attention=True)``) on its two code paths: Hugging Face's own attention
+#: forward (llama, olmo3 with sliding windows) and a fused-qkv bridge's replaced core (phi3 with GQA, gpt2).
+FUSED = [pytest.param(a, i, tm.finest_level(a), True, marks=() if a == "llama" else pytest.mark.slow)
+         for a in ("llama", "phi3", "gpt2", "olmo3") for i in ("zero", "patching")]
+
+
+@pytest.mark.parametrize("arch, intervention, level, fused", [  # -m "not slow": llama only
+    pytest.param(a, i, level, False, marks=() if a == "llama" else pytest.mark.slow)
+    for a in ARCHS for i in ("zero", "patching", "mean", "mean-positional") for level in tm.levels(a)] + FUSED)
+def test_eap_equals_directional_derivative(get_model, get_reference, arch, intervention, level, fused):
     """score(u -> v) = d/de objective(input of v += e * (replacement(u) - a_u)) at e = 0."""
     model, reference = get_model(arch, "float64"), get_reference(arch)
     graph = cd.AttributionGraph.from_model(model, level=level)
@@ -103,7 +109,7 @@ def test_eap_equals_directional_derivative(get_model, get_reference, arch, inter
     refs = reference_batches_for(model) if intervention.startswith("mean") else None
     objective = cd.objectives.answer_nll()
     scores = cd.attribute(model, graph, batches, objective=objective, intervention=intervention,
-                          reference_batches=refs, progress=False)
+                          reference_batches=refs, scorer=cd.scorers.get("eap", fused_attention=fused), progress=False)
     scale = scores.per_sample.abs().max().item()
     eps = 1e-5
     first = 0
@@ -171,15 +177,19 @@ def _layer_name(name: str) -> str:
 
 
 @pytest.mark.parametrize("intervention", ["zero", "patching"])
-@pytest.mark.parametrize("arch", ["llama", *(pytest.param(a, marks=pytest.mark.slow)
-                                             for a in ARCHS if a != "llama" and a not in tm.LAYER_LEVEL_ONLY)])
-def test_layer_level_is_sum_of_head_level(get_model, arch, intervention):
+@pytest.mark.parametrize("arch, fused", [("llama", False), ("llama", True), pytest.param("phi3", True, marks=pytest.mark.slow),
+                                         *(pytest.param(a, False, marks=pytest.mark.slow)
+                                           for a in ARCHS if a != "llama" and a not in tm.LAYER_LEVEL_ONLY)])
+def test_layer_level_is_sum_of_head_level(get_model, arch, fused, intervention):
     model = get_model(arch)
     batches = make_data(model, corrupted=intervention == "patching")
     head_graph = cd.AttributionGraph.from_model(model, level="head")
     layer_graph = cd.AttributionGraph.from_model(model, level="layer")
-    head = cd.attribute(model, head_graph, batches, objective="answer_nll", intervention=intervention, progress=False)
-    layer = cd.attribute(model, layer_graph, batches, objective="answer_nll", intervention=intervention, progress=False)
+    scorer = cd.scorers.get("eap", fused_attention=fused)
+    head = cd.attribute(model, head_graph, batches, objective="answer_nll", intervention=intervention, scorer=scorer,
+                        progress=False)
+    layer = cd.attribute(model, layer_graph, batches, objective="answer_nll", intervention=intervention, scorer=scorer,
+                         progress=False)
     summed = torch.zeros_like(layer.per_sample)
     for r, source in enumerate(head_graph.sources):
         for c, receiver in enumerate(head_graph.receivers):

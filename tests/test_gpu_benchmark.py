@@ -82,12 +82,12 @@ def test_position_windows_agree_with_transformerlens(tmp_path):
 def test_long_sequence_options_as_run_gpu_7b_sh_passes_them(tmp_path):
     """The long-sequence runs' options (run_gpu_7b.sh): recorded per cell, no plain pass, planner beside the peak."""
     report, stdout = run(tmp_path, "--models", "tiny-llama", "--seq", "32", "--repeats", "1", "--skip-plain",
-                         "--skip-tl", "--checkpoint-blocks", "--positions-per-chunk", "8",
+                         "--skip-tl", "--fused-attention", "--checkpoint-blocks", "--positions-per-chunk", "8",
                          "--positions-per-pass", "16", "--contraction-dtype", "bfloat16")
     assert {c["level"] for c in report["cells"]} == set(LEVELS)
     for cell in report["cells"]:
         assert cell["options"] == {"positions_per_pass": 16, "contraction_dtype": "bfloat16",
-                                   "checkpoint_blocks": True, "positions_per_chunk": 8}
+                                   "checkpoint_blocks": True, "positions_per_chunk": 8, "fused_attention": True}
         assert cell["plain"] == "skipped" and cell["ratio"] is None and positive(cell["eap"]["peak_bytes"])
         assert math.isclose(cell["estimate_error"], cell["estimate_bytes"] / cell["eap"]["peak_bytes"] - 1)
         assert abs(cell["estimate_error"]) < 0.3, cell["estimate_error"]

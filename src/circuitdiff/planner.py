@@ -39,7 +39,7 @@ Validated against CPU profiler peaks and the H200 measurements of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -90,6 +90,7 @@ class MemoryEstimate:
     contraction_dtype: torch.dtype | None = None
     checkpoint_blocks: bool = False
     positions_per_chunk: int | None = None
+    fused_attention: bool = False
 
     @property
     def total(self) -> int:
@@ -105,6 +106,7 @@ class MemoryEstimate:
     def to_markdown(self) -> str:
         """A two-column table: part, GiB (and share of the peak)."""
         saved = "every block's input and one block's activations" if self.checkpoint_blocks else "plain model"
+        saved += ", fused attention" if self.fused_attention else ", eager attention"
         rows = [("weights", self.weights), (f"activations saved for backward ({saved})", self.saved_activations),
                 ("logits", self.logits), ("objective (float32 log-softmax)", self.objective),
                 (f"source buffer delta ({str(self.contraction_dtype or 'float32').removeprefix('torch.')})",
@@ -162,6 +164,7 @@ def estimate_memory(
     method: str | None = None,
     checkpoint_blocks: bool = False,
     positions_per_chunk: int | None = None,
+    fused_attention: bool = False,
 ) -> MemoryEstimate:
     """Estimated peak memory (bytes) of one ``cd.attribute`` batch.
 
@@ -186,14 +189,18 @@ def estimate_memory(
             being rerun, instead of every block's.
         positions_per_chunk: the scorer's ``positions_per_chunk``: the receivers' per-layer
             transients cover that many positions instead of the window's.
+        fused_attention: the scorer's ``fused_attention``: each layer keeps the fused
+            kernel's output and log-sum-exp (``heads x (d_head + 1)`` per token) instead of the
+            eager ``heads x pos`` probabilities per token, and its backward no ``pos^2`` transient.
 
     Returns:
         :class:`MemoryEstimate` (``.total`` is the peak, weights included; ``.plain`` the
         plain forward+backward peak). Intervention passes other than the scored one run
         without gradients and stay below the peak.
     """
-    method, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk = _scorer_options(
-        scorer, method, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk)
+    method, options = _scorer_options(scorer, method, _Options(positions_per_pass, contraction_dtype, checkpoint_blocks,
+                                                               positions_per_chunk, fused_attention))
+    positions_per_pass, contraction_dtype = options.positions_per_pass, options.contraction_dtype
     if batch_size < 1 or seq_len < 1:
         raise DataError(f"batch_size and seq_len must be positive; got {batch_size} and {seq_len}.")
     s = _shape_of(model_or_spec, dtype)
@@ -212,23 +219,30 @@ def estimate_memory(
     norms = norm_input * ((1 if s.parallel_blocks else 2) * family.pre_norm + 2 * family.post_norm)
     if family.qk_norm:
         norms += 4 * (s.n_heads + s.n_kv_heads) * s.d_head
-    probs = s.n_heads * p * (4 + (e if e != 4 else 0))  # float32 softmax output and its model-dtype copy
-    if s.attention_softcap:  # the tanh of the soft-capped scores
-        probs += s.n_heads * p * e
+    if options.fused_attention:  # q, k and v (k, v not repeated), the kernel's output and float32 log-sum-exp
+        attention = e * s.d_head * (s.n_heads + 2 * s.n_kv_heads) + s.n_heads * (s.d_head * e + 4)
+    else:  # q, k and v repeated to every head; the eager float32 softmax output and its model-dtype copy
+        attention = 3 * e * qkv_heads + s.n_heads * p * (4 + (e if e != 4 else 0))
+    if s.attention_softcap:  # the tanh of the soft-capped scores (eager only: fused attention is refused)
+        attention += s.n_heads * p * e
     mlp = mlp_units * e * s.d_mlp
     if family.moe:  # each routed expert's hidden units and output; the router's float32 logits and softmax
         mlp = s.experts_per_token * (mlp + e * d) + 2 * 4 * s.n_experts
-    per_layer = norms + 3 * e * qkv_heads + probs + mlp
-    if checkpoint_blocks:  # every block's input (the residual stream), and one block rerun at a time
+    per_layer = norms + attention + mlp
+    if options.checkpoint_blocks:  # every block's input (the residual stream), and one block rerun at a time
         saved = tokens * (s.n_layers * d * e + per_layer + norm_input)
     else:
         saved = tokens * (s.n_layers * per_layer + norm_input)
     logits = tokens * s.d_vocab * e * (2 if s.logit_softcap else 1)  # and the tanh of soft-capped logits
     loss_tokens = b * min(loss_positions or p, p)
     objective = loss_tokens * s.d_vocab * 4
-    # Plain backward: one layer's attention gradients (probabilities, scores: float32 and model dtype)
-    # or the logits' gradient (float32 log-softmax gradient, model-dtype logits gradient).
-    attention_grad = b * s.n_heads * p * p * (8 + (e if e != 4 else 0))
+    # Plain backward: one layer's attention gradients (eager: probabilities, scores: float32 and model
+    # dtype; fused: float32 q, k, v gradients) or the logits' gradient (float32 log-softmax gradient,
+    # model-dtype logits gradient).
+    if options.fused_attention:
+        attention_grad = tokens * 3 * qkv_heads * 4
+    else:
+        attention_grad = b * s.n_heads * p * p * (8 + (e if e != 4 else 0))
     logits_grad = logits + loss_tokens * s.d_vocab * 4
     backward = max(attention_grad, logits_grad)
 
@@ -236,7 +250,7 @@ def estimate_memory(
     width = min(positions_per_pass or p, p)  # positions in one window
     source_buffer = math.prod(delta_shape(graph, b, width, d)) * c
     scores = math.prod(scores_shape(graph, b)) * acc
-    chunk = min(positions_per_chunk or width, width)  # positions whose receiver gradients are formed at once
+    chunk = min(options.positions_per_chunk or width, width)  # positions whose receiver gradients are formed at once
     receivers = transient_bytes(graph, s.n_heads, s.n_kv_heads, s.d_head, d, window_tokens=b * chunk, tokens=tokens,
                                 model_bytes=e, accumulation_bytes=acc, contraction_bytes=c)
     clean_logits = logits if method.startswith("eap-ig") else 0
@@ -244,8 +258,7 @@ def estimate_memory(
         weights=s.parameter_bytes(), saved_activations=saved, logits=logits, objective=objective,
         source_buffer=source_buffer, scores=scores, receiver_gradients=receivers, backward_transient=backward,
         clean_logits=clean_logits, batch_size=b, seq_len=p, level=graph.level, method=method,
-        positions_per_pass=positions_per_pass, contraction_dtype=contraction_dtype,
-        checkpoint_blocks=checkpoint_blocks, positions_per_chunk=positions_per_chunk,
+        **vars(options),
     )
 
 
@@ -273,6 +286,7 @@ def plan_batch_size(
     method: str | None = None,
     checkpoint_blocks: bool = False,
     positions_per_chunk: int | None = None,
+    fused_attention: bool = False,
 ) -> int:
     """The largest batch size whose estimated peak fits ``max_memory`` bytes.
 
@@ -291,6 +305,7 @@ def plan_batch_size(
         method: deprecated alias of ``scorer`` (warns).
         checkpoint_blocks: as for :func:`estimate_memory`.
         positions_per_chunk: as for :func:`estimate_memory`.
+        fused_attention: as for :func:`estimate_memory`.
 
     Raises:
         MemoryPlanError: even batch size 1 does not fit; the message gives the layer-level
@@ -298,17 +313,15 @@ def plan_batch_size(
             window that fits, the bfloat16 contraction, and other ways out.
         ValueError: ``max_memory`` is missing for a model that is not on CUDA.
     """
-    method, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk = _scorer_options(
-        scorer, method, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk)
+    method, options = _scorer_options(scorer, method, _Options(positions_per_pass, contraction_dtype, checkpoint_blocks,
+                                                               positions_per_chunk, fused_attention))
     max_memory = _max_memory(model, max_memory)
     shape = _shape_of(model, dtype)
     graph = _graph_of(shape, graph)
 
-    peak = _peak_of(shape, graph, seq_len, method, loss_positions, positions_per_pass, contraction_dtype,
-                    checkpoint_blocks, positions_per_chunk)
+    peak = _peak_of(shape, graph, seq_len, method, loss_positions, options)
     if peak(1) > max_memory:
-        raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, method, contraction_dtype,
-                                            checkpoint_blocks))
+        raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, method, options))
     low, high = 1, 2
     while peak(high) <= max_memory:  # the estimate grows linearly with the batch size
         low, high = high, high * 2
@@ -334,12 +347,14 @@ def plan_scorer(
     Options are added in order of cost, each only when what came before does not fit:
 
     1. none (the plain settings);
-    2. ``positions_per_chunk``: the largest chunk that fits (no extra pass);
-    3. ``checkpoint_blocks=True`` (one more forward pass of the blocks), with the largest
+    2. ``fused_attention=True`` (no ``pos x pos`` attention pattern; no extra cost), except
+       for soft-capped attention (Gemma 2), which it refuses; then in every later step;
+    3. ``positions_per_chunk``: the largest chunk that fits (no extra pass);
+    4. ``checkpoint_blocks=True`` (one more forward pass of the blocks), with the largest
        chunk that then fits, or none;
-    4. ``eap`` on a bfloat16 model: ``contraction_dtype=torch.bfloat16`` (the source buffer
+    5. ``eap`` on a bfloat16 model: ``contraction_dtype=torch.bfloat16`` (the source buffer
        halved; scores summed in float32);
-    5. ``eap``: ``positions_per_pass``, the largest window that fits (one pass per window).
+    6. ``eap``: ``positions_per_pass``, the largest window that fits (one pass per window).
 
     Args:
         model: as for :func:`estimate_memory` (a bridge, a :class:`ModelShape` or a config).
@@ -379,9 +394,12 @@ def plan_scorer(
         chunk = _largest_fitting(width, lambda c: fits(**options, positions_per_chunk=c))
         return {**options, "positions_per_chunk": chunk} if chunk else None
 
-    steps: list[dict[str, Any]] = [{}, {"checkpoint_blocks": True}]
+    if fits():
+        return scorers.get(scorer)
+    fused: dict[str, Any] = {} if shape.attention_softcap else {"fused_attention": True}
+    steps: list[dict[str, Any]] = [fused, {**fused, "checkpoint_blocks": True}]
     if scorer == "eap" and shape.dtype == torch.bfloat16:
-        steps.append({"checkpoint_blocks": True, "contraction_dtype": torch.bfloat16})
+        steps.append({**steps[-1], "contraction_dtype": torch.bfloat16})
     for options in steps:
         found = with_chunks(**options)
         if found is not None:
@@ -391,22 +409,17 @@ def plan_scorer(
         window = _largest_fitting(seq_len, lambda w: fits(**last, positions_per_pass=w, positions_per_chunk=1))
         if window:
             return scorers.get(scorer, **with_chunks(**last, positions_per_pass=window))
-    peak = _peak_of(shape, graph, seq_len, scorer, loss_positions)
-    raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, scorer, None, False))
+    peak = _peak_of(shape, graph, seq_len, scorer, loss_positions, _Options())
+    raise MemoryPlanError(_does_not_fit(shape, graph, seq_len, max_memory, peak, scorer, _Options()))
 
 
 def _peak_of(shape: ModelShape, graph: AttributionGraph, seq_len: int, method: str, loss_positions: int | None,
-             positions_per_pass: int | None = None, contraction_dtype: torch.dtype | None = None,
-             checkpoint_blocks: bool = False, positions_per_chunk: int | None = None) -> Any:
-    """``peak(batch, length, graph, window, contraction, checkpointed)``: the estimated peak, each argument
-    defaulting to the caller's settings (what :func:`_does_not_fit` varies one at a time)."""
-    def peak(batch: int, length: int = seq_len, g: AttributionGraph = graph,
-             window: int | None = positions_per_pass, contraction: torch.dtype | None = contraction_dtype,
-             checkpointed: bool = checkpoint_blocks) -> int:
+             options: "_Options") -> Any:
+    """``peak(batch, length, graph, **changed options)``: the estimated peak with the caller's settings,
+    some changed (what :func:`_does_not_fit` varies one at a time)."""
+    def peak(batch: int, length: int = seq_len, g: AttributionGraph = graph, **changes: Any) -> int:
         return estimate_memory(shape, g, batch_size=batch, seq_len=length, scorer=method,
-                               loss_positions=loss_positions, positions_per_pass=window,
-                               contraction_dtype=contraction, checkpoint_blocks=checkpointed,
-                               positions_per_chunk=positions_per_chunk).total
+                               loss_positions=loss_positions, **vars(replace(options, **changes))).total
     return peak
 
 
@@ -422,35 +435,39 @@ def _max_memory(model: Any, max_memory: int | None) -> int:
     return int(0.9 * (free + resident[0]))
 
 
-def _scorer_options(scorer: Any, method: str | None, positions_per_pass: int | None,
-                    contraction_dtype: torch.dtype | None, checkpoint_blocks: bool,
-                    positions_per_chunk: int | None) -> tuple[str, int | None, torch.dtype | None, bool, int | None]:
-    """``(scorer name, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk)``,
-    validated by the scorer's own options class."""
+@dataclass(frozen=True)
+class _Options:
+    """A scorer's memory options, as :class:`~circuitdiff.scorers.eap.EAP` names them."""
+
+    positions_per_pass: int | None = None
+    contraction_dtype: torch.dtype | None = None
+    checkpoint_blocks: bool = False
+    positions_per_chunk: int | None = None
+    fused_attention: bool = False
+
+
+def _scorer_options(scorer: Any, method: str | None, options: _Options) -> tuple[str, _Options]:
+    """The scorer's name and memory options (a scorer object's own, else ``options``), validated by EAP."""
     scorer = renamed_method(scorer, method, stacklevel=3)
     if not isinstance(scorer, str):
-        if (positions_per_pass is not None or contraction_dtype is not None or checkpoint_blocks
-                or positions_per_chunk is not None):
-            raise ArgumentError("pass positions_per_pass, contraction_dtype, checkpoint_blocks and positions_per_chunk "
-                                f"through the scorer object ({scorer!r}), not beside it.")
+        if options != _Options():
+            raise ArgumentError(f"pass {', '.join(f.name for f in fields(_Options))} through the scorer object "
+                                f"({scorer!r}), not beside it.")
         name = getattr(scorer, "name", None)
-        positions_per_pass = getattr(scorer, "positions_per_pass", None)
-        contraction_dtype = getattr(scorer, "contraction_dtype", None)
-        checkpoint_blocks = getattr(scorer, "checkpoint_blocks", False)
-        positions_per_chunk = getattr(scorer, "positions_per_chunk", None)
+        options = _Options(**{f.name: getattr(scorer, f.name, f.default) for f in fields(_Options)})
     else:
         name = scorer
     if name not in METHODS:
         raise UnknownNameError(f"the memory planner knows scorers {METHODS}; got {name!r}.")
-    if (positions_per_pass is not None or contraction_dtype is not None) and name != "eap":
+    if (options.positions_per_pass is not None or options.contraction_dtype is not None) and name != "eap":
         raise ArgumentError(f"positions_per_pass and contraction_dtype are options of scorer='eap'; got them with "
                             f"scorer={name!r}.")
-    EAP(positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk)  # validates them
-    return name, positions_per_pass, contraction_dtype, checkpoint_blocks, positions_per_chunk
+    EAP(**vars(options))  # validates them
+    return name, options
 
 
 def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_memory: int, peak: Any,
-                  method: str, contraction_dtype: torch.dtype | None, checkpoint_blocks: bool) -> str:
+                  method: str, options: _Options) -> str:
     need = peak(1)
     parts = [f"even batch size 1 does not fit: {graph.level}-level attribution of {seq_len} tokens needs about "
              f"{need / GIB:.1f} GiB, but {max_memory / GIB:.1f} GiB are available. What would fit:"]
@@ -465,22 +482,29 @@ def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_
     else:
         parts.append("- shorter sequences: none fits at this level (the weights alone take "
                      f"{shape.parameter_bytes() / GIB:.1f} GiB);")
-    window = _largest_fitting(seq_len, lambda w: peak(1, seq_len, graph, w) <= max_memory) if method == "eap" else 0
+    window = (_largest_fitting(seq_len, lambda w: peak(1, positions_per_pass=w) <= max_memory)
+              if method == "eap" else 0)
     if window:
         passes = -(-seq_len // window)
         parts.append(f"- position chunking: scorer=cd.scorers.EAP(positions_per_pass={window}) fits at batch 1 "
-                     f"(about {peak(1, seq_len, graph, window) / GIB:.1f} GiB), at the cost of {passes} forward and "
+                     f"(about {peak(1, positions_per_pass=window) / GIB:.1f} GiB), at the cost of {passes} forward and "
                      "backward passes per batch;")
     else:
         parts.append("- position chunking (EAP only, positions_per_pass): no window fits at this level;")
-    if method == "eap" and contraction_dtype is not torch.bfloat16:
-        half = peak(1, seq_len, graph, contraction=torch.bfloat16)
+    if method == "eap" and options.contraction_dtype is not torch.bfloat16:
+        half = peak(1, contraction_dtype=torch.bfloat16)
         verdict = "fits" if half <= max_memory else "does not fit either"
         parts.append(f"- a bfloat16 contraction: scorer=cd.scorers.EAP(contraction_dtype=torch.bfloat16) "
                      f"halves the source buffer: about {half / GIB:.1f} GiB at batch 1 ({verdict}; it combines "
                      "with positions_per_pass);")
-    if not checkpoint_blocks:
-        checkpointed = peak(1, seq_len, graph, contraction=contraction_dtype, checkpointed=True)
+    if not options.fused_attention and not shape.attention_softcap:
+        fused = peak(1, fused_attention=True)
+        verdict = "fits" if fused <= max_memory else "does not fit either"
+        parts.append(f"- fused attention: scorer=cd.scorers.get({method!r}, fused_attention=True) keeps no "
+                     f"pos x pos attention pattern: about {fused / GIB:.1f} GiB at batch 1 ({verdict}; no extra cost; "
+                     "it combines with the options above);")
+    if not options.checkpoint_blocks:
+        checkpointed = peak(1, checkpoint_blocks=True)
         verdict = "fits" if checkpointed <= max_memory else "does not fit either"
         parts.append(f"- checkpointed blocks: scorer=cd.scorers.get({method!r}, checkpoint_blocks=True) keeps one "
                      f"block's activations, not every block's: about {checkpointed / GIB:.1f} GiB at batch 1 "

@@ -112,6 +112,58 @@ class Bridge:
                 else:
                     object.__setattr__(block, "forward", forward)
 
+    @contextlib.contextmanager
+    def fused_attention(self) -> Iterator[None]:
+        """Attention through torch's ``scaled_dot_product_attention`` while the ``with`` block runs.
+
+        TransformerLens's bridge computes attention eagerly so that ``hook_attn_scores`` and
+        ``hook_pattern`` fire: it keeps the scores, their masked copy, a float32 softmax and
+        the pattern, ``[batch, heads, pos, pos]`` each, for the backward pass. The engine reads
+        none of them (its hooks are the projections' inputs and outputs and the attention
+        output), so here every layer runs the fused kernel instead, which keeps
+        ``O(pos)`` memory on GPUs and CPUs alike. The model computes its masks for it
+        (Hugging Face's ``"sdpa"`` implementation: no mask for an unpadded causal batch).
+        Layers with separate projections run Hugging Face's own attention ``forward``; the
+        fused-qkv families (GPT-2, GPT-NeoX, Phi-3) keep the bridge's projections and
+        rotation and replace only its score-softmax-value core. Same outputs up to float32
+        rounding (the bridge's softmax is float32 even in float64 models; the fused one is
+        not). ``hook_attn_scores`` and ``hook_pattern`` do not fire. Refused for soft-capped
+        attention scores (Gemma 2), which the fused kernel does not compute.
+        """
+        from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import JointQKVAttentionBridge
+        from transformer_lens.model_bridge.generalized_components.joint_qkv_position_embeddings_attention import (
+            JointQKVPositionEmbeddingsAttentionBridge)
+
+        attentions = [block.attn for block in self.model.blocks]
+        for attn in attentions:
+            if getattr(attn.original_component, "attn_logit_softcapping", None) is not None:
+                unfused = "soft-caps its scores"
+            elif getattr(attn, "_reorder_and_upcast_attn", False):
+                unfused = "computes its scores in float32 (reorder_and_upcast_attn)"
+            else:
+                continue
+            raise UnsupportedModelError(f"fused_attention: {self.spec.architecture}'s attention {unfused}, which torch's "
+                                        "scaled_dot_product_attention does not do; run without fused_attention.")
+        hf_model = self.model.original_model
+        before = hf_model.config._attn_implementation
+        seams = [("_reconstruct_attention", _fused_core(attn, rotary=isinstance(
+                      attn, JointQKVPositionEmbeddingsAttentionBridge)))
+                 if isinstance(attn, JointQKVAttentionBridge)
+                 else ("forward", _fused_forward(attn)) for attn in attentions]
+        kept = [vars(attn).get(name) for attn, (name, _) in zip(attentions, seams, strict=True)]  # put back after
+        hf_model.set_attn_implementation("sdpa")
+        for attn, (name, replacement) in zip(attentions, seams, strict=True):
+            object.__setattr__(attn, name, replacement)  # an instance attribute shadows the method
+        try:
+            yield
+        finally:
+            hf_model.set_attn_implementation(before)
+            for attn, (name, _), previous in zip(attentions, seams, kept, strict=True):
+                if previous is None:
+                    object.__delattr__(attn, name)
+                else:
+                    object.__setattr__(attn, name, previous)
+
     def _checkpointed(self, forward: Any) -> Any:
         def checkpointed(*args: Any, **kwargs: Any) -> Any:
             # A key/value cache would be written a second time by the rerun: off, as
@@ -176,6 +228,47 @@ class Bridge:
         block = self.model.blocks[layer]
         return (block.ln2 if self.pre_norm else block.mlp).hook_in.name
 
+
+
+def _fused_forward(attn: Any) -> Any:
+    """``attn``'s forward as Hugging Face's own attention module runs it (the model's implementation)."""
+    hf_attn = attn.original_component
+
+    def forward(*args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+        if "hidden_states" in kwargs:
+            hidden = kwargs.pop("hidden_states")
+        else:
+            hidden, *args = args
+        # The projections (and QK norms) are the bridge's own components: their hooks fire.
+        output, _ = hf_attn.forward(attn.hook_in(hidden), *args, **kwargs)  # accelerate's wrapper, if any
+        return attn.hook_out(output), None
+
+    return forward
+
+
+def _fused_core(attn: Any, rotary: bool) -> Any:
+    """A fused-qkv bridge's ``_reconstruct_attention`` (q, k, v already projected) with the fused kernel."""
+    def reconstruct(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> tuple[Tensor, None]:
+        n_heads = attn.config.n_heads
+        n_kv_heads = getattr(attn.config, "n_key_value_heads", None) or n_heads
+        q, k, v, batch, pos, d_head = attn._reshape_qkv_to_heads(q, k, v, n_heads, n_kv_heads)
+        if rotary:
+            position_embeddings = kwargs.get("position_embeddings")
+            if isinstance(position_embeddings, tuple):
+                q, k = attn._apply_rotary_pos_emb(q, k, *attn._apply_position_embedding_hooks(position_embeddings))
+        k, v = attn._update_kv_cache(k, v, **kwargs)
+        mask = kwargs.get("attention_mask")  # the model's "sdpa" mask: None for an unpadded causal batch
+        if n_kv_heads != n_heads and mask is not None:  # as Hugging Face's sdpa: kernels take GQA without a mask
+            k, v = (x.repeat_interleave(n_heads // n_kv_heads, dim=1) for x in (k, v))
+        scale = d_head ** -0.5
+        if getattr(attn.config, "scale_attn_by_inverse_layer_idx", False) and attn._layer_idx is not None:
+            scale /= float(attn._layer_idx + 1)
+        z = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                             is_causal=mask is None and pos > 1,
+                                                             enable_gqa=n_kv_heads != n_heads)
+        return attn._apply_output_projection(z.transpose(1, 2).reshape(batch, pos, n_heads * d_head)), None
+
+    return reconstruct
 
 
 _CACHE_ARGUMENTS = ("use_cache", "cache", "layer_past", "past_key_values", "past_key_value")

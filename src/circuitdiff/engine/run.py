@@ -132,6 +132,11 @@ class AttributionRun:
         """The model with ``hooks`` attached for the block; they are removed after, also on errors."""
         return self.model.hooks(fwd_hooks=hooks)
 
+    def attention(self, fused: bool) -> contextlib.AbstractContextManager[Any]:
+        """The model's attention through the fused kernel for the block (``fused``), else as it is
+        (:meth:`~circuitdiff.engine.bridge.Bridge.fused_attention`)."""
+        return self.bridge.fused_attention() if fused else contextlib.nullcontext()
+
     def backward_pass(self, batch: Batch, batch_index: int, hooks: HookList, *, checkpoint_blocks: bool = False,
                       clean_logits: Tensor | None = None) -> Float[Tensor, "batch"]:
         """One forward and backward of ``batch`` with ``hooks`` attached; returns the (detached) losses.

@@ -76,22 +76,30 @@ class EAP:
             and rerun the blocks' forwards there, one block at a time: the model's saved
             activations shrink from every block's to one block's (plus each block's
             input), for one more forward pass of the blocks. Same scores.
+        fused_attention: run attention through torch's fused ``scaled_dot_product_attention``
+            instead of the bridge's eager attention, which keeps ``[batch, heads, pos, pos]``
+            scores and pattern for the backward pass; the engine needs neither
+            (:meth:`~circuitdiff.engine.bridge.Bridge.fused_attention`). Same scores up to
+            float32 rounding; refused for soft-capped attention (Gemma 2).
     """
 
     positions_per_pass: int | None = None
     contraction_dtype: torch.dtype | None = None
     checkpoint_blocks: bool = False
     positions_per_chunk: int | None = None
+    fused_attention: bool = False
 
     name: ClassVar[str] = "eap"
     #: Options that change memory and speed, not the scores (beyond float32 summation order): a run
     #: resumed with another window size reuses its shards (see :mod:`circuitdiff.identity`).
-    not_in_identity: ClassVar[tuple[str, ...]] = ("positions_per_pass", "checkpoint_blocks", "positions_per_chunk")
+    not_in_identity: ClassVar[tuple[str, ...]] = ("positions_per_pass", "checkpoint_blocks", "positions_per_chunk",
+                                                  "fused_attention")
 
     def __post_init__(self) -> None:
         positive_int("eap", "positions_per_pass", self.positions_per_pass, allow_none=True)
         positive_int("eap", "positions_per_chunk", self.positions_per_chunk, allow_none=True)
         boolean("eap", "checkpoint_blocks", self.checkpoint_blocks)
+        boolean("eap", "fused_attention", self.fused_attention)
         if self.contraction_dtype is not None and not is_contraction_dtype(self.contraction_dtype):
             raise ArgumentError(
                 f"eap: contraction_dtype must be None (the accumulation dtype), torch.float32, torch.float64 or one "
@@ -103,10 +111,12 @@ class EAP:
         width = batch.input_ids.shape[1]
         step = self.positions_per_pass or width
         scores = run.new_scores(batch)
-        losses = self._add_window(run, batch, batch_index, Window.over(slice(0, step), self.contraction_dtype), scores)
-        for start in range(step, width, step):  # every window computes the same clean losses
-            self._add_window(run, batch, batch_index, Window.over(slice(start, start + step), self.contraction_dtype),
-                             scores)
+        with run.attention(fused=self.fused_attention):
+            losses = self._add_window(run, batch, batch_index, Window.over(slice(0, step), self.contraction_dtype),
+                                      scores)
+            for start in range(step, width, step):  # every window computes the same clean losses
+                self._add_window(run, batch, batch_index,
+                                 Window.over(slice(start, start + step), self.contraction_dtype), scores)
         return scores, losses
 
     def _add_window(self, run: "AttributionRun", batch: Batch, batch_index: int, window: Window,

@@ -66,15 +66,17 @@ class _IntegratedGradients:
     points: str = "right"
     checkpoint_blocks: bool = False
     positions_per_chunk: int | None = None
+    fused_attention: bool = False
 
     name: ClassVar[str] = ""
     #: Options that change memory and speed, not the scores (see :mod:`circuitdiff.identity`).
-    not_in_identity: ClassVar[tuple[str, ...]] = ("checkpoint_blocks", "positions_per_chunk")
+    not_in_identity: ClassVar[tuple[str, ...]] = ("checkpoint_blocks", "positions_per_chunk", "fused_attention")
 
     def __post_init__(self) -> None:
         positive_int(self.name, "steps", self.steps)
         positive_int(self.name, "positions_per_chunk", self.positions_per_chunk, allow_none=True)
         boolean(self.name, "checkpoint_blocks", self.checkpoint_blocks)
+        boolean(self.name, "fused_attention", self.fused_attention)
         if self.points not in POINTS:
             raise ArgumentError(f"{self.name}: points must be one of {POINTS} (where along the path the gradient is "
                              f"taken); got {self.points!r}.")
@@ -96,6 +98,10 @@ class _IntegratedGradients:
                           "integrated gradients miss those jumps, so the scores need not add up to the ablation "
                           "effect however many steps; use scorer='exact' as the reference (docs/support.md).",
                           stacklevel=2)
+        with run.attention(fused=self.fused_attention):
+            return self._integrate(run, batch, batch_index)
+
+    def _integrate(self, run: "AttributionRun", batch: Batch, batch_index: int) -> ScoresAndLosses:
         window = Window()
         delta, clean_logits = run.clean_pass(batch, record=True)
         clean_losses = run.loss(clean_logits, batch, batch_index)
@@ -133,6 +139,8 @@ class EAPIGInputs(_IntegratedGradients):
             hannamw/EAP-IG's rule for this scorer).
         checkpoint_blocks: keep only each block's input for the backward passes and rerun
             the blocks there (as ``EAP(checkpoint_blocks=True)``); same scores.
+        fused_attention: attention through torch's fused kernel, without the bridge's
+            ``[batch, heads, pos, pos]`` pattern (as ``EAP(fused_attention=True)``).
         positions_per_chunk: as ``EAP(positions_per_chunk=...)``.
     """
 
@@ -151,6 +159,7 @@ class EAPIGActivations(_IntegratedGradients):
         steps: interpolation points per block (default 5); ``steps=1`` is EAP.
         points: ``"right"`` (default) or ``"left"``, as for :class:`EAPIGInputs`.
         checkpoint_blocks: as for :class:`EAPIGInputs`.
+        fused_attention: as for :class:`EAPIGInputs`.
         positions_per_chunk: as for :class:`EAPIGInputs`.
     """
 
