@@ -12,9 +12,10 @@ Prints, measured side by side in one run (medians of interleaved repeats):
   many-batch call costs, without the call's fixed costs (the run's binding and, above
   all, the fingerprint of the weights that binds the result to them, recomputed in
   every call; see ``benchmarks/fingerprint_cost.py``);
-- with fused attention (``EAP(fused_attention=True)``, modes ``<level>:<intervention>:batch:fused``)
-  against the plain pass with the same fused attention (mode ``plain:fused``) and against
-  the plain pass as the bridge runs it (eager attention);
+- EAP runs the scorers' default attention, torch's fused kernel where the model allows it
+  (``fused_attention=None``), so its ratios are against a plain pass with the same fused
+  attention (mode ``plain:fused``), and after a slash against the plain pass as the bridge
+  runs it (eager attention, mode ``plain``);
 - peak memory of PyTorch tensors allocated by each pass (profiler allocation events
   on CPU, ``max_memory_allocated`` on CUDA), next to the goal "plain peak + source
   buffer + one layer's transients".
@@ -134,8 +135,7 @@ class Runner:
         levels = [level for level in ("head", "layer") if f"{level}:zero" in self.modes]
         self.graphs = {level: cd.AttributionGraph.from_model(self.model, level=level) for level in levels}
         self.runs: dict[tuple[str, str], object] = {}
-        self.eap = {fused: cd.scorers.get("eap", fused_attention=fused) if fused else cd.scorers.get("eap")
-                    for fused in (False, True)}
+        self.eap = cd.scorers.get("eap")
 
     def plain(self, fused: bool = False) -> None:
         from circuitdiff.engine.bridge import Bridge
@@ -150,14 +150,14 @@ class Runner:
         with torch.no_grad():
             self.model(self.batch.input_ids)
 
-    def score_batch(self, level: str, intervention: str, fused: bool = False) -> None:
+    def score_batch(self, level: str, intervention: str) -> None:
         """One batch through a run bound once (the engine's per-batch cost)."""
         key = (level, intervention)
         if key not in self.runs:
             self.runs[key] = self.graphs[level].bind(self.model, objective=self.objective, intervention=intervention,
                                                      progress=False)
         with self.runs[key] as run:
-            self.eap[fused].score_batch(run, self.batch, 0)
+            self.eap.score_batch(run, self.batch, 0)
 
     def attribute(self, level: str, intervention: str, contraction_dtype: torch.dtype | None = None) -> None:
         eap = cd.scorers.get("eap", contraction_dtype=contraction_dtype)
@@ -181,8 +181,7 @@ def modes(checkpoint: Path) -> list[str]:
     fused = config.get("attn_logit_softcapping") is None  # the fused kernel does not soft-cap (Gemma 2)
     return (["plain", "forward"] + ["plain:fused"] * fused
             + [f"{level}:{iv}" for level in levels
-               for iv in ("zero", "patching", "zero:bfloat16", "zero:batch", "patching:batch")
-               + ("zero:batch:fused", "patching:batch:fused") * fused])
+               for iv in ("zero", "patching", "zero:bfloat16", "zero:batch", "patching:batch")])
 
 
 def run_mode(runner: Runner, mode: str) -> None:
@@ -191,8 +190,8 @@ def run_mode(runner: Runner, mode: str) -> None:
         runner.plain(fused=True) if option == ["fused"] else getattr(runner, name)()
     else:
         intervention, *option = option
-        if option and option[0] == "batch":
-            runner.score_batch(name, intervention, fused=option[1:] == ["fused"])
+        if option == ["batch"]:
+            runner.score_batch(name, intervention)
         else:
             runner.attribute(name, intervention, getattr(torch, option[0]) if option else None)
 
@@ -240,22 +239,20 @@ def report(name: str, checkpoint: Path, device: str, dtype: str, repeats: int) -
           f"median of {repeats}")
     print(f"plain forward+backward: {medians['plain'] * 1e3:.1f} ms, peak +{peaks['plain'] / mb:.1f} MB; "
           f"forward alone (no grad): {medians['forward'] / medians['plain']:.2f}x of it")
-    if "plain:fused" in medians:
-        print(f"plain forward+backward with fused attention: {medians['plain:fused'] * 1e3:.1f} ms "
-              f"({medians['plain:fused'] / medians['plain']:.2f}x), peak +{peaks['plain:fused'] / mb:.1f} MB; "
-              "the :fused rows' ratio is against it (and, after the slash, against the plain pass)")
+    plain = "plain:fused" if "plain:fused" in medians else "plain"  # the attention EAP runs
+    if plain != "plain":
+        print(f"plain forward+backward with fused attention, as EAP runs it: {medians[plain] * 1e3:.1f} ms "
+              f"({medians[plain] / medians['plain']:.2f}x), peak +{peaks[plain] / mb:.1f} MB; the ratios are against "
+              "it (after the slash: against the bridge's eager plain pass)")
     print(f"{'attribute() pass':<24}{'ms':>8}{'ratio':>8}{'goal':>7}  {'peak MB':>8}{'goal MB':>9}"
           "  goal = plain + buffer + 2 x one layer's receiver gradients")
     rows = {}
     for level in runner.graphs:
         for intervention, buffer_bytes in (("zero", 4), ("patching", 4), ("zero:bfloat16", 2), ("zero:batch", 4),
-                                           ("patching:batch", 4), ("zero:batch:fused", 4), ("patching:batch:fused", 4)):
+                                           ("patching:batch", 4)):
             mode = f"{level}:{intervention}"
-            if mode not in medians:
-                continue
             goal = GOALS[level, intervention.split(":")[0]]
             buffer, layer = expected_extra(runner.graphs[level], buffer_bytes)
-            plain = "plain:fused" if mode.endswith(":fused") else "plain"
             ratio = medians[mode] / medians[plain]
             memory_goal = peaks[plain] + buffer + 2 * layer
             against_eager = f" / {medians[mode] / medians['plain']:.2f}x" if plain != "plain" else ""
@@ -303,7 +300,7 @@ def compare_with_baseline(ref: str, name: str, checkpoint: Path, device: str, dt
         ready = process.stdout.readline().split()  # type: ignore[union-attr]
         if ready != ["ready", str(src.resolve())]:
             raise RuntimeError(f"the {side} worker did not start with circuitdiff from {src}: {ready}")
-    timed = [mode for mode in modes(checkpoint) if not mode.endswith(":fused")]  # not in older checkouts
+    timed = [mode for mode in modes(checkpoint) if mode != "plain:fused"]  # older checkouts have no fused attention
     times = {(side, mode): [] for side in sides for mode in timed}
     for _ in range(repeats):  # interleaved: drift hits both sides and every mode alike
         for mode in timed:

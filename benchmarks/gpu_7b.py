@@ -16,9 +16,9 @@ measures (1 warm-up, then the median of ``--repeats`` timed passes, each between
 
 - ``eap``: one ``cd.attribute(..., scorer="eap", intervention="zero")`` call
   (per-sample scores kept; ``--positions-per-pass``, ``--contraction-dtype``,
-  ``--checkpoint-blocks``, ``--positions-per-chunk`` and ``--fused-attention`` set the
-  scorer's options (with ``--fused-attention`` the plain pass runs the fused attention
-  too, so the ratio compares like with like), and
+  ``--checkpoint-blocks``, ``--positions-per-chunk`` and ``--[no-]fused-attention`` set the
+  scorer's options (the plain pass runs the same attention as EAP: fused by default, the
+  bridge's eager attention with ``--no-fused-attention``), and
   ``--contraction-dtype float32 bfloat16`` measures both side by side): seconds per
   sample, tokens/s, peak memory, and the memory planner's estimate against that peak
   (``estimate_error``); with ``--profile``, one
@@ -89,6 +89,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import circuitdiff as cd
+from circuitdiff.engine.bridge import Bridge  # noqa: E402
 
 
 # The random-model shapes and builders are the test suite's (tests/tiny_models.py), shared here.
@@ -140,8 +141,6 @@ def make_batch(vocab: int, tokens: int, answer_fraction: float, device: str, see
 def plain_pass(model: Any, batch: cd.Batch, objective: Callable[..., torch.Tensor], fused: bool = False) -> None:
     """Forward+backward without hooks or parameter gradients, from embeddings that require grad
     (``fused``: with the attention the EAP scorer's ``fused_attention`` runs)."""
-    from circuitdiff.engine.bridge import Bridge
-
     with Bridge(model).fused_attention() if fused else contextlib.nullcontext():
         embeddings = model.embed(batch.input_ids).detach().requires_grad_(True)
         logits = model(embeddings)
@@ -356,24 +355,25 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
     graphs = {level: cd.AttributionGraph.from_model(model, level=level) for level in args.levels}
     cells: dict[tuple[str, int, str], dict] = {}
     kept: dict[tuple[str, int, str], torch.Tensor] = {}
+    # the attention EAP runs (its fused_attention, None: fused where the model allows it), for the plain pass too
+    fused = Bridge(model).unfusable_attention() is None if args.fused_attention is None else args.fused_attention
 
     for tokens in args.seq:
         batch = make_batch(shape.vocab, tokens, args.answer_fraction, args.device, batch_size=args.batch)
         key = f"{name}/plain/-/{tokens}"
         plain = "skipped" if args.skip_plain else meter.measure(
-            key, lambda batch=batch: plain_pass(model, batch, objective, args.fused_attention), weight_bytes)
+            key, lambda batch=batch: plain_pass(model, batch, objective, fused), weight_bytes)
         print(f"  {tokens} tokens, plain: {show(plain, meter.oom_details.get(key))}", flush=True)
         plain_profile = None
         if args.profile and isinstance(plain, dict):
-            plain_profile = meter.profile(key, lambda batch=batch: plain_pass(model, batch, objective,
-                                                                              args.fused_attention))
+            plain_profile = meter.profile(key, lambda batch=batch: plain_pass(model, batch, objective, fused))
             print(f"    profile: {show_profile(plain_profile)}", flush=True)
         for level in args.levels:
             for contraction_name in args.contraction_dtype:  # side by side, against the same plain pass
                 contraction = getattr(torch, contraction_name)
                 options = dict(positions_per_pass=args.positions_per_pass, contraction_dtype=contraction,
                                checkpoint_blocks=args.checkpoint_blocks, positions_per_chunk=args.positions_per_chunk,
-                               fused_attention=args.fused_attention)
+                               fused_attention=fused)
                 last: list[cd.EdgeScores] = []
 
                 def eap(graph: cd.AttributionGraph = graphs[level], batch: cd.Batch = batch, last: list = last,
@@ -535,8 +535,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="EAP in position windows of this many tokens (default: one pass)")
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="EAP with checkpoint_blocks=True (one block's activations kept for the backward)")
-    parser.add_argument("--fused-attention", action="store_true",
-                        help="EAP with fused_attention=True (no pos x pos pattern), and the plain pass with it too")
+    parser.add_argument("--fused-attention", action=argparse.BooleanOptionalAction,
+                        help="EAP's fused_attention (default: the scorer's, fused where the model allows it); "
+                             "the plain pass runs the same attention")
     parser.add_argument("--positions-per-chunk", type=int,
                         help="EAP's positions_per_chunk (receiver gradients a chunk of positions at a time)")
     parser.add_argument("--skip-plain", action="store_true",

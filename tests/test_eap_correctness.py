@@ -92,15 +92,16 @@ def eap_scores(model, level: str, intervention: str = "zero", batches=None, **op
                         intervention=intervention, reference_batches=refs, progress=False)
 
 
-#: Fused attention (``EAP(fused_attention=True)``) on its two code paths: Hugging Face's own attention
-#: forward (llama, olmo3 with sliding windows) and a fused-qkv bridge's replaced core (phi3 with GQA, gpt2).
-FUSED = [pytest.param(a, i, tm.finest_level(a), True, marks=() if a == "llama" else pytest.mark.slow)
+#: The bridge's eager attention (``fused_attention=False``) beside the default (fused where the model allows
+#: it, every family but Gemma 2): ids ``[family-intervention-level-eager]``; the support table reads the others.
+EAGER = [pytest.param(a, i, tm.finest_level(a), False, marks=() if a == "llama" else pytest.mark.slow,
+                      id=f"{a}-{i}-{tm.finest_level(a)}-eager")
          for a in ("llama", "phi3", "gpt2", "olmo3") for i in ("zero", "patching")]
 
 
 @pytest.mark.parametrize("arch, intervention, level, fused", [  # -m "not slow": llama only
-    pytest.param(a, i, level, False, marks=() if a == "llama" else pytest.mark.slow)
-    for a in ARCHS for i in ("zero", "patching", "mean", "mean-positional") for level in tm.levels(a)] + FUSED)
+    pytest.param(a, i, level, None, marks=() if a == "llama" else pytest.mark.slow, id=f"{a}-{i}-{level}")
+    for a in ARCHS for i in ("zero", "patching", "mean", "mean-positional") for level in tm.levels(a)] + EAGER)
 def test_eap_equals_directional_derivative(get_model, get_reference, arch, intervention, level, fused):
     """score(u -> v) = d/de objective(input of v += e * (replacement(u) - a_u)) at e = 0."""
     model, reference = get_model(arch, "float64"), get_reference(arch)
@@ -177,9 +178,10 @@ def _layer_name(name: str) -> str:
 
 
 @pytest.mark.parametrize("intervention", ["zero", "patching"])
-@pytest.mark.parametrize("arch, fused", [("llama", False), ("llama", True), pytest.param("phi3", True, marks=pytest.mark.slow),
-                                         *(pytest.param(a, False, marks=pytest.mark.slow)
-                                           for a in ARCHS if a != "llama" and a not in tm.LAYER_LEVEL_ONLY)])
+@pytest.mark.parametrize("arch, fused", [
+    pytest.param("llama", None, id="llama"), pytest.param("llama", False, id="llama-eager"),
+    pytest.param("phi3", False, marks=pytest.mark.slow, id="phi3-eager"),
+    *(pytest.param(a, None, marks=pytest.mark.slow, id=a) for a in ARCHS if a != "llama" and a not in tm.LAYER_LEVEL_ONLY)])
 def test_layer_level_is_sum_of_head_level(get_model, arch, fused, intervention):
     model = get_model(arch)
     batches = make_data(model, corrupted=intervention == "patching")

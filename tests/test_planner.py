@@ -40,7 +40,9 @@ SHAPES_7B = {
 @pytest.mark.parametrize("key", sorted(H200_PEAKS))
 def test_7b_estimates_match_h200_measurements(key):
     name, level, tokens = key
-    est = estimate_memory(SHAPES_7B[name], level, batch_size=1, seq_len=tokens, loss_positions=tokens // 4)
+    # measured before fused attention was the default: the bridge's eager attention
+    est = estimate_memory(SHAPES_7B[name], level, batch_size=1, seq_len=tokens, loss_positions=tokens // 4,
+                          fused_attention=False)
     eap, plain = H200_PEAKS[key]
     assert est.weights == H200_WEIGHT_BYTES[name]
     assert abs(est.total / eap - 1) < 0.20, (est.total / GIB, eap / GIB)
@@ -70,16 +72,21 @@ def test_weight_bytes_from_config_match_the_model(arch):
     assert shape.parameter_bytes() == sum(p.numel() * 4 for p in model.parameters())
 
 
-def test_estimate_linear_in_batch_and_superlinear_in_seq():
+def test_estimate_linear_in_batch_and_in_seq_with_fused_attention_only():
     shape = SHAPES_7B["deepseek-math-7b"]
     one, two, three = (estimate_memory(shape, "head", batch_size=b, seq_len=512) for b in (1, 2, 3))
     assert two.total - one.total == three.total - two.total > 0  # linear in the batch size
     assert one.source_buffer * 2 == two.source_buffer
-    short, long = (estimate_memory(shape, "head", batch_size=1, seq_len=p) for p in (512, 1024))
-    assert long.source_buffer == 2 * short.source_buffer
-    assert long.saved_activations > 2 * short.saved_activations  # pos^2 attention probabilities
-    assert long.total - long.weights > 2 * (short.total - short.weights)
-    assert "peak" in str(one) and "source buffer" in one.to_markdown()
+    for fused in (True, False):
+        short, long = (estimate_memory(shape, "head", batch_size=1, seq_len=p, fused_attention=fused)
+                       for p in (512, 1024))
+        assert long.source_buffer == 2 * short.source_buffer
+        if fused:  # the default: nothing pos^2
+            assert long.saved_activations == 2 * short.saved_activations
+        else:  # the eager pos^2 attention probabilities
+            assert long.saved_activations > 2 * short.saved_activations
+            assert long.total - long.weights > 2 * (short.total - short.weights)
+    assert "peak" in str(one) and "source buffer" in one.to_markdown() and "fused attention" in one.to_markdown()
 
 
 def test_plan_batch_size_picks_largest_fitting_batch():
@@ -95,11 +102,13 @@ def test_plan_batch_size_picks_largest_fitting_batch():
 def test_batch_one_does_not_fit_names_the_alternatives():
     shape = SHAPES_7B["deepseek-math-7b"]
     with pytest.raises(MemoryPlanError) as info:
-        plan_batch_size(shape, "head", seq_len=2048, max_memory=60 * GIB)
+        plan_batch_size(shape, "head", seq_len=2048, max_memory=50 * GIB)
     text = str(info.value)
     assert "batch size 1 does not fit" in text and "layer-level" in text and "fits" in text
     assert "at most" in text and "tokens" in text and "chunking" in text
-    assert isinstance(info.value, cd.DataError)
+    assert isinstance(info.value, cd.DataError) and "fused attention" not in text  # already the default
+    with pytest.raises(MemoryPlanError, match=r"fused attention, the default: .* \(fits;"):  # 55.7 GiB
+        plan_batch_size(shape, "head", seq_len=2048, max_memory=60 * GIB, fused_attention=False)
     with pytest.raises(ValueError, match="max_memory is required"):
         plan_batch_size(_cpu_model("tiny-llama"), "head", seq_len=16)
 

@@ -197,9 +197,10 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-blocks", action="store_true",
                         help="eap / eap-ig: keep one block's activations for the backward, not every block's "
                              "(long sequences; one more forward pass)")
-    parser.add_argument("--fused-attention", action="store_true",
+    parser.add_argument("--fused-attention", action=argparse.BooleanOptionalAction,
                         help="eap / eap-ig: attention through torch's fused kernel, without the pos x pos pattern "
-                             "(long sequences; not for Gemma 2's soft-capped attention)")
+                             "(default: wherever the model allows it, all but Gemma 2; --no-fused-attention: the "
+                             "bridge's eager attention)")
     parser.add_argument("--positions-per-chunk", type=int, metavar="C",
                         help="eap / eap-ig: form the receivers' gradients C positions at a time in the one backward "
                              "(long sequences; all at once)")

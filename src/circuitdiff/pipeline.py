@@ -94,7 +94,7 @@ class PipelineConfig:
     contraction_dtype: str | None = None  # "bfloat16": the eap scorer's bfloat16 contraction (memory)
     checkpoint_blocks: bool = False  # eap / eap-ig: one block's activations kept for the backward (memory)
     positions_per_chunk: int | None = None  # eap / eap-ig: receiver gradients a chunk of positions at a time (memory)
-    fused_attention: bool = False  # eap / eap-ig: fused attention kernel, no pos x pos pattern (memory, speed)
+    fused_attention: bool | None = None  # eap / eap-ig: fused attention kernel (None: where the model allows it)
     intervention: str = "zero"
     batch_size: int = 8
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -157,7 +157,8 @@ class PipelineConfig:
         if (self.positions_per_pass is not None or self.contraction_dtype is not None) and self.scorer != "eap":
             raise DataError(f"positions_per_pass and contraction_dtype are options of the eap scorer; got "
                             f"scorer={self.scorer!r}. Use scorer='eap' or leave them unset.")
-        memory_options = self.checkpoint_blocks or self.fused_attention or self.positions_per_chunk is not None
+        memory_options = (self.checkpoint_blocks or self.fused_attention is not None
+                          or self.positions_per_chunk is not None)
         if memory_options and self.scorer not in ("eap", "eap-ig-inputs", "eap-ig-activations"):
             raise DataError(f"checkpoint_blocks, fused_attention and positions_per_chunk are options of the eap and "
                             f"eap-ig scorers; got scorer={self.scorer!r}. Leave them unset.")
@@ -187,7 +188,7 @@ class PipelineConfig:
         """The scorer to run: the name ``scorer``, or a scorer object with the memory options that are set."""
         options = {"positions_per_pass": self.positions_per_pass, "positions_per_chunk": self.positions_per_chunk,
                    "contraction_dtype": None if self.contraction_dtype is None else getattr(torch, self.contraction_dtype),
-                   "checkpoint_blocks": self.checkpoint_blocks or None, "fused_attention": self.fused_attention or None}
+                   "checkpoint_blocks": self.checkpoint_blocks or None, "fused_attention": self.fused_attention}
         options = {k: v for k, v in options.items() if v is not None}
         return scorers.get(self.scorer, **options) if options else self.scorer
 

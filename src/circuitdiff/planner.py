@@ -9,11 +9,12 @@ Every number is derived from what the code allocates, per part:
   token, counted with ``torch.autograd.graph.saved_tensors_hooks`` on the bridges of the
   supported architectures: the norm inputs (float32 for RMSNorm, which upcasts; model
   dtype for LayerNorm; one shared input for parallel blocks; pre- and post-norms; the
-  QK-norms' q and k), q, k and v after rotary
-  with k/v repeated to every query head (3 x heads x d_head), the attention
-  probabilities of the bridge's eager attention (float32 softmax output plus its copy in
-  the model dtype: heads x pos per token, i.e. pos^2 per head; Gemma 2's soft-capping
-  adds the tanh of the scores, and of the logits), and the MLP's hidden
+  QK-norms' q and k); with fused attention (the scorers' default where the model
+  allows it) q, k and v (k and v per key/value head), the kernel's output and its float32
+  log-sum-exp; with the bridge's eager attention q, k and v after rotary with k/v repeated
+  to every query head (3 x heads x d_head) and the attention probabilities (float32
+  softmax output plus its copy in the model dtype: heads x pos per token, i.e. pos^2 per
+  head; Gemma 2's soft-capping adds the tanh of the scores, and of the logits); and the MLP's hidden
   activations (3 x d_mlp gated, 4 x d_mlp for GPT-2's tanh GELU, 1 x d_mlp for
   GPT-NeoX; mixture-of-experts models: that and the d_model output of each of the
   experts_per_token routed experts, plus the router's float32 logits and softmax). Then the final norm's input and the logits ``[batch, pos, vocab]``.
@@ -26,9 +27,9 @@ Every number is derived from what the code allocates, per part:
   ``[batch, n_sources, n_receivers]`` score buffer.
 - **receiver gradients**: one layer's transients in ``ReceiverGradients.attention_gradients``,
   as :func:`circuitdiff.engine.receivers.transient_bytes` lists them next to that code.
-- **backward transients** of the plain model: the attention backward's pos^2 tensors of
-  one layer (gradients of probabilities and scores) or the logits' gradient, whichever
-  is larger; EAP's receiver gradients replace them when larger (they do not coincide).
+- **backward transients** of the plain model: the attention backward's tensors of one
+  layer (eager: the pos^2 gradients of probabilities and scores; fused: float32 q, k, v
+  gradients) or the logits' gradient, whichever is larger; EAP's receiver gradients replace them when larger (they do not coincide).
 
 Peak = weights + saved activations + logits + objective + source buffer + scores +
 max(plain backward transient, receiver gradients) [+ clean logits for EAP-IG].
@@ -49,7 +50,7 @@ from circuitdiff.engine.products import accumulation_dtype
 from circuitdiff.engine.receivers import transient_bytes
 from circuitdiff.engine.run import scores_shape
 from circuitdiff.engine.sources import delta_shape
-from circuitdiff.errors import ArgumentError, DataError, MemoryPlanError, UnknownNameError
+from circuitdiff.errors import ArgumentError, DataError, MemoryPlanError, UnknownNameError, UnsupportedModelError
 from circuitdiff.graph import AttributionGraph
 from circuitdiff.report import markdown_table
 from circuitdiff.scorers.base import renamed_method
@@ -164,7 +165,7 @@ def estimate_memory(
     method: str | None = None,
     checkpoint_blocks: bool = False,
     positions_per_chunk: int | None = None,
-    fused_attention: bool = False,
+    fused_attention: bool | None = None,
 ) -> MemoryEstimate:
     """Estimated peak memory (bytes) of one ``cd.attribute`` batch.
 
@@ -189,9 +190,11 @@ def estimate_memory(
             being rerun, instead of every block's.
         positions_per_chunk: the scorer's ``positions_per_chunk``: the receivers' per-layer
             transients cover that many positions instead of the window's.
-        fused_attention: the scorer's ``fused_attention``: each layer keeps the fused
-            kernel's output and log-sum-exp (``heads x (d_head + 1)`` per token) instead of the
-            eager ``heads x pos`` probabilities per token, and its backward no ``pos^2`` transient.
+        fused_attention: the scorer's ``fused_attention`` (default None: fused unless the
+            model soft-caps its attention scores, as the scorers decide): each layer keeps the
+            fused kernel's output and log-sum-exp (``heads x (d_head + 1)`` per token) instead
+            of the eager ``heads x pos`` probabilities per token, and its backward no
+            ``pos^2`` transient.
 
     Returns:
         :class:`MemoryEstimate` (``.total`` is the peak, weights included; ``.plain`` the
@@ -205,6 +208,11 @@ def estimate_memory(
         raise DataError(f"batch_size and seq_len must be positive; got {batch_size} and {seq_len}.")
     s = _shape_of(model_or_spec, dtype)
     graph = _graph_of(s, graph_or_level)
+    if options.fused_attention and s.attention_softcap:  # no plan for a run that would be refused
+        raise UnsupportedModelError(f"fused_attention=True: {s.architecture} soft-caps its attention scores, which "
+                                    "the fused kernel does not compute; use fused_attention=False or None.")
+    options = replace(options, fused_attention=not s.attention_softcap if options.fused_attention is None
+                      else options.fused_attention)
     b, p, d, e = batch_size, seq_len, s.d_model, s.element_size
     acc = accumulation_dtype(s.dtype).itemsize  # float32, or float64 for float64 models
     c = acc if contraction_dtype is None else contraction_dtype.itemsize  # delta and the contraction's inputs
@@ -286,7 +294,7 @@ def plan_batch_size(
     method: str | None = None,
     checkpoint_blocks: bool = False,
     positions_per_chunk: int | None = None,
-    fused_attention: bool = False,
+    fused_attention: bool | None = None,
 ) -> int:
     """The largest batch size whose estimated peak fits ``max_memory`` bytes.
 
@@ -346,15 +354,13 @@ def plan_scorer(
 
     Options are added in order of cost, each only when what came before does not fit:
 
-    1. none (the plain settings);
-    2. ``fused_attention=True`` (no ``pos x pos`` attention pattern; no extra cost), except
-       for soft-capped attention (Gemma 2), which it refuses; then in every later step;
-    3. ``positions_per_chunk``: the largest chunk that fits (no extra pass);
-    4. ``checkpoint_blocks=True`` (one more forward pass of the blocks), with the largest
+    1. none (the default settings, fused attention included where the model allows it);
+    2. ``positions_per_chunk``: the largest chunk that fits (no extra pass);
+    3. ``checkpoint_blocks=True`` (one more forward pass of the blocks), with the largest
        chunk that then fits, or none;
-    5. ``eap`` on a bfloat16 model: ``contraction_dtype=torch.bfloat16`` (the source buffer
+    4. ``eap`` on a bfloat16 model: ``contraction_dtype=torch.bfloat16`` (the source buffer
        halved; scores summed in float32);
-    6. ``eap``: ``positions_per_pass``, the largest window that fits (one pass per window).
+    5. ``eap``: ``positions_per_pass``, the largest window that fits (one pass per window).
 
     Args:
         model: as for :func:`estimate_memory` (a bridge, a :class:`ModelShape` or a config).
@@ -394,12 +400,9 @@ def plan_scorer(
         chunk = _largest_fitting(width, lambda c: fits(**options, positions_per_chunk=c))
         return {**options, "positions_per_chunk": chunk} if chunk else None
 
-    if fits():
-        return scorers.get(scorer)
-    fused: dict[str, Any] = {} if shape.attention_softcap else {"fused_attention": True}
-    steps: list[dict[str, Any]] = [fused, {**fused, "checkpoint_blocks": True}]
+    steps: list[dict[str, Any]] = [{}, {"checkpoint_blocks": True}]
     if scorer == "eap" and shape.dtype == torch.bfloat16:
-        steps.append({**steps[-1], "contraction_dtype": torch.bfloat16})
+        steps.append({"checkpoint_blocks": True, "contraction_dtype": torch.bfloat16})
     for options in steps:
         found = with_chunks(**options)
         if found is not None:
@@ -443,7 +446,7 @@ class _Options:
     contraction_dtype: torch.dtype | None = None
     checkpoint_blocks: bool = False
     positions_per_chunk: int | None = None
-    fused_attention: bool = False
+    fused_attention: bool | None = None
 
 
 def _scorer_options(scorer: Any, method: str | None, options: _Options) -> tuple[str, _Options]:
@@ -497,12 +500,12 @@ def _does_not_fit(shape: ModelShape, graph: AttributionGraph, seq_len: int, max_
         parts.append(f"- a bfloat16 contraction: scorer=cd.scorers.EAP(contraction_dtype=torch.bfloat16) "
                      f"halves the source buffer: about {half / GIB:.1f} GiB at batch 1 ({verdict}; it combines "
                      "with positions_per_pass);")
-    if not options.fused_attention and not shape.attention_softcap:
-        fused = peak(1, fused_attention=True)
+    if options.fused_attention is False and not shape.attention_softcap:
+        fused = peak(1, fused_attention=None)
         verdict = "fits" if fused <= max_memory else "does not fit either"
-        parts.append(f"- fused attention: scorer=cd.scorers.get({method!r}, fused_attention=True) keeps no "
-                     f"pos x pos attention pattern: about {fused / GIB:.1f} GiB at batch 1 ({verdict}; no extra cost; "
-                     "it combines with the options above);")
+        parts.append(f"- fused attention, the default: scorer=cd.scorers.get({method!r}) without fused_attention=False "
+                     f"keeps no pos x pos attention pattern: about {fused / GIB:.1f} GiB at batch 1 ({verdict}; no "
+                     "extra cost; it combines with the options above);")
     if not options.checkpoint_blocks:
         checkpointed = peak(1, checkpoint_blocks=True)
         verdict = "fits" if checkpointed <= max_memory else "does not fit either"

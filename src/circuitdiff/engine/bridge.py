@@ -134,16 +134,11 @@ class Bridge:
         from transformer_lens.model_bridge.generalized_components.joint_qkv_position_embeddings_attention import (
             JointQKVPositionEmbeddingsAttentionBridge)
 
+        unfusable = self.unfusable_attention()
+        if unfusable is not None:
+            raise UnsupportedModelError(f"fused_attention: {self.spec.architecture}'s attention {unfusable}; use "
+                                        "fused_attention=False (or None, which fuses only where nothing is skipped).")
         attentions = [block.attn for block in self.model.blocks]
-        for attn in attentions:
-            if getattr(attn.original_component, "attn_logit_softcapping", None) is not None:
-                unfused = "soft-caps its scores"
-            elif getattr(attn, "_reorder_and_upcast_attn", False):
-                unfused = "computes its scores in float32 (reorder_and_upcast_attn)"
-            else:
-                continue
-            raise UnsupportedModelError(f"fused_attention: {self.spec.architecture}'s attention {unfused}, which torch's "
-                                        "scaled_dot_product_attention does not do; run without fused_attention.")
         hf_model = self.model.original_model
         before = hf_model.config._attn_implementation
         seams = [("_reconstruct_attention", _fused_core(attn, rotary=isinstance(
@@ -163,6 +158,30 @@ class Bridge:
                     object.__delattr__(attn, name)
                 else:
                     object.__setattr__(attn, name, previous)
+
+    def unfusable_attention(self) -> str | None:
+        """What in the model's attention the fused path would not run, or None if it runs all of it.
+
+        The kernel computes no soft-capped scores (Gemma 2) and no float32 scores of a
+        bfloat16 model (GPT-2's ``reorder_and_upcast_attn``); and the hook points between the
+        projections and the attention output (``hook_attn_scores``, ``hook_pattern``, the
+        rotary ones...) do not fire, so hooks someone attached there would be skipped.
+        circuitdiff's own rotary casts (:func:`rotate_in_model_dtype`) are not counted:
+        Hugging Face's attention casts by itself.
+        """
+        for block in self.model.blocks:
+            attn = block.attn
+            if getattr(attn.original_component, "attn_logit_softcapping", None) is not None:
+                return "soft-caps its scores, which the fused kernel does not compute"
+            if getattr(attn, "_reorder_and_upcast_attn", False):
+                return "computes its scores in float32 (reorder_and_upcast_attn), which the fused kernel does not"
+            own = {attn.hook_rot_q, attn.hook_rot_k} if getattr(self.model, "_circuitdiff_rotary_cast", False) else set()
+            for name, point in attn.named_children():
+                if name in ("hook_in", "hook_out") or not name.startswith("hook_"):
+                    continue
+                if len(point._forward_hooks) > (point in own):
+                    return f"has hooks on {point.name}, which the fused path skips"
+        return None
 
     def _checkpointed(self, forward: Any) -> Any:
         def checkpointed(*args: Any, **kwargs: Any) -> Any:

@@ -132,9 +132,11 @@ class AttributionRun:
         """The model with ``hooks`` attached for the block; they are removed after, also on errors."""
         return self.model.hooks(fwd_hooks=hooks)
 
-    def attention(self, fused: bool) -> contextlib.AbstractContextManager[Any]:
-        """The model's attention through the fused kernel for the block (``fused``), else as it is
-        (:meth:`~circuitdiff.engine.bridge.Bridge.fused_attention`)."""
+    def attention(self, fused: bool | None) -> contextlib.AbstractContextManager[Any]:
+        """The model's attention through the fused kernel for the block (``fused``; None: wherever it
+        computes the model's attention), else as it is (:meth:`~circuitdiff.engine.bridge.Bridge.fused_attention`)."""
+        if fused is None:
+            fused = self.bridge.unfusable_attention() is None
         return self.bridge.fused_attention() if fused else contextlib.nullcontext()
 
     def backward_pass(self, batch: Batch, batch_index: int, hooks: HookList, *, checkpoint_blocks: bool = False,

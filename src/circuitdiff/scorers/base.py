@@ -57,7 +57,8 @@ def positive_int(scorer: str, option: str, value: object, allow_none: bool = Fal
         raise ArgumentError(f"{scorer}: {option} must be a positive integer{extra}; got {value!r}.")
 
 
-def boolean(scorer: str, option: str, value: object) -> None:
-    """Refuse ``value`` unless it is True or False; names the scorer's option."""
-    if not isinstance(value, bool):
-        raise ArgumentError(f"{scorer}: {option} must be True or False; got {value!r}.")
+def boolean(scorer: str, option: str, value: object, allow_none: bool = False) -> None:
+    """Refuse ``value`` unless it is True or False (or None, with ``allow_none``); names the scorer's option."""
+    if not isinstance(value, bool) and not (allow_none and value is None):
+        raise ArgumentError(f"{scorer}: {option} must be True or False{' or None' if allow_none else ''}; "
+                            f"got {value!r}.")

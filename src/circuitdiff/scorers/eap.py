@@ -80,14 +80,17 @@ class EAP:
             instead of the bridge's eager attention, which keeps ``[batch, heads, pos, pos]``
             scores and pattern for the backward pass; the engine needs neither
             (:meth:`~circuitdiff.engine.bridge.Bridge.fused_attention`). Same scores up to
-            float32 rounding; refused for soft-capped attention (Gemma 2).
+            float32 rounding, less memory, and faster. Default None: fused wherever the
+            kernel computes the model's attention (all validated families but Gemma 2, whose
+            soft-capped scores it does not compute); True refuses a model it cannot run;
+            False keeps the bridge's eager attention.
     """
 
     positions_per_pass: int | None = None
     contraction_dtype: torch.dtype | None = None
     checkpoint_blocks: bool = False
     positions_per_chunk: int | None = None
-    fused_attention: bool = False
+    fused_attention: bool | None = None
 
     name: ClassVar[str] = "eap"
     #: Options that change memory and speed, not the scores (beyond float32 summation order): a run
@@ -99,7 +102,7 @@ class EAP:
         positive_int("eap", "positions_per_pass", self.positions_per_pass, allow_none=True)
         positive_int("eap", "positions_per_chunk", self.positions_per_chunk, allow_none=True)
         boolean("eap", "checkpoint_blocks", self.checkpoint_blocks)
-        boolean("eap", "fused_attention", self.fused_attention)
+        boolean("eap", "fused_attention", self.fused_attention, allow_none=True)
         if self.contraction_dtype is not None and not is_contraction_dtype(self.contraction_dtype):
             raise ArgumentError(
                 f"eap: contraction_dtype must be None (the accumulation dtype), torch.float32, torch.float64 or one "

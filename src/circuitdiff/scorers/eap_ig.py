@@ -66,7 +66,7 @@ class _IntegratedGradients:
     points: str = "right"
     checkpoint_blocks: bool = False
     positions_per_chunk: int | None = None
-    fused_attention: bool = False
+    fused_attention: bool | None = None
 
     name: ClassVar[str] = ""
     #: Options that change memory and speed, not the scores (see :mod:`circuitdiff.identity`).
@@ -76,7 +76,7 @@ class _IntegratedGradients:
         positive_int(self.name, "steps", self.steps)
         positive_int(self.name, "positions_per_chunk", self.positions_per_chunk, allow_none=True)
         boolean(self.name, "checkpoint_blocks", self.checkpoint_blocks)
-        boolean(self.name, "fused_attention", self.fused_attention)
+        boolean(self.name, "fused_attention", self.fused_attention, allow_none=True)
         if self.points not in POINTS:
             raise ArgumentError(f"{self.name}: points must be one of {POINTS} (where along the path the gradient is "
                              f"taken); got {self.points!r}.")
@@ -140,7 +140,8 @@ class EAPIGInputs(_IntegratedGradients):
         checkpoint_blocks: keep only each block's input for the backward passes and rerun
             the blocks there (as ``EAP(checkpoint_blocks=True)``); same scores.
         fused_attention: attention through torch's fused kernel, without the bridge's
-            ``[batch, heads, pos, pos]`` pattern (as ``EAP(fused_attention=True)``).
+            ``[batch, heads, pos, pos]`` pattern: as ``EAP(fused_attention=...)`` (default
+            None: wherever the kernel computes the model's attention).
         positions_per_chunk: as ``EAP(positions_per_chunk=...)``.
     """
 
