@@ -31,6 +31,7 @@ new / old.
     python benchmarks/eap_overhead.py                    # both CPU configurations
     python benchmarks/eap_overhead.py --config gpt2-50k --repeats 15
     python benchmarks/eap_overhead.py --baseline eedab3c --repeats 15   # old vs new
+    python benchmarks/eap_overhead.py --config llama-512 --batch 1 --pos 1024 --repeats 5   # a long sequence
 """
 
 from __future__ import annotations
@@ -184,6 +185,11 @@ def modes(checkpoint: Path) -> list[str]:
                for iv in ("zero", "patching", "zero:bfloat16", "zero:batch", "patching:batch")])
 
 
+def compared(timed: list[str]) -> list[str]:
+    """The modes ``--baseline`` times on both sides: older checkouts have no fused attention to run a plain pass with."""
+    return [mode for mode in timed if mode != "plain:fused"]
+
+
 def run_mode(runner: Runner, mode: str) -> None:
     name, *option = mode.split(":")
     if name in ("plain", "forward"):
@@ -268,7 +274,7 @@ def report(name: str, checkpoint: Path, device: str, dtype: str, repeats: int) -
 def worker(checkpoint: Path, device: str, dtype: str) -> None:
     """Load the model once, then time one pass per mode name read from stdin (prints seconds)."""
     runner = Runner(checkpoint, device, getattr(torch, dtype))
-    for mode in runner.modes:  # warm up
+    for mode in compared(runner.modes):  # warm up
         run_mode(runner, mode)
     print("ready", Path(cd.__file__).resolve().parents[1], flush=True)
     for line in sys.stdin:
@@ -294,13 +300,13 @@ def compare_with_baseline(ref: str, name: str, checkpoint: Path, device: str, dt
         env = {**os.environ, "PYTHONPATH": str(src)}
         sides[side] = subprocess.Popen(
             [sys.executable, __file__, "--worker", str(checkpoint), "--device", device, "--dtype", dtype,
-             "--threads", str(torch.get_num_threads())],
+             "--threads", str(torch.get_num_threads()), "--batch", str(BATCH), "--pos", str(POS)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     for (side, process), src in zip(sides.items(), (old_src / "src", root / "src"), strict=True):
         ready = process.stdout.readline().split()  # type: ignore[union-attr]
         if ready != ["ready", str(src.resolve())]:
             raise RuntimeError(f"the {side} worker did not start with circuitdiff from {src}: {ready}")
-    timed = [mode for mode in modes(checkpoint) if mode != "plain:fused"]  # older checkouts have no fused attention
+    timed = compared(modes(checkpoint))
     times = {(side, mode): [] for side in sides for mode in timed}
     for _ in range(repeats):  # interleaved: drift hits both sides and every mode alike
         for mode in timed:
@@ -324,6 +330,7 @@ def compare_with_baseline(ref: str, name: str, checkpoint: Path, device: str, dt
 
 
 def main() -> None:
+    global BATCH, POS, ANSWER
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), action="append")
     parser.add_argument("--repeats", type=int, default=15)
@@ -332,8 +339,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--baseline", metavar="REF", help="compare with circuitdiff at this git commit instead")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"samples per batch ({BATCH})")
+    parser.add_argument("--pos", type=int, default=POS, help=f"tokens per sample ({POS}; the answer is the last 1/8)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: one side of --baseline
     args = parser.parse_args()
+    BATCH, POS, ANSWER = args.batch, args.pos, max(1, args.pos // 8)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:

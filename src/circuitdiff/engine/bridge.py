@@ -127,8 +127,10 @@ class Bridge:
         fused-qkv families (GPT-2, GPT-NeoX, Phi-3) keep the bridge's projections and
         rotation and replace only its score-softmax-value core. Same outputs up to float32
         rounding (the bridge's softmax is float32 even in float64 models; the fused one is
-        not). ``hook_attn_scores`` and ``hook_pattern`` do not fire. Refused for soft-capped
-        attention scores (Gemma 2), which the fused kernel does not compute.
+        not). The hook points between the projections and the attention output
+        (``hook_attn_scores``, ``hook_pattern``, the rotary ones) do not fire. Refused where
+        :meth:`unfusable_attention` names something it would not run (Gemma 2's soft-capped
+        scores, hooks attached at those points).
         """
         from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import JointQKVAttentionBridge
         from transformer_lens.model_bridge.generalized_components.joint_qkv_position_embeddings_attention import (
@@ -284,7 +286,7 @@ def _fused_core(attn: Any, rotary: bool) -> Any:
             scale /= float(attn._layer_idx + 1)
         z = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                              is_causal=mask is None and pos > 1,
-                                                             enable_gqa=n_kv_heads != n_heads)
+                                                             enable_gqa=k.shape[1] != n_heads)
         return attn._apply_output_projection(z.transpose(1, 2).reshape(batch, pos, n_heads * d_head)), None
 
     return reconstruct
