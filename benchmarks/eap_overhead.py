@@ -137,11 +137,12 @@ class Runner:
         self.graphs = {level: cd.AttributionGraph.from_model(self.model, level=level) for level in levels}
         self.runs: dict[tuple[str, str], object] = {}
         self.eap = cd.scorers.get("eap")
+        from circuitdiff.engine.bridge import Bridge  # in the checkout timed (--baseline: the old one)
+
+        self.bridge = Bridge(self.model)
 
     def plain(self, fused: bool = False) -> None:
-        from circuitdiff.engine.bridge import Bridge
-
-        with Bridge(self.model).fused_attention() if fused else contextlib.nullcontext():
+        with self.bridge.fused_attention() if fused else contextlib.nullcontext():
             embeddings = self.model.embed(self.batch.input_ids).detach().requires_grad_(True)
             logits = self.model(embeddings)
             self.objective(logits, self.batch).sum().backward()

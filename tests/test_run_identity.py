@@ -116,7 +116,7 @@ def test_scores_carry_their_identity(get_model, tmp_path):
     scores = run(model, batches, level="head")
     identity = scores.metadata["identity"]
     assert set(identity) == {"fingerprint", "circuitdiff", "model", "graph", "scorer", "intervention", "objective",
-                             "per_sample", "data"}
+                             "per_sample", "data", "attention"}  # "attention": fused, the default
     assert identity["model"]["weights"] == weights_fingerprint(model)
     scores.save(tmp_path / "s.cdiff")
     assert cd.EdgeScores.load(tmp_path / "s.cdiff").metadata["identity"] == identity
@@ -233,6 +233,20 @@ def test_component_options_are_in_the_identity_or_refused(get_model, tmp_path):
         run(model, batches, tmp_path / "a", objective=WeightedNLL(np.ones(3), {"scale": 2.0}))  # dicts too
     with pytest.raises(cd.ArgumentError, match="cannot identify the objective option settings=dict"):
         run(model, batches, tmp_path / "b", objective=WeightedNLL(np.ones(3), {"scale": object()}))
+
+
+def test_fused_and_eager_attention_shards_are_not_mixed(get_model, tmp_path):
+    """In a bfloat16 model the two attentions' scores differ by bfloat16 rounding: the identity says which ran."""
+    model, batches = get_model("llama"), make_batches(2)
+    fused = run(model, batches, tmp_path / "a", method=CountingEAP())  # the default
+    assert fused.metadata["identity"]["attention"] == "fused"
+    with pytest.raises(cd.IdentityMismatchError, match="the attention .* changed"):
+        run(model, batches, tmp_path / "a", method=CountingEAP(fused_attention=False))
+    eager = run(model, batches, tmp_path / "b", method=CountingEAP(fused_attention=False))
+    assert "attention" not in eager.metadata["identity"]
+    resumed = CountingEAP(fused_attention=True)  # True and the default name the same run here
+    assert_same(run(model, batches, tmp_path / "a", method=resumed), fused)
+    assert resumed._scored == []
 
 
 def test_another_position_window_resumes_from_the_same_shards(get_model, tmp_path):

@@ -116,8 +116,9 @@ def attribute(
         reference_batches = None if reference_batches is None else list(reference_batches)
     run = AttributionRun(model, graph, objective=objective, intervention=intervention,
                          reference_batches=reference_batches, progress=progress)
+    fused = run.bridge.fuses_attention(getattr(scorer, "fused_attention", False))  # scorers without it: eager
     settings = run_settings(model, graph, scorer, intervention, objective, reference_batches, per_sample,
-                            stable=checkpoint_dir is not None, spec=run.spec)
+                            stable=checkpoint_dir is not None, spec=run.spec, fused_attention=fused)
     with contextlib.ExitStack() as stack:
         store, prints = None, None
         if checkpoint_dir is not None:

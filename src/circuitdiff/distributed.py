@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from circuitdiff.attribution import attribute as attribute_one, resolve_scorer
 from circuitdiff.engine import interventions as interventions_module
+from circuitdiff.engine.bridge import Bridge
 from circuitdiff.data import Batch
 from circuitdiff.data.batches import check_sample_ids
 from circuitdiff.errors import ArgumentError, DataError, DistributedError
@@ -164,8 +165,10 @@ def attribute(
     check_sample_ids(ids, len(ids), "the batches' sample ids")  # before sharding: each rank sees only its own
     kwargs = dict(attribute_kwargs)
     kwargs["scorer"] = resolve_scorer(kwargs.get("scorer", "eap"), kwargs.pop("method", None))
+    fused = Bridge(model).fuses_attention(getattr(kwargs["scorer"], "fused_attention", False))  # as attribute's
     identity = {**run_settings(model, graph, kwargs["scorer"], attribute_kwargs.get("intervention", "zero"), attribute_kwargs.get("objective"),
-                               attribute_kwargs.get("reference_batches"), attribute_kwargs.get("per_sample", True)),
+                               attribute_kwargs.get("reference_batches"), attribute_kwargs.get("per_sample", True),
+                               fused_attention=fused),
                 "data": fingerprint([batch_fingerprint(b) for b in batches])}
 
     kwargs.setdefault("progress", rank == 0)

@@ -135,7 +135,7 @@ def describe_component(kind: str, obj: Any, stable: bool = False) -> dict[str, A
 
 def run_settings(model: Any, graph: Any, scorer: Any, intervention: Any, objective: Any,
                  reference_batches: Sequence[Any] | None, per_sample: bool, stable: bool = False,
-                 spec: Any = None) -> dict[str, Any]:
+                 spec: Any = None, fused_attention: bool = False) -> dict[str, Any]:
     """The identity of an attribution run, all but its data (see :func:`circuitdiff.attribute`).
 
     ``intervention`` and ``objective`` are what the caller passed (a name or an object;
@@ -145,6 +145,10 @@ def run_settings(model: Any, graph: Any, scorer: Any, intervention: Any, objecti
     The non-finite policy is not part of it: a shard holds the samples it kept and the
     ones it dropped, and ``attribute`` checks those against the policy. ``spec``: the
     model's :class:`~circuitdiff.ModelSpec` when already validated (else it is here).
+    ``fused_attention``: the run's attention is torch's fused kernel, recorded as
+    ``"attention": "fused"`` (in a bfloat16 model its scores differ from the eager
+    attention's by bfloat16 rounding, so shards of the two are not mixed; an eager run adds
+    nothing, so its identity is that of runs from before fused attention existed).
     """
     if not isinstance(objective, str) and not callable(objective):
         raise ArgumentTypeError(f"objective must be a name or a callable, got {type(objective).__name__}.")
@@ -152,7 +156,7 @@ def run_settings(model: Any, graph: Any, scorer: Any, intervention: Any, objecti
     if reference_batches is not None:
         intervention_id["reference_batches"] = fingerprint([batch_fingerprint(b) for b in reference_batches])
     objective_id = describe_component("objective", objective, stable)
-    return {
+    settings = {
         "circuitdiff": library_version(),
         "model": model_identity(model, spec),
         "graph": graph.to_dict(),
@@ -161,6 +165,7 @@ def run_settings(model: Any, graph: Any, scorer: Any, intervention: Any, objecti
         "objective": objective_id,
         "per_sample": per_sample,
     }
+    return {**settings, "attention": "fused"} if fused_attention else settings
 
 
 def _config_fingerprint(model: Any) -> str:
@@ -223,6 +228,7 @@ _LABELS = {
     "objective": "the objective",
     "data": "the data (token ids, labels or sample ids)",
     "per_sample": "per_sample",
+    "attention": "the attention (\"fused\": torch's fused kernel; absent: the bridge's eager attention)",
     "prompt": "the prompt",
     "generation": "the generation settings",
 }

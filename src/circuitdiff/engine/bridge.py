@@ -148,18 +148,27 @@ class Bridge:
                  if isinstance(attn, JointQKVAttentionBridge)
                  else ("forward", _fused_forward(attn)) for attn in attentions]
         kept = [vars(attn).get(name) for attn, (name, _) in zip(attentions, seams, strict=True)]  # put back after
-        hf_model.set_attn_implementation("sdpa")
-        for attn, (name, replacement) in zip(attentions, seams, strict=True):
-            object.__setattr__(attn, name, replacement)  # an instance attribute shadows the method
+        replaced: list[Any] = []
         try:
+            hf_model.set_attn_implementation("sdpa")
+            if hf_model.config._attn_implementation != "sdpa":  # transformers only warns when it cannot switch
+                raise UnsupportedModelError(f"fused_attention: {type(hf_model).__name__} cannot switch to the "
+                                            "\"sdpa\" attention implementation; use fused_attention=False.")
+            for attn, (name, replacement) in zip(attentions, seams, strict=True):
+                object.__setattr__(attn, name, replacement)  # an instance attribute shadows the method
+                replaced.append(attn)
             yield
         finally:
             hf_model.set_attn_implementation(before)
-            for attn, (name, _), previous in zip(attentions, seams, kept, strict=True):
+            for attn, (name, _), previous in zip(replaced, seams, kept):
                 if previous is None:
                     object.__delattr__(attn, name)
                 else:
                     object.__setattr__(attn, name, previous)
+
+    def fuses_attention(self, fused: bool | None) -> bool:
+        """Whether a scorer's ``fused_attention`` runs the fused kernel (None: wherever nothing would be skipped)."""
+        return self.unfusable_attention() is None if fused is None else fused
 
     def unfusable_attention(self) -> str | None:
         """What in the model's attention the fused path would not run, or None if it runs all of it.
@@ -181,7 +190,8 @@ class Bridge:
             for name, point in attn.named_children():
                 if name in ("hook_in", "hook_out") or not name.startswith("hook_"):
                     continue
-                if len(point._forward_hooks) > (point in own):
+                hooks = len(point._forward_hooks) + len(point._forward_pre_hooks) + len(point._backward_hooks)
+                if hooks > (point in own):
                     return f"has hooks on {point.name}, which the fused path skips"
         return None
 

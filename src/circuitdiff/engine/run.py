@@ -133,11 +133,9 @@ class AttributionRun:
         return self.model.hooks(fwd_hooks=hooks)
 
     def attention(self, fused: bool | None) -> contextlib.AbstractContextManager[Any]:
-        """The model's attention through the fused kernel for the block (``fused``; None: wherever it
-        computes the model's attention), else as it is (:meth:`~circuitdiff.engine.bridge.Bridge.fused_attention`)."""
-        if fused is None:
-            fused = self.bridge.unfusable_attention() is None
-        return self.bridge.fused_attention() if fused else contextlib.nullcontext()
+        """The model's attention through the fused kernel for the block where a scorer's ``fused_attention``
+        asks for it (:meth:`~circuitdiff.engine.bridge.Bridge.fuses_attention`), else as it is."""
+        return self.bridge.fused_attention() if self.bridge.fuses_attention(fused) else contextlib.nullcontext()
 
     def backward_pass(self, batch: Batch, batch_index: int, hooks: HookList, *, checkpoint_blocks: bool = False,
                       clean_logits: Tensor | None = None) -> Float[Tensor, "batch"]:
