@@ -142,6 +142,7 @@ class Runner:
         self.bridge = Bridge(self.model)
 
     def plain(self, fused: bool = False) -> None:
+        # (a --baseline checkout's Bridge may predate fused_attention: not called for the plain pass)
         with self.bridge.fused_attention() if fused else contextlib.nullcontext():
             embeddings = self.model.embed(self.batch.input_ids).detach().requires_grad_(True)
             logits = self.model(embeddings)

@@ -138,10 +138,11 @@ def make_batch(vocab: int, tokens: int, answer_fraction: float, device: str, see
 
 
 # ---------------------------------------------------------------------------- passes
-def plain_pass(model: Any, batch: cd.Batch, objective: Callable[..., torch.Tensor], fused: Bridge | None = None) -> None:
+def plain_pass(model: Any, batch: cd.Batch, objective: Callable[..., torch.Tensor], bridge: Bridge,
+               fused: bool) -> None:
     """Forward+backward without hooks or parameter gradients, from embeddings that require grad
-    (``fused``: the model's :class:`Bridge`, to run the fused attention EAP runs)."""
-    with fused.fused_attention() if fused is not None else contextlib.nullcontext():
+    (``fused``: with the fused attention EAP runs)."""
+    with bridge.fused_attention(fused):
         embeddings = model.embed(batch.input_ids).detach().requires_grad_(True)
         logits = model(embeddings)
         objective(logits, batch).sum().backward()
@@ -363,12 +364,11 @@ def run_model(name: str, shape: Shape, args: argparse.Namespace, meter: Meter, t
         batch = make_batch(shape.vocab, tokens, args.answer_fraction, args.device, batch_size=args.batch)
         key = f"{name}/plain/-/{tokens}"
         plain = "skipped" if args.skip_plain else meter.measure(
-            key, lambda batch=batch: plain_pass(model, batch, objective, bridge if fused else None), weight_bytes)
+            key, lambda batch=batch: plain_pass(model, batch, objective, bridge, fused), weight_bytes)
         print(f"  {tokens} tokens, plain: {show(plain, meter.oom_details.get(key))}", flush=True)
         plain_profile = None
         if args.profile and isinstance(plain, dict):
-            plain_profile = meter.profile(key, lambda batch=batch: plain_pass(model, batch, objective,
-                                                                              bridge if fused else None))
+            plain_profile = meter.profile(key, lambda batch=batch: plain_pass(model, batch, objective, bridge, fused))
             print(f"    profile: {show_profile(plain_profile)}", flush=True)
         for level in args.levels:
             for contraction_name in args.contraction_dtype:  # side by side, against the same plain pass

@@ -229,7 +229,7 @@ def test_with_both_options_the_engines_own_memory_grows_linearly_with_the_sequen
         data = cpu_answer_batch("llama-256", 1, length)
         with run:
             engine = cpu_peak(model, lambda: scorer.score_batch(run, data, 0))
-            with run.attention(fused=None):  # the scorer's default attention
+            with run.bridge.fused_attention(None):  # the scorer's default attention
                 bare = cpu_peak(model, lambda: run.backward_pass(data, 0, [(run.bridge.input_hook, _requires_grad)],
                                                                   checkpoint_blocks=True))
         extra.append(engine - bare)

@@ -113,8 +113,12 @@ class Bridge:
                     object.__setattr__(block, "forward", forward)
 
     @contextlib.contextmanager
-    def fused_attention(self) -> Iterator[None]:
+    def fused_attention(self, fused: bool | None = True) -> Iterator[None]:
         """Attention through torch's ``scaled_dot_product_attention`` while the ``with`` block runs.
+
+        ``fused`` is a scorer's ``fused_attention``: True (the default here) refuses a model
+        where :meth:`unfusable_attention` names something the fused path would not run; None
+        leaves such a model's attention as it is; False always does.
 
         TransformerLens's bridge computes attention eagerly so that ``hook_attn_scores`` and
         ``hook_pattern`` fire: it keeps the scores, their masked copy, a float32 softmax and
@@ -132,11 +136,14 @@ class Bridge:
         :meth:`unfusable_attention` names something it would not run (Gemma 2's soft-capped
         scores, hooks attached at those points).
         """
+        unfusable = None if fused is False else self.unfusable_attention()
+        if fused is False or (fused is None and unfusable is not None):
+            yield
+            return
         from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import JointQKVAttentionBridge
         from transformer_lens.model_bridge.generalized_components.joint_qkv_position_embeddings_attention import (
             JointQKVPositionEmbeddingsAttentionBridge)
 
-        unfusable = self.unfusable_attention()
         if unfusable is not None:
             raise UnsupportedModelError(f"fused_attention: {self.spec.architecture}'s attention {unfusable}; use "
                                         "fused_attention=False (or None, which fuses only where nothing is skipped).")

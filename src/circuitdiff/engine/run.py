@@ -132,11 +132,6 @@ class AttributionRun:
         """The model with ``hooks`` attached for the block; they are removed after, also on errors."""
         return self.model.hooks(fwd_hooks=hooks)
 
-    def attention(self, fused: bool | None) -> contextlib.AbstractContextManager[Any]:
-        """The model's attention through the fused kernel for the block where a scorer's ``fused_attention``
-        asks for it (:meth:`~circuitdiff.engine.bridge.Bridge.fuses_attention`), else as it is."""
-        return self.bridge.fused_attention() if self.bridge.fuses_attention(fused) else contextlib.nullcontext()
-
     def backward_pass(self, batch: Batch, batch_index: int, hooks: HookList, *, checkpoint_blocks: bool = False,
                       clean_logits: Tensor | None = None) -> Float[Tensor, "batch"]:
         """One forward and backward of ``batch`` with ``hooks`` attached; returns the (detached) losses.

@@ -114,7 +114,7 @@ class EAP:
         width = batch.input_ids.shape[1]
         step = self.positions_per_pass or width
         scores = run.new_scores(batch)
-        with run.attention(fused=self.fused_attention):
+        with run.bridge.fused_attention(self.fused_attention):
             losses = self._add_window(run, batch, batch_index, Window.over(slice(0, step), self.contraction_dtype),
                                       scores)
             for start in range(step, width, step):  # every window computes the same clean losses

@@ -98,7 +98,7 @@ class _IntegratedGradients:
                           "integrated gradients miss those jumps, so the scores need not add up to the ablation "
                           "effect however many steps; use scorer='exact' as the reference (docs/support.md).",
                           stacklevel=2)
-        with run.attention(fused=self.fused_attention):
+        with run.bridge.fused_attention(self.fused_attention):
             return self._integrate(run, batch, batch_index)
 
     def _integrate(self, run: "AttributionRun", batch: Batch, batch_index: int) -> ScoresAndLosses:
