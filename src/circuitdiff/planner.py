@@ -191,7 +191,9 @@ def estimate_memory(
         positions_per_chunk: the scorer's ``positions_per_chunk``: the receivers' per-layer
             transients cover that many positions instead of the window's.
         fused_attention: the scorer's ``fused_attention`` (default None: fused unless the
-            model soft-caps its attention scores, as the scorers decide): each layer keeps the
+            model soft-caps its attention scores, as the scorers decide; at run time they also
+            stay eager for GPT-2's ``reorder_and_upcast_attn`` and where hooks sit inside
+            attention, which a shape does not show, so the estimate is then low): each layer keeps the
             fused kernel's output and log-sum-exp (``heads x (d_head + 1)`` per token) instead
             of the eager ``heads x pos`` probabilities per token, and its backward no
             ``pos^2`` transient.
